@@ -1,0 +1,193 @@
+//! L2: the shared tier (Redis through fred), written only through a version fence.
+//!
+//! Policy: each item is a hash `{ver, kind, data}` under `{prefix}:c1:item:{id}` (`c1`
+//! is the encoding version: a rolling deploy that changes the encoding never reads the
+//! other version's bytes) with a TTL of `cache.l2_ttl`. `kind` is `v` (value), `n`
+//! (absent) or `t` (tombstone: deleted at `ver`).
+//!
+//! Every command fails fast when the connection is down and times out after
+//! `redis.command_timeout`: a Redis error is a miss, never a failed request.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use tiergate_config::RedisSettings;
+
+/// Writes `{ver, kind, data}` only if the key holds nothing, an older version, or a
+/// tombstone of the same version being replaced by what was read after the delete.
+/// Without it, a reader that loaded v1 could overwrite the v2 a writer just fenced
+/// (race R1 of CACHE.md). Returns 1 when written, 0 when fenced off.
+const FENCE_LUA: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'ver', 'kind')
+local ver = tonumber(ARGV[1])
+if cur[1] then
+  local cur_ver = tonumber(cur[1])
+  if cur_ver > ver then return 0 end
+  if cur_ver == ver and not (cur[2] == 't' and ARGV[2] ~= 't') then return 0 end
+end
+redis.call('HSET', KEYS[1], 'ver', ARGV[1], 'kind', ARGV[2], 'data', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+";
+
+/// What L2 holds for an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Value(Bytes),
+    Absent,
+    Tombstone,
+}
+
+impl Stored {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Value(_) => "v",
+            Self::Absent => "n",
+            Self::Tombstone => "t",
+        }
+    }
+}
+
+/// The shared tier. Cheap to clone: clones share one multiplexed connection.
+#[derive(Clone)]
+pub struct L2 {
+    client: Client,
+    prefix: String,
+    ttl: Duration,
+    fence: Script,
+    /// Applied to every command: fail at once while disconnected, one attempt, a short
+    /// timeout. The next tier answers instead.
+    options: Options,
+}
+
+impl std::fmt::Debug for L2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("L2")
+            .field("prefix", &self.prefix)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `redis.url` does not parse. The message names the setting, not the value.
+#[derive(Debug, thiserror::Error)]
+#[error("redis.url is not a valid Redis URL")]
+pub struct InvalidRedisUrl;
+
+impl L2 {
+    /// Builds the client and starts connecting in the background; never waits for Redis.
+    /// Lost connections are re-established with exponential backoff (100 ms to 5 s).
+    ///
+    /// # Errors
+    /// [`InvalidRedisUrl`] when the URL does not parse.
+    pub fn connect(settings: &RedisSettings, ttl: Duration) -> Result<Self, InvalidRedisUrl> {
+        let mut config = Config::from_url(settings.url.expose()).map_err(|_| InvalidRedisUrl)?;
+        // Retry the first connection too, instead of failing start-up.
+        config.fail_fast = false;
+        let client = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = settings.connect_timeout;
+                c.internal_command_timeout = settings.connect_timeout;
+            })
+            .with_performance_config(|p| p.default_command_timeout = settings.command_timeout)
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build()
+            .map_err(|_| InvalidRedisUrl)?;
+        client.connect();
+        let options = Options {
+            fail_fast: true,
+            max_attempts: Some(1),
+            timeout: Some(settings.command_timeout),
+            ..Options::default()
+        };
+        Ok(Self {
+            client,
+            prefix: settings.key_prefix.clone(),
+            ttl,
+            fence: Script::from_lua(FENCE_LUA),
+            options,
+        })
+    }
+
+    /// The Redis key of an item.
+    pub fn key(&self, id: i64) -> String {
+        format!("{}:c1:item:{id}", self.prefix)
+    }
+
+    /// What L2 holds for `id` and at which version; `None` on a miss.
+    ///
+    /// # Errors
+    /// Redis unreachable, slow, or holding a malformed entry.
+    pub async fn get(&self, id: i64) -> Result<Option<(i64, Stored)>, Error> {
+        let (ver, kind, data): (Option<i64>, Option<String>, Option<Bytes>) = self
+            .client
+            .with_options(&self.options)
+            .hmget(self.key(id), vec!["ver", "kind", "data"])
+            .await?;
+        let Some(ver) = ver else { return Ok(None) };
+        let stored = match (kind.as_deref(), data) {
+            (Some("v"), Some(data)) => Stored::Value(data),
+            (Some("n"), _) => Stored::Absent,
+            (Some("t"), _) => Stored::Tombstone,
+            _ => return Err(Error::new(ErrorKind::Parse, "malformed L2 entry")),
+        };
+        Ok(Some((ver, stored)))
+    }
+
+    /// Writes `stored` at `version` through the fence; `ttl` defaults to the tier's TTL.
+    /// Returns whether it was written (`false`: a newer version was already there).
+    ///
+    /// # Errors
+    /// Redis unreachable or slow.
+    pub async fn fill(
+        &self,
+        id: i64,
+        version: i64,
+        stored: &Stored,
+        ttl: Option<Duration>,
+    ) -> Result<bool, Error> {
+        let data = match stored {
+            Stored::Value(data) => data.clone(),
+            Stored::Absent | Stored::Tombstone => Bytes::new(),
+        };
+        let ttl_ms = i64::try_from(ttl.unwrap_or(self.ttl).as_millis()).unwrap_or(i64::MAX);
+        let args: Vec<Value> = vec![
+            version.into(),
+            stored.code().into(),
+            Value::Bytes(data),
+            ttl_ms.into(),
+        ];
+        let client = self.client.with_options(&self.options);
+        let written: i64 = match client
+            .evalsha(self.fence.sha1().clone(), self.key(id), args.clone())
+            .await
+        {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                // First use on this server (or it restarted): load the script, then retry.
+                let _: () = client.script_load(FENCE_LUA).await?;
+                client
+                    .evalsha(self.fence.sha1().clone(), self.key(id), args)
+                    .await?
+            }
+            other => other?,
+        };
+        Ok(written == 1)
+    }
+
+    /// One `PING` round trip.
+    ///
+    /// # Errors
+    /// Redis unreachable or slow.
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        let started = Instant::now();
+        let _: String = self.client.with_options(&self.options).ping(None).await?;
+        Ok(started.elapsed())
+    }
+
+    /// Closes the connection (on shutdown).
+    pub async fn quit(&self) {
+        let _ = self.client.quit().await;
+    }
+}

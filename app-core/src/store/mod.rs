@@ -1,0 +1,302 @@
+//! PostgreSQL: the writer pool, an optional reader pool, migrations and the item queries.
+//!
+//! Pools are built without connecting ([`bb8::Builder::build_unchecked`]) so the process
+//! starts, binds and answers `/livez` while the database is still unreachable (RDS says
+//! "available" before it accepts connections). A checkout waits at most
+//! `database.checkout_timeout`, then the request gets 503 — never bb8's 30 s default.
+//!
+//! Queries go through `query_typed`: parameters carry their types, so each query is one
+//! round trip (parse, bind and execute together) instead of a prepare and an execute.
+
+mod migrate;
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use bb8_postgres::PostgresConnectionManager;
+use chrono::{DateTime, Utc};
+use tiergate_config::DatabaseSettings;
+use tokio_postgres::types::Type;
+use tokio_postgres::{NoTls, Row};
+
+use crate::model::{Item, ItemId};
+
+type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+
+/// Why a store call failed, split by who can do something about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No connection within the checkout timeout, or the connection broke: retry later.
+    #[error("database unavailable")]
+    Unavailable(#[source] Option<tokio_postgres::Error>),
+    /// The database answered with an error: a bug or a schema problem.
+    #[error("database query failed")]
+    Query(#[source] tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // An error without a SQLSTATE came from the connection, not from the server.
+        if e.code().is_none() {
+            Self::Unavailable(Some(e))
+        } else {
+            Self::Query(e)
+        }
+    }
+}
+
+impl From<bb8::RunError<tokio_postgres::Error>> for StoreError {
+    fn from(e: bb8::RunError<tokio_postgres::Error>) -> Self {
+        match e {
+            bb8::RunError::User(e) => Self::Unavailable(Some(e)),
+            bb8::RunError::TimedOut => Self::Unavailable(None),
+        }
+    }
+}
+
+/// A URL in the settings that PostgreSQL's client cannot parse. The message names the
+/// setting, never its value: URLs carry passwords.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting} is not a valid PostgreSQL connection URL")]
+pub struct InvalidUrl {
+    setting: &'static str,
+}
+
+/// Outcome of an update that may carry an `If-Match` precondition.
+#[derive(Debug)]
+pub enum UpdateOutcome {
+    Updated(Item),
+    NotFound,
+    /// The row exists at this version, which the precondition did not name.
+    VersionMismatch(i64),
+}
+
+/// The writer pool and, when configured, a reader pool for reads that tolerate replica lag.
+#[derive(Debug, Clone)]
+pub struct Database {
+    writer: Pool,
+    reader: Option<Pool>,
+}
+
+/// How many connections a pool holds and how many are idle, for the pool gauges.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolState {
+    pub connections: u32,
+    pub idle: u32,
+}
+
+const ITEM_COLUMNS: &str = "id, name, created_at, updated_at, version";
+
+impl Database {
+    /// Builds the pools without connecting.
+    ///
+    /// # Errors
+    /// [`InvalidUrl`] when a URL does not parse.
+    pub fn new(settings: &DatabaseSettings) -> Result<Self, InvalidUrl> {
+        let writer = build_pool(settings, settings.url.expose(), "database.url")?;
+        let reader = match &settings.reader_url {
+            Some(url) => Some(build_pool(settings, url.expose(), "database.reader_url")?),
+            None => None,
+        };
+        Ok(Self { writer, reader })
+    }
+
+    /// Applies pending migrations (see the `migrate` module); returns how many ran.
+    ///
+    /// # Errors
+    /// When the database is unreachable or a migration fails.
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        let mut conn = self.writer.get().await?;
+        Ok(migrate::migrate(&mut conn).await?)
+    }
+
+    /// Whether the schema is at the version this binary needs.
+    ///
+    /// # Errors
+    /// When the database is unreachable.
+    pub async fn schema_is_current(&self) -> Result<bool, StoreError> {
+        let conn = self.writer.get().await?;
+        Ok(migrate::current_version(&conn).await? >= migrate::latest_version())
+    }
+
+    /// One round trip to the writer: its clock and how long the round trip took.
+    ///
+    /// # Errors
+    /// When the database is unreachable.
+    pub async fn ping(&self) -> Result<(Duration, DateTime<Utc>), StoreError> {
+        let started = Instant::now();
+        let conn = self.writer.get().await?;
+        let row = conn.query_typed_one("SELECT now()", &[]).await?;
+        Ok((started.elapsed(), row.try_get(0)?))
+    }
+
+    /// Reads one item, from the reader pool when there is one.
+    ///
+    /// # Errors
+    /// When the database is unreachable or the query fails.
+    pub async fn get(&self, id: ItemId) -> Result<Option<Item>, StoreError> {
+        self.get_from(self.reader.as_ref().unwrap_or(&self.writer), id)
+            .await
+    }
+
+    /// Reads one item from the writer: for reads that must see the latest commit.
+    ///
+    /// # Errors
+    /// When the database is unreachable or the query fails.
+    pub async fn get_latest(&self, id: ItemId) -> Result<Option<Item>, StoreError> {
+        self.get_from(&self.writer, id).await
+    }
+
+    async fn get_from(&self, pool: &Pool, id: ItemId) -> Result<Option<Item>, StoreError> {
+        let conn = pool.get().await?;
+        let sql = format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = $1");
+        let row = conn
+            .query_typed_opt(&sql, &[(&id.get(), Type::INT8)])
+            .await?;
+        row.as_ref().map(item_from_row).transpose()
+    }
+
+    /// A page of items in id order, after `after` (keyset pagination: stable under
+    /// concurrent inserts, and as cheap for page 1,000 as for page 1).
+    ///
+    /// # Errors
+    /// When the database is unreachable or the query fails.
+    pub async fn list(&self, after: i64, limit: i64) -> Result<Vec<Item>, StoreError> {
+        let conn = self.reader.as_ref().unwrap_or(&self.writer).get().await?;
+        let sql = format!("SELECT {ITEM_COLUMNS} FROM items WHERE id > $1 ORDER BY id LIMIT $2");
+        let rows = conn
+            .query_typed(&sql, &[(&after, Type::INT8), (&limit, Type::INT8)])
+            .await?;
+        rows.iter().map(item_from_row).collect()
+    }
+
+    /// Inserts an item at version 1.
+    ///
+    /// # Errors
+    /// When the database is unreachable or the insert fails.
+    pub async fn create(&self, name: &str) -> Result<Item, StoreError> {
+        let conn = self.writer.get().await?;
+        let sql = format!("INSERT INTO items (name) VALUES ($1) RETURNING {ITEM_COLUMNS}");
+        let row = conn.query_typed_one(&sql, &[(&name, Type::TEXT)]).await?;
+        item_from_row(&row)
+    }
+
+    /// Renames an item and bumps its version in one statement; with `expected` set, only
+    /// when the row is still at one of those versions (`If-Match`).
+    ///
+    /// # Errors
+    /// When the database is unreachable or the update fails.
+    pub async fn update(
+        &self,
+        id: ItemId,
+        name: &str,
+        expected: Option<&[i64]>,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let conn = self.writer.get().await?;
+        let sql = format!(
+            "UPDATE items SET name = $2, updated_at = now(), version = version + 1
+             WHERE id = $1 AND ($3::bigint[] IS NULL OR version = ANY($3)) RETURNING {ITEM_COLUMNS}"
+        );
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+            (&id.get(), Type::INT8),
+            (&name, Type::TEXT),
+            (&expected, Type::INT8_ARRAY),
+        ];
+        if let Some(row) = conn.query_typed_opt(&sql, &params).await? {
+            return Ok(UpdateOutcome::Updated(item_from_row(&row)?));
+        }
+        // Nothing matched: tell a missing row from a failed precondition.
+        let current = conn
+            .query_typed_opt(
+                "SELECT version FROM items WHERE id = $1",
+                &[(&id.get(), Type::INT8)],
+            )
+            .await?;
+        Ok(match current {
+            Some(row) => UpdateOutcome::VersionMismatch(row.try_get(0)?),
+            None => UpdateOutcome::NotFound,
+        })
+    }
+
+    /// Deletes an item; returns the version it had, `None` when there was none.
+    ///
+    /// # Errors
+    /// When the database is unreachable or the delete fails.
+    pub async fn delete(&self, id: ItemId) -> Result<Option<i64>, StoreError> {
+        let conn = self.writer.get().await?;
+        let row = conn
+            .query_typed_opt(
+                "DELETE FROM items WHERE id = $1 RETURNING version",
+                &[(&id.get(), Type::INT8)],
+            )
+            .await?;
+        row.map(|r| r.try_get(0))
+            .transpose()
+            .map_err(StoreError::from)
+    }
+
+    /// Connection counts of the writer and, when configured, the reader pool.
+    pub fn pool_states(&self) -> (PoolState, Option<PoolState>) {
+        let state = |pool: &Pool| {
+            let s = pool.state();
+            PoolState {
+                connections: s.connections,
+                idle: s.idle_connections,
+            }
+        };
+        (state(&self.writer), self.reader.as_ref().map(state))
+    }
+}
+
+fn build_pool(
+    settings: &DatabaseSettings,
+    url: &str,
+    setting: &'static str,
+) -> Result<Pool, InvalidUrl> {
+    let mut config = tokio_postgres::Config::from_str(url).map_err(|_| InvalidUrl { setting })?;
+    config.connect_timeout(settings.connect_timeout);
+    config.application_name("tiergate");
+    // A runaway query must not hold a pooled connection for ever.
+    config.options(format!(
+        "-c statement_timeout={}",
+        settings.statement_timeout.as_millis()
+    ));
+    let manager = PostgresConnectionManager::new(config, NoTls);
+    Ok(bb8::Pool::builder()
+        .max_size(settings.pool_max_size)
+        .connection_timeout(settings.checkout_timeout)
+        // bb8 would otherwise run a query before every checkout: one round trip per
+        // request. A broken connection still shows in `is_closed` and is replaced.
+        .test_on_check_out(false)
+        .error_sink(Box::new(LogErrors))
+        .build_unchecked(manager))
+}
+
+/// bb8's sink for errors of background connection attempts: log them, they never
+/// reach a request.
+#[derive(Debug, Clone, Copy)]
+struct LogErrors;
+
+impl bb8::ErrorSink<tokio_postgres::Error> for LogErrors {
+    fn sink(&self, error: tokio_postgres::Error) {
+        tracing::warn!(%error, "PostgreSQL connection failed.");
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
+        Box::new(*self)
+    }
+}
+
+/// A row of `ITEM_COLUMNS`. A column of the wrong type is a schema bug, not an outage.
+fn item_from_row(row: &Row) -> Result<Item, StoreError> {
+    let item = || -> Result<Item, tokio_postgres::Error> {
+        Ok(Item {
+            id: row.try_get(0)?,
+            name: row.try_get(1)?,
+            created_at: row.try_get(2)?,
+            updated_at: row.try_get(3)?,
+            version: row.try_get(4)?,
+        })
+    };
+    item().map_err(StoreError::Query)
+}

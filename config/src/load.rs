@@ -1,0 +1,1266 @@
+//! [`load()`]: built-in defaults < TOML file < environment, then validation.
+//!
+//! The layers are merged as one TOML tree before anything is typed, so a later layer only
+//! has to name the keys it changes. The tree is then deserialized one section at a time and
+//! validated; every step records problems and carries on, so one run lists them all.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::de::DeserializeOwned;
+use serde_path_to_error::Segment;
+use toml::{Table, Value};
+
+use crate::{ConfigError, Settings, Source, validate};
+
+/// Prefix of the variables that set any key: `TIERGATE_SECTION__KEY`.
+const PREFIX: &str = "TIERGATE_";
+
+/// Suffix of a variable that names a file holding the value (Docker/Kubernetes secrets).
+const FILE_SUFFIX: &str = "_FILE";
+
+/// Percent-encode all but RFC 3986's unreserved characters, which is safe anywhere in a URL.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Loads settings: built-in defaults, then `file` if given, then the environment, then
+/// validation. See the crate docs for the variables read.
+///
+/// # Errors
+///
+/// A [`ConfigError`] listing every problem found: an unreadable or malformed file, unknown
+/// keys, variables that don't parse or name no setting, values of the wrong type and values
+/// out of range. No message contains a secret.
+pub fn load(file: Option<&Path>, env: &dyn Source) -> Result<Settings, ConfigError> {
+    let mut loader = Loader::new();
+    if let Some(path) = file {
+        loader.apply_file(path);
+    }
+    // Conventional variables first, so an explicit TIERGATE_ variable wins over them.
+    loader.apply_conventional_env(env);
+    loader.apply_tiergate_env(env);
+    let (settings, failed) = loader.deserialize();
+    loader.validate(&settings, &failed);
+    if loader.problems.is_empty() {
+        Ok(settings)
+    } else {
+        Err(ConfigError {
+            problems: loader.problems,
+        })
+    }
+}
+
+/// What a key path names.
+enum Kind<'a> {
+    /// A setting, with a value of its type (from the defaults) to direct parsing.
+    Setting(&'a Value),
+    /// A section (a table of settings).
+    Section,
+    /// Nothing; carries the keys that would have been valid at the point the path went wrong.
+    Unknown(Vec<String>),
+}
+
+struct Loader {
+    /// The merged tree being built.
+    tree: Table,
+    /// Built-in defaults, real secrets included. Keys missing here but present in `schema`
+    /// are `Option`s.
+    defaults: Table,
+    /// Every key there is, each with a value of its type.
+    schema: Table,
+    /// Which file or variable set a key path last, to say so in its problems.
+    origins: BTreeMap<String, String>,
+    problems: Vec<String>,
+}
+
+impl Loader {
+    fn new() -> Self {
+        let defaults = Settings::default();
+        // Cannot fail: the defaults hold no integer TOML can't represent (a test loads them).
+        let mut tree = Table::try_from(&defaults).unwrap_or_default();
+        // `Secret` serializes redacted; put the real values back so defaults are usable.
+        for (path, secret) in defaults.secrets() {
+            insert(
+                &mut tree,
+                &split(path),
+                Value::String(secret.expose().to_owned()),
+            );
+        }
+        let schema = Table::try_from(Settings::every_key()).unwrap_or_default();
+        Self {
+            defaults: tree.clone(),
+            tree,
+            schema,
+            origins: BTreeMap::new(),
+            problems: Vec::new(),
+        }
+    }
+
+    // ---- file -------------------------------------------------------------------------
+
+    fn apply_file(&mut self, path: &Path) {
+        let shown = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                self.problems.push(format!("{shown}: cannot read: {e}"));
+                return;
+            }
+        };
+        let table: Table = match toml::from_str(&text) {
+            Ok(table) => table,
+            Err(e) => {
+                // Only the message and position: toml's full Display quotes the source line,
+                // which may hold a password.
+                let at = e
+                    .span()
+                    .map(|span| {
+                        let (line, column) = line_column(&text, span.start);
+                        format!(":{line}:{column}")
+                    })
+                    .unwrap_or_default();
+                let message = e.message().trim_end();
+                self.problems.push(format!("{shown}{at}: {message}"));
+                return;
+            }
+        };
+        let mut tree = std::mem::take(&mut self.tree);
+        self.merge(&mut tree, table, &[], &shown);
+        self.tree = tree;
+    }
+
+    /// Deep-merges `from` into `into` (`file`'s table at key path `at`), dropping and reporting
+    /// keys the schema doesn't know, so that deserialization sees only known keys.
+    fn merge(&mut self, into: &mut Table, from: Table, at: &[String], file: &str) {
+        for (key, value) in from {
+            let path = [at, std::slice::from_ref(&key)].concat();
+            let dotted = path.join(".");
+            match classify(&self.schema, &path) {
+                Kind::Unknown(known) => {
+                    self.problems.push(format!(
+                        "{file}: unknown key `{dotted}`; expected one of: {}",
+                        known.join(", ")
+                    ));
+                }
+                Kind::Section => match (into.get_mut(&key), value) {
+                    (Some(Value::Table(into)), Value::Table(from)) => {
+                        self.merge(into, from, &path, file);
+                    }
+                    (_, value) => {
+                        // Not a table where one belongs: keep it, so deserialization reports
+                        // the type error against this key.
+                        self.origins.insert(dotted, format!("set in {file}"));
+                        into.insert(key, value);
+                    }
+                },
+                Kind::Setting(_) => {
+                    self.origins.insert(dotted, format!("set in {file}"));
+                    into.insert(key, value);
+                }
+            }
+        }
+    }
+
+    // ---- environment --------------------------------------------------------------------
+
+    /// The variables ECS (and most platforms) inject, mapped onto settings. Empty values count
+    /// as unset, since a task definition often passes an empty string for "not configured".
+    fn apply_conventional_env(&mut self, env: &dyn Source) {
+        match self.read_var(env, "DATABASE_URL") {
+            Some((url, var)) => self.set_string("database.url", url, &var),
+            None => {
+                if let Some((host, _)) = self.read_var(env, "DB_HOST") {
+                    self.compose_database_url(env, &host);
+                }
+            }
+        }
+        if let Some((url, var)) = self.read_var(env, "DATABASE_READER_URL") {
+            self.set_string("database.reader_url", url, &var);
+        }
+
+        match self.read_var(env, "REDIS_URL") {
+            Some((url, var)) => self.set_string("redis.url", url, &var),
+            None => {
+                if let Some((host, var)) = self.read_var(env, "REDIS_HOST") {
+                    let port = match self.read_var(env, "REDIS_PORT") {
+                        Some((raw, var)) => self.parse_port(&var, &raw),
+                        None => Some(6379),
+                    };
+                    if let Some(port) = port {
+                        let url = format!("redis://{}:{port}", url_host(&host));
+                        self.set_string("redis.url", url, &var);
+                    }
+                }
+            }
+        }
+
+        if let Some((raw, var)) = self.read_var(env, "PORT") {
+            if let Some(port) = self.parse_port(&var, &raw) {
+                // Keep the configured IP; a malformed address is reported by deserialization.
+                let current = self.tree.get("listen").and_then(|l| l.get("http"));
+                if let Some(Ok(addr)) = current
+                    .and_then(Value::as_str)
+                    .map(str::parse::<SocketAddr>)
+                {
+                    let addr = SocketAddr::new(addr.ip(), port);
+                    self.set_string("listen.http", addr.to_string(), &var);
+                }
+            }
+        }
+
+        if let Some((color, var)) = self.read_var(env, "DEPLOYMENT_COLOR") {
+            self.set_string("deployment.color", color, &var);
+        }
+    }
+
+    /// `postgres://user:password@host:port/name` from `DB_HOST` and friends, as RDS-linked
+    /// task definitions provide them. User, password and name are percent-encoded, since RDS
+    /// generated passwords routinely contain `@`, `:` and `/`.
+    fn compose_database_url(&mut self, env: &dyn Source, host: &str) {
+        let port = match self.read_var(env, "DB_PORT") {
+            Some((raw, var)) => self.parse_port(&var, &raw),
+            None => Some(5432),
+        };
+        let user = self.read_var(env, "DB_USER").map(|(v, _)| v);
+        let password = self.read_var(env, "DB_PASSWORD").map(|(v, _)| v);
+        let name = self.read_var(env, "DB_NAME").map(|(v, _)| v);
+        let Some(port) = port else { return };
+
+        let user = user.as_deref().unwrap_or("postgres");
+        let mut url = format!("postgres://{}", utf8_percent_encode(user, COMPONENT));
+        if let Some(password) = &password {
+            url.push(':');
+            url.extend(utf8_percent_encode(password, COMPONENT));
+        }
+        let name = name.as_deref().unwrap_or("postgres");
+        url.push_str(&format!(
+            "@{}:{port}/{}",
+            url_host(host),
+            utf8_percent_encode(name, COMPONENT)
+        ));
+        self.set_string("database.url", url, "DB_HOST and the other DB_* variables");
+    }
+
+    /// `TIERGATE_SECTION__KEY` (any case) for every key, each also as `…_FILE`.
+    fn apply_tiergate_env(&mut self, env: &dyn Source) {
+        let mut names: Vec<String> = env
+            .names()
+            .into_iter()
+            .filter(|name| {
+                name.get(..PREFIX.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+            })
+            .collect();
+        names.sort();
+
+        // Group by target first: two variables for one key (NAME and NAME_FILE, or two
+        // spellings) is ambiguous, and picking one silently would hide a mistake.
+        let mut targets: BTreeMap<Vec<String>, Vec<(String, bool)>> = BTreeMap::new();
+        for name in names {
+            let rest = &name[PREFIX.len()..];
+            if !rest.contains("__") {
+                self.check_unnested(&name, rest);
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            let kind = classify(&self.schema, &path);
+            if let Kind::Setting(_) = kind {
+                targets.entry(path).or_default().push((name, false));
+            } else if let Some(base) = file_target(&self.schema, &path) {
+                targets.entry(base).or_default().push((name, true));
+            } else {
+                let dotted = path.join(".");
+                self.problems.push(match kind {
+                    Kind::Unknown(known) => format!(
+                        "{name}: there is no setting `{dotted}`; expected one of: {}",
+                        known.join(", ")
+                    ),
+                    _ => format!(
+                        "{name}: `{dotted}` is a section, not a setting; \
+                         set its keys as {name}__<KEY>"
+                    ),
+                });
+            }
+        }
+
+        for (path, vars) in targets {
+            let [(name, is_file)] = vars.as_slice() else {
+                let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+                let all = if names.len() == 2 { "both" } else { "all" };
+                self.problems.push(format!(
+                    "{} are {all} set for `{}`; set only one",
+                    names.join(" and "),
+                    path.join(".")
+                ));
+                continue;
+            };
+            let Some(raw) = env.get(name) else { continue };
+            let value = if *is_file {
+                match self.read_secret_file(name, &raw) {
+                    Some(value) => value,
+                    None => continue,
+                }
+            } else {
+                raw
+            };
+            self.set(&path, value, name);
+        }
+    }
+
+    /// A `TIERGATE_` variable without `__` sets nothing. Names like `TIERGATE_CONFIG` are left
+    /// to the binary; one that starts with a section name is almost surely a setting with a
+    /// single underscore where `__` belongs, and silently ignoring it would hide that.
+    fn check_unnested(&mut self, name: &str, rest: &str) {
+        let lower = rest.to_ascii_lowercase();
+        let section = self.schema.keys().find(|section| {
+            lower
+                .strip_prefix(section.as_str())
+                .is_some_and(|after| after.starts_with('_'))
+        });
+        if let Some(section) = section {
+            let key = &rest[section.len() + 1..];
+            self.problems.push(format!(
+                "{name}: not a setting; did you mean {}{}__{key}? \
+                 (a section and its key are separated by `__`)",
+                &name[..PREFIX.len()],
+                &rest[..section.len()]
+            ));
+        }
+    }
+
+    /// Reads a conventional variable `name`, or the file `name_FILE` points to.
+    /// Returns the value and the variable it came from.
+    fn read_var(&mut self, env: &dyn Source, name: &str) -> Option<(String, String)> {
+        let file_var = format!("{name}{FILE_SUFFIX}");
+        let value = env.get(name).filter(|v| !v.is_empty());
+        let file = env.get(&file_var).filter(|v| !v.is_empty());
+        match (value, file) {
+            (Some(_), Some(_)) => {
+                self.problems
+                    .push(format!("{name} and {file_var} are both set; set only one"));
+                None
+            }
+            (Some(value), None) => Some((value, name.to_owned())),
+            (None, Some(path)) => self
+                .read_secret_file(&file_var, &path)
+                .map(|v| (v, file_var)),
+            (None, None) => None,
+        }
+    }
+
+    /// The content of a secret file, less one trailing newline: `echo` and most editors add
+    /// one that nobody means as part of the value. Errors name the variable and path, never
+    /// the content.
+    fn read_secret_file(&mut self, var: &str, path: &str) -> Option<String> {
+        match std::fs::read_to_string(path) {
+            Ok(mut text) => {
+                if text.ends_with("\r\n") {
+                    text.truncate(text.len() - 2);
+                } else if text.ends_with('\n') {
+                    text.truncate(text.len() - 1);
+                }
+                Some(text)
+            }
+            Err(e) => {
+                self.problems
+                    .push(format!("{var}: cannot read the file {path:?}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn parse_port(&mut self, var: &str, raw: &str) -> Option<u16> {
+        match raw.trim().parse::<u16>() {
+            Ok(port) if port != 0 => Some(port),
+            _ => {
+                self.problems.push(format!(
+                    "{var}: expected a port number (1-65535), got {raw:?}"
+                ));
+                None
+            }
+        }
+    }
+
+    fn set_string(&mut self, dotted: &str, value: String, origin_var: &str) {
+        self.set(&split(dotted), value, origin_var);
+    }
+
+    /// Sets a key from a variable's string, typed by the key's default: integer, boolean or
+    /// float where the default is one, else the string as is (durations, addresses and enums
+    /// parse during deserialization). The type comes from the defaults rather than the merged
+    /// tree, so a mistyped file value can't change how the variable is read.
+    fn set(&mut self, path: &[String], raw: String, var: &str) {
+        let Kind::Setting(example) = classify(&self.schema, path) else {
+            return;
+        };
+        let value = match example {
+            Value::Integer(_) => match raw.trim().parse::<i64>() {
+                Ok(n) => Value::Integer(n),
+                Err(_) => {
+                    self.problems
+                        .push(format!("{var}: expected an integer, got {raw:?}"));
+                    return;
+                }
+            },
+            Value::Boolean(_) => match raw.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" => Value::Boolean(true),
+                "false" | "0" => Value::Boolean(false),
+                _ => {
+                    self.problems
+                        .push(format!("{var}: expected true, false, 1 or 0, got {raw:?}"));
+                    return;
+                }
+            },
+            Value::Float(_) => match raw.trim().parse::<f64>() {
+                Ok(x) => Value::Float(x),
+                Err(_) => {
+                    self.problems
+                        .push(format!("{var}: expected a number, got {raw:?}"));
+                    return;
+                }
+            },
+            _ => Value::String(raw),
+        };
+        let dotted = path.join(".");
+        // An empty value unsets an optional key, so the environment can undo a file's
+        // `reader_url` or `color`.
+        let optional = get(&self.defaults, path).is_none();
+        if optional && value.as_str() == Some("") {
+            remove(&mut self.tree, path);
+        } else {
+            insert(&mut self.tree, path, value);
+        }
+        self.origins.insert(dotted, format!("from {var}"));
+    }
+
+    // ---- typing and validation ----------------------------------------------------------
+
+    /// Deserializes each section on its own, so one bad section doesn't hide the others.
+    /// Returns the settings (bad keys replaced by defaults) and the key paths that failed.
+    fn deserialize(&mut self) -> (Settings, Vec<String>) {
+        let mut tree = std::mem::take(&mut self.tree);
+        let mut failed = Vec::new();
+        let settings = Settings {
+            listen: self.section(&mut tree, "listen", &mut failed),
+            database: self.section(&mut tree, "database", &mut failed),
+            redis: self.section(&mut tree, "redis", &mut failed),
+            cache: self.section(&mut tree, "cache", &mut failed),
+            http: self.section(&mut tree, "http", &mut failed),
+            health: self.section(&mut tree, "health", &mut failed),
+            deployment: self.section(&mut tree, "deployment", &mut failed),
+            log: self.section(&mut tree, "log", &mut failed),
+        };
+        (settings, failed)
+    }
+
+    fn section<T: DeserializeOwned + Default>(
+        &mut self,
+        tree: &mut Table,
+        name: &str,
+        failed: &mut Vec<String>,
+    ) -> T {
+        let Some(mut value) = tree.remove(name) else {
+            return T::default();
+        };
+        // serde stops at the first error. Report it, drop that key so it falls back to its
+        // default, and go again until the section parses: every bad key gets reported. Each
+        // round removes a key, so this ends.
+        loop {
+            let err = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+                Ok(parsed) => return parsed,
+                Err(err) => err,
+            };
+            let mut path = vec![name.to_owned()];
+            path.extend(err.path().iter().filter_map(|segment| match segment {
+                Segment::Map { key } => Some(key.clone()),
+                Segment::Seq { index } => Some(index.to_string()),
+                Segment::Enum { variant } => Some(variant.clone()),
+                Segment::Unknown => None,
+            }));
+            let dotted = path.join(".");
+            self.problem_at(&dotted, err.inner().message());
+            failed.push(dotted);
+            let removed = match &mut value {
+                Value::Table(table) => remove(table, &path[1..]),
+                _ => false,
+            };
+            if !removed {
+                return T::default();
+            }
+        }
+    }
+
+    fn validate(&mut self, settings: &Settings, failed: &[String]) {
+        let broken = |key: &str| {
+            failed
+                .iter()
+                .any(|f| key == f || key.starts_with(&format!("{f}.")))
+        };
+        for invalid in validate::check(settings) {
+            // A key that failed to parse holds a stand-in default; judging it would add a
+            // second, misleading problem.
+            if invalid.keys.iter().any(|key| broken(key)) {
+                continue;
+            }
+            let key = invalid.keys.first().copied().unwrap_or_default();
+            self.problem_at(key, &invalid.message);
+        }
+    }
+
+    /// Records a problem about a key, naming the file or variable that set it.
+    fn problem_at(&mut self, dotted: &str, message: &str) {
+        // The key's own origin, else that of a key above it (a file that set a whole
+        // section wrongly) or below it (a section that failed as a whole).
+        let origin = self.origins.get(dotted).or_else(|| {
+            self.origins
+                .iter()
+                .find(|(path, _)| {
+                    path.starts_with(&format!("{dotted}."))
+                        || dotted.starts_with(&format!("{path}."))
+                })
+                .map(|(_, origin)| origin)
+        });
+        match origin {
+            Some(origin) => self
+                .problems
+                .push(format!("{dotted}: {message} ({origin})")),
+            None => self.problems.push(format!("{dotted}: {message}")),
+        }
+    }
+}
+
+// ---- tree helpers ---------------------------------------------------------------------------
+
+fn split(dotted: &str) -> Vec<String> {
+    dotted.split('.').map(str::to_owned).collect()
+}
+
+fn classify<'a>(schema: &'a Table, path: &[String]) -> Kind<'a> {
+    let mut table = schema;
+    for (i, segment) in path.iter().enumerate() {
+        let last = i + 1 == path.len();
+        match table.get(segment) {
+            Some(Value::Table(inner)) if !last => table = inner,
+            Some(Value::Table(_)) => return Kind::Section,
+            Some(value) if last => return Kind::Setting(value),
+            _ => return Kind::Unknown(table.keys().cloned().collect()),
+        }
+    }
+    Kind::Section
+}
+
+/// For `…_file` paths: the setting the file variant stands for, if there is one.
+fn file_target(schema: &Table, path: &[String]) -> Option<Vec<String>> {
+    let (last, parents) = path.split_last()?;
+    let base = last.strip_suffix(&FILE_SUFFIX.to_ascii_lowercase())?;
+    let target = [parents, &[base.to_owned()]].concat();
+    matches!(classify(schema, &target), Kind::Setting(_)).then_some(target)
+}
+
+fn get<'a>(table: &'a Table, path: &[String]) -> Option<&'a Value> {
+    let (last, parents) = path.split_last()?;
+    let mut table = table;
+    for segment in parents {
+        table = table.get(segment)?.as_table()?;
+    }
+    table.get(last)
+}
+
+/// Sets `path`, creating sections as needed. Does nothing where a file put a non-table in a
+/// section's place: that error is reported when the section is deserialized.
+fn insert(table: &mut Table, path: &[String], value: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut table = table;
+    for segment in parents {
+        let entry = table
+            .entry(segment.clone())
+            .or_insert_with(|| Value::Table(Table::new()));
+        match entry {
+            Value::Table(inner) => table = inner,
+            _ => return,
+        }
+    }
+    table.insert(last.clone(), value);
+}
+
+/// Removes `path`; false if there was nothing to remove.
+fn remove(table: &mut Table, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut table = table;
+    for segment in parents {
+        match table.get_mut(segment) {
+            Some(Value::Table(inner)) => table = inner,
+            _ => return false,
+        }
+    }
+    table.remove(last).is_some()
+}
+
+/// Brackets a bare IPv6 address for use in a URL.
+fn url_host(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{LogFormat, Secret};
+
+    const DEV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/dev.toml");
+    const FARGATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fargate.toml");
+
+    /// A file to load (if any) and the variables to load with.
+    type Case<'a> = (Option<&'a Path>, Vec<(&'a str, String)>);
+
+    /// A distinctive password, searched for in every output that must not contain it.
+    const PASSWORD: &str = "zebra-Quokka-7731";
+
+    /// A file under the temp dir with a unique name, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(content: &str) -> Self {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "tiergate-config-test-{}-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos(),
+            ));
+            std::fs::write(&path, content).unwrap();
+            Self(path)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+
+        fn path_str(&self) -> String {
+            self.0.to_str().unwrap().to_owned()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn env(vars: &[(&str, &str)]) -> HashMap<String, String> {
+        vars.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn load_env(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        load(None, &env(vars))
+    }
+
+    fn load_file(toml: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let file = TempFile::new(toml);
+        load(Some(file.path()), &env(vars))
+    }
+
+    fn problems(result: Result<Settings, ConfigError>) -> Vec<String> {
+        match result {
+            Ok(settings) => panic!("expected problems, got {settings:?}"),
+            Err(e) => e.problems,
+        }
+    }
+
+    fn assert_one_problem_containing(result: Result<Settings, ConfigError>, needle: &str) {
+        let problems = problems(result);
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].contains(needle), "{problems:#?}");
+    }
+
+    #[test]
+    fn defaults_load_with_an_empty_env() {
+        let s = load_env(&[]).unwrap();
+        let d = Settings::default();
+        assert_eq!(s.listen.http, d.listen.http);
+        assert_eq!(s.listen.admin, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(
+            s.database.url.expose(),
+            "postgres://postgres@127.0.0.1:5432/tiergate"
+        );
+        assert!(s.database.reader_url.is_none());
+        assert_eq!(s.database.pool_max_size, 16);
+        assert_eq!(s.database.checkout_timeout, Duration::from_millis(1500));
+        assert_eq!(s.redis.url.expose(), "redis://127.0.0.1:6379");
+        assert_eq!(s.cache.l1_max_bytes, 64 * 1024 * 1024);
+        assert_eq!(s.http.max_body_bytes, 65536);
+        assert!(!s.health.require_cache);
+        assert!(s.deployment.color.is_none());
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.to_redacted_toml(), d.to_redacted_toml());
+    }
+
+    #[test]
+    fn process_env_loads_like_any_source() {
+        // Whatever this process's environment holds, reading it must not panic.
+        let _ = load(None, &crate::ProcessEnv);
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_keeps_the_rest() {
+        let s = load_file(
+            r#"
+            [database]
+            pool_max_size = 4
+            checkout_timeout = "2s"
+            [cache]
+            l2_ttl = "2m"
+            [log]
+            format = "text"
+            "#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.database.pool_max_size, 4);
+        assert_eq!(s.database.checkout_timeout, Duration::from_secs(2));
+        assert_eq!(s.database.statement_timeout, Duration::from_secs(5));
+        assert_eq!(s.cache.l2_ttl, Duration::from_secs(120));
+        assert_eq!(s.cache.l1_ttl, Duration::from_secs(5));
+        assert_eq!(s.log.format, LogFormat::Text);
+        assert_eq!(s.listen.http, "0.0.0.0:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let s = load_file(
+            "[database]\npool_max_size = 4\n[listen]\nadmin = \"127.0.0.1:9191\"\n",
+            &[("TIERGATE_DATABASE__POOL_MAX_SIZE", "8")],
+        )
+        .unwrap();
+        assert_eq!(s.database.pool_max_size, 8);
+        assert_eq!(s.listen.admin, "127.0.0.1:9191".parse().unwrap());
+    }
+
+    #[test]
+    fn double_underscore_nests_in_any_case() {
+        let s = load_env(&[
+            ("TIERGATE_LISTEN__ADMIN", "127.0.0.1:9191"),
+            ("TIERGATE_DATABASE__POOL_MAX_SIZE", "4"),
+            ("TIERGATE_CACHE__L2_TTL", "10s"),
+            ("tiergate_health__require_cache", "1"),
+            ("Tiergate_Log__Format", "text"),
+            (
+                "TIERGATE_DATABASE__READER_URL",
+                "postgres://r@replica/items",
+            ),
+            ("TIERGATE_DEPLOYMENT__COLOR", "green"),
+        ])
+        .unwrap();
+        assert_eq!(s.listen.admin, "127.0.0.1:9191".parse().unwrap());
+        assert_eq!(s.database.pool_max_size, 4);
+        assert_eq!(s.cache.l2_ttl, Duration::from_secs(10));
+        assert!(s.health.require_cache);
+        assert_eq!(s.log.format, LogFormat::Text);
+        assert_eq!(
+            s.database.reader_url.as_ref().map(Secret::expose),
+            Some("postgres://r@replica/items")
+        );
+        assert_eq!(s.deployment.color.as_deref(), Some("green"));
+    }
+
+    #[test]
+    fn empty_env_value_unsets_an_optional_key() {
+        let s = load_file(
+            "[deployment]\ncolor = \"blue\"\n",
+            &[("TIERGATE_DEPLOYMENT__COLOR", "")],
+        )
+        .unwrap();
+        assert!(s.deployment.color.is_none());
+    }
+
+    #[test]
+    fn port_replaces_the_port_and_keeps_the_ip() {
+        let s = load_file("[listen]\nhttp = \"10.1.2.3:8080\"\n", &[("PORT", "3000")]).unwrap();
+        assert_eq!(s.listen.http, "10.1.2.3:3000".parse().unwrap());
+        let s = load_env(&[("PORT", "3000")]).unwrap();
+        assert_eq!(s.listen.http, "0.0.0.0:3000".parse().unwrap());
+    }
+
+    #[test]
+    fn tiergate_listen_http_beats_port() {
+        let s = load_env(&[
+            ("PORT", "3000"),
+            ("TIERGATE_LISTEN__HTTP", "127.0.0.1:4000"),
+        ])
+        .unwrap();
+        assert_eq!(s.listen.http, "127.0.0.1:4000".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_port_is_a_problem_naming_the_variable() {
+        assert_one_problem_containing(
+            load_env(&[("PORT", "http")]),
+            "PORT: expected a port number (1-65535), got \"http\"",
+        );
+    }
+
+    #[test]
+    fn db_variables_compose_a_url_with_the_password_percent_encoded() {
+        let s = load_env(&[
+            ("DB_HOST", "items.cluster-abc.eu-west-1.rds.amazonaws.com"),
+            ("DB_PORT", "6543"),
+            ("DB_USER", "app"),
+            ("DB_PASSWORD", "p@ss:w/rd"),
+            ("DB_NAME", "items"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.database.url.expose(),
+            "postgres://app:p%40ss%3Aw%2Frd@items.cluster-abc.eu-west-1.rds.amazonaws.com:6543/items"
+        );
+    }
+
+    #[test]
+    fn db_variables_default_port_user_and_name() {
+        let s = load_env(&[("DB_HOST", "db.internal")]).unwrap();
+        assert_eq!(
+            s.database.url.expose(),
+            "postgres://postgres@db.internal:5432/postgres"
+        );
+        let s = load_env(&[("DB_HOST", "::1")]).unwrap();
+        assert_eq!(
+            s.database.url.expose(),
+            "postgres://postgres@[::1]:5432/postgres"
+        );
+    }
+
+    #[test]
+    fn database_url_beats_db_variables() {
+        let s = load_env(&[
+            ("DATABASE_URL", "postgres://app@writer/items"),
+            ("DB_HOST", "other"),
+            ("DB_PASSWORD", "x"),
+        ])
+        .unwrap();
+        assert_eq!(s.database.url.expose(), "postgres://app@writer/items");
+    }
+
+    #[test]
+    fn tiergate_database_url_beats_database_url() {
+        let s = load_env(&[
+            ("DATABASE_URL", "postgres://app@conventional/items"),
+            ("TIERGATE_DATABASE__URL", "postgres://app@explicit/items"),
+        ])
+        .unwrap();
+        assert_eq!(s.database.url.expose(), "postgres://app@explicit/items");
+    }
+
+    #[test]
+    fn conventional_variables_fill_their_keys() {
+        let s = load_env(&[
+            ("DATABASE_READER_URL", "postgresql://app@reader/items"),
+            ("REDIS_URL", "rediss://:tok@cache:6380"),
+            ("DEPLOYMENT_COLOR", "blue"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.database.reader_url.as_ref().map(Secret::expose),
+            Some("postgresql://app@reader/items")
+        );
+        assert_eq!(s.redis.url.expose(), "rediss://:tok@cache:6380");
+        assert_eq!(s.deployment.color.as_deref(), Some("blue"));
+    }
+
+    #[test]
+    fn redis_host_composes_a_url_unless_redis_url_is_set() {
+        let s = load_env(&[("REDIS_HOST", "cache.internal")]).unwrap();
+        assert_eq!(s.redis.url.expose(), "redis://cache.internal:6379");
+        let s = load_env(&[("REDIS_HOST", "cache.internal"), ("REDIS_PORT", "6380")]).unwrap();
+        assert_eq!(s.redis.url.expose(), "redis://cache.internal:6380");
+        let s = load_env(&[("REDIS_HOST", "ignored"), ("REDIS_URL", "redis://wins:1")]).unwrap();
+        assert_eq!(s.redis.url.expose(), "redis://wins:1");
+    }
+
+    #[test]
+    fn file_variant_reads_the_value_with_one_newline_trimmed() {
+        let url = TempFile::new("postgres://app:pw@db/items\n");
+        let password = TempFile::new("line1\r\n");
+        let prefix = TempFile::new("from-file\n");
+        let s = load_env(&[
+            ("DATABASE_URL_FILE", &url.path_str()),
+            ("REDIS_HOST", "cache"),
+            ("TIERGATE_REDIS__KEY_PREFIX_FILE", &prefix.path_str()),
+        ])
+        .unwrap();
+        assert_eq!(s.database.url.expose(), "postgres://app:pw@db/items");
+        assert_eq!(s.redis.key_prefix, "from-file");
+
+        let s = load_env(&[
+            ("DB_HOST", "db"),
+            ("DB_PASSWORD_FILE", &password.path_str()),
+        ]);
+        assert_eq!(
+            s.unwrap().database.url.expose(),
+            "postgres://postgres:line1@db:5432/postgres"
+        );
+    }
+
+    #[test]
+    fn name_and_name_file_both_set_is_a_problem() {
+        let file = TempFile::new("postgres://a@b/c");
+        assert_one_problem_containing(
+            load_env(&[
+                ("DATABASE_URL", "postgres://a@b/c"),
+                ("DATABASE_URL_FILE", &file.path_str()),
+            ]),
+            "DATABASE_URL and DATABASE_URL_FILE are both set; set only one",
+        );
+        assert_one_problem_containing(
+            load_env(&[
+                ("TIERGATE_DATABASE__URL", "postgres://a@b/c"),
+                ("TIERGATE_DATABASE__URL_FILE", &file.path_str()),
+            ]),
+            "TIERGATE_DATABASE__URL and TIERGATE_DATABASE__URL_FILE are both set",
+        );
+    }
+
+    #[test]
+    fn unreadable_file_variant_names_the_variable_and_path() {
+        let missing = std::env::temp_dir().join("tiergate-config-test-does-not-exist");
+        let missing = missing.to_str().unwrap();
+        let problems = problems(load_env(&[("REDIS_URL_FILE", missing)]));
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].starts_with("REDIS_URL_FILE: cannot read the file"));
+        assert!(problems[0].contains(missing), "{problems:#?}");
+    }
+
+    #[test]
+    fn every_problem_is_listed_not_just_the_first() {
+        let problems = problems(load_file(
+            "[database]\npool_size = 3\npool_max_size = 0\n",
+            &[("TIERGATE_CACHE__L1_MAX_BYTES", "abc")],
+        ));
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(problems[0].contains("unknown key `database.pool_size`"));
+        assert_eq!(
+            problems[1],
+            "TIERGATE_CACHE__L1_MAX_BYTES: expected an integer, got \"abc\""
+        );
+        assert!(problems[2].starts_with("database.pool_max_size: must be at least 1"));
+    }
+
+    #[test]
+    fn every_bad_key_of_one_section_is_listed() {
+        let problems = problems(load_file(
+            "[listen]\nhttp = \"nope\"\nadmin = 5\n[cache]\nl1_ttl = \"soon\"\n",
+            &[],
+        ));
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("listen.http: invalid socket address syntax")),
+            "{problems:#?}"
+        );
+        assert!(problems.iter().any(|p| p.starts_with("listen.admin: ")));
+        assert!(problems.iter().any(|p| p.starts_with("cache.l1_ttl: ")));
+    }
+
+    #[test]
+    fn a_problem_names_the_variable_that_set_the_key() {
+        assert_one_problem_containing(
+            load_env(&[("TIERGATE_DATABASE__CHECKOUT_TIMEOUT", "20s")]),
+            "database.checkout_timeout: must be between 100ms and 10s, got 20s \
+             (from TIERGATE_DATABASE__CHECKOUT_TIMEOUT)",
+        );
+        assert_one_problem_containing(
+            load_env(&[("TIERGATE_CACHE__L2_TTL", "ten")]),
+            "(from TIERGATE_CACHE__L2_TTL)",
+        );
+    }
+
+    #[test]
+    fn wrong_type_in_a_section_place_is_reported_once() {
+        assert_one_problem_containing(load_file("listen = 5\n", &[]), "listen: invalid type");
+    }
+
+    #[test]
+    fn unknown_env_path_is_a_problem() {
+        assert_one_problem_containing(
+            load_env(&[("TIERGATE_DATABASE__POOL_SIZE", "4")]),
+            "TIERGATE_DATABASE__POOL_SIZE: there is no setting `database.pool_size`",
+        );
+        assert_one_problem_containing(
+            load_env(&[("TIERGATE_NOPE__X", "4")]),
+            "TIERGATE_NOPE__X: there is no setting `nope.x`",
+        );
+        assert_one_problem_containing(
+            load_env(&[("TIERGATE_DATABASE__URL__X", "4")]),
+            "TIERGATE_DATABASE__URL__X: there is no setting `database.url.x`",
+        );
+    }
+
+    #[test]
+    fn env_naming_a_section_is_a_problem() {
+        assert_one_problem_containing(
+            load_env(&[("TIERGATE_CACHE__", "x")]),
+            "TIERGATE_CACHE__: there is no setting `cache.`",
+        );
+    }
+
+    #[test]
+    fn single_underscore_after_a_section_gets_a_hint() {
+        assert_one_problem_containing(
+            load_env(&[("TIERGATE_DATABASE_URL", "postgres://a@b/c")]),
+            "did you mean TIERGATE_DATABASE__URL?",
+        );
+    }
+
+    #[test]
+    fn variables_without_a_section_are_left_to_the_binary() {
+        load_env(&[
+            ("TIERGATE_CONFIG", "/etc/tiergate.toml"),
+            ("TIERGATE_ENV", "prod"),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn bad_boolean_is_a_problem_naming_the_variable() {
+        assert_one_problem_containing(
+            load_env(&[("TIERGATE_HEALTH__REQUIRE_CACHE", "yes please")]),
+            "TIERGATE_HEALTH__REQUIRE_CACHE: expected true, false, 1 or 0, got \"yes please\"",
+        );
+    }
+
+    #[test]
+    fn toml_syntax_error_names_the_file_and_line() {
+        let file = TempFile::new("[listen]\nhttp = \"0.0.0.0:8080\"\nadmin = \n");
+        let problems = problems(load(Some(file.path()), &env(&[])));
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].starts_with(&format!("{}:3:", file.path().display())),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_a_problem() {
+        let path = std::env::temp_dir().join("tiergate-config-test-no-such-file.toml");
+        assert_one_problem_containing(load(Some(&path), &env(&[])), "cannot read");
+    }
+
+    #[test]
+    fn validation_reports_each_rule_with_its_key() {
+        let problems = problems(load_file(
+            r#"
+            [listen]
+            http = "0.0.0.0:9090"
+            admin = "127.0.0.1:9090"
+            [database]
+            url = "mysql://db/items"
+            reader_url = "http://db/items"
+            checkout_timeout = "50ms"
+            [redis]
+            url = "memcached://x"
+            key_prefix = "has space"
+            [cache]
+            l1_max_bytes = 1000
+            l1_ttl = "500ms"
+            l2_ttl = "0s"
+            [http]
+            max_body_bytes = 0
+            [deployment]
+            color = "Blue!"
+            "#,
+            &[],
+        ));
+        let keys: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "listen.admin",
+                "database.url",
+                "database.reader_url",
+                "database.checkout_timeout",
+                "redis.url",
+                "redis.key_prefix",
+                "cache.l1_max_bytes",
+                "cache.l1_ttl",
+                "cache.l2_ttl",
+                "http.max_body_bytes",
+                "deployment.color",
+            ],
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn listeners_on_distinct_ports_or_port_zero_are_fine() {
+        load_file(
+            "[listen]\nhttp = \"127.0.0.1:8080\"\nadmin = \"127.0.0.2:8080\"\n",
+            &[],
+        )
+        .unwrap();
+        Settings::for_tests().validate().unwrap();
+    }
+
+    #[test]
+    fn a_secret_never_appears_in_output_or_problems() {
+        let url = format!("postgres://app:{PASSWORD}@db.internal:5432/items");
+        let redis = format!("rediss://:{PASSWORD}@cache.internal:6379");
+        let s = load_env(&[("DATABASE_URL", &url), ("REDIS_URL", &redis)]).unwrap();
+        assert_eq!(s.database.url.expose(), url);
+        for shown in [
+            format!("{s:?}"),
+            format!("{:#?}", s),
+            s.database.url.to_string(),
+            s.to_redacted_toml(),
+            serde_json::to_string(&s).unwrap(),
+        ] {
+            assert!(!shown.contains(PASSWORD), "{shown}");
+        }
+        let toml = s.to_redacted_toml();
+        assert!(
+            toml.contains("postgres://app:***@db.internal:5432/items"),
+            "{toml}"
+        );
+
+        // Now make every path that can fail see the secret.
+        let secret_file = TempFile::new(&format!("mysql://app:{PASSWORD}@db/items\n"));
+        let bad_toml = TempFile::new(&format!(
+            "[database]\nurl = \"postgres://app:{PASSWORD}@db/items\nnope = 1\n"
+        ));
+        let cases: Vec<Case<'_>> = vec![
+            (
+                None,
+                vec![
+                    ("DATABASE_URL", format!("mysql://app:{PASSWORD}@db/items")),
+                    ("DATABASE_READER_URL", PASSWORD.to_owned()),
+                    ("REDIS_URL", format!("http://:{PASSWORD}@cache")),
+                    ("TIERGATE_DATABASE__PASSWORD", PASSWORD.to_owned()),
+                    ("TIERGATE_DATABASE_PASSWORD", PASSWORD.to_owned()),
+                    ("DB_PASSWORD", PASSWORD.to_owned()),
+                ],
+            ),
+            (
+                None,
+                vec![
+                    ("DATABASE_URL_FILE", secret_file.path_str()),
+                    ("TIERGATE_DATABASE__READER_URL_FILE", secret_file.path_str()),
+                    ("REDIS_URL", PASSWORD.to_owned()),
+                    ("REDIS_URL_FILE", secret_file.path_str()),
+                ],
+            ),
+            (Some(bad_toml.path()), vec![]),
+        ];
+        for (file, vars) in cases {
+            let vars: HashMap<String, String> =
+                vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            let err = load(file, &vars).unwrap_err();
+            assert!(!err.problems.is_empty());
+            for shown in [err.to_string(), format!("{err:?}")] {
+                assert!(!shown.contains(PASSWORD), "{shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn config_error_lists_one_problem_per_line() {
+        let err = ConfigError {
+            problems: vec!["a: bad".to_owned(), "b: worse".to_owned()],
+        };
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration:\n  - a: bad\n  - b: worse"
+        );
+    }
+
+    #[test]
+    fn redacted_toml_loads_back_as_a_file() {
+        let s = load_file(
+            "[deployment]\ncolor = \"blue\"\n[database]\nreader_url = \"postgres://r@h/d\"\n",
+            &[],
+        )
+        .unwrap();
+        let printed = s.to_redacted_toml();
+        let again = load_file(&printed, &[]).unwrap();
+        assert_eq!(again.to_redacted_toml(), printed);
+    }
+
+    #[test]
+    fn dev_example_loads() {
+        let s = load(Some(Path::new(DEV)), &env(&[])).unwrap();
+        assert_eq!(s.log.format, LogFormat::Text);
+        assert_eq!(s.listen.admin, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(
+            s.database.url.expose(),
+            "postgres://postgres@127.0.0.1:5432/tiergate"
+        );
+        assert!(s.cache.l2_ttl < Settings::default().cache.l2_ttl);
+    }
+
+    #[test]
+    fn fargate_example_loads_with_secrets_from_the_environment() {
+        let s = load(Some(Path::new(FARGATE)), &env(&[])).unwrap();
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.listen.http, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(s.listen.admin, "127.0.0.1:9090".parse().unwrap());
+
+        let text = std::fs::read_to_string(FARGATE).unwrap();
+        let uncommented: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect();
+        assert!(
+            !uncommented.contains("url"),
+            "no URL (secret) set in the file"
+        );
+
+        let s = load(
+            Some(Path::new(FARGATE)),
+            &env(&[
+                ("DATABASE_URL", "postgres://app:pw@writer:5432/items"),
+                ("REDIS_URL", "rediss://:tok@cache:6379"),
+                ("DEPLOYMENT_COLOR", "green"),
+                ("PORT", "8081"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.database.url.expose(),
+            "postgres://app:pw@writer:5432/items"
+        );
+        assert_eq!(s.redis.url.expose(), "rediss://:tok@cache:6379");
+        assert_eq!(s.deployment.color.as_deref(), Some("green"));
+        assert_eq!(s.listen.http, "0.0.0.0:8081".parse().unwrap());
+    }
+}

@@ -1,0 +1,281 @@
+//! The settings types and their built-in defaults.
+//!
+//! Every struct is `#[serde(default)]`, so a file or the environment names only what it
+//! changes, and `#[serde(deny_unknown_fields)]`, so a misspelt key is an error rather than a
+//! silently ignored line. Durations are human strings (`"1500ms"`, `"30s"`, `"2m"`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Secret;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Everything the binary can be configured with; see the crate docs for how it is loaded.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Addresses to bind.
+    pub listen: ListenSettings,
+    /// PostgreSQL, the system of record.
+    pub database: DatabaseSettings,
+    /// Redis, the shared L2 cache and invalidation bus.
+    pub redis: RedisSettings,
+    /// Cache sizes and lifetimes.
+    pub cache: CacheSettings,
+    /// Per-request limits.
+    pub http: HttpSettings,
+    /// How `/health` judges the instance.
+    pub health: HealthSettings,
+    /// Facts about the deployment this instance belongs to.
+    pub deployment: DeploymentSettings,
+    /// Log output.
+    pub log: LogSettings,
+}
+
+/// Addresses to bind.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenSettings {
+    /// Public HTTP listener (the ALB's target). Default `0.0.0.0:8080`.
+    pub http: SocketAddr,
+    /// Admin listener: `/metrics`, `/livez`, `/readyz`, `/admin/*`. Must never share the
+    /// public port. Default `127.0.0.1:9090`.
+    pub admin: SocketAddr,
+}
+
+impl Default for ListenSettings {
+    fn default() -> Self {
+        Self {
+            http: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// PostgreSQL connection pool.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// Writer endpoint, `postgres://` or `postgresql://`.
+    /// Default `postgres://postgres@127.0.0.1:5432/tiergate`.
+    pub url: Secret,
+    /// Reader endpoint (an RDS/Aurora replica) for cache-miss reads; `None` sends reads to
+    /// the writer. Default `None`.
+    pub reader_url: Option<Secret>,
+    /// Connections per pool (each of writer and reader). Default 16.
+    pub pool_max_size: u32,
+    /// How long a request waits for a pooled connection before it gets a 503. Kept short
+    /// (100ms..=10s) so a saturated pool sheds load instead of queueing for bb8's 30 s.
+    /// Default 1500ms.
+    #[serde(with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+    /// TCP + TLS + startup handshake limit for one new connection. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// PostgreSQL `statement_timeout` set on every connection. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// Apply pending migrations at start. Default `true`.
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://postgres@127.0.0.1:5432/tiergate"),
+            reader_url: None,
+            pool_max_size: 16,
+            checkout_timeout: Duration::from_millis(1500),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// Redis connection.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` (TLS). Default `redis://127.0.0.1:6379`.
+    pub url: Secret,
+    /// Prefix of every key this deployment writes, so several deployments (or tests) can
+    /// share one Redis. Non-empty, no whitespace. Default `tiergate`.
+    pub key_prefix: String,
+    /// Limit for one command; past it the lookup counts as a cache miss. Default 250ms.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Limit for establishing a connection. Default 2s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("redis://127.0.0.1:6379"),
+            key_prefix: "tiergate".to_owned(),
+            command_timeout: Duration::from_millis(250),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Cache sizes and lifetimes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Bound of the in-process L1 cache, in bytes of cached JSON (at least 1 MiB).
+    /// Default 64 MiB.
+    pub l1_max_bytes: u64,
+    /// Lifetime of an L1 entry (at least 1s). Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub l1_ttl: Duration,
+    /// Lifetime of an L2 (Redis) entry (at least 1s). Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub l2_ttl: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            l1_max_bytes: 64 * MIB,
+            l1_ttl: Duration::from_secs(5),
+            l2_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Per-request limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Largest request body accepted; larger ones get 413. 1 byte to 16 MiB. Default 65536.
+    pub max_body_bytes: u64,
+    /// Deadline for a whole request. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 65536,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How `/health` judges the instance.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSettings {
+    /// Answer 503 when Redis is down. Default `false`: the app still serves from L1 and
+    /// PostgreSQL, and pulling every task out of the load balancer because the cache blinked
+    /// would turn a cache outage into a full outage.
+    pub require_cache: bool,
+}
+
+/// Facts about the deployment this instance belongs to.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeploymentSettings {
+    /// Blue/green label reported by `/health` and in logs: 1 to 32 of `a-z`, `0-9`, `-`.
+    /// Default `None`.
+    pub color: Option<String>,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// Line format. Default [`LogFormat::Json`].
+    pub format: LogFormat,
+}
+
+/// Log line format, written in lowercase (`"json"`, `"text"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line, for CloudWatch and other collectors.
+    #[default]
+    Json,
+    /// Human-readable lines, for a terminal.
+    Text,
+}
+
+impl Settings {
+    /// Defaults suited to tests: both listeners on `127.0.0.1:0` (the OS picks free ports),
+    /// text logs, and no migrations unless the test asks for them.
+    pub fn for_tests() -> Self {
+        let mut settings = Self::default();
+        settings.listen.http = SocketAddr::from(([127, 0, 0, 1], 0));
+        settings.listen.admin = SocketAddr::from(([127, 0, 0, 1], 0));
+        settings.database.migrate_on_start = false;
+        settings.log.format = LogFormat::Text;
+        settings
+    }
+
+    /// The effective settings as TOML, for `tiergate config print`: durations as human
+    /// strings, secrets redacted (see [`Secret::redacted`]). The output loads back as a file,
+    /// except that redacted secrets must be supplied again.
+    pub fn to_redacted_toml(&self) -> String {
+        // Secrets redact themselves in `Serialize`, so plain serialization is safe. It fails
+        // only for values TOML cannot hold (a u64 above i64::MAX set in code).
+        toml::to_string(self)
+            .unwrap_or_else(|e| format!("# the settings cannot be written as TOML: {e}\n"))
+    }
+
+    /// The secrets in these settings with their key paths, for code that must handle every
+    /// secret (the loader uses it to keep real values out of its redacted defaults).
+    pub(crate) fn secrets(&self) -> Vec<(&'static str, &Secret)> {
+        let mut out = vec![("database.url", &self.database.url)];
+        if let Some(reader) = &self.database.reader_url {
+            out.push(("database.reader_url", reader));
+        }
+        out.push(("redis.url", &self.redis.url));
+        out
+    }
+
+    /// Defaults with every `Option` set, so that serializing it lists every key there is.
+    /// A new `Option` field must be set here too, or the loader will call its key unknown.
+    pub(crate) fn every_key() -> Self {
+        let mut settings = Self::default();
+        settings.database.reader_url = Some(Secret::new(""));
+        settings.deployment.color = Some(String::new());
+        settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_toml_writes_durations_as_human_strings() {
+        let text = Settings::default().to_redacted_toml();
+        assert!(text.contains("checkout_timeout = \"1s 500ms\""), "{text}");
+        assert!(text.contains("l2_ttl = \"30s\""), "{text}");
+        assert!(text.contains("format = \"json\""), "{text}");
+        assert!(!text.contains("reader_url"), "{text}");
+    }
+
+    #[test]
+    fn redacted_toml_loads_back_to_the_same_settings() {
+        let text = Settings::default().to_redacted_toml();
+        let back: Settings = toml::from_str(&text).unwrap();
+        assert_eq!(back.to_redacted_toml(), text);
+    }
+
+    #[test]
+    fn every_key_sets_every_option() {
+        // Catches an Option field added without updating `every_key`: TOML leaves a None out,
+        // JSON writes `null`, so any null here is an Option the loader would not know.
+        let json = serde_json::to_string(&Settings::every_key()).unwrap();
+        assert!(!json.contains("null"), "{json}");
+        assert_eq!(Settings::every_key().secrets().len(), 3);
+    }
+}

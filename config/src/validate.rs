@@ -1,0 +1,170 @@
+//! Checks that types alone can't express. Each failure names its key path; none quotes a
+//! secret.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::Settings;
+
+const MIB: u64 = 1024 * 1024;
+
+/// One failed check.
+#[derive(Debug)]
+pub(crate) struct Invalid {
+    /// The key the message is about first, then any other key the check read. The loader
+    /// skips a check whose keys failed to parse, since it would judge a stand-in default.
+    pub(crate) keys: &'static [&'static str],
+    pub(crate) message: String,
+}
+
+/// Every check that fails, in key order.
+pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
+    let mut out = Vec::new();
+    let mut fail = |keys: &'static [&'static str], message: String| {
+        out.push(Invalid { keys, message });
+    };
+
+    if s.listen.admin.port() != 0 && same_port(s.listen.http, s.listen.admin) {
+        fail(
+            &["listen.admin", "listen.http"],
+            format!(
+                "must not use the port of listen.http ({}): the admin listener serves \
+                 /metrics and /admin/*, which must stay off the public port",
+                s.listen.http.port()
+            ),
+        );
+    }
+
+    let db = &s.database;
+    if !has_scheme(db.url.expose(), &["postgres", "postgresql"]) {
+        fail(
+            &["database.url"],
+            "must start with postgres:// or postgresql://".to_owned(),
+        );
+    }
+    if let Some(reader) = &db.reader_url {
+        if !has_scheme(reader.expose(), &["postgres", "postgresql"]) {
+            fail(
+                &["database.reader_url"],
+                "must start with postgres:// or postgresql://".to_owned(),
+            );
+        }
+    }
+    if db.pool_max_size < 1 {
+        fail(
+            &["database.pool_max_size"],
+            format!("must be at least 1, got {}", db.pool_max_size),
+        );
+    }
+    let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
+    if !(min..=max).contains(&db.checkout_timeout) {
+        fail(
+            &["database.checkout_timeout"],
+            format!(
+                "must be between 100ms and 10s, got {}",
+                human(db.checkout_timeout)
+            ),
+        );
+    }
+    if db.connect_timeout.is_zero() {
+        fail(
+            &["database.connect_timeout"],
+            "must be more than 0s".to_owned(),
+        );
+    }
+
+    let redis = &s.redis;
+    if !has_scheme(redis.url.expose(), &["redis", "rediss"]) {
+        fail(
+            &["redis.url"],
+            "must start with redis:// or rediss://".to_owned(),
+        );
+    }
+    if redis.key_prefix.is_empty() {
+        fail(&["redis.key_prefix"], "must not be empty".to_owned());
+    } else if redis.key_prefix.chars().any(char::is_whitespace) {
+        fail(
+            &["redis.key_prefix"],
+            format!("must not contain whitespace, got {:?}", redis.key_prefix),
+        );
+    }
+    if redis.command_timeout.is_zero() {
+        fail(
+            &["redis.command_timeout"],
+            "must be more than 0s".to_owned(),
+        );
+    }
+    if redis.connect_timeout.is_zero() {
+        fail(
+            &["redis.connect_timeout"],
+            "must be more than 0s".to_owned(),
+        );
+    }
+
+    let cache = &s.cache;
+    if cache.l1_max_bytes < MIB {
+        fail(
+            &["cache.l1_max_bytes"],
+            format!("must be at least 1 MiB ({MIB}), got {}", cache.l1_max_bytes),
+        );
+    }
+    if cache.l1_ttl < Duration::from_secs(1) {
+        fail(
+            &["cache.l1_ttl"],
+            format!("must be at least 1s, got {}", human(cache.l1_ttl)),
+        );
+    }
+    if cache.l2_ttl < Duration::from_secs(1) {
+        fail(
+            &["cache.l2_ttl"],
+            format!("must be at least 1s, got {}", human(cache.l2_ttl)),
+        );
+    }
+
+    let http = &s.http;
+    if !(1..=16 * MIB).contains(&http.max_body_bytes) {
+        fail(
+            &["http.max_body_bytes"],
+            format!(
+                "must be between 1 and 16 MiB ({}), got {}",
+                16 * MIB,
+                http.max_body_bytes
+            ),
+        );
+    }
+    if http.request_timeout.is_zero() {
+        fail(&["http.request_timeout"], "must be more than 0s".to_owned());
+    }
+
+    if let Some(color) = &s.deployment.color {
+        let valid = (1..=32).contains(&color.len())
+            && color
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            fail(
+                &["deployment.color"],
+                format!("must be 1 to 32 characters of a-z, 0-9 and -, got {color:?}"),
+            );
+        }
+    }
+
+    out
+}
+
+/// Two listeners collide when they share a port and either address covers the other; an
+/// unspecified address (`0.0.0.0`, `[::]`) covers every interface.
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Compares only the scheme, so a failure never has to quote the value. Case-sensitive, as
+/// the clients' own URL parsers are.
+fn has_scheme(url: &str, schemes: &[&str]) -> bool {
+    url.split_once("://")
+        .is_some_and(|(scheme, _)| schemes.contains(&scheme))
+}
+
+fn human(d: Duration) -> humantime_serde::re::humantime::FormattedDuration {
+    humantime_serde::re::humantime::format_duration(d)
+}

@@ -1,0 +1,149 @@
+//! The Tiergate server: listeners, the request path, the admin endpoints.
+//!
+//! It hosts the items application (`app-core`) in process and knows nothing of items:
+//! only that a route can target "the app".
+//!
+//! # Layout
+//! - [`listener`]: accept loops, hyper connections, draining.
+//! - [`router`]: the route table (path → target, with a bounded route name).
+//! - [`service`]: the request path as named steps (id, route, answer, record).
+//! - [`admin`]: `/metrics`, `/livez`, `/readyz` on the admin listener.
+//! - [`metrics`]: the Prometheus recorder and per-route handles.
+//! - [`shutdown`]: signal handling.
+
+pub mod admin;
+pub mod listener;
+pub mod metrics;
+pub mod router;
+pub mod service;
+pub mod shutdown;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use app_core::App;
+use app_core::health::BuildInfo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tiergate_config::Settings;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::router::Router;
+use crate::service::Gateway;
+
+/// What `/health` reports about this build.
+pub const BUILD: BuildInfo = BuildInfo {
+    version: env!("CARGO_PKG_VERSION"),
+    commit: env!("TIERGATE_COMMIT"),
+};
+
+/// How long in-flight requests may take to finish after a shutdown begins; under
+/// Fargate's default 30 s `stopTimeout`, after which it sends SIGKILL.
+const DRAIN_GRACE: Duration = Duration::from_secs(25);
+
+/// A bound, not yet running server. Binding comes first so a port conflict fails at
+/// once, before any backend is contacted; tests bind port 0 and read the addresses.
+#[derive(Debug)]
+pub struct Server {
+    http: TcpListener,
+    admin: TcpListener,
+    app: App,
+    metrics: PrometheusHandle,
+}
+
+impl Server {
+    /// Binds the public and admin listeners and builds the app (no backend contacted).
+    ///
+    /// # Errors
+    /// A port cannot be bound, or a backend URL does not parse.
+    pub async fn bind(settings: &Settings) -> anyhow::Result<Self> {
+        let metrics = metrics::install()?;
+        let http = TcpListener::bind(settings.listen.http)
+            .await
+            .with_context(|| format!("cannot listen on {} (listen.http)", settings.listen.http))?;
+        let admin = TcpListener::bind(settings.listen.admin)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (listen.admin)", settings.listen.admin)
+            })?;
+        let app = App::new(settings, BUILD)?;
+        Ok(Self {
+            http,
+            admin,
+            app,
+            metrics,
+        })
+    }
+
+    /// The bound public address.
+    ///
+    /// # Errors
+    /// The OS cannot tell (practically never).
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+
+    /// The bound admin address.
+    ///
+    /// # Errors
+    /// The OS cannot tell (practically never).
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: readiness turns 503, the listeners
+    /// close, in-flight requests finish (at most [`DRAIN_GRACE`]), connections close.
+    ///
+    /// # Errors
+    /// Never at present; the signature leaves room for fatal serving errors.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            http,
+            admin,
+            app,
+            metrics,
+        } = self;
+        tracing::info!(
+            http = %http.local_addr()?,
+            admin = %admin.local_addr()?,
+            version = BUILD.version,
+            commit = BUILD.commit,
+            "Listening."
+        );
+        app.start();
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        let gateway = Gateway::new(Router::new(), app.clone());
+        let public = tokio::spawn(listener::serve(
+            "http",
+            http,
+            move |req| {
+                let gateway = gateway.clone();
+                async move { gateway.handle(req).await }
+            },
+            stop_rx.clone(),
+            DRAIN_GRACE,
+        ));
+        let admin_app = app.clone();
+        let admin = tokio::spawn(listener::serve(
+            "admin",
+            admin,
+            move |req| {
+                let rsp = admin::handle(&req, &admin_app, &metrics);
+                async move { rsp }
+            },
+            stop_rx,
+            DRAIN_GRACE,
+        ));
+
+        shutdown.await;
+        app.begin_shutdown();
+        let _ = stop_tx.send(true);
+        let _ = tokio::join!(public, admin);
+        app.close().await;
+        tracing::info!("Stopped.");
+        Ok(())
+    }
+}

@@ -1,0 +1,154 @@
+//! `tiergate`: the command line.
+//!
+//! - `tiergate [serve]`: run the server (the default).
+//! - `tiergate migrate`: apply database migrations and exit.
+//! - `tiergate config check` / `config print`: validate, or show the effective settings
+//!   with secrets redacted.
+//!
+//! Invalid configuration exits with 78 (`EX_CONFIG`) after listing every problem, so a
+//! deployment circuit breaker trips at once instead of crash-looping.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use gateway::shutdown::Signals;
+use tiergate_config::{ConfigError, LogFormat, ProcessEnv, Settings};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tiergate",
+    version,
+    about = "The application tier in one binary."
+)]
+struct Cli {
+    /// TOML settings file (defaults < file < environment).
+    #[arg(long, global = true, env = "TIERGATE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve HTTP (the default).
+    Serve,
+    /// Apply pending database migrations, then exit.
+    Migrate {
+        /// Give up when the database is still unreachable after this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Validate, listing every problem (exit 78 when invalid).
+    Check,
+    /// Print the effective settings as TOML, secrets redacted.
+    Print,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match tiergate_config::load(cli.config.as_deref(), &ProcessEnv) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("tiergate: {error}");
+            return ExitCode::from(ConfigError::EXIT_CODE);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Config {
+            action: ConfigAction::Check,
+        } => {
+            println!("configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Command::Config {
+            action: ConfigAction::Print,
+        } => {
+            print!("{}", settings.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => run_async(&settings, serve),
+        Command::Migrate { timeout } => run_async(&settings, |s| migrate(s, timeout)),
+    }
+}
+
+/// Starts logging and the runtime, runs `task`, and maps its error to exit code 1.
+fn run_async<'a, F, Fut>(settings: &'a Settings, task: F) -> ExitCode
+where
+    F: FnOnce(&'a Settings) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    init_logging(settings.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tiergate: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "Exiting.");
+            eprintln!("tiergate: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: &Settings) -> anyhow::Result<()> {
+    // Signals first: a SIGTERM during start-up must not be lost.
+    let signals = Signals::install()?;
+    let server = gateway::Server::bind(settings).await?;
+    server.run(signals.first()).await
+}
+
+async fn migrate(settings: &Settings, timeout: Duration) -> anyhow::Result<()> {
+    let db = app_core::store::Database::new(&settings.database)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match db.migrate().await {
+            Ok(applied) => {
+                tracing::info!(applied, "Migrations done.");
+                return Ok(());
+            }
+            Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(error = %app_core::ErrorChain(&error), "Database not ready; retrying.");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => return Err(anyhow::Error::new(error).context("migrations failed")),
+        }
+    }
+}
+
+/// JSON lines on stdout (or text for people), filtered by `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+}

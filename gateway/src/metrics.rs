@@ -1,0 +1,93 @@
+//! Prometheus metrics: the process-wide recorder and the per-route request metrics.
+//!
+//! Names are `tiergate_*` in base units. Every histogram has explicit buckets: without
+//! them the exporter renders summaries, which cannot be summed across tasks.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Request latency buckets, in seconds: from an L1 hit to a slow upstream.
+const DURATION_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global recorder on first call and returns the handle that renders it.
+/// Later calls (several servers in one test process) share the first recorder.
+///
+/// # Errors
+/// The buckets are refused, or another recorder was installed by someone else.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), DURATION_BUCKETS)?
+        .build_recorder();
+    let handle = recorder.handle();
+    if HANDLE.set(handle.clone()).is_ok() {
+        metrics::set_global_recorder(recorder)?;
+        describe();
+    }
+    Ok(HANDLE.get().cloned().unwrap_or(handle))
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        "tiergate_http_requests_total",
+        "HTTP requests by route and status class."
+    );
+    metrics::describe_histogram!(
+        "tiergate_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from request head to response head, by route."
+    );
+    metrics::describe_gauge!(
+        "tiergate_db_pool_connections",
+        "PostgreSQL pool connections by pool and state."
+    );
+    metrics::describe_gauge!(
+        "tiergate_cache_l1_entries",
+        "Entries in the in-process cache."
+    );
+    metrics::describe_gauge!(
+        "tiergate_cache_l1_bytes",
+        "Approximate bytes held by the in-process cache."
+    );
+}
+
+/// The request metrics of one route, registered once: recording is atomic adds.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    /// Indexed by status class: 1xx … 5xx.
+    requests: [Counter; 5],
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    /// Handles for the route named `route` (a bounded label: never the raw path).
+    pub fn new(route: &'static str) -> Self {
+        let class = |c: &'static str| metrics::counter!("tiergate_http_requests_total", "route" => route, "status" => c);
+        Self {
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: metrics::histogram!("tiergate_http_request_duration_seconds", "route" => route),
+        }
+    }
+
+    /// Counts one request with its status and duration.
+    pub fn observe(&self, status: http::StatusCode, seconds: f64) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.requests[class].increment(1);
+        self.duration.record(seconds);
+    }
+}

@@ -1,0 +1,154 @@
+//! The gateway's request path: one request, start to finish, as named steps.
+//!
+//! 1. identify: keep a safe incoming `X-Request-Id` or make one;
+//! 2. route: pick the target from the compiled table;
+//! 3. answer: the app in process, a probe, or a JSON 404;
+//! 4. record: metrics by route and one access log line.
+//!
+//! Every failure has become a response by step 3 (the app answers errors as JSON), so
+//! the service never fails and hyper never sees an error from it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use app_core::App;
+use app_core::api::X_CACHE;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::Full;
+
+use crate::router::{Router, Target};
+
+/// The body of every response the gateway makes.
+pub type ResponseBody = Full<Bytes>;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
+
+/// An incoming request id longer than this is replaced: it ends up in every log line.
+const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// The public listener's service. Cheap to clone: one per connection.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    router: Router,
+    app: App,
+}
+
+impl Gateway {
+    /// A gateway over `router` that hosts `app`.
+    pub fn new(router: Router, app: App) -> Self {
+        Self {
+            inner: Arc::new(Inner { router, app }),
+        }
+    }
+
+    /// Answers one request. Generic over the body so benches and tests can call it
+    /// without a socket.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ResponseBody>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let started = Instant::now();
+        let request_id = request_id(req.headers().get(&X_REQUEST_ID));
+        let trace_id = req.headers().get(&X_AMZN_TRACE_ID).cloned();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let route = self.inner.router.route(&path);
+
+        let mut rsp = match route.target {
+            Target::App => self.inner.app.handle(req).await,
+            Target::Livez => probe(true),
+            Target::Readyz => probe(self.inner.app.is_ready()),
+            Target::NotFound => not_found(),
+        };
+
+        let elapsed = started.elapsed();
+        route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
+        tracing::info!(
+            target: "access",
+            request_id = request_id.to_str().unwrap_or(""),
+            trace_id = trace_id.as_ref().and_then(|v| v.to_str().ok()),
+            method = %method,
+            path,
+            route = route.name,
+            status = rsp.status().as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
+        );
+        rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        rsp
+    }
+}
+
+/// The incoming id if it is short and of safe characters (it is logged and echoed),
+/// else a new random one.
+fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
+    let safe = |v: &&HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= MAX_REQUEST_ID_LEN
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    };
+    if let Some(id) = incoming.filter(safe) {
+        return id.clone();
+    }
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// A probe answer: 200 or 503 with a one-word JSON body.
+pub(crate) fn probe(ok: bool) -> Response<ResponseBody> {
+    let (status, body) = if ok {
+        (StatusCode::OK, r#"{"status":"ok"}"#)
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"unavailable"}"#,
+        )
+    };
+    json(status, Bytes::from_static(body.as_bytes()))
+}
+
+pub(crate) fn not_found() -> Response<ResponseBody> {
+    json(
+        StatusCode::NOT_FOUND,
+        Bytes::from_static(br#"{"error":"not_found","message":"no such route"}"#),
+    )
+}
+
+pub(crate) fn json(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
+    let mut rsp = Response::new(Full::new(body));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_request_ids_are_kept_and_others_replaced() {
+        let keep = HeaderValue::from_static("abc-123_x.y");
+        assert_eq!(request_id(Some(&keep)), keep);
+        for bad in ["", "has space", "semi;colon", &"a".repeat(65)] {
+            let v = HeaderValue::from_str(bad).unwrap();
+            let id = request_id(Some(&v));
+            assert_ne!(id, v);
+            assert_eq!(id.len(), 32);
+        }
+    }
+}
