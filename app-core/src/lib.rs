@@ -58,6 +58,7 @@ struct Inner {
     max_body_bytes: usize,
     require_cache: bool,
     migrate_on_start: bool,
+    redis_connect_timeout: Duration,
     /// Set once the schema is in place; until then item requests get 503.
     ready: AtomicBool,
     /// Set when shutdown begins; `/health` turns 503 at once.
@@ -82,6 +83,7 @@ impl App {
             max_body_bytes: usize::try_from(settings.http.max_body_bytes).unwrap_or(usize::MAX),
             require_cache: settings.health.require_cache,
             migrate_on_start: settings.database.migrate_on_start,
+            redis_connect_timeout: settings.redis.connect_timeout,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         };
@@ -173,7 +175,8 @@ impl App {
 }
 
 /// Gets the schema in place, retrying with backoff (100 ms doubling to 5 s, jittered)
-/// while PostgreSQL is unreachable: the process never exits over it.
+/// while PostgreSQL is unreachable: the process never exits over it. Then gives Redis up
+/// to `redis.connect_timeout` to connect before declaring the app ready.
 async fn prepare_database(app: Weak<Inner>) {
     let mut delay = Duration::from_millis(100);
     loop {
@@ -186,6 +189,16 @@ async fn prepare_database(app: Weak<Inner>) {
         };
         match outcome {
             Ok(true) => {
+                if !inner
+                    .items
+                    .l2()
+                    .wait_connected(inner.redis_connect_timeout)
+                    .await
+                {
+                    tracing::warn!(
+                        "Redis not reachable; serving from L1 and PostgreSQL until it is."
+                    );
+                }
                 inner.ready.store(true, Ordering::Release);
                 tracing::info!("Database ready.");
                 return;

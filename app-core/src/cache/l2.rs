@@ -176,6 +176,14 @@ impl L2 {
         Ok(written == 1)
     }
 
+    /// Waits until the first connection is up, at most `timeout`: start-up gives Redis a
+    /// moment so the first requests can use it, but never waits on it for long.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.client.wait_for_connect())
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// One `PING` round trip.
     ///
     /// # Errors

@@ -21,7 +21,7 @@ use tokio_postgres::{NoTls, Row};
 
 use crate::model::{Item, ItemId};
 
-type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+type Pool = bb8::Pool<Manager>;
 
 /// Why a store call failed, split by who can do something about it.
 #[derive(Debug, thiserror::Error)]
@@ -162,12 +162,18 @@ impl Database {
     /// # Errors
     /// When the database is unreachable or the query fails.
     pub async fn list(&self, after: i64, limit: i64) -> Result<Vec<Item>, StoreError> {
-        let conn = self.reader.as_ref().unwrap_or(&self.writer).get().await?;
+        let pool = self.reader.as_ref().unwrap_or(&self.writer);
         let sql = format!("SELECT {ITEM_COLUMNS} FROM items WHERE id > $1 ORDER BY id LIMIT $2");
-        let rows = conn
-            .query_typed(&sql, &[(&after, Type::INT8), (&limit, Type::INT8)])
-            .await?;
-        rows.iter().map(item_from_row).collect()
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+            [(&after, Type::INT8), (&limit, Type::INT8)];
+        let mut attempt = 0;
+        loop {
+            let conn = pool.get().await?;
+            match conn.query_typed(&sql, &params).await {
+                Err(e) if retry_read(&e, attempt) => attempt += 1,
+                rows => return rows?.iter().map(item_from_row).collect(),
+            }
+        }
     }
 
     /// Inserts an item at version 1.
@@ -248,6 +254,15 @@ impl Database {
     }
 }
 
+/// Reads are tried once more on a fresh connection when the first one turned out
+/// closed (the server restarted, failed over, or ended idle connections). Only reads:
+/// a write may have committed before its connection broke.
+const READ_ATTEMPTS: usize = 2;
+
+fn retry_read(error: &tokio_postgres::Error, attempt: usize) -> bool {
+    error.is_closed() && attempt + 1 < READ_ATTEMPTS
+}
+
 fn build_pool(
     settings: &DatabaseSettings,
     url: &str,
@@ -261,15 +276,42 @@ fn build_pool(
         "-c statement_timeout={}",
         settings.statement_timeout.as_millis()
     ));
-    let manager = PostgresConnectionManager::new(config, NoTls);
+    let manager = Manager(PostgresConnectionManager::new(config, NoTls));
     Ok(bb8::Pool::builder()
         .max_size(settings.pool_max_size)
         .connection_timeout(settings.checkout_timeout)
-        // bb8 would otherwise run a query before every checkout: one round trip per
-        // request. A broken connection still shows in `is_closed` and is replaced.
-        .test_on_check_out(false)
+        // The check is `Manager::is_valid`: no round trip.
+        .test_on_check_out(true)
         .error_sink(Box::new(LogErrors))
         .build_unchecked(manager))
+}
+
+/// bb8-postgres' manager with a check-out test that costs nothing: its own runs a query
+/// before every checkout (a round trip per request); without any test, a connection the
+/// server closed while it sat idle is handed out and fails its first query.
+#[derive(Debug)]
+struct Manager(PostgresConnectionManager<NoTls>);
+
+impl bb8::ManageConnection for Manager {
+    type Connection = tokio_postgres::Client;
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        self.0.connect().await
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        if conn.is_closed() {
+            // Fails at once with the "connection closed" error, without touching the network.
+            conn.simple_query("").await.map(drop)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        conn.is_closed()
+    }
 }
 
 /// bb8's sink for errors of background connection attempts: log them, they never

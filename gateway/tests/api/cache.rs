@@ -1,0 +1,165 @@
+//! The cache chain seen from outside: which tier answers, read-your-writes, single flight.
+
+use std::time::{Duration, Instant};
+
+use crate::helpers::{Backends, TestApp, TestDb, json_body};
+
+/// Inserts a row behind the app's back, so every cache tier is cold for it.
+async fn insert_directly(db: &TestDb, name: &str) -> i64 {
+    let client = db.client().await;
+    client
+        .query_one(
+            "INSERT INTO items (name) VALUES ($1) RETURNING id",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn the_second_read_is_answered_from_cache() {
+    let backends = Backends::new().await;
+    let app = TestApp::start(backends.settings()).await;
+    let id = insert_directly(&backends.db, "cold").await;
+    let path = format!("/items/{id}");
+
+    let first = app.get(&path).await;
+    assert_eq!(first.headers()["x-cache"], "miss");
+    assert_eq!(json_body(first).await["source"], "database");
+
+    let second = app.get(&path).await;
+    assert_eq!(second.headers()["x-cache"], "l1");
+    assert_eq!(json_body(second).await["source"], "cache");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn another_instance_reads_what_the_first_put_in_redis() {
+    let backends = Backends::new().await;
+    let first = TestApp::start(backends.settings()).await;
+    let second = TestApp::start(backends.settings()).await;
+    let id = insert_directly(&backends.db, "shared").await;
+    let path = format!("/items/{id}");
+
+    assert_eq!(first.get(&path).await.headers()["x-cache"], "miss");
+    let rsp = second.get(&path).await;
+    assert_eq!(
+        rsp.headers()["x-cache"],
+        "l2",
+        "filled into Redis by the first instance"
+    );
+    let body = json_body(rsp).await;
+    assert_eq!(body["source"], "cache");
+    assert_eq!(body["item"]["name"], "shared");
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn after_an_update_every_read_on_that_instance_sees_the_new_version() {
+    let backends = Backends::new().await;
+    let app = TestApp::start(backends.settings()).await;
+    let item = app.create("v1").await;
+    let path = format!("/items/{}", item["id"]);
+    for version in 2..=20 {
+        assert_eq!(
+            json_body(app.get(&path).await).await["item"]["version"],
+            version - 1,
+            "warm the cache"
+        );
+        let rsp = app
+            .client
+            .put(app.url(&path))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"name":"v{version}"}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+        for _ in 0..3 {
+            let body = json_body(app.get(&path).await).await;
+            assert_eq!(body["item"]["version"], version);
+            assert_eq!(body["item"]["name"], format!("v{version}"));
+        }
+    }
+    // A delete is seen at once too, though Redis and L1 held the item.
+    assert_eq!(
+        app.client
+            .delete(app.url(&path))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(app.get(&path).await.status(), 404);
+    app.stop().await;
+}
+
+/// Scans of the `items` table as PostgreSQL counts them. Backend statistics reach the
+/// shared counters when a backend exits, so this first ends every other connection to
+/// the test database (the app's pool reconnects on demand) and waits until they are gone.
+async fn items_table_scans(db: &TestDb) -> i64 {
+    let client = db.client().await;
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let others: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if others == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backends did not exit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client
+        .execute("SELECT pg_stat_clear_snapshot()", &[])
+        .await
+        .unwrap();
+    client
+        .query_one(
+            "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'items'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn concurrent_first_reads_of_one_id_make_one_postgres_query() {
+    let backends = Backends::new().await;
+    let app = TestApp::start(backends.settings()).await;
+    let id = insert_directly(&backends.db, "herd").await;
+    let before = items_table_scans(&backends.db).await;
+
+    let path = format!("/items/{id}");
+    let reads = (0..100).map(|_| app.get(&path));
+    let responses = futures_util::future::join_all(reads).await;
+    assert!(
+        responses.iter().all(|r| r.status() == 200),
+        "every read answered"
+    );
+
+    let after = items_table_scans(&backends.db).await;
+    assert_eq!(
+        after - before,
+        1,
+        "100 concurrent cold reads, one query (counted by PostgreSQL)"
+    );
+    app.stop().await;
+}

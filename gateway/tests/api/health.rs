@@ -1,0 +1,135 @@
+//! `/health`, `/livez`, `/readyz` and metrics, with the backends up and down.
+
+use std::time::Duration;
+
+use tiergate_config::Secret;
+
+use crate::helpers::{Backends, TestApp, assert_error, closed_port, json_body};
+
+#[tokio::test]
+async fn health_is_healthy_with_both_backends_up() {
+    let backends = Backends::new().await;
+    let mut settings = backends.settings();
+    settings.deployment.color = Some("green".to_owned());
+    let app = TestApp::start(settings).await;
+
+    let rsp = app.get("/health").await;
+    assert_eq!(rsp.status(), 200);
+    let body = json_body(rsp).await;
+    assert_eq!(body["status"], "healthy");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    assert!(body["commit"].as_str().is_some_and(|c| !c.is_empty()));
+    assert_eq!(body["deployment"], "green");
+    assert_eq!(body["services"]["database"]["connected"], true);
+    assert!(body["services"]["database"]["latency_ms"].is_number());
+    assert!(body["services"]["database"]["time"].is_string());
+    assert_eq!(body["services"]["cache"]["connected"], true);
+    for probe in ["/livez", "/readyz"] {
+        assert_eq!(
+            app.get(probe).await.status(),
+            200,
+            "{probe} on the public port"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn redis_down_is_degraded_and_items_are_still_served() {
+    let backends = Backends::new().await;
+    let mut settings = backends.settings();
+    settings.redis.url = Secret::new(format!("redis://127.0.0.1:{}", closed_port()));
+    let app = TestApp::start(settings).await;
+
+    let rsp = app.get("/health").await;
+    assert_eq!(
+        rsp.status(),
+        200,
+        "a cache outage must not pull the task out of the load balancer"
+    );
+    let body = json_body(rsp).await;
+    assert_eq!(body["status"], "degraded");
+    assert_eq!(body["services"]["cache"]["connected"], false);
+    assert_eq!(body["services"]["database"]["connected"], true);
+
+    let item = app.create("no redis").await;
+    let rsp = app.get(&format!("/items/{}", item["id"])).await;
+    assert_eq!(rsp.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn redis_down_is_unhealthy_when_the_cache_is_required() {
+    let backends = Backends::new().await;
+    let mut settings = backends.settings();
+    settings.redis.url = Secret::new(format!("redis://127.0.0.1:{}", closed_port()));
+    settings.health.require_cache = true;
+    let app = TestApp::start(settings).await;
+
+    let rsp = app.get("/health").await;
+    assert_eq!(rsp.status(), 503);
+    assert_eq!(json_body(rsp).await["status"], "unhealthy");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn postgres_unreachable_is_unhealthy_but_alive() {
+    let backends = Backends::new().await;
+    let mut settings = backends.settings();
+    settings.database.url = Secret::new(format!(
+        "postgres://postgres@127.0.0.1:{}/nowhere",
+        closed_port()
+    ));
+    settings.database.checkout_timeout = Duration::from_millis(200);
+    let app = TestApp::start_unready(settings).await;
+
+    let rsp = app.get("/health").await;
+    assert_eq!(rsp.status(), 503);
+    let body = json_body(rsp).await;
+    assert_eq!(body["status"], "unhealthy");
+    assert_eq!(body["services"]["database"]["connected"], false);
+
+    let admin = |path: &str| app.client.get(format!("http://{}{path}", app.admin)).send();
+    assert_eq!(
+        admin("/livez").await.unwrap().status(),
+        200,
+        "alive: no restart loop"
+    );
+    assert_eq!(admin("/readyz").await.unwrap().status(), 503);
+    let rsp = app.get("/items/1").await;
+    assert_eq!(rsp.headers()["retry-after"], "1");
+    assert_error(rsp, 503, "unavailable").await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_on_the_admin_port() {
+    let backends = Backends::new().await;
+    let app = TestApp::start(backends.settings()).await;
+    let item = app.create("metered").await;
+    app.get(&format!("/items/{}", item["id"])).await;
+
+    let rsp = app
+        .client
+        .get(format!("http://{}/metrics", app.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    let text = rsp.text().await.unwrap();
+    for expected in [
+        r#"tiergate_http_requests_total{route="items",status="2xx"}"#,
+        r#"tiergate_http_request_duration_seconds_bucket{route="items",le="0.001"}"#,
+        r#"tiergate_cache_requests_total{tier="l1",result="hit"}"#,
+        r#"tiergate_db_pool_connections{pool="writer",state="idle"}"#,
+        "tiergate_cache_l1_bytes",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+    assert_eq!(
+        app.get("/metrics").await.status(),
+        404,
+        "metrics never on the public port"
+    );
+    app.stop().await;
+}

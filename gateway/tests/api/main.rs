@@ -1,0 +1,15 @@
+//! Integration tests: the real server on random ports against the real PostgreSQL and
+//! Redis. Each test gets its own database and Redis key prefix, so tests run in
+//! parallel and leave nothing behind.
+
+// The harness is one crate: `pub` here means "for the sibling test modules"; and a
+// failed step in a test should panic with its location, which is what unwrap does.
+#![allow(unreachable_pub, missing_debug_implementations, clippy::unwrap_used)]
+
+mod cache;
+mod config;
+mod errors;
+mod health;
+mod helpers;
+mod items;
+mod startup;
