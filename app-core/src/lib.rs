@@ -120,7 +120,18 @@ impl App {
 
     /// Whether the app can serve items: the schema is in place and no shutdown began.
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Acquire) && !self.inner.draining.load(Ordering::Acquire)
+        self.unready_reason().is_none()
+    }
+
+    /// Why the app cannot serve items now, if it cannot.
+    pub fn unready_reason(&self) -> Option<&'static str> {
+        if self.inner.draining.load(Ordering::Acquire) {
+            Some("the service is shutting down; retry on another instance")
+        } else if !self.inner.ready.load(Ordering::Acquire) {
+            Some("the service is starting: the database is not ready yet")
+        } else {
+            None
+        }
     }
 
     /// Marks the app as draining: `/readyz` and `/health` answer 503 from now on, so the

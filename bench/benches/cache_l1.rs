@@ -1,1 +1,50 @@
-fn main() {}
+//! Run with: `cargo bench -p bench --bench cache_l1`
+//!
+//! The L1 hot path in isolation: a hit checked against the version watermark, and
+//! building a cache entry (the served JSON body) from an item's JSON.
+//!
+//! Last results: see the Performance section of the README (machine and figures).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use app_core::cache::l1::L1;
+use app_core::cache::{Entry, Tier};
+use criterion::{Criterion, criterion_group, criterion_main};
+
+const ITEM_JSON: &[u8] = br#"{"id":42,"name":"Blue hat","created_at":"2026-11-22T02:20:03.992190Z","updated_at":"2026-11-22T02:20:03.992190Z","version":3}"#;
+
+fn l1_hit(c: &mut Criterion) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else {
+        panic!("a tokio runtime for the bench");
+    };
+    let l1 = L1::new(64 << 20, Duration::from_secs(600));
+    runtime.block_on(async {
+        for id in 0..10_000 {
+            l1.insert_written(id, Arc::new(Entry::value(3, ITEM_JSON, Tier::Database)))
+                .await;
+        }
+    });
+
+    let mut group = c.benchmark_group("l1");
+    group.bench_function("hit_with_watermark", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { black_box(l1.get(black_box(4_242)).await) });
+    });
+    group.bench_function("miss", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { black_box(l1.get(black_box(1_000_000)).await) });
+    });
+    group.bench_function("entry_from_item_json", |b| {
+        b.iter(|| black_box(Entry::value(3, black_box(ITEM_JSON), Tier::Database)));
+    });
+    group.bench_function("serve_body_from_entry", |b| {
+        let entry = Entry::value(3, ITEM_JSON, Tier::Database);
+        b.iter(|| black_box(entry.body(black_box(Tier::L1))));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, l1_hit);
+criterion_main!(benches);

@@ -49,6 +49,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(25);
 pub struct Server {
     http: TcpListener,
     admin: TcpListener,
+    gateway: Gateway,
     app: App,
     metrics: PrometheusHandle,
 }
@@ -69,9 +70,11 @@ impl Server {
                 format!("cannot listen on {} (listen.admin)", settings.listen.admin)
             })?;
         let app = App::new(settings, BUILD)?;
+        let gateway = Gateway::new(Router::new(), app.clone(), settings.http.request_timeout);
         Ok(Self {
             http,
             admin,
+            gateway,
             app,
             metrics,
         })
@@ -102,6 +105,7 @@ impl Server {
         let Self {
             http,
             admin,
+            gateway,
             app,
             metrics,
         } = self;
@@ -115,7 +119,6 @@ impl Server {
         app.start();
         let (stop_tx, stop_rx) = watch::channel(false);
 
-        let gateway = Gateway::new(Router::new(), app.clone());
         let public = tokio::spawn(listener::serve(
             "http",
             http,

@@ -9,7 +9,7 @@
 //! the service never fails and hyper never sees an error from it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use app_core::App;
 use app_core::api::X_CACHE;
@@ -40,13 +40,20 @@ pub struct Gateway {
 struct Inner {
     router: Router,
     app: App,
+    /// The deadline of one request (`http.request_timeout`): past it the client gets a
+    /// 503 instead of waiting on a stuck dependency.
+    request_timeout: Duration,
 }
 
 impl Gateway {
     /// A gateway over `router` that hosts `app`.
-    pub fn new(router: Router, app: App) -> Self {
+    pub fn new(router: Router, app: App, request_timeout: Duration) -> Self {
         Self {
-            inner: Arc::new(Inner { router, app }),
+            inner: Arc::new(Inner {
+                router,
+                app,
+                request_timeout,
+            }),
         }
     }
 
@@ -65,7 +72,11 @@ impl Gateway {
         let route = self.inner.router.route(&path);
 
         let mut rsp = match route.target {
-            Target::App => self.inner.app.handle(req).await,
+            Target::App => {
+                tokio::time::timeout(self.inner.request_timeout, self.inner.app.handle(req))
+                    .await
+                    .unwrap_or_else(|_| timed_out(self.inner.request_timeout))
+            }
             Target::Livez => probe(true),
             Target::Readyz => probe(self.inner.app.is_ready()),
             Target::NotFound => not_found(),
@@ -117,6 +128,20 @@ pub(crate) fn probe(ok: bool) -> Response<ResponseBody> {
         )
     };
     json(status, Bytes::from_static(body.as_bytes()))
+}
+
+fn timed_out(limit: Duration) -> Response<ResponseBody> {
+    let body = serde_json::json!({
+        "error": "timeout",
+        "message": format!("the request took longer than {} ms", limit.as_millis()),
+    });
+    let mut rsp = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from(body.to_string()),
+    );
+    rsp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    rsp
 }
 
 pub(crate) fn not_found() -> Response<ResponseBody> {

@@ -13,20 +13,20 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use moka::Expiry;
 
 use super::{Entry, Kind};
 
-/// How many keys the watermark remembers. A watermark only matters while an older L1
-/// entry could still live, so entries expire with the L1 TTL; the bound caps memory
-/// under a burst of writes to distinct keys.
-const WATERMARK_CAPACITY: u64 = 100_000;
+/// How many keys the watermark may remember. Past it, L1 is flushed and the marks
+/// forgotten together: with no older entry left, no mark is needed.
+const WATERMARK_CAPACITY: usize = 200_000;
 
 /// The in-process tier. Cheap to clone: clones share the same caches.
 #[derive(Debug, Clone)]
 pub struct L1 {
     entries: moka::future::Cache<i64, Arc<Entry>>,
-    watermark: moka::sync::Cache<i64, i64>,
+    watermark: Arc<Watermark>,
 }
 
 impl L1 {
@@ -37,11 +37,11 @@ impl L1 {
             .weigher(|_id: &i64, entry: &Arc<Entry>| entry.weight())
             .expire_after(JitteredTtl { ttl })
             .build();
-        // Twice the L1 TTL: outlives every entry the mark must guard against.
-        let watermark = moka::sync::Cache::builder()
-            .max_capacity(WATERMARK_CAPACITY)
-            .time_to_live(ttl.saturating_mul(2))
-            .build();
+        // Twice the L1 TTL: outlives every entry (TTL + 10 % jitter) a mark guards against.
+        let watermark = Arc::new(Watermark {
+            marks: DashMap::new(),
+            keep_for: ttl.saturating_mul(2),
+        });
         Self { entries, watermark }
     }
 
@@ -59,20 +59,18 @@ impl L1 {
     /// Whether `entry` is at least as new as anything this process knows of `id`.
     pub fn is_current(&self, id: i64, entry: &Entry) -> bool {
         self.watermark
-            .get(&id)
+            .get(id)
             .is_none_or(|mark| entry.version >= mark)
     }
 
     /// The newest version of `id` this process knows of, if it remembers one.
     pub fn watermark(&self, id: i64) -> Option<i64> {
-        self.watermark.get(&id)
+        self.watermark.get(id)
     }
 
     /// Raises the watermark of `id` to `version` (never lowers it).
     pub fn observe_version(&self, id: i64, version: i64) {
-        self.watermark
-            .entry(id)
-            .and_upsert_with(|current| current.map_or(version, |c| version.max(*c.value())));
+        self.watermark.raise(id, version);
     }
 
     /// Records a write made by this process: the watermark first, so an in-flight older
@@ -111,7 +109,47 @@ impl L1 {
     /// second so the gauges and the byte bound stay close to the truth.
     pub async fn run_pending_tasks(&self) {
         self.entries.run_pending_tasks().await;
-        self.watermark.run_pending_tasks();
+        if self.watermark.sweep() > WATERMARK_CAPACITY {
+            // Flush first: once no entry older than a mark is left, the marks can go.
+            self.entries.invalidate_all();
+            self.watermark.marks.clear();
+            tracing::warn!("L1 flushed: more recently written keys than the watermark keeps.");
+        }
+    }
+}
+
+/// The newest version seen per key, and when it was raised. A sharded map: a hit reads
+/// one shard under a brief read lock, never a global one.
+#[derive(Debug)]
+struct Watermark {
+    marks: DashMap<i64, (i64, Instant)>,
+    /// A mark older than this guards nothing: every entry it could reject has expired.
+    keep_for: Duration,
+}
+
+impl Watermark {
+    fn get(&self, id: i64) -> Option<i64> {
+        self.marks.get(&id).map(|mark| mark.0)
+    }
+
+    fn raise(&self, id: i64, version: i64) {
+        let now = Instant::now();
+        self.marks
+            .entry(id)
+            .and_modify(|mark| {
+                if version > mark.0 {
+                    *mark = (version, now);
+                }
+            })
+            .or_insert((version, now));
+    }
+
+    /// Forgets expired marks; returns how many remain.
+    fn sweep(&self) -> usize {
+        let now = Instant::now();
+        self.marks
+            .retain(|_, mark| now.duration_since(mark.1) < self.keep_for);
+        self.marks.len()
     }
 }
 
