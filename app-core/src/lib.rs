@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`model`]: `Item`, `ItemId`, validation of client input.
 //! - [`store`]: PostgreSQL pools, migrations and queries.
-//! - [`cache`]: the L1 (moka) and L2 (Redis) tiers.
+//! - [`cache`]: the L1 (moka) and L2 (Redis) tiers, the invalidation bus, the breaker.
+//! - [`hooks`]: pause points that make cache races reproducible in tests.
 //! - [`service`]: the use cases over store and cache (read-through, write-then-fence).
 //! - [`api`]: HTTP handlers and JSON errors.
 //! - [`health`]: the `/health` report.
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod cache;
 pub mod health;
+pub mod hooks;
 pub mod model;
 pub mod service;
 pub mod store;
@@ -29,9 +31,11 @@ use http_body::Body;
 use tiergate_config::Settings;
 
 use crate::api::ApiBody;
-use crate::cache::l1::L1;
+use crate::cache::bus::Bus;
+use crate::cache::l1::{L1, Policy};
 use crate::cache::l2::{InvalidRedisUrl, L2};
 use crate::health::{BuildInfo, Gates, Report};
+use crate::hooks::Hooks;
 use crate::service::Items;
 use crate::store::{Database, InvalidUrl};
 
@@ -42,6 +46,8 @@ pub enum BuildError {
     Database(#[from] InvalidUrl),
     #[error(transparent)]
     Redis(#[from] InvalidRedisUrl),
+    #[error("cannot build the Redis subscriber")]
+    Subscriber(#[source] fred::error::Error),
 }
 
 /// The application: cheap to clone, shared by every connection.
@@ -53,6 +59,9 @@ pub struct App {
 #[derive(Debug)]
 struct Inner {
     items: Items,
+    /// Taken by [`App::start`], which runs it.
+    bus: std::sync::Mutex<Option<Bus>>,
+    subscriber: fred::clients::SubscriberClient,
     build: BuildInfo,
     deployment: Option<String>,
     max_body_bytes: usize,
@@ -72,12 +81,22 @@ impl App {
     /// # Errors
     /// A database or Redis URL that does not parse.
     pub fn new(settings: &Settings, build: BuildInfo) -> Result<Self, BuildError> {
+        let cache = &settings.cache;
         let db = Database::new(&settings.database)?;
-        let l1 = L1::new(settings.cache.l1_max_bytes, settings.cache.l1_ttl);
-        let l2 = L2::connect(&settings.redis, settings.cache.l2_ttl)?;
-        let negative_ttl = (settings.cache.l2_ttl / 6).max(Duration::from_secs(1));
+        let policy = Policy {
+            ttl: cache.l1_ttl,
+            degraded_ttl: cache.degraded_l1_ttl,
+            max_stale: cache.max_stale,
+            refresh_after: cache.refresh_after,
+        };
+        let l1 = L1::new(cache.l1_max_bytes, policy);
+        let l2 = L2::connect(&settings.redis, cache.l2_ttl)?;
+        let items = Items::new(db, l1.clone(), l2.clone(), cache, Hooks::default());
+        let bus = Bus::new(&l2, l1, items.origin()).map_err(BuildError::Subscriber)?;
         let inner = Inner {
-            items: Items::new(db, l1, l2, negative_ttl),
+            items,
+            subscriber: bus.subscriber(),
+            bus: std::sync::Mutex::new(Some(bus)),
             build,
             deployment: settings.deployment.color.clone(),
             max_body_bytes: usize::try_from(settings.http.max_body_bytes).unwrap_or(usize::MAX),
@@ -92,10 +111,15 @@ impl App {
         })
     }
 
-    /// Spawns the background work: preparing the database (migrating, or waiting for
-    /// someone else to) with backoff until it succeeds, and L1 housekeeping. The tasks
-    /// end when the last clone of the app is dropped.
+    /// Spawns the background work: the invalidation bus, preparing the database
+    /// (migrating, or waiting for someone else to) with backoff until it succeeds, and
+    /// once a second L1 housekeeping and the outbox relay. The tasks end when the app is
+    /// closed or its last clone dropped.
     pub fn start(&self) {
+        let bus = self.inner.bus.lock().ok().and_then(|mut bus| bus.take());
+        if let Some(bus) = bus {
+            tokio::spawn(bus.run());
+        }
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(prepare_database(weak.clone()));
         tokio::spawn(async move {
@@ -105,6 +129,11 @@ impl App {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 inner.items.l1().run_pending_tasks().await;
+                if inner.ready.load(Ordering::Acquire) {
+                    if let Err(error) = inner.items.relay_outbox().await {
+                        tracing::debug!(error = %ErrorChain(&error), "Outbox relay pass failed.");
+                    }
+                }
             }
         });
     }
@@ -171,8 +200,10 @@ impl App {
         }
     }
 
-    /// Closes the Redis connection; pools close when the last clone is dropped.
+    /// Closes the Redis connections (which ends the bus); pools close when the last
+    /// clone is dropped.
     pub async fn close(&self) {
+        let _ = fred::interfaces::ClientLike::quit(&self.inner.subscriber).await;
         self.inner.items.l2().quit().await;
     }
 

@@ -1,21 +1,38 @@
-//! The item use cases over the store and the cache tiers: get, list, create, update, delete.
+//! The item use cases over the store and the cache tiers: get, list, create, update,
+//! delete, and the outbox relay.
 //!
 //! Reads go L1 → (single flight) L2 → PostgreSQL and fill the faster tiers on the way
-//! back. Writes go to PostgreSQL first, then record the new version in L1 (this
-//! process reads its own write at once) and fence it into L2, so no reader can put an
-//! older copy back. A Redis failure is a miss, never a failed request.
+//! back. Writes follow CACHE.md's order:
+//!
+//! 1. PostgreSQL: the change and its outbox row, in one statement;
+//! 2. L1 here: watermark, then the new entry (this instance reads its write at once);
+//! 3. L2: fence the new version, so no reader can put an older copy back;
+//! 4. publish the invalidation, so peers drop their L1 copies;
+//! 5. delete the outbox row.
+//!
+//! The fence precedes the publish, or a peer woken by the message could re-read the old
+//! L2 value and keep it. A writer that dies between 1 and 5, or meets a Redis outage,
+//! leaves its outbox row; the relay of any instance repeats 3 and 4 for it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use metrics::Counter;
+use tiergate_config::CacheSettings;
 
 use crate::cache::l1::L1;
-use crate::cache::l2::{L2, Stored};
+use crate::cache::l2::{Invalidation, L2, Stored, unix_micros};
 use crate::cache::{Entry, Kind, Tier};
+use crate::hooks::{Hooks, Point};
 use crate::model::{Item, ItemId};
-use crate::store::{Database, StoreError, UpdateOutcome};
+use crate::store::{Database, OutboxId, StoreError, UpdateOutcome};
+
+/// Rows older than this in the outbox were left behind by their writer.
+const OUTBOX_GRACE: Duration = Duration::from_secs(5);
+/// Outbox rows one relay pass handles.
+const OUTBOX_BATCH: i64 = 100;
 
 /// Why a use case failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,25 +59,34 @@ pub enum Updated {
     Conflict(i64),
 }
 
-/// The items use cases. Cheap to clone.
+/// The items use cases of one instance. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Items {
     db: Database,
     l1: L1,
     l2: L2,
-    /// Redis TTL of an absent id: short, so an id created elsewhere shows up soon.
+    hooks: Hooks,
+    /// This instance on the invalidation channel: its own messages are skipped.
+    origin: u64,
     negative_ttl: Duration,
+    recent_write_window: Duration,
+    /// Keys with a background refresh in flight: one per key.
+    refreshing: Arc<DashMap<i64, ()>>,
     metrics: CacheMetrics,
 }
 
 impl Items {
-    /// The use cases over these tiers.
-    pub fn new(db: Database, l1: L1, l2: L2, negative_ttl: Duration) -> Self {
+    /// The use cases over these tiers, as one instance with a random origin id.
+    pub fn new(db: Database, l1: L1, l2: L2, settings: &CacheSettings, hooks: Hooks) -> Self {
         Self {
             db,
             l1,
             l2,
-            negative_ttl,
+            hooks,
+            origin: fastrand::u64(..),
+            negative_ttl: settings.negative_ttl,
+            recent_write_window: settings.recent_write_window,
+            refreshing: Arc::new(DashMap::new()),
             metrics: CacheMetrics::new(),
         }
     }
@@ -70,81 +96,158 @@ impl Items {
         &self.db
     }
 
-    /// The L1 tier, for maintenance and gauges.
+    /// The L1 tier, for maintenance, gauges and the bus.
     pub fn l1(&self) -> &L1 {
         &self.l1
     }
 
-    /// The L2 tier, for health checks.
+    /// The L2 tier, for health checks and the bus.
     pub fn l2(&self) -> &L2 {
         &self.l2
     }
 
+    /// This instance's id on the invalidation channel.
+    pub fn origin(&self) -> u64 {
+        self.origin
+    }
+
     /// Reads one item (or learns that it does not exist) through the cache chain.
+    ///
+    /// A fresh L1 hit is served at once (and refreshed in the background when it nears
+    /// its end). An entry past fresh is reloaded; if PostgreSQL cannot answer, it is
+    /// still served, up to `cache.max_stale`.
     ///
     /// # Errors
     /// PostgreSQL was needed and failed; shared by every caller of the same flight.
     pub async fn get(&self, id: ItemId) -> Result<Lookup, Arc<ServiceError>> {
         let key = id.get();
+        let mut stale = None;
         if let Some(entry) = self.l1.get(key).await {
-            self.metrics.l1_hit.increment(1);
+            let age = entry.age(Instant::now());
+            if age < entry.stamp.fresh_for {
+                self.metrics.l1_hit.increment(1);
+                if self.l1.wants_refresh(&entry, age) {
+                    self.refresh(id);
+                }
+                return Ok(Lookup {
+                    entry,
+                    tier: Tier::L1,
+                });
+            }
+            // Past fresh: reload through the flight, keeping this copy as the fallback.
+            self.l1.invalidate(key).await;
+            stale = Some(entry);
+        }
+        self.metrics.l1_miss.increment(1);
+        let entry = self
+            .l1
+            .get_or_load(key, self.load(id, stale.clone()))
+            .await?;
+        if stale.as_ref().is_some_and(|s| Arc::ptr_eq(s, &entry)) {
+            self.metrics.stale_served.increment(1);
             return Ok(Lookup {
                 entry,
                 tier: Tier::L1,
             });
         }
-        self.metrics.l1_miss.increment(1);
-        let entry = self.l1.get_or_load(key, self.load(id)).await?;
         if self.l1.is_current(key, &entry) {
-            let tier = entry.origin;
+            let tier = entry.stamp.origin;
             return Ok(Lookup { entry, tier });
         }
-        // Superseded: a newer version was written here while this load ran (moka still
+        // Superseded while loading: a newer version was written or announced (moka still
         // inserted the old one; the next read drops it). Answer from the writer, uncached.
         self.metrics.l1_superseded.increment(1);
+        let started = Instant::now();
         let latest = self
             .db
             .get_latest(id)
             .await
             .map_err(|e| Arc::new(e.into()))?;
         let entry = match latest {
-            Some(item) => Arc::new(entry_of(&item).map_err(|e| Arc::new(e.into()))?),
-            None => Arc::new(Entry::absent(entry.version, Tier::Database)),
+            Some(item) => self
+                .entry_of(&item, Tier::Database, started)
+                .map_err(|e| Arc::new(e.into()))?,
+            None => Entry::absent(
+                entry.version,
+                self.l1.stamp(Tier::Database, started, Kind::Absent),
+            ),
         };
         Ok(Lookup {
-            entry,
+            entry: Arc::new(entry),
             tier: Tier::Database,
         })
     }
 
     /// The single loader behind an L1 miss: L2, then PostgreSQL with a fenced L2 fill.
-    async fn load(&self, id: ItemId) -> Result<Arc<Entry>, ServiceError> {
+    /// `stale` is served instead if PostgreSQL is unavailable.
+    async fn load(
+        &self,
+        id: ItemId,
+        stale: Option<Arc<Entry>>,
+    ) -> Result<Arc<Entry>, ServiceError> {
+        let started = Instant::now();
         let key = id.get();
         let mut deleted_at = None;
-        match self.l2.get(key).await {
-            Ok(Some((version, Stored::Value(json)))) => {
-                self.metrics.l2_hit.increment(1);
-                return Ok(Arc::new(Entry::value(version, &json, Tier::L2)));
+        if self.l2.is_trusted() {
+            match self.l2.get(key).await {
+                Ok(Some((version, Stored::Value(json)))) => {
+                    self.metrics.l2_hit.increment(1);
+                    let stamp = self.l1.stamp(Tier::L2, started, Kind::Value);
+                    return Ok(Arc::new(Entry::value(version, &json, stamp)));
+                }
+                Ok(Some((version, Stored::Absent))) => {
+                    self.metrics.l2_hit.increment(1);
+                    return Ok(Arc::new(Entry::absent(
+                        version,
+                        self.l1.stamp(Tier::L2, started, Kind::Absent),
+                    )));
+                }
+                // A tombstone says "changed or deleted at this version": PostgreSQL tells
+                // which, and the fill below replaces it with what it read.
+                Ok(Some((version, Stored::Tombstone))) => {
+                    self.metrics.l2_miss.increment(1);
+                    deleted_at = Some(version);
+                }
+                Ok(None) => self.metrics.l2_miss.increment(1),
+                Err(error) => {
+                    self.metrics.l2_error.increment(1);
+                    tracing::debug!(%error, "L2 read failed; reading PostgreSQL.");
+                }
             }
-            Ok(Some((version, Stored::Absent))) => {
-                self.metrics.l2_hit.increment(1);
-                return Ok(Arc::new(Entry::absent(version, Tier::L2)));
-            }
-            // A tombstone says "deleted at this version"; PostgreSQL confirms it, and the
-            // fill below may replace it with what it read.
-            Ok(Some((version, Stored::Tombstone))) => {
-                self.metrics.l2_miss.increment(1);
-                deleted_at = Some(version);
-            }
-            Ok(None) => self.metrics.l2_miss.increment(1),
-            Err(error) => {
-                self.metrics.l2_error.increment(1);
-                tracing::debug!(%error, "L2 read failed; reading PostgreSQL.");
-            }
+        } else {
+            self.metrics.l2_skipped.increment(1);
         }
-        let (entry, stored, ttl) = match self.db.get(id).await? {
+
+        // A replica may lag behind a recent write (R8): read such keys from the writer.
+        let recent = self.l1.written_within(key, self.recent_write_window);
+        let read = if recent {
+            self.db.get_latest(id).await
+        } else {
+            self.db.get(id).await
+        };
+        let row = match read {
+            Ok(row) => row,
+            Err(StoreError::Unavailable(cause)) => {
+                if let Some(stale) = stale {
+                    tracing::warn!("PostgreSQL unavailable: serving a stale cache entry.");
+                    return Ok(stale);
+                }
+                return Err(StoreError::Unavailable(cause).into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let row = match row {
+            Some(item) if item.version < self.l1.watermark(key).unwrap_or(0) && !recent => {
+                // The reader returned an older version than one already announced.
+                self.db.get_latest(id).await?
+            }
+            row => row,
+        };
+        self.hooks.at(Point::AfterDbRead, key).await;
+
+        let (entry, stored, ttl) = match row {
             Some(item) => {
-                let entry = entry_of(&item)?;
+                let entry = self.entry_of(&item, Tier::Database, started)?;
                 let stored = Stored::Value(entry.item_json());
                 (entry, stored, None)
             }
@@ -154,15 +257,35 @@ impl Items {
                 let known = deleted_at
                     .unwrap_or(0)
                     .max(self.l1.watermark(key).unwrap_or(0));
+                let stamp = self.l1.stamp(Tier::Database, started, Kind::Absent);
                 (
-                    Entry::absent(known, Tier::Database),
+                    Entry::absent(known, stamp),
                     Stored::Absent,
                     Some(self.negative_ttl),
                 )
             }
         };
+        self.hooks.at(Point::BeforeL2Fill, key).await;
         self.fill_l2(key, entry.version, &stored, ttl).await;
+        self.hooks.at(Point::BeforeL1Insert, key).await;
         Ok(Arc::new(entry))
+    }
+
+    /// Reloads `id` in the background, once per key at a time, while the current entry is
+    /// still served: hot keys never all expire at once and no reader waits for them.
+    fn refresh(&self, id: ItemId) {
+        let key = id.get();
+        if self.refreshing.insert(key, ()).is_some() {
+            return;
+        }
+        self.metrics.refreshes.increment(1);
+        let items = self.clone();
+        tokio::spawn(async move {
+            if let Ok(entry) = items.load(id, None).await {
+                items.l1.insert_refreshed(key, entry).await;
+            }
+            items.refreshing.remove(&key);
+        });
     }
 
     /// A page of items straight from PostgreSQL, and whether more follow.
@@ -182,9 +305,10 @@ impl Items {
     /// # Errors
     /// When PostgreSQL fails.
     pub async fn create(&self, name: &str) -> Result<(ItemId, Arc<Entry>), ServiceError> {
-        let item = self.db.create(name).await?;
-        let entry = Arc::new(entry_of(&item)?);
-        self.after_write(item.id, &entry).await;
+        let written = self.db.create(name).await?;
+        let item = written.value;
+        let entry = Arc::new(self.entry_of(&item, Tier::Database, Instant::now())?);
+        self.after_commit(item.id, &entry, written.outbox).await;
         Ok((ItemId::from(item.id), entry))
     }
 
@@ -199,9 +323,10 @@ impl Items {
         expected: Option<&[i64]>,
     ) -> Result<Updated, ServiceError> {
         match self.db.update(id, name, expected).await? {
-            UpdateOutcome::Updated(item) => {
-                let entry = Arc::new(entry_of(&item)?);
-                self.after_write(item.id, &entry).await;
+            UpdateOutcome::Updated(written) => {
+                let item = written.value;
+                let entry = Arc::new(self.entry_of(&item, Tier::Database, Instant::now())?);
+                self.after_commit(item.id, &entry, written.outbox).await;
                 Ok(Updated::Done(entry))
             }
             UpdateOutcome::NotFound => Ok(Updated::NotFound),
@@ -215,40 +340,124 @@ impl Items {
     /// # Errors
     /// When PostgreSQL fails.
     pub async fn delete(&self, id: ItemId) -> Result<bool, ServiceError> {
-        let Some(last) = self.db.delete(id).await? else {
+        let Some(written) = self.db.delete(id).await? else {
             return Ok(false);
         };
-        let entry = Arc::new(Entry::absent(last + 1, Tier::Database));
-        self.after_write(id.get(), &entry).await;
+        let stamp = self.l1.stamp(Tier::Database, Instant::now(), Kind::Absent);
+        let entry = Arc::new(Entry::absent(written.value, stamp));
+        self.after_commit(id.get(), &entry, written.outbox).await;
         Ok(true)
     }
 
-    /// After a commit: L1 first (read-your-writes), then the fenced L2 write.
-    async fn after_write(&self, key: i64, entry: &Arc<Entry>) {
+    /// Steps 2–5 of the write order (see the module docs).
+    async fn after_commit(&self, key: i64, entry: &Arc<Entry>, outbox: OutboxId) {
+        self.hooks.at(Point::AfterCommit, key).await;
         self.l1.insert_written(key, Arc::clone(entry)).await;
         let stored = match entry.kind {
             Kind::Value => Stored::Value(entry.item_json()),
             Kind::Absent => Stored::Tombstone,
         };
-        self.fill_l2(key, entry.version, &stored, None).await;
+        let fenced = self.fill_l2(key, entry.version, &stored, None).await;
+        self.hooks.at(Point::BeforePublish, key).await;
+        if fenced && self.publish(key, entry.version).await {
+            // Not awaited: the client has its answer; a failure leaves the row to the relay.
+            let db = self.db.clone();
+            tokio::spawn(async move {
+                if let Err(error) = db.outbox_done(&[outbox]).await {
+                    tracing::debug!(error = %crate::ErrorChain(&error), "Outbox row left to the relay.");
+                }
+            });
+        }
     }
 
-    async fn fill_l2(&self, key: i64, version: i64, stored: &Stored, ttl: Option<Duration>) {
+    /// One pass of the outbox relay: re-fences and re-publishes invalidations whose
+    /// writer did not finish them, and trusts L2 again once nothing is pending.
+    /// Returns how many rows it completed.
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn relay_outbox(&self) -> Result<usize, ServiceError> {
+        let pending = self.db.claim_outbox(OUTBOX_GRACE, OUTBOX_BATCH).await?;
+        let mut done = Vec::with_capacity(pending.len());
+        for row in &pending {
+            // A tombstone at the written version: whatever the write was, the next read
+            // goes to PostgreSQL; a newer version already in L2 is left alone.
+            let fenced = self
+                .fill_l2(row.item_id, row.version, &Stored::Tombstone, None)
+                .await;
+            if fenced && self.publish(row.item_id, row.version).await {
+                done.push(row.outbox);
+            }
+        }
+        if !done.is_empty() {
+            self.db.outbox_done(&done).await?;
+            self.metrics.relayed.increment(done.len() as u64);
+        }
+        if done.len() == pending.len() && !self.l2.is_trusted() && self.db.outbox_is_empty().await?
+        {
+            self.l2.trust();
+        }
+        Ok(done.len())
+    }
+
+    /// Fences `stored` into L2; `true` when L2 now holds this version or a newer one.
+    async fn fill_l2(
+        &self,
+        key: i64,
+        version: i64,
+        stored: &Stored,
+        ttl: Option<Duration>,
+    ) -> bool {
         match self.l2.fill(key, version, stored, ttl).await {
-            Ok(true) => self.metrics.l2_written.increment(1),
-            Ok(false) => self.metrics.l2_fenced.increment(1),
+            Ok(true) => {
+                self.metrics.l2_written.increment(1);
+                true
+            }
+            Ok(false) => {
+                self.metrics.l2_fenced.increment(1);
+                true
+            }
             Err(error) => {
                 self.metrics.l2_write_error.increment(1);
                 tracing::debug!(%error, "L2 write failed.");
+                false
             }
         }
     }
-}
 
-/// The cache entry of an item read from PostgreSQL.
-fn entry_of(item: &Item) -> Result<Entry, serde_json::Error> {
-    let json = Bytes::from(serde_json::to_vec(item)?);
-    Ok(Entry::value(item.version, &json, Tier::Database))
+    async fn publish(&self, key: i64, version: i64) -> bool {
+        let invalidation = Invalidation {
+            id: key,
+            version,
+            origin: self.origin,
+            sent_at_micros: unix_micros(),
+        };
+        match self.l2.publish(&invalidation).await {
+            Ok(()) => {
+                self.metrics.published.increment(1);
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, "Publishing an invalidation failed.");
+                false
+            }
+        }
+    }
+
+    /// The cache entry of an item read from PostgreSQL.
+    fn entry_of(
+        &self,
+        item: &Item,
+        origin: Tier,
+        started: Instant,
+    ) -> Result<Entry, serde_json::Error> {
+        let json = Bytes::from(serde_json::to_vec(item)?);
+        Ok(Entry::value(
+            item.version,
+            &json,
+            self.l1.stamp(origin, started, Kind::Value),
+        ))
+    }
 }
 
 /// Counter handles, registered once: an increment on the hot path is one atomic add,
@@ -258,12 +467,17 @@ struct CacheMetrics {
     l1_hit: Counter,
     l1_miss: Counter,
     l1_superseded: Counter,
+    stale_served: Counter,
+    refreshes: Counter,
     l2_hit: Counter,
     l2_miss: Counter,
     l2_error: Counter,
+    l2_skipped: Counter,
     l2_written: Counter,
     l2_fenced: Counter,
     l2_write_error: Counter,
+    published: Counter,
+    relayed: Counter,
 }
 
 impl std::fmt::Debug for CacheMetrics {
@@ -281,18 +495,35 @@ impl CacheMetrics {
             WRITES,
             "Fenced L2 writes by result (written, fenced off by a newer version, error)."
         );
+        metrics::describe_counter!(
+            "tiergate_cache_invalidations_sent_total",
+            "Invalidations published."
+        );
+        metrics::describe_counter!(
+            "tiergate_cache_outbox_relayed_total",
+            "Invalidations completed by the outbox relay."
+        );
+        metrics::describe_counter!(
+            "tiergate_cache_refreshes_total",
+            "Background refreshes of entries near their end."
+        );
         let lookup = |tier: &'static str, result: &'static str| metrics::counter!(LOOKUPS, "tier" => tier, "result" => result);
         let write = |result: &'static str| metrics::counter!(WRITES, "result" => result);
         Self {
             l1_hit: lookup("l1", "hit"),
             l1_miss: lookup("l1", "miss"),
-            l1_superseded: lookup("l1", "stale"),
+            l1_superseded: lookup("l1", "rejected"),
+            stale_served: lookup("l1", "stale"),
+            refreshes: metrics::counter!("tiergate_cache_refreshes_total"),
             l2_hit: lookup("l2", "hit"),
             l2_miss: lookup("l2", "miss"),
             l2_error: lookup("l2", "error"),
+            l2_skipped: lookup("l2", "skipped"),
             l2_written: write("written"),
             l2_fenced: write("fenced"),
             l2_write_error: write("error"),
+            published: metrics::counter!("tiergate_cache_invalidations_sent_total"),
+            relayed: metrics::counter!("tiergate_cache_outbox_relayed_total"),
         }
     }
 }

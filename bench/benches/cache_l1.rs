@@ -1,16 +1,16 @@
 //! Run with: `cargo bench -p bench --bench cache_l1`
 //!
-//! The L1 hot path in isolation: a hit checked against the version watermark, and
-//! building a cache entry (the served JSON body) from an item's JSON.
+//! The L1 hot path in isolation: a hit checked against the version watermark and the
+//! flush stamp, and building a cache entry (the served JSON body) from an item's JSON.
 //!
 //! Last results: see the Performance section of the README (machine and figures).
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use app_core::cache::l1::L1;
-use app_core::cache::{Entry, Tier};
+use app_core::cache::l1::{L1, Policy};
+use app_core::cache::{Entry, Kind, Tier};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 const ITEM_JSON: &[u8] = br#"{"id":42,"name":"Blue hat","created_at":"2026-11-22T02:20:03.992190Z","updated_at":"2026-11-22T02:20:03.992190Z","version":3}"#;
@@ -19,10 +19,18 @@ fn l1_hit(c: &mut Criterion) {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else {
         panic!("a tokio runtime for the bench");
     };
-    let l1 = L1::new(64 << 20, Duration::from_secs(600));
+    let ttl = Duration::from_secs(600);
+    let policy = Policy {
+        ttl,
+        degraded_ttl: ttl,
+        max_stale: ttl,
+        refresh_after: Duration::ZERO,
+    };
+    let l1 = L1::new(64 << 20, policy);
+    let stamp = || l1.stamp(Tier::Database, Instant::now(), Kind::Value);
     runtime.block_on(async {
         for id in 0..10_000 {
-            l1.insert_written(id, Arc::new(Entry::value(3, ITEM_JSON, Tier::Database)))
+            l1.insert_written(id, Arc::new(Entry::value(3, ITEM_JSON, stamp())))
                 .await;
         }
     });
@@ -37,10 +45,11 @@ fn l1_hit(c: &mut Criterion) {
             .iter(|| async { black_box(l1.get(black_box(1_000_000)).await) });
     });
     group.bench_function("entry_from_item_json", |b| {
-        b.iter(|| black_box(Entry::value(3, black_box(ITEM_JSON), Tier::Database)));
+        let stamp = stamp();
+        b.iter(|| black_box(Entry::value(3, black_box(ITEM_JSON), stamp)));
     });
     group.bench_function("serve_body_from_entry", |b| {
-        let entry = Entry::value(3, ITEM_JSON, Tier::Database);
+        let entry = Entry::value(3, ITEM_JSON, stamp());
         b.iter(|| black_box(entry.body(black_box(Tier::L1))));
     });
     group.finish();

@@ -111,6 +111,12 @@ pub struct RedisSettings {
     /// Limit for establishing a connection. Default 2s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Consecutive failed commands that open the circuit breaker: Redis is then skipped
+    /// (no timeouts piling up) until a probe succeeds. At least 1. Default 5.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one probe is let through. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub breaker_open: Duration,
 }
 
 impl Default for RedisSettings {
@@ -120,6 +126,8 @@ impl Default for RedisSettings {
             key_prefix: "tiergate".to_owned(),
             command_timeout: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(2),
+            breaker_failures: 5,
+            breaker_open: Duration::from_secs(5),
         }
     }
 }
@@ -134,9 +142,30 @@ pub struct CacheSettings {
     /// Lifetime of an L1 entry (at least 1s). Default 5s.
     #[serde(with = "humantime_serde")]
     pub l1_ttl: Duration,
-    /// Lifetime of an L2 (Redis) entry (at least 1s). Default 30s.
+    /// Lifetime of an L2 (Redis) entry (at least 1s), ±10 % jitter. Default 30s.
     #[serde(with = "humantime_serde")]
     pub l2_ttl: Duration,
+    /// Lifetime of "no such id" in Redis (L1 keeps it a fifth of `l1_ttl`). Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Age after which an L1 hit is still served but refreshed once in the background,
+    /// so hot keys never all expire at once; `0s` turns it off. Capped at `l1_ttl`.
+    /// Default 4s.
+    #[serde(with = "humantime_serde")]
+    pub refresh_after: Duration,
+    /// How long past `l1_ttl` an entry may still be served while PostgreSQL is down.
+    /// Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub max_stale: Duration,
+    /// L1 lifetime of entries filled while invalidations may be lost (the subscriber is
+    /// reconnecting): staleness stays short until the channel is healthy. At least
+    /// 100ms, capped at `l1_ttl`. Default 2s.
+    #[serde(with = "humantime_serde")]
+    pub degraded_l1_ttl: Duration,
+    /// Reads of a key written (anywhere) this recently go to the writer, not the reader
+    /// replica, which may lag. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub recent_write_window: Duration,
 }
 
 impl Default for CacheSettings {
@@ -145,6 +174,11 @@ impl Default for CacheSettings {
             l1_max_bytes: 64 * MIB,
             l1_ttl: Duration::from_secs(5),
             l2_ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(5),
+            refresh_after: Duration::from_secs(4),
+            max_stale: Duration::from_secs(60),
+            degraded_l1_ttl: Duration::from_secs(2),
+            recent_write_window: Duration::from_secs(5),
         }
     }
 }

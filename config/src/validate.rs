@@ -120,6 +120,33 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
             format!("must be at least 1s, got {}", human(cache.l2_ttl)),
         );
     }
+    if cache.negative_ttl < Duration::from_millis(100) {
+        fail(
+            &["cache.negative_ttl"],
+            format!("must be at least 100ms, got {}", human(cache.negative_ttl)),
+        );
+    }
+    if cache.degraded_l1_ttl < Duration::from_millis(100) {
+        fail(
+            &["cache.degraded_l1_ttl"],
+            format!(
+                "must be at least 100ms, got {}",
+                human(cache.degraded_l1_ttl)
+            ),
+        );
+    }
+    if s.redis.breaker_failures == 0 {
+        fail(&["redis.breaker_failures"], "must be at least 1".to_owned());
+    }
+    if s.redis.breaker_open < Duration::from_millis(100) {
+        fail(
+            &["redis.breaker_open"],
+            format!(
+                "must be at least 100ms, got {}",
+                human(s.redis.breaker_open)
+            ),
+        );
+    }
 
     let http = &s.http;
     if !(1..=16 * MIB).contains(&http.max_body_bytes) {

@@ -6,14 +6,23 @@
 //! (absent) or `t` (tombstone: deleted at `ver`).
 //!
 //! Every command fails fast when the connection is down and times out after
-//! `redis.command_timeout`: a Redis error is a miss, never a failed request.
+//! `redis.command_timeout`; a circuit breaker skips Redis altogether while it keeps
+//! failing. A Redis error is a miss, never a failed request.
+//!
+//! Trust: after a failed write (a fence that could not be applied), L2 may hold an older
+//! value than PostgreSQL for some key. Reads then skip L2 until the outbox relay has
+//! re-fenced every pending write (see `service`), as CACHE.md requires.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use tiergate_config::RedisSettings;
+
+use super::breaker::{self, Breaker};
 
 /// Writes `{ver, kind, data}` only if the key holds nothing, an older version, or a
 /// tombstone of the same version being replaced by what was read after the delete.
@@ -60,6 +69,51 @@ pub struct L2 {
     /// Applied to every command: fail at once while disconnected, one attempt, a short
     /// timeout. The next tier answers instead.
     options: Options,
+    breaker: Arc<Breaker>,
+    /// Whether reads may use L2 (see the module docs).
+    trusted: Arc<AtomicBool>,
+    /// The invalidation channel, `{prefix}:c1:invalidations`.
+    channel: String,
+}
+
+/// An invalidation: `id` changed to `version` in PostgreSQL, written by `origin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Invalidation {
+    pub id: i64,
+    pub version: i64,
+    pub origin: u64,
+    /// When it was published, in microseconds since the Unix epoch (for the latency
+    /// histogram; meaningful across hosts only as far as their clocks agree).
+    pub sent_at_micros: u64,
+}
+
+impl Invalidation {
+    /// `"{id} {version} {origin:x} {sent_at_micros}"`: small, and parsed without serde.
+    fn encode(&self) -> String {
+        format!(
+            "{} {} {:x} {}",
+            self.id, self.version, self.origin, self.sent_at_micros
+        )
+    }
+
+    /// The message, or `None` when it is not one of ours.
+    pub fn decode(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ');
+        let invalidation = Self {
+            id: parts.next()?.parse().ok()?,
+            version: parts.next()?.parse().ok()?,
+            origin: u64::from_str_radix(parts.next()?, 16).ok()?,
+            sent_at_micros: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(invalidation)
+    }
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 impl std::fmt::Debug for L2 {
@@ -108,7 +162,59 @@ impl L2 {
             ttl,
             fence: Script::from_lua(FENCE_LUA),
             options,
+            breaker: Arc::new(Breaker::new(
+                settings.breaker_failures,
+                settings.breaker_open,
+            )),
+            trusted: Arc::new(AtomicBool::new(true)),
+            channel: format!("{}:c1:invalidations", settings.key_prefix),
         })
+    }
+
+    /// The invalidation channel.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Whether reads may use L2 now.
+    pub fn is_trusted(&self) -> bool {
+        self.trusted.load(Ordering::Acquire)
+    }
+
+    /// Marks L2 as trusted again: the outbox has been drained.
+    pub fn trust(&self) {
+        if !self.trusted.swap(true, Ordering::AcqRel) {
+            tracing::info!("Outbox drained: reads use Redis again.");
+        }
+    }
+
+    /// Marks L2 as possibly behind PostgreSQL for some key.
+    fn distrust(&self) {
+        if self.trusted.swap(false, Ordering::AcqRel) {
+            tracing::warn!("A Redis write failed: reads skip Redis until the outbox is drained.");
+        }
+    }
+
+    /// The breaker's state, for the gauge and `/health`.
+    pub fn breaker_state(&self) -> breaker::State {
+        self.breaker.state()
+    }
+
+    /// Runs one Redis call through the breaker.
+    async fn guarded<T>(&self, call: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        if !self.breaker.allow() {
+            return Err(Error::new(ErrorKind::Unknown, "circuit breaker open"));
+        }
+        match call.await {
+            Ok(value) => {
+                self.breaker.success();
+                Ok(value)
+            }
+            Err(error) => {
+                self.breaker.failure();
+                Err(error)
+            }
+        }
     }
 
     /// The Redis key of an item.
@@ -121,10 +227,9 @@ impl L2 {
     /// # Errors
     /// Redis unreachable, slow, or holding a malformed entry.
     pub async fn get(&self, id: i64) -> Result<Option<(i64, Stored)>, Error> {
+        let client = self.client.with_options(&self.options);
         let (ver, kind, data): (Option<i64>, Option<String>, Option<Bytes>) = self
-            .client
-            .with_options(&self.options)
-            .hmget(self.key(id), vec!["ver", "kind", "data"])
+            .guarded(client.hmget(self.key(id), vec!["ver", "kind", "data"]))
             .await?;
         let Some(ver) = ver else { return Ok(None) };
         let stored = match (kind.as_deref(), data) {
@@ -136,8 +241,9 @@ impl L2 {
         Ok(Some((ver, stored)))
     }
 
-    /// Writes `stored` at `version` through the fence; `ttl` defaults to the tier's TTL.
-    /// Returns whether it was written (`false`: a newer version was already there).
+    /// Writes `stored` at `version` through the fence; `ttl` defaults to the tier's TTL,
+    /// jittered ±10 %. Returns whether it was written (`false`: a newer version was
+    /// already there). A failure makes L2 untrusted (see the module docs).
     ///
     /// # Errors
     /// Redis unreachable or slow.
@@ -148,11 +254,26 @@ impl L2 {
         stored: &Stored,
         ttl: Option<Duration>,
     ) -> Result<bool, Error> {
+        let result = self.guarded(self.fence(id, version, stored, ttl)).await;
+        if result.is_err() {
+            self.distrust();
+        }
+        result
+    }
+
+    async fn fence(
+        &self,
+        id: i64,
+        version: i64,
+        stored: &Stored,
+        ttl: Option<Duration>,
+    ) -> Result<bool, Error> {
         let data = match stored {
             Stored::Value(data) => data.clone(),
             Stored::Absent | Stored::Tombstone => Bytes::new(),
         };
-        let ttl_ms = i64::try_from(ttl.unwrap_or(self.ttl).as_millis()).unwrap_or(i64::MAX);
+        let ttl = ttl.unwrap_or(self.ttl).mul_f64(0.9 + fastrand::f64() * 0.2);
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
         let args: Vec<Value> = vec![
             version.into(),
             stored.code().into(),
@@ -174,6 +295,41 @@ impl L2 {
             other => other?,
         };
         Ok(written == 1)
+    }
+
+    /// A new subscriber connection to the same server, for the invalidation bus: pub/sub
+    /// needs a connection of its own. Its broadcast channel is large (fred's default of
+    /// 32 messages drops under a burst of writes), and an unresponsive connection is
+    /// detected within about 2 s and replaced.
+    ///
+    /// # Errors
+    /// fred refuses the configuration (practically never: it is the L2 client's).
+    pub fn subscriber(&self) -> Result<fred::clients::SubscriberClient, Error> {
+        let mut connection = self.client.connection_config().clone();
+        connection.unresponsive.max_timeout = Some(Duration::from_secs(2));
+        connection.unresponsive.interval = Duration::from_millis(500);
+        let mut performance = self.client.perf_config();
+        performance.broadcast_channel_capacity = 16_384;
+        let mut builder = Builder::from_config(self.client.client_config());
+        builder
+            .set_connection_config(connection)
+            .set_performance_config(performance);
+        if let Some(policy) = self.client.client_reconnect_policy() {
+            builder.set_policy(policy);
+        }
+        builder.build_subscriber_client()
+    }
+
+    /// Publishes an invalidation on the channel.
+    ///
+    /// # Errors
+    /// Redis unreachable or slow.
+    pub async fn publish(&self, invalidation: &Invalidation) -> Result<(), Error> {
+        let client = self.client.with_options(&self.options);
+        let _receivers: i64 = self
+            .guarded(client.publish(self.channel.as_str(), invalidation.encode()))
+            .await?;
+        Ok(())
     }
 
     /// Waits until the first connection is up, at most `timeout`: start-up gives Redis a

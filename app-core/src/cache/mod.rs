@@ -6,8 +6,12 @@
 //! (a Lua fence), and an L1 entry older than the newest version this process has seen
 //! is not served (the watermark).
 
+pub mod breaker;
+pub mod bus;
 pub mod l1;
 pub mod l2;
+
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderValue;
@@ -48,6 +52,18 @@ pub enum Kind {
     Absent,
 }
 
+/// Where an entry came from and how long it stays fresh.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    /// The tier this entry was loaded from, for the request that loaded it.
+    pub origin: Tier,
+    /// When the load *started*: a load that began before an L1 flush must not be
+    /// served after it (race R7 of CACHE.md), however late it finishes.
+    pub loaded_at: Instant,
+    /// Age up to which the entry is served as is (jittered per entry).
+    pub fresh_for: Duration,
+}
+
 /// One cached item at one version, ready to serve.
 ///
 /// The body is the whole `GET /items/{id}` response as served from cache
@@ -57,8 +73,7 @@ pub enum Kind {
 pub struct Entry {
     pub version: i64,
     pub kind: Kind,
-    /// The tier this entry was loaded from, for the request that loaded it.
-    pub origin: Tier,
+    pub stamp: Stamp,
     body: Bytes,
     etag: HeaderValue,
 }
@@ -68,7 +83,7 @@ const DATABASE_PREFIX: &[u8] = br#"{"source":"database","item":"#;
 
 impl Entry {
     /// An existing item at `version`, from its JSON.
-    pub fn value(version: i64, item_json: &[u8], origin: Tier) -> Self {
+    pub fn value(version: i64, item_json: &[u8], stamp: Stamp) -> Self {
         let mut body = BytesMut::with_capacity(CACHED_PREFIX.len() + item_json.len() + 1);
         body.put_slice(CACHED_PREFIX);
         body.put_slice(item_json);
@@ -76,21 +91,26 @@ impl Entry {
         Self {
             version,
             kind: Kind::Value,
-            origin,
+            stamp,
             body: body.freeze(),
             etag: etag(version),
         }
     }
 
     /// No item at this id, as known at `version` (0 when it never existed).
-    pub fn absent(version: i64, origin: Tier) -> Self {
+    pub fn absent(version: i64, stamp: Stamp) -> Self {
         Self {
             version,
             kind: Kind::Absent,
-            origin,
+            stamp,
             body: Bytes::new(),
             etag: etag(version),
         }
+    }
+
+    /// How long ago the load that made this entry started.
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.stamp.loaded_at)
     }
 
     /// The item's JSON (empty for an absent entry): a view into the body, not a copy.
@@ -140,7 +160,12 @@ mod tests {
 
     #[test]
     fn entry_body_wraps_the_item_json_for_each_source() {
-        let e = Entry::value(3, br#"{"id":1}"#, Tier::Database);
+        let stamp = Stamp {
+            origin: Tier::Database,
+            loaded_at: Instant::now(),
+            fresh_for: Duration::from_secs(1),
+        };
+        let e = Entry::value(3, br#"{"id":1}"#, stamp);
         assert_eq!(
             &e.body(Tier::L1)[..],
             br#"{"source":"cache","item":{"id":1}}"#

@@ -8,8 +8,14 @@ use tokio_postgres::Client;
 
 /// Every migration, in order. The number is the version recorded once applied; never
 /// renumber or edit one that has shipped, add a new one instead.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "items", include_str!("../../migrations/0001_items.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "items", include_str!("../../migrations/0001_items.sql")),
+    (
+        2,
+        "cache_outbox",
+        include_str!("../../migrations/0002_cache_outbox.sql"),
+    ),
+];
 
 /// Arbitrary but fixed: the key of the advisory lock that serializes migrators.
 const LOCK_KEY: i64 = 0x7469_6572_6761_7465; // "tiergate"

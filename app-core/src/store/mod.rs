@@ -62,10 +62,29 @@ pub struct InvalidUrl {
     setting: &'static str,
 }
 
+/// An outbox row: the cache invalidation of one write, pending until done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxId(i64);
+
+/// The result of a write, with the outbox row that stands for its invalidation.
+#[derive(Debug)]
+pub struct Written<T> {
+    pub value: T,
+    pub outbox: OutboxId,
+}
+
+/// An invalidation left behind by its writer.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    pub outbox: OutboxId,
+    pub item_id: i64,
+    pub version: i64,
+}
+
 /// Outcome of an update that may carry an `If-Match` precondition.
 #[derive(Debug)]
 pub enum UpdateOutcome {
-    Updated(Item),
+    Updated(Written<Item>),
     NotFound,
     /// The row exists at this version, which the precondition did not name.
     VersionMismatch(i64),
@@ -176,19 +195,25 @@ impl Database {
         }
     }
 
-    /// Inserts an item at version 1.
+    /// Inserts an item at version 1, with its outbox row, in one statement.
     ///
     /// # Errors
     /// When the database is unreachable or the insert fails.
-    pub async fn create(&self, name: &str) -> Result<Item, StoreError> {
+    pub async fn create(&self, name: &str) -> Result<Written<Item>, StoreError> {
         let conn = self.writer.get().await?;
-        let sql = format!("INSERT INTO items (name) VALUES ($1) RETURNING {ITEM_COLUMNS}");
+        let sql = format!(
+            "WITH created AS (INSERT INTO items (name) VALUES ($1) RETURNING {ITEM_COLUMNS}),
+                  queued AS (INSERT INTO cache_outbox (item_id, version)
+                             SELECT id, version FROM created RETURNING id)
+             SELECT created.*, queued.id FROM created, queued"
+        );
         let row = conn.query_typed_one(&sql, &[(&name, Type::TEXT)]).await?;
-        item_from_row(&row)
+        written_item(&row)
     }
 
-    /// Renames an item and bumps its version in one statement; with `expected` set, only
-    /// when the row is still at one of those versions (`If-Match`).
+    /// Renames an item and bumps its version, with its outbox row, in one statement;
+    /// with `expected` set, only when the row is still at one of those versions
+    /// (`If-Match`).
     ///
     /// # Errors
     /// When the database is unreachable or the update fails.
@@ -200,8 +225,12 @@ impl Database {
     ) -> Result<UpdateOutcome, StoreError> {
         let conn = self.writer.get().await?;
         let sql = format!(
-            "UPDATE items SET name = $2, updated_at = now(), version = version + 1
-             WHERE id = $1 AND ($3::bigint[] IS NULL OR version = ANY($3)) RETURNING {ITEM_COLUMNS}"
+            "WITH changed AS (UPDATE items SET name = $2, updated_at = now(), version = version + 1
+                              WHERE id = $1 AND ($3::bigint[] IS NULL OR version = ANY($3))
+                              RETURNING {ITEM_COLUMNS}),
+                  queued AS (INSERT INTO cache_outbox (item_id, version)
+                             SELECT id, version FROM changed RETURNING id)
+             SELECT changed.*, queued.id FROM changed, queued"
         );
         let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
             (&id.get(), Type::INT8),
@@ -209,7 +238,7 @@ impl Database {
             (&expected, Type::INT8_ARRAY),
         ];
         if let Some(row) = conn.query_typed_opt(&sql, &params).await? {
-            return Ok(UpdateOutcome::Updated(item_from_row(&row)?));
+            return Ok(UpdateOutcome::Updated(written_item(&row)?));
         }
         // Nothing matched: tell a missing row from a failed precondition.
         let current = conn
@@ -224,21 +253,91 @@ impl Database {
         })
     }
 
-    /// Deletes an item; returns the version it had, `None` when there was none.
+    /// Deletes an item, with its outbox row, in one statement. Returns the tombstone
+    /// version (one above the last), `None` when there was no such item.
     ///
     /// # Errors
     /// When the database is unreachable or the delete fails.
-    pub async fn delete(&self, id: ItemId) -> Result<Option<i64>, StoreError> {
+    pub async fn delete(&self, id: ItemId) -> Result<Option<Written<i64>>, StoreError> {
         let conn = self.writer.get().await?;
         let row = conn
             .query_typed_opt(
-                "DELETE FROM items WHERE id = $1 RETURNING version",
+                "WITH gone AS (DELETE FROM items WHERE id = $1 RETURNING id, version),
+                      queued AS (INSERT INTO cache_outbox (item_id, version)
+                                 SELECT id, version + 1 FROM gone RETURNING id, version)
+                 SELECT queued.version, queued.id FROM queued",
                 &[(&id.get(), Type::INT8)],
             )
             .await?;
-        row.map(|r| r.try_get(0))
-            .transpose()
-            .map_err(StoreError::from)
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(Written {
+            value: row.try_get(0)?,
+            outbox: OutboxId(row.try_get(1)?),
+        }))
+    }
+
+    /// Deletes outbox rows whose invalidation is done.
+    ///
+    /// # Errors
+    /// When the database is unreachable.
+    pub async fn outbox_done(&self, ids: &[OutboxId]) -> Result<(), StoreError> {
+        let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
+        let conn = self.writer.get().await?;
+        conn.query_typed(
+            "DELETE FROM cache_outbox WHERE id = ANY($1)",
+            &[(&ids, Type::INT8_ARRAY)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Claims up to `limit` outbox rows not touched for `older_than` (their writer crashed
+    /// or met a Redis outage): claiming stamps them, so relays on other instances skip
+    /// them for as long, and a relay that dies leaves them to the next.
+    ///
+    /// # Errors
+    /// When the database is unreachable.
+    pub async fn claim_outbox(
+        &self,
+        older_than: Duration,
+        limit: i64,
+    ) -> Result<Vec<Pending>, StoreError> {
+        let conn = self.writer.get().await?;
+        let rows = conn
+            .query_typed(
+                "UPDATE cache_outbox SET claimed_at = now()
+                 WHERE id IN (SELECT id FROM cache_outbox
+                              WHERE claimed_at < now() - make_interval(secs => $1)
+                              ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 RETURNING id, item_id, version",
+                &[
+                    (&older_than.as_secs_f64(), Type::FLOAT8),
+                    (&limit, Type::INT8),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Pending {
+                    outbox: OutboxId(row.try_get(0)?),
+                    item_id: row.try_get(1)?,
+                    version: row.try_get(2)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(StoreError::Query)
+    }
+
+    /// Whether no invalidation is pending at all.
+    ///
+    /// # Errors
+    /// When the database is unreachable.
+    pub async fn outbox_is_empty(&self) -> Result<bool, StoreError> {
+        let conn = self.writer.get().await?;
+        let row = conn
+            .query_typed_one("SELECT NOT EXISTS (SELECT 1 FROM cache_outbox)", &[])
+            .await?;
+        Ok(row.try_get(0)?)
     }
 
     /// Connection counts of the writer and, when configured, the reader pool.
@@ -327,6 +426,15 @@ impl bb8::ErrorSink<tokio_postgres::Error> for LogErrors {
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
         Box::new(*self)
     }
+}
+
+/// A row of `ITEM_COLUMNS` followed by the outbox id.
+fn written_item(row: &Row) -> Result<Written<Item>, StoreError> {
+    let outbox = row.try_get(5).map_err(StoreError::Query)?;
+    Ok(Written {
+        value: item_from_row(row)?,
+        outbox: OutboxId(outbox),
+    })
 }
 
 /// A row of `ITEM_COLUMNS`. A column of the wrong type is a schema bug, not an outage.
