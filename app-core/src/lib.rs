@@ -11,6 +11,7 @@
 //! - [`service`]: the use cases over store and cache (read-through, write-then-fence).
 //! - [`api`]: HTTP handlers and JSON errors.
 //! - [`health`]: the `/health` report.
+//! - `testing` (feature `testing`): test support shared by the crates' integration tests.
 
 pub mod api;
 pub mod cache;
@@ -19,6 +20,8 @@ pub mod hooks;
 pub mod model;
 pub mod service;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +41,9 @@ use crate::health::{BuildInfo, Gates, Report};
 use crate::hooks::Hooks;
 use crate::service::Items;
 use crate::store::{Database, InvalidUrl};
+
+/// Outbox rows this old were left behind by their writer: the relay takes them over.
+const OUTBOX_GRACE: Duration = Duration::from_secs(5);
 
 /// Settings that parse but cannot be used (a URL the clients refuse).
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +136,7 @@ impl App {
                 let Some(inner) = weak.upgrade() else { return };
                 inner.items.l1().run_pending_tasks().await;
                 if inner.ready.load(Ordering::Acquire) {
-                    if let Err(error) = inner.items.relay_outbox().await {
+                    if let Err(error) = inner.items.relay_outbox(OUTBOX_GRACE).await {
                         tracing::debug!(error = %ErrorChain(&error), "Outbox relay pass failed.");
                     }
                 }

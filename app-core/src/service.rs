@@ -29,8 +29,6 @@ use crate::hooks::{Hooks, Point};
 use crate::model::{Item, ItemId};
 use crate::store::{Database, OutboxId, StoreError, UpdateOutcome};
 
-/// Rows older than this in the outbox were left behind by their writer.
-const OUTBOX_GRACE: Duration = Duration::from_secs(5);
 /// Outbox rows one relay pass handles.
 const OUTBOX_BATCH: i64 = 100;
 
@@ -370,16 +368,18 @@ impl Items {
         }
     }
 
-    /// One pass of the outbox relay: re-fences and re-publishes invalidations whose
-    /// writer did not finish them, and trusts L2 again once nothing is pending.
-    /// Returns how many rows it completed.
+    /// One pass of the outbox relay: re-fences and re-publishes invalidations left
+    /// `older_than` by their writer (crashed, or met a Redis outage), applies them here,
+    /// and trusts L2 again once nothing is pending. Returns how many rows it completed.
     ///
     /// # Errors
     /// When PostgreSQL fails.
-    pub async fn relay_outbox(&self) -> Result<usize, ServiceError> {
-        let pending = self.db.claim_outbox(OUTBOX_GRACE, OUTBOX_BATCH).await?;
+    pub async fn relay_outbox(&self, older_than: Duration) -> Result<usize, ServiceError> {
+        let pending = self.db.claim_outbox(older_than, OUTBOX_BATCH).await?;
         let mut done = Vec::with_capacity(pending.len());
         for row in &pending {
+            // Our own message is skipped by our bus: apply it here.
+            self.l1.invalidate_version(row.item_id, row.version).await;
             // A tombstone at the written version: whatever the write was, the next read
             // goes to PostgreSQL; a newer version already in L2 is left alone.
             let fenced = self

@@ -1,7 +1,5 @@
 //! The cache chain seen from outside: which tier answers, read-your-writes, single flight.
 
-use std::time::{Duration, Instant};
-
 use crate::helpers::{Backends, TestApp, TestDb, json_body};
 
 /// Inserts a row behind the app's back, so every cache tier is cold for it.
@@ -97,55 +95,12 @@ async fn after_an_update_every_read_on_that_instance_sees_the_new_version() {
     app.stop().await;
 }
 
-/// Scans of the `items` table as PostgreSQL counts them. Backend statistics reach the
-/// shared counters when a backend exits, so this first ends every other connection to
-/// the test database (the app's pool reconnects on demand) and waits until they are gone.
-async fn items_table_scans(db: &TestDb) -> i64 {
-    let client = db.client().await;
-    client
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE datname = current_database() AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let others: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if others == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "backends did not exit");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    client
-        .execute("SELECT pg_stat_clear_snapshot()", &[])
-        .await
-        .unwrap();
-    client
-        .query_one(
-            "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'items'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test]
 async fn concurrent_first_reads_of_one_id_make_one_postgres_query() {
     let backends = Backends::new().await;
     let app = TestApp::start(backends.settings()).await;
     let id = insert_directly(&backends.db, "herd").await;
-    let before = items_table_scans(&backends.db).await;
+    let before = backends.db.items_table_scans().await;
 
     let path = format!("/items/{id}");
     let reads = (0..100).map(|_| app.get(&path));
@@ -155,7 +110,7 @@ async fn concurrent_first_reads_of_one_id_make_one_postgres_query() {
         "every read answered"
     );
 
-    let after = items_table_scans(&backends.db).await;
+    let after = backends.db.items_table_scans().await;
     assert_eq!(
         after - before,
         1,

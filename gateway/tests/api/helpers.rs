@@ -4,122 +4,15 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use fred::prelude::*;
-use tiergate_config::{Secret, Settings};
+use tiergate_config::Settings;
 use tokio::sync::oneshot;
-use tokio_postgres::NoTls;
 
-/// A PostgreSQL URL with rights to create databases (its database is only used to run
-/// `CREATE DATABASE`).
-pub fn admin_database_url() -> String {
-    std::env::var("TIERGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("TIERGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:016x}", fastrand::u64(..))
-}
+pub use app_core::testing::{TestDb, TestRedis, redis_url};
 
 /// A port on loopback where nothing listens (bound, then released).
 pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
     listener.local_addr().expect("local addr").port()
-}
-
-/// A database of its own, dropped (with its connections) when the value is dropped.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-}
-
-impl TestDb {
-    pub async fn create() -> Self {
-        let name = unique("tiergate_test");
-        let admin = admin_database_url();
-        let client = connect(&admin).await;
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create test database");
-        let base = admin
-            .rsplit_once('/')
-            .map_or(admin.as_str(), |(base, _)| base);
-        Self {
-            url: format!("{base}/{name}"),
-            name,
-        }
-    }
-
-    /// A client connected to this test's database, for set-up and checks from
-    /// PostgreSQL's side.
-    pub async fn client(&self) -> tokio_postgres::Client {
-        connect(&self.url).await
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs outside async context guarantees: use a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let client = connect(&admin_database_url()).await;
-                let _ = client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            });
-        })
-        .join();
-    }
-}
-
-pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .expect("connect to PostgreSQL");
-    tokio::spawn(connection);
-    client
-}
-
-/// Deletes every key under a prefix when dropped.
-pub struct TestRedis {
-    pub prefix: String,
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        let pattern = format!("{}:*", self.prefix);
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            rt.block_on(async {
-                let Ok(config) = Config::from_url(&redis_url()) else { return };
-                let Ok(client) = Builder::from_config(config).build() else { return };
-                if client.init().await.is_err() {
-                    return;
-                }
-                // Test prefixes hold a handful of keys: KEYS is fine here, never in the app.
-                let _: Result<i64, _> = client
-                    .eval(
-                        "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0",
-                        Vec::<String>::new(),
-                        vec![pattern],
-                    )
-                    .await;
-                let _ = client.quit().await;
-            });
-        })
-        .join();
-    }
 }
 
 /// A server running in this test's runtime.
@@ -141,20 +34,13 @@ impl Backends {
     pub async fn new() -> Self {
         Self {
             db: TestDb::create().await,
-            redis: TestRedis {
-                prefix: unique("test"),
-            },
+            redis: TestRedis::new(),
         }
     }
 
     /// Settings for a server on port 0 against these backends.
     pub fn settings(&self) -> Settings {
-        let mut settings = Settings::for_tests();
-        settings.database.url = Secret::new(self.db.url.clone());
-        settings.database.migrate_on_start = true;
-        settings.redis.url = Secret::new(redis_url());
-        settings.redis.key_prefix = self.redis.prefix.clone();
-        settings
+        app_core::testing::settings(&self.db, &self.redis)
     }
 }
 

@@ -1,0 +1,336 @@
+//! Test support shared by the crates' integration tests (feature `testing`): a database
+//! and a Redis key prefix of their own per test, pause points, and counting queries from
+//! PostgreSQL's side.
+//!
+//! Tests use the real PostgreSQL and Redis named by `TIERGATE_TEST_DATABASE_URL` (a role
+//! that may create databases) and `TIERGATE_TEST_REDIS_URL`; `scripts/test` sets both.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use tiergate_config::{Secret, Settings};
+use tokio::sync::Notify;
+use tokio_postgres::NoTls;
+
+use crate::hooks::{Hooks, Point};
+
+/// A PostgreSQL URL with rights to create databases.
+pub fn admin_database_url() -> String {
+    std::env::var("TIERGATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The Redis the tests use.
+pub fn redis_url() -> String {
+    std::env::var("TIERGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", fastrand::u64(..))
+}
+
+/// Connects a plain client (its connection task runs on the current runtime).
+///
+/// # Panics
+/// When PostgreSQL is unreachable: a test cannot go on.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+/// A database of its own, dropped (with its connections) when the value is dropped.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates an empty database.
+    ///
+    /// # Panics
+    /// When PostgreSQL refuses.
+    pub async fn create() -> Self {
+        let name = unique("tiergate_test");
+        let admin = admin_database_url();
+        let client = connect(&admin).await;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let base = admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(base, _)| base);
+        Self {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    /// A client connected to this database, for set-up and checks from PostgreSQL's side.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    /// Scans of the `items` table as PostgreSQL counts them: the number of queries that
+    /// read it. Backends publish their statistics when they exit, so this first ends every
+    /// other connection to the database (pools reconnect on demand) and waits until they
+    /// are gone.
+    ///
+    /// # Panics
+    /// When PostgreSQL refuses, or the backends do not exit within 10 s.
+    pub async fn items_table_scans(&self) -> i64 {
+        let client = self.client().await;
+        let others =
+            "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+        client
+            .execute(&format!("SELECT pg_terminate_backend(pid) {others}"), &[])
+            .await
+            .expect("terminate backends");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: i64 = client
+                .query_one(&format!("SELECT count(*) {others}"), &[])
+                .await
+                .expect("count backends")
+                .get(0);
+            if left == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "backends did not exit");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        client
+            .execute("SELECT pg_stat_clear_snapshot()", &[])
+            .await
+            .expect("clear snapshot");
+        client
+            .query_one(
+                "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'items'",
+                &[],
+            )
+            .await
+            .expect("read table statistics")
+            .get(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop cannot await: use a runtime of its own on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let client = connect(&admin_database_url()).await;
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A Redis key prefix of its own; its keys are deleted when the value is dropped.
+#[derive(Debug)]
+pub struct TestRedis {
+    pub prefix: String,
+}
+
+impl TestRedis {
+    /// A fresh prefix.
+    pub fn new() -> Self {
+        Self {
+            prefix: unique("test"),
+        }
+    }
+}
+
+impl Default for TestRedis {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let pattern = format!("{}:*", self.prefix);
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async {
+                let Ok(config) = Config::from_url(&redis_url()) else { return };
+                let Ok(client) = Builder::from_config(config).build() else { return };
+                if client.init().await.is_err() {
+                    return;
+                }
+                // Test prefixes hold a handful of keys: KEYS is fine here, never in the app.
+                let _: Result<i64, _> = client
+                    .eval(
+                        "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0",
+                        Vec::<String>::new(),
+                        vec![pattern],
+                    )
+                    .await;
+                let _ = client.quit().await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Settings for an instance on port 0 against these backends, migrating at start.
+pub fn settings(db: &TestDb, redis: &TestRedis) -> Settings {
+    let mut settings = Settings::for_tests();
+    settings.database.url = Secret::new(db.url.clone());
+    settings.database.migrate_on_start = true;
+    settings.redis.url = Secret::new(redis_url());
+    settings.redis.key_prefix = redis.prefix.clone();
+    settings
+}
+
+/// One-shot pauses at [`Point`]s, armed by a test: the first operation to reach an armed
+/// point for its key waits there until the test releases it. Points not armed, and later
+/// arrivals, pass straight through.
+#[derive(Debug, Default)]
+pub struct Pauses {
+    armed: Mutex<HashMap<(Point, i64), Arc<Gate>>>,
+}
+
+/// One armed pause.
+#[derive(Debug, Default)]
+pub struct Gate {
+    arrived: Notify,
+    release: Notify,
+}
+
+impl Gate {
+    /// Waits until an operation has reached the point and is paused there.
+    pub async fn arrived(&self) {
+        self.arrived.notified().await;
+    }
+
+    /// Lets the paused operation go on (or the next one to arrive, if none is there yet).
+    pub fn release(&self) {
+        self.release.notify_one();
+    }
+}
+
+impl Pauses {
+    /// No pause armed yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Arms a pause at `point` for `id`.
+    ///
+    /// # Panics
+    /// When a test panicked while holding the lock.
+    pub fn arm(&self, point: Point, id: i64) -> Arc<Gate> {
+        let gate = Arc::new(Gate::default());
+        self.armed
+            .lock()
+            .expect("pauses lock")
+            .insert((point, id), Arc::clone(&gate));
+        gate
+    }
+
+    /// Hooks that pause at the armed points.
+    pub fn hooks(self: &Arc<Self>) -> Hooks {
+        let pauses = Arc::clone(self);
+        Hooks::new(move |point, id| {
+            let gate = pauses
+                .armed
+                .lock()
+                .ok()
+                .and_then(|mut armed| armed.remove(&(point, id)));
+            async move {
+                if let Some(gate) = gate {
+                    gate.arrived.notify_one();
+                    gate.release.notified().await;
+                }
+            }
+        })
+    }
+}
+
+/// A private `redis-server` on a free loopback port, for tests that kill or restart
+/// Redis (the shared one serves every other test). Stopped when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers.
+    ///
+    /// # Panics
+    /// When `redis-server` is not installed or does not start within 10 s.
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Self::start_on(port)
+    }
+
+    /// Starts one on `port` (e.g. again, after [`RedisServer::stop`]).
+    ///
+    /// # Panics
+    /// When `redis-server` is not installed or does not start within 10 s.
+    pub fn start_on(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, port }
+    }
+
+    /// `redis://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (as a crash would) and waits for it to exit.
+    pub fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,479 @@
+//! The races of `shared/CACHE.md`, each made to happen exactly, with pause points
+//! ([`app_core::hooks`]) instead of sleeps. Several `Items` in one process stand in for
+//! several tasks: each has its own L1, all share one database and one Redis prefix.
+//!
+//! Each test names its guard and how it was checked that the test fails without it.
+//! R7 (a fill started before a flush) is a unit test in `cache::l1`.
+
+#![allow(clippy::unwrap_used, unreachable_pub, missing_debug_implementations)]
+
+use std::time::{Duration, Instant};
+
+use app_core::cache::bus::Bus;
+use app_core::cache::l1::{L1, Policy};
+use app_core::cache::l2::{L2, Stored};
+use app_core::cache::{Kind, Tier};
+use app_core::hooks::{Hooks, Point};
+use app_core::model::ItemId;
+use app_core::service::Items;
+use app_core::store::Database;
+use app_core::testing::{Pauses, RedisServer, TestDb, TestRedis, settings};
+use fred::prelude::*;
+use tiergate_config::Secret;
+
+/// Long lifetimes: a stale entry these tests catch must not hide by expiring.
+const LONG: Duration = Duration::from_secs(60);
+
+fn policy() -> Policy {
+    Policy {
+        ttl: LONG,
+        degraded_ttl: LONG,
+        max_stale: LONG,
+        refresh_after: Duration::ZERO,
+    }
+}
+
+struct Backends {
+    db: TestDb,
+    redis: TestRedis,
+    /// Overrides the shared Redis (for tests that kill connections).
+    redis_url: Option<String>,
+}
+
+impl Backends {
+    async fn new() -> Self {
+        Self {
+            db: TestDb::create().await,
+            redis: TestRedis::new(),
+            redis_url: None,
+        }
+    }
+
+    /// One "task": its own L1, the shared database and Redis prefix.
+    async fn instance(&self, hooks: Hooks) -> Items {
+        self.instance_on(&self.db, hooks).await
+    }
+
+    async fn instance_on(&self, db: &TestDb, hooks: Hooks) -> Items {
+        let mut settings = settings(db, &self.redis);
+        if let Some(url) = &self.redis_url {
+            settings.redis.url = Secret::new(url.clone());
+        }
+        let database = Database::new(&settings.database).unwrap();
+        database.migrate().await.unwrap();
+        let l1 = L1::new(16 << 20, policy());
+        l1.set_degraded(false);
+        let l2 = L2::connect(&settings.redis, LONG).unwrap();
+        assert!(
+            l2.wait_connected(Duration::from_secs(5)).await,
+            "Redis reachable"
+        );
+        Items::new(database, l1, l2, &settings.cache, hooks)
+    }
+
+    async fn insert(&self, name: &str) -> ItemId {
+        insert_into(&self.db, name).await
+    }
+}
+
+async fn insert_into(db: &TestDb, name: &str) -> ItemId {
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "INSERT INTO items (name) VALUES ($1) RETURNING id",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    ItemId::from(row.get::<_, i64>(0))
+}
+
+async fn version(items: &Items, id: ItemId) -> i64 {
+    items.get(id).await.unwrap().entry.version
+}
+
+/// What the bus does on receipt of the writer's invalidation.
+async fn deliver(to: &Items, id: ItemId, version: i64) {
+    to.l1().invalidate_version(id.get(), version).await;
+}
+
+/// R1 — a reader read v1 from PostgreSQL; a writer then commits v2 and fences it; the
+/// reader's late fill of v1 must not replace v2 in Redis.
+/// Guard: the Lua fence. Checked: with the fence's version comparison removed
+/// (`cur_ver > ver` never true), Redis ends at v1 and the assertion fails.
+#[tokio::test]
+async fn r1_a_late_fill_never_replaces_a_newer_version_in_l2() {
+    let b = Backends::new().await;
+    let pauses = Pauses::new();
+    let reader = b.instance(pauses.hooks()).await;
+    let writer = b.instance(Hooks::default()).await;
+    let id = b.insert("v1").await;
+
+    let gate = pauses.arm(Point::BeforeL2Fill, id.get());
+    let read = tokio::spawn({
+        let reader = reader.clone();
+        async move { reader.get(id).await.map(|l| l.entry.version) }
+    });
+    gate.arrived().await;
+    writer.update(id, "v2", None).await.unwrap();
+    gate.release();
+    assert_eq!(
+        read.await.unwrap().unwrap(),
+        1,
+        "the read began before the write"
+    );
+
+    let (in_l2, stored) = writer.l2().get(id.get()).await.unwrap().unwrap();
+    assert_eq!(in_l2, 2, "the fence kept v2");
+    assert!(matches!(stored, Stored::Value(_)));
+    let fresh = b.instance(Hooks::default()).await;
+    let lookup = fresh.get(id).await.unwrap();
+    assert_eq!((lookup.entry.version, lookup.tier), (2, Tier::L2));
+}
+
+/// R2 — an L1 fill of v1 is in flight when the invalidation of v2 arrives; moka inserts
+/// the old value after the invalidation.
+/// Guard: the watermark check. Checked: with `L1::is_current` ignoring the watermark,
+/// both reads return v1.
+#[tokio::test]
+async fn r2_an_invalidation_during_a_fill_is_not_undone_by_the_fill() {
+    let b = Backends::new().await;
+    let pauses = Pauses::new();
+    let reader = b.instance(pauses.hooks()).await;
+    let writer = b.instance(Hooks::default()).await;
+    let id = b.insert("v1").await;
+
+    let gate = pauses.arm(Point::BeforeL1Insert, id.get());
+    let read = tokio::spawn({
+        let reader = reader.clone();
+        async move { reader.get(id).await.map(|l| l.entry.version) }
+    });
+    gate.arrived().await;
+    writer.update(id, "v2", None).await.unwrap();
+    deliver(&reader, id, 2).await;
+    gate.release();
+
+    assert_eq!(
+        read.await.unwrap().unwrap(),
+        2,
+        "the superseded fill is not served"
+    );
+    assert_eq!(version(&reader, id).await, 2, "nor kept in L1");
+}
+
+/// R3 — this instance writes v2 while its own fill of v1 is in flight; the fill lands
+/// last. Guard: the watermark is raised before the written entry is inserted. Checked:
+/// with `observe_version` removed from `L1::insert_written`, the read after the write
+/// returns v1.
+#[tokio::test]
+async fn r3_a_local_write_is_not_overwritten_by_an_older_fill() {
+    let b = Backends::new().await;
+    let pauses = Pauses::new();
+    let instance = b.instance(pauses.hooks()).await;
+    let id = b.insert("v1").await;
+
+    let gate = pauses.arm(Point::BeforeL1Insert, id.get());
+    let read = tokio::spawn({
+        let instance = instance.clone();
+        async move { instance.get(id).await.map(|l| l.entry.version) }
+    });
+    gate.arrived().await;
+    instance.update(id, "v2", None).await.unwrap();
+    gate.release();
+    read.await.unwrap().unwrap();
+    assert_eq!(version(&instance, id).await, 2, "read-your-writes");
+}
+
+/// R4 — the fence must precede the publish: a peer woken by the message re-reads L2 and
+/// must find the new version there, or it would cache the old one with nothing left to
+/// correct it. Guard: the write order. Checked: with publish moved before the fence in
+/// `Items::after_commit`, L2 still holds v1 at the pause.
+#[tokio::test]
+async fn r4_the_invalidation_is_published_only_after_the_fence() {
+    let b = Backends::new().await;
+    let pauses = Pauses::new();
+    let writer = b.instance(pauses.hooks()).await;
+    let peer = b.instance(Hooks::default()).await;
+    let id = b.insert("v1").await;
+    assert_eq!(
+        version(&peer, id).await,
+        1,
+        "the peer holds v1, and so does L2"
+    );
+
+    let gate = pauses.arm(Point::BeforePublish, id.get());
+    let write = tokio::spawn({
+        let writer = writer.clone();
+        async move { writer.update(id, "v2", None).await.map(|_| ()) }
+    });
+    gate.arrived().await;
+    assert_eq!(
+        writer.l2().get(id.get()).await.unwrap().unwrap().0,
+        2,
+        "fenced before publishing"
+    );
+    gate.release();
+    write.await.unwrap().unwrap();
+
+    deliver(&peer, id, 2).await;
+    let lookup = peer.get(id).await.unwrap();
+    assert_eq!((lookup.entry.version, lookup.tier), (2, Tier::L2));
+}
+
+/// R5 — an invalidation is lost while the subscriber reconnects. Once subscribed again,
+/// the peer flushes L1 and stops serving what changed meanwhile.
+/// Guard: flush on reconnect. Checked: with `Bus::resubscribe` not flushing, the peer
+/// keeps serving v1 (its L1 lifetime is 60 s) and the deadline below is hit.
+#[tokio::test]
+async fn r5_a_lost_invalidation_is_made_good_by_the_flush_on_reconnect() {
+    let server = RedisServer::start();
+    let mut b = Backends::new().await;
+    b.redis_url = Some(server.url());
+    let writer = b.instance(Hooks::default()).await;
+    let peer = b.instance(Hooks::default()).await;
+    let bus = Bus::new(peer.l2(), peer.l1().clone(), peer.origin()).unwrap();
+    tokio::spawn(bus.run());
+    let admin = admin_client(&server.url()).await;
+    wait_for_subscribers(&admin, writer.l2().channel(), 1).await;
+
+    let id = b.insert("v1").await;
+    assert_eq!(version(&peer, id).await, 1);
+    // The write whose message is lost: committed and fenced, never delivered.
+    let client = b.db.client().await;
+    client
+        .execute(
+            "UPDATE items SET name = 'v2', version = version + 1 WHERE id = $1",
+            &[&id.get()],
+        )
+        .await
+        .unwrap();
+    writer
+        .l2()
+        .fill(id.get(), 2, &Stored::Tombstone, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        version(&peer, id).await,
+        1,
+        "without the message the peer still serves v1"
+    );
+
+    let _: Value = admin
+        .custom(fred::cmd!("CLIENT"), vec!["KILL", "TYPE", "pubsub"])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while version(&peer, id).await != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the peer still serves v1 after reconnecting"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// R6 — the writer dies after its commit, before fencing and publishing. Its outbox row
+/// stays; the relay of another instance fences and publishes for it.
+/// Guard: the outbox relay. Checked: without the relay pass the peer keeps serving v1
+/// and Redis keeps v1.
+#[tokio::test]
+async fn r6_a_writer_that_dies_after_commit_is_repaired_by_the_relay() {
+    let b = Backends::new().await;
+    let pauses = Pauses::new();
+    let writer = b.instance(pauses.hooks()).await;
+    let peer = b.instance(Hooks::default()).await;
+    let id = b.insert("v1").await;
+    assert_eq!(version(&peer, id).await, 1);
+
+    let gate = pauses.arm(Point::AfterCommit, id.get());
+    let write = tokio::spawn({
+        let writer = writer.clone();
+        async move { writer.update(id, "v2", None).await.map(|_| ()) }
+    });
+    gate.arrived().await;
+    write.abort(); // the writer dies here
+    let _ = write.await;
+    assert_eq!(
+        writer.l2().get(id.get()).await.unwrap().unwrap().0,
+        1,
+        "nothing fenced"
+    );
+
+    assert_eq!(peer.relay_outbox(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(version(&peer, id).await, 2, "the relay applied it here too");
+    let fresh = b.instance(Hooks::default()).await;
+    assert_eq!(version(&fresh, id).await, 2, "and fenced it in Redis");
+    assert_eq!(
+        peer.relay_outbox(Duration::ZERO).await.unwrap(),
+        0,
+        "nothing left"
+    );
+}
+
+/// R8 — the reader replica lags: after the invalidation of v2 it still returns v1.
+/// Guard: a loaded version below the watermark is re-read from the writer. Checked:
+/// with that re-read removed (and the recent-write window at zero) the peer serves v1.
+#[tokio::test]
+async fn r8_a_lagging_replica_does_not_bring_back_an_old_version() {
+    let b = Backends::new().await;
+    let replica = TestDb::create().await;
+    let writer = b.instance(Hooks::default()).await;
+    let _migrated = b.instance_on(&replica, Hooks::default()).await;
+    let id = b.insert("v1").await;
+    assert_eq!(
+        insert_into(&replica, "v1").await,
+        id,
+        "the same row on the lagging copy"
+    );
+
+    let mut settings = settings(&b.db, &b.redis);
+    settings.database.reader_url = Some(Secret::new(replica.url.clone()));
+    settings.cache.recent_write_window = Duration::ZERO;
+    let database = Database::new(&settings.database).unwrap();
+    let l1 = L1::new(16 << 20, policy());
+    let l2 = L2::connect(&settings.redis, LONG).unwrap();
+    assert!(l2.wait_connected(Duration::from_secs(5)).await);
+    let peer = Items::new(database, l1, l2.clone(), &settings.cache, Hooks::default());
+
+    writer.update(id, "v2", None).await.unwrap();
+    l2.fill(id.get(), 2, &Stored::Tombstone, None)
+        .await
+        .unwrap(); // no copy in Redis to help
+    deliver(&peer, id, 2).await;
+    assert_eq!(version(&peer, id).await, 2);
+}
+
+/// R9 — an id is read before it exists (its absence is cached), then created.
+/// Guard: the insert's version is above the absent entry's, and it is invalidated.
+/// Checked: with absent entries exempt from the watermark the peer keeps answering 404.
+#[tokio::test]
+async fn r9_a_cached_absence_gives_way_to_the_insert() {
+    let b = Backends::new().await;
+    let writer = b.instance(Hooks::default()).await;
+    let peer = b.instance(Hooks::default()).await;
+    let probe = b.insert("probe").await;
+    let next = ItemId::from(probe.get() + 1);
+    assert_eq!(peer.get(next).await.unwrap().entry.kind, Kind::Absent);
+
+    let (id, _) = writer.create("new").await.unwrap();
+    assert_eq!(id, next);
+    deliver(&peer, id, 1).await;
+    let lookup = peer.get(id).await.unwrap();
+    assert_eq!((lookup.entry.kind, lookup.entry.version), (Kind::Value, 1));
+    let fresh = b.instance(Hooks::default()).await;
+    assert_eq!(
+        version(&fresh, id).await,
+        1,
+        "Redis' absent entry was fenced over"
+    );
+}
+
+/// R10 — two writes, their messages delivered out of order (v3 before v2).
+/// Guard: the watermark keeps the maximum; fences compare versions. Checked: with
+/// `Watermark::raise` overwriting instead of keeping the maximum, v2 counts as current.
+#[tokio::test]
+async fn r10_reordered_invalidations_keep_the_newest_version() {
+    let b = Backends::new().await;
+    let writer = b.instance(Hooks::default()).await;
+    let peer = b.instance(Hooks::default()).await;
+    let id = b.insert("v1").await;
+    assert_eq!(version(&peer, id).await, 1);
+    writer.update(id, "v2", None).await.unwrap();
+    let v2 = writer.get(id).await.unwrap().entry;
+    writer.update(id, "v3", None).await.unwrap();
+
+    deliver(&peer, id, 3).await;
+    deliver(&peer, id, 2).await;
+    assert_eq!(version(&peer, id).await, 3);
+    assert!(
+        !peer.l1().is_current(id.get(), &v2),
+        "v2 is below the watermark"
+    );
+    assert_eq!(writer.l2().get(id.get()).await.unwrap().unwrap().0, 3);
+}
+
+/// R11 — a herd on one cold key across two tasks: single flight per task, so at most one
+/// PostgreSQL query per task (counted by PostgreSQL).
+/// Guard: `L1::get_or_load` (moka's `try_get_with`). Checked: calling the loader
+/// directly makes the count grow with the readers.
+#[tokio::test]
+async fn r11_a_herd_on_a_cold_key_makes_one_query_per_task() {
+    let b = Backends::new().await;
+    let tasks = [
+        b.instance(Hooks::default()).await,
+        b.instance(Hooks::default()).await,
+    ];
+    let id = b.insert("cold").await;
+    let before = b.db.items_table_scans().await;
+
+    let reads = tasks.iter().flat_map(|t| (0..50).map(move |_| t.get(id)));
+    let results = futures_util::future::join_all(reads).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|l| l.entry.version == 1))
+    );
+
+    let queries = b.db.items_table_scans().await - before;
+    assert!(
+        (1..=2).contains(&queries),
+        "{queries} queries for 100 reads on two tasks"
+    );
+}
+
+/// R12 — the request loading a key is cancelled mid-fill; a waiter takes over and every
+/// waiter gets the item, with at most one more query.
+/// Guard: moka hands an abandoned `try_get_with` to a waiter. Checked by the count and
+/// the waiters' answers: without the hand-over they would fail or hang.
+#[tokio::test]
+async fn r12_a_cancelled_loader_is_taken_over_by_a_waiter() {
+    let b = Backends::new().await;
+    let pauses = Pauses::new();
+    let task = b.instance(pauses.hooks()).await;
+    let id = b.insert("v1").await;
+    let before = b.db.items_table_scans().await;
+
+    let gate = pauses.arm(Point::AfterDbRead, id.get());
+    let leader = tokio::spawn({
+        let task = task.clone();
+        async move { task.get(id).await.map(|l| l.entry.version) }
+    });
+    gate.arrived().await;
+    let waiters: Vec<_> = (0..10)
+        .map(|_| {
+            let task = task.clone();
+            tokio::spawn(async move { task.get(id).await.map(|l| l.entry.version) })
+        })
+        .collect();
+    leader.abort(); // the client went away while its request was loading
+    assert!(leader.await.is_err_and(|e| e.is_cancelled()));
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap().unwrap(), 1);
+    }
+    let queries = b.db.items_table_scans().await - before;
+    assert!(queries <= 2, "{queries} queries");
+}
+
+async fn admin_client(url: &str) -> Client {
+    let client = Builder::from_config(Config::from_url(url).unwrap())
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+    client
+}
+
+/// Waits until `channel` has `n` subscribers on the server.
+async fn wait_for_subscribers(admin: &Client, channel: &str, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts: Vec<Value> = admin
+            .custom(fred::cmd!("PUBSUB"), vec!["NUMSUB", channel])
+            .await
+            .unwrap();
+        if counts.get(1).and_then(Value::as_i64) == Some(n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no subscriber on {channel}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
