@@ -7,6 +7,7 @@
 #![allow(unreachable_pub, missing_debug_implementations, clippy::unwrap_used)]
 
 mod cache;
+mod coherence;
 mod config;
 mod errors;
 mod health;

@@ -52,7 +52,7 @@ async fn forward(port: u16, target: String) {
 }
 
 /// Sends every stdout line of `child` to a channel.
-fn lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
+pub fn lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -67,7 +67,7 @@ fn lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
 }
 
 /// Waits for a log line whose message is `message`; returns it parsed.
-async fn wait_for_log(
+pub async fn wait_for_log(
     rx: &mut mpsc::UnboundedReceiver<String>,
     message: &str,
 ) -> serde_json::Value {
