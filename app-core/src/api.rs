@@ -12,11 +12,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use serde::Serialize;
 
 use crate::App;
-use crate::cache::{Kind, Tier, etag};
-use crate::model::{Item, ItemId, ItemInput};
+use crate::cache::{Kind, etag};
+use crate::model::{ItemId, ItemInput};
 use crate::service::{Lookup, ServiceError, Updated};
 use crate::store::StoreError;
 
@@ -131,27 +130,13 @@ where
         }
         ApiRoute::List => {
             let (after, limit) = page_params(req.uri().query().unwrap_or(""))?;
-            let (page, more) = items
+            let page = items
                 .list(after, limit)
                 .await
                 .map_err(|e| ApiError::from_service(&e))?;
-            let next_after = if more {
-                page.last().map(|i| i.id)
-            } else {
-                None
-            };
-            let body = Page {
-                source: Tier::Database.source(),
-                count: page.len(),
-                items: &page,
-                next_after,
-            };
-            let mut rsp = json_response(
-                StatusCode::OK,
-                Bytes::from(serde_json::to_vec(&body).map_err(ApiError::internal)?),
-            );
+            let mut rsp = json_response(StatusCode::OK, page.body);
             rsp.headers_mut()
-                .insert(&X_CACHE, HeaderValue::from_static(Tier::Database.header()));
+                .insert(&X_CACHE, HeaderValue::from_static(page.tier.header()));
             Ok(rsp)
         }
         ApiRoute::Create => {
@@ -227,14 +212,6 @@ async fn health(app: &App) -> Response<ApiBody> {
         }
         Err(e) => ApiError::internal(e).into_response(),
     }
-}
-
-#[derive(Serialize)]
-struct Page<'a> {
-    source: &'static str,
-    count: usize,
-    items: &'a [Item],
-    next_after: Option<i64>,
 }
 
 /// `limit` (1..=500, default 50) and `after` (an id, default 0) from the query string.

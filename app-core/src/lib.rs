@@ -224,7 +224,8 @@ impl App {
 
 /// Gets the schema in place, retrying with backoff (100 ms doubling to 5 s, jittered)
 /// while PostgreSQL is unreachable: the process never exits over it. Then gives Redis up
-/// to `redis.connect_timeout` to connect before declaring the app ready.
+/// to `redis.connect_timeout` to connect (and the bus to subscribe) before declaring the
+/// app ready.
 async fn prepare_database(app: Weak<Inner>) {
     let mut delay = Duration::from_millis(100);
     loop {
@@ -237,12 +238,15 @@ async fn prepare_database(app: Weak<Inner>) {
         };
         match outcome {
             Ok(true) => {
-                if !inner
-                    .items
-                    .l2()
-                    .wait_connected(inner.redis_connect_timeout)
-                    .await
-                {
+                // Redis gets a moment, so the first requests can use it and the first
+                // L1 entries are not voided by the bus's flush on subscribing.
+                let timeout = inner.redis_connect_timeout;
+                let items = &inner.items;
+                let (connected, coherent) = tokio::join!(
+                    items.l2().wait_connected(timeout),
+                    items.l1().wait_coherent(timeout)
+                );
+                if !(connected && coherent) {
                     tracing::warn!(
                         "Redis not reachable; serving from L1 and PostgreSQL until it is."
                     );

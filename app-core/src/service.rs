@@ -24,11 +24,14 @@ use tiergate_config::CacheSettings;
 
 use crate::cache::l1::L1;
 use crate::cache::l2::{Invalidation, L2, Stored, unix_micros};
+use crate::cache::pages::{Page, Pages};
 use crate::cache::{Entry, Kind, Tier};
 use crate::hooks::{Hooks, Point};
 use crate::model::{Item, ItemId};
 use crate::store::{Database, OutboxId, StoreError, UpdateOutcome};
 
+/// List pages kept in process (each a few KiB at the default limit).
+const PAGE_CAPACITY: u64 = 10_000;
 /// Outbox rows one relay pass handles.
 const OUTBOX_BATCH: i64 = 100;
 
@@ -46,6 +49,22 @@ pub enum ServiceError {
 pub struct Lookup {
     pub entry: Arc<Entry>,
     pub tier: Tier,
+}
+
+/// A list page to serve and the tier that had it.
+#[derive(Debug)]
+pub struct PageAnswer {
+    pub body: Bytes,
+    pub tier: Tier,
+}
+
+/// The JSON of a list page; `source` must stay the first field (see `cache::pages`).
+#[derive(serde::Serialize)]
+struct PageJson<'a> {
+    source: &'static str,
+    count: usize,
+    items: &'a [Item],
+    next_after: Option<i64>,
 }
 
 /// The outcome of an update.
@@ -70,6 +89,7 @@ pub struct Items {
     recent_write_window: Duration,
     /// Keys with a background refresh in flight: one per key.
     refreshing: Arc<DashMap<i64, ()>>,
+    pages: Pages,
     metrics: CacheMetrics,
 }
 
@@ -85,6 +105,7 @@ impl Items {
             negative_ttl: settings.negative_ttl,
             recent_write_window: settings.recent_write_window,
             refreshing: Arc::new(DashMap::new()),
+            pages: Pages::new(PAGE_CAPACITY, settings.l1_ttl),
             metrics: CacheMetrics::new(),
         }
     }
@@ -286,16 +307,54 @@ impl Items {
         });
     }
 
-    /// A page of items straight from PostgreSQL, and whether more follow.
+    /// A page of items, `limit` after the id `after`, as the JSON body to serve: from the
+    /// page cache when nothing was written since it was loaded, else from PostgreSQL.
     ///
     /// # Errors
-    /// When PostgreSQL fails.
-    pub async fn list(&self, after: i64, limit: u16) -> Result<(Vec<Item>, bool), ServiceError> {
+    /// When PostgreSQL fails or a page cannot be encoded.
+    pub async fn list(&self, after: i64, limit: u16) -> Result<PageAnswer, ServiceError> {
+        let generation = self.l1.generation();
+        if let Some(page) = self
+            .pages
+            .get(after, limit, generation, self.l1.ttl_now())
+            .await
+        {
+            self.metrics.page_hit.increment(1);
+            return Ok(PageAnswer {
+                body: page.cached_body(),
+                tier: Tier::L1,
+            });
+        }
+        self.metrics.page_miss.increment(1);
+        let started = Instant::now();
+        let latest = self.l1.changed_within(self.recent_write_window);
         // One extra row tells whether another page follows, without a COUNT.
-        let mut items = self.db.list(after, i64::from(limit) + 1).await?;
+        let mut items = self.db.list(after, i64::from(limit) + 1, latest).await?;
         let more = items.len() > usize::from(limit);
         items.truncate(usize::from(limit));
-        Ok((items, more))
+        let next_after = if more {
+            items.last().map(|i| i.id)
+        } else {
+            None
+        };
+        let json = PageJson {
+            source: Tier::L1.source(),
+            count: items.len(),
+            items: &items,
+            next_after,
+        };
+        // Loaded under the generation read *before* the query: a write during it has
+        // moved the generation on, so this page is never served.
+        let page = Arc::new(Page::new(
+            generation,
+            started,
+            Bytes::from(serde_json::to_vec(&json)?),
+        ));
+        self.pages.insert(after, limit, Arc::clone(&page)).await;
+        Ok(PageAnswer {
+            body: page.database_body(),
+            tier: Tier::Database,
+        })
     }
 
     /// Creates an item; returns its new id and entry.
@@ -478,6 +537,8 @@ struct CacheMetrics {
     l2_write_error: Counter,
     published: Counter,
     relayed: Counter,
+    page_hit: Counter,
+    page_miss: Counter,
 }
 
 impl std::fmt::Debug for CacheMetrics {
@@ -524,6 +585,8 @@ impl CacheMetrics {
             l2_write_error: write("error"),
             published: metrics::counter!("tiergate_cache_invalidations_sent_total"),
             relayed: metrics::counter!("tiergate_cache_outbox_relayed_total"),
+            page_hit: lookup("pages", "hit"),
+            page_miss: lookup("pages", "miss"),
         }
     }
 }

@@ -53,6 +53,13 @@ struct State {
     last_flush: AtomicU64,
     /// Invalidations may be lost (the subscriber is down): new entries live briefly.
     degraded: AtomicBool,
+    /// Woken when `degraded` turns false.
+    coherent: tokio::sync::Notify,
+    /// Bumped by every write seen here (local or announced) and every flush: a cached
+    /// list page is served only under the generation it was loaded in.
+    generation: AtomicU64,
+    /// Nanoseconds after `epoch` of the last generation bump.
+    last_change: AtomicU64,
 }
 
 impl L1 {
@@ -76,6 +83,9 @@ impl L1 {
             epoch: Instant::now(),
             last_flush: AtomicU64::new(0),
             degraded: AtomicBool::new(true),
+            coherent: tokio::sync::Notify::new(),
+            generation: AtomicU64::new(0),
+            last_change: AtomicU64::new(0),
         });
         Self {
             entries,
@@ -87,11 +97,7 @@ impl L1 {
 
     /// The stamp of an entry whose load started at `loaded_at`.
     pub fn stamp(&self, origin: Tier, loaded_at: Instant, kind: Kind) -> Stamp {
-        let base = if self.state.degraded.load(Ordering::Relaxed) {
-            self.policy.degraded_ttl.min(self.policy.ttl)
-        } else {
-            self.policy.ttl
-        };
+        let base = self.ttl_now();
         let base = match kind {
             Kind::Value => base,
             Kind::Absent => base / 5,
@@ -158,6 +164,7 @@ impl L1 {
     /// fill cannot be served after this, then the new entry (read-your-writes).
     pub async fn insert_written(&self, id: i64, entry: Arc<Entry>) {
         self.observe_version(id, entry.version);
+        self.bump_generation();
         self.entries.insert(id, entry).await;
     }
 
@@ -186,6 +193,7 @@ impl L1 {
     /// Drops one entry and raises its watermark: an invalidation from a peer.
     pub async fn invalidate_version(&self, id: i64, version: i64) {
         self.observe_version(id, version);
+        self.bump_generation();
         self.entries.invalidate(&id).await;
     }
 
@@ -200,12 +208,59 @@ impl L1 {
         let since_epoch = self.state.epoch.elapsed();
         let now = u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX);
         self.state.last_flush.fetch_max(now, Ordering::AcqRel);
+        self.bump_generation();
         self.entries.invalidate_all();
+    }
+
+    /// The list generation: it moves on every write seen here and every flush.
+    pub fn generation(&self) -> u64 {
+        self.state.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether any write was seen here within `window` (replica lag for list reads).
+    pub fn changed_within(&self, window: Duration) -> bool {
+        let last = Duration::from_nanos(self.state.last_change.load(Ordering::Acquire));
+        self.state.generation.load(Ordering::Acquire) > 0
+            && self.state.epoch.elapsed().saturating_sub(last) < window
+    }
+
+    /// How long an entry made now stays fresh, before jitter.
+    pub fn ttl_now(&self) -> Duration {
+        if self.state.degraded.load(Ordering::Relaxed) {
+            self.policy.degraded_ttl.min(self.policy.ttl)
+        } else {
+            self.policy.ttl
+        }
+    }
+
+    fn bump_generation(&self) {
+        let now = u64::try_from(self.state.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.state.last_change.fetch_max(now, Ordering::AcqRel);
+        self.state.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Marks whether invalidations may be lost right now.
     pub fn set_degraded(&self, degraded: bool) {
-        self.state.degraded.store(degraded, Ordering::Relaxed);
+        self.state.degraded.store(degraded, Ordering::Release);
+        if !degraded {
+            self.state.coherent.notify_waiters();
+        }
+    }
+
+    /// Waits until invalidations are received (not degraded), at most `timeout`;
+    /// returns whether they are.
+    pub async fn wait_coherent(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the check, so a wake-up in between is not missed.
+            let woken = self.state.coherent.notified();
+            if !self.is_degraded() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Whether invalidations may be lost right now.

@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod bus;
 pub mod l1;
 pub mod l2;
+pub mod pages;
 
 use std::time::{Duration, Instant};
 

@@ -167,21 +167,34 @@ impl Database {
     }
 
     async fn get_from(&self, pool: &Pool, id: ItemId) -> Result<Option<Item>, StoreError> {
-        let conn = pool.get().await?;
         let sql = format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = $1");
-        let row = conn
-            .query_typed_opt(&sql, &[(&id.get(), Type::INT8)])
-            .await?;
-        row.as_ref().map(item_from_row).transpose()
+        let mut attempt = 0;
+        loop {
+            let conn = pool.get().await?;
+            match conn.query_typed_opt(&sql, &[(&id.get(), Type::INT8)]).await {
+                Err(e) if retry_read(pool, &e, attempt) => attempt += 1,
+                row => return row?.as_ref().map(item_from_row).transpose(),
+            }
+        }
     }
 
     /// A page of items in id order, after `after` (keyset pagination: stable under
-    /// concurrent inserts, and as cheap for page 1,000 as for page 1).
+    /// concurrent inserts, and as cheap for page 1,000 as for page 1); from the writer
+    /// when `latest`, else from the reader when there is one.
     ///
     /// # Errors
     /// When the database is unreachable or the query fails.
-    pub async fn list(&self, after: i64, limit: i64) -> Result<Vec<Item>, StoreError> {
-        let pool = self.reader.as_ref().unwrap_or(&self.writer);
+    pub async fn list(
+        &self,
+        after: i64,
+        limit: i64,
+        latest: bool,
+    ) -> Result<Vec<Item>, StoreError> {
+        let pool = if latest {
+            &self.writer
+        } else {
+            self.reader.as_ref().unwrap_or(&self.writer)
+        };
         let sql = format!("SELECT {ITEM_COLUMNS} FROM items WHERE id > $1 ORDER BY id LIMIT $2");
         let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
             [(&after, Type::INT8), (&limit, Type::INT8)];
@@ -189,7 +202,7 @@ impl Database {
         loop {
             let conn = pool.get().await?;
             match conn.query_typed(&sql, &params).await {
-                Err(e) if retry_read(&e, attempt) => attempt += 1,
+                Err(e) if retry_read(pool, &e, attempt) => attempt += 1,
                 rows => return rows?.iter().map(item_from_row).collect(),
             }
         }
@@ -353,13 +366,12 @@ impl Database {
     }
 }
 
-/// Reads are tried once more on a fresh connection when the first one turned out
-/// closed (the server restarted, failed over, or ended idle connections). Only reads:
-/// a write may have committed before its connection broke.
-const READ_ATTEMPTS: usize = 2;
-
-fn retry_read(error: &tokio_postgres::Error, attempt: usize) -> bool {
-    error.is_closed() && attempt + 1 < READ_ATTEMPTS
+/// Whether a read that failed on a closed connection goes to the next one: after a
+/// server restart or failover every idle connection may be dead, and noticing it costs
+/// no round trip, so up to one attempt per pooled connection, plus a fresh one. Only
+/// reads: a write may have committed before its connection broke.
+fn retry_read(pool: &Pool, error: &tokio_postgres::Error, attempt: u32) -> bool {
+    error.is_closed() && attempt < pool.state().connections + 1
 }
 
 fn build_pool(

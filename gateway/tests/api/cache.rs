@@ -105,9 +105,10 @@ async fn concurrent_first_reads_of_one_id_make_one_postgres_query() {
     let path = format!("/items/{id}");
     let reads = (0..100).map(|_| app.get(&path));
     let responses = futures_util::future::join_all(reads).await;
+    let statuses: Vec<u16> = responses.iter().map(|r| r.status().as_u16()).collect();
     assert!(
-        responses.iter().all(|r| r.status() == 200),
-        "every read answered"
+        statuses.iter().all(|s| *s == 200),
+        "every read answered: {statuses:?}"
     );
 
     let after = backends.db.items_table_scans().await;
@@ -116,5 +117,33 @@ async fn concurrent_first_reads_of_one_id_make_one_postgres_query() {
         1,
         "100 concurrent cold reads, one query (counted by PostgreSQL)"
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn list_pages_are_cached_until_a_write_changes_them() {
+    let backends = Backends::new().await;
+    let app = TestApp::start(backends.settings()).await;
+    app.create("first").await;
+
+    let miss = app.get("/items?limit=10").await;
+    assert_eq!(miss.headers()["x-cache"], "miss");
+    assert_eq!(json_body(miss).await["source"], "database");
+    let hit = app.get("/items?limit=10").await;
+    assert_eq!(hit.headers()["x-cache"], "l1");
+    let body = json_body(hit).await;
+    assert_eq!(
+        (body["source"].as_str(), body["count"].as_i64()),
+        (Some("cache"), Some(1))
+    );
+
+    app.create("second").await;
+    let after_write = app.get("/items?limit=10").await;
+    assert_eq!(
+        after_write.headers()["x-cache"],
+        "miss",
+        "the write moved the generation"
+    );
+    assert_eq!(json_body(after_write).await["count"], 2);
     app.stop().await;
 }
