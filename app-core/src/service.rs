@@ -158,24 +158,40 @@ impl Items {
             stale = Some(entry);
         }
         self.metrics.l1_miss.increment(1);
-        let entry = self
-            .l1
-            .get_or_load(key, self.load(id, stale.clone()))
-            .await?;
-        if stale.as_ref().is_some_and(|s| Arc::ptr_eq(s, &entry)) {
-            self.metrics.stale_served.increment(1);
-            return Ok(Lookup {
-                entry,
-                tier: Tier::L1,
-            });
-        }
-        if self.l1.is_current(key, &entry) {
-            let tier = entry.stamp.origin;
-            return Ok(Lookup { entry, tier });
-        }
-        // Superseded while loading: a newer version was written or announced (moka still
-        // inserted the old one; the next read drops it). Answer from the writer, uncached.
-        self.metrics.l1_superseded.increment(1);
+        let mut retried = false;
+        let entry = loop {
+            let entry = self
+                .l1
+                .get_or_load(key, self.load(id, stale.clone()))
+                .await?;
+            if stale.as_ref().is_some_and(|s| Arc::ptr_eq(s, &entry)) {
+                self.metrics.stale_served.increment(1);
+                return Ok(Lookup {
+                    entry,
+                    tier: Tier::L1,
+                });
+            }
+            if self.l1.is_current(key, &entry) {
+                let tier = entry.stamp.origin;
+                return Ok(Lookup { entry, tier });
+            }
+            // Superseded while loading (a newer version was written or announced, or L1
+            // was flushed), and moka inserted it anyway. Once more through the flight, so
+            // a herd stays one query: `L1::get` drops the superseded entry, or finds what
+            // another flight has put there since.
+            self.metrics.l1_superseded.increment(1);
+            if retried {
+                break entry;
+            }
+            retried = true;
+            if let Some(current) = self.l1.get(key).await {
+                return Ok(Lookup {
+                    entry: current,
+                    tier: Tier::L1,
+                });
+            }
+        };
+        // Superseded twice: the key churns. Answer from the writer, uncached.
         let started = Instant::now();
         let latest = self
             .db

@@ -246,6 +246,14 @@ impl Pauses {
         gate
     }
 
+    /// Disarms a pause no operation reached.
+    ///
+    /// # Panics
+    /// When a test panicked while holding the lock.
+    pub fn disarm(&self, point: Point, id: i64) {
+        self.armed.lock().expect("pauses lock").remove(&(point, id));
+    }
+
     /// Hooks that pause at the armed points.
     pub fn hooks(self: &Arc<Self>) -> Hooks {
         let pauses = Arc::clone(self);
