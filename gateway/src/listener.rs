@@ -1,38 +1,108 @@
 //! Accept loops: TCP connections served by hyper, HTTP/1.1 and HTTP/2 (h2c by prior
-//! knowledge) on one port.
+//! knowledge) on one port, and the drain that ends them.
 //!
-//! On stop, a loop closes its listening socket first (new connections are refused),
-//! then asks every open connection to finish: HTTP/1.1 closes after the response in
-//! flight, HTTP/2 sends GOAWAY. Connections still open after the grace period are
-//! dropped.
+//! Shutdown runs in two phases, driven by [`Drain`]:
+//!
+//! 1. **Draining** (`shutdown.drain_delay`): the loop keeps accepting, so requests the
+//!    load balancer still routes here are served. Every HTTP/1.x response carries
+//!    `Connection: close` (the client's next request opens a connection elsewhere), and
+//!    HTTP/2 connections get GOAWAY. Idle HTTP/1.1 connections are left open on purpose:
+//!    closing one races a request the client may be sending on it at that moment, which
+//!    is how an ALB ends up answering 502.
+//! 2. **Closing**: the listening socket closes (new connections are refused), every
+//!    connection is asked to finish (idle HTTP/1.1 closes now, a request in flight gets
+//!    its response first), and connections still open at the deadline are dropped.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 
 /// How long to pause after a failed `accept` (EMFILE and the like): long enough not to
 /// spin on a full descriptor table, short enough to recover quickly.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Serves `listener` with `handler` until `stop` turns true, then drains for at most
-/// `grace`.
+/// Where a shutdown stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Normal operation.
+    Serving,
+    /// Still accepting, but telling every client to go elsewhere.
+    Draining,
+    /// No longer accepting; connections finish until the deadline.
+    Closing { deadline: Instant },
+}
+
+/// The shutdown phase as the accept loops and connections see it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Drain {
+    phase: watch::Receiver<Phase>,
+    /// Mirrors "phase is not Serving" for the per-request check: one relaxed load on the
+    /// hot path instead of the watch channel's lock.
+    draining: Arc<AtomicBool>,
+}
+
+/// The sending side of [`Drain`], held by the server.
+#[derive(Debug)]
+pub(crate) struct DrainControl {
+    phase: watch::Sender<Phase>,
+    draining: Arc<AtomicBool>,
+}
+
+impl DrainControl {
+    pub(crate) fn new() -> (Self, Drain) {
+        let (tx, rx) = watch::channel(Phase::Serving);
+        let draining = Arc::new(AtomicBool::new(false));
+        (
+            Self {
+                phase: tx,
+                draining: draining.clone(),
+            },
+            Drain {
+                phase: rx,
+                draining,
+            },
+        )
+    }
+
+    /// Enters `phase`; the loops and connections react at once.
+    pub(crate) fn enter(&self, phase: Phase) {
+        self.draining
+            .store(phase != Phase::Serving, Ordering::Relaxed);
+        self.phase.send_replace(phase);
+    }
+}
+
+/// Per-connection facts the service shares with the task that drives the connection.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// The connection spoke HTTP/2 at least once: GOAWAY is how to drain it.
+    h2: AtomicBool,
+    /// A request on an HTTP/2 connection finished while draining: send GOAWAY now.
+    goaway: Notify,
+}
+
+/// Serves `listener` with `handler` until the drain reaches [`Phase::Closing`], then
+/// waits for open connections until its deadline.
 pub(crate) async fn serve<H, Fut>(
     name: &'static str,
     listener: TcpListener,
     handler: H,
-    mut stop: watch::Receiver<bool>,
-    grace: Duration,
+    drain: Drain,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
@@ -41,12 +111,20 @@ pub(crate) async fn serve<H, Fut>(
     // hyper needs a timer for its header-read timeout (slow-loris protection).
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    // Each connection task holds a sender; `recv` yields `None` once all have ended.
+    let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+    let mut phase = drain.phase.clone();
 
-    loop {
+    let deadline = loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = stop.wait_for(|stopped| *stopped) => break,
+            changed = phase.wait_for(|p| matches!(p, Phase::Closing { .. })) => {
+                match changed.as_deref() {
+                    Ok(Phase::Closing { deadline }) => break *deadline,
+                    // The server went away without a deadline: nothing left to wait for.
+                    _ => break Instant::now(),
+                }
+            }
         };
         let stream = match accepted {
             Ok((stream, _peer)) => stream,
@@ -58,26 +136,78 @@ pub(crate) async fn serve<H, Fut>(
         };
         // Responses are small and written whole: send them without waiting for more.
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |req| {
-            let response = handler(req);
-            async move { Ok::<_, Infallible>(response.await) }
-        });
-        let connection = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
+        let state = Arc::new(ConnState::default());
+        let service = {
+            let handler = handler.clone();
+            let state = state.clone();
+            let draining = drain.draining.clone();
+            service_fn(move |req: Request<Incoming>| {
+                let version = req.version();
+                if version == Version::HTTP_2 {
+                    state.h2.store(true, Ordering::Relaxed);
+                }
+                let response = handler(req);
+                let state = state.clone();
+                let draining = draining.clone();
+                async move {
+                    let mut rsp = response.await;
+                    if draining.load(Ordering::Relaxed) {
+                        if version == Version::HTTP_2 {
+                            state.goaway.notify_one();
+                        } else {
+                            // hyper closes the connection after a response that says so.
+                            rsp.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        }
+                    }
+                    Ok::<_, Infallible>(rsp)
+                }
+            })
+        };
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let mut phase = drain.phase.clone();
+        let open = open_tx.clone();
+        // Drives the connection to its end, asking it to finish when the drain says so.
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(listener = name, error = %error, "Connection ended with an error.");
+            let _open = open;
+            let mut connection = pin!(connection);
+            let mut asked = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            tracing::debug!(listener = name, error = %error, "Connection ended with an error.");
+                        }
+                        return;
+                    }
+                    () = state.goaway.notified(), if !asked => {}
+                    changed = phase.changed(), if !asked => {
+                        let now = *phase.borrow_and_update();
+                        let h2 = state.h2.load(Ordering::Relaxed);
+                        match (changed, now) {
+                            // The server is gone or closing: finish now.
+                            (Err(_), _) | (Ok(()), Phase::Closing { .. }) => {}
+                            (Ok(()), Phase::Draining) if h2 => {}
+                            // HTTP/1.x drains per response (`Connection: close`).
+                            (Ok(()), _) => continue,
+                        }
+                    }
+                }
+                // HTTP/2: GOAWAY, in-flight streams finish. HTTP/1.1: close when idle,
+                // else after the response in flight.
+                connection.as_mut().graceful_shutdown();
+                asked = true;
             }
         });
-    }
+    };
 
     drop(listener);
+    tracing::info!(listener = name, "Stopped accepting.");
+    drop(open_tx);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!(listener = name, "All connections drained."),
-        () = tokio::time::sleep(grace) => tracing::warn!(listener = name, "Drain deadline passed; dropping open connections."),
+        _ = open_rx.recv() => tracing::info!(listener = name, "All connections drained."),
+        () = tokio::time::sleep_until(deadline) => tracing::warn!(listener = name, "Shutdown deadline passed; dropping open connections."),
     }
 }
