@@ -12,4 +12,5 @@ mod errors;
 mod health;
 mod helpers;
 mod items;
+mod shutdown;
 mod startup;

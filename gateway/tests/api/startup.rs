@@ -52,7 +52,7 @@ async fn forward(port: u16, target: String) {
 }
 
 /// Sends every stdout line of `child` to a channel.
-fn lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
+pub fn lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -67,14 +67,23 @@ fn lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
 }
 
 /// Waits for a log line whose message is `message`; returns it parsed.
-async fn wait_for_log(
+pub async fn wait_for_log(
     rx: &mut mpsc::UnboundedReceiver<String>,
     message: &str,
+) -> serde_json::Value {
+    wait_for_log_where(rx, message, |_| true).await
+}
+
+/// Waits for a log line whose message is `message` and whose fields pass `also`.
+pub async fn wait_for_log_where(
+    rx: &mut mpsc::UnboundedReceiver<String>,
+    message: &str,
+    also: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let wait = async {
         while let Some(line) = rx.recv().await {
             if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
-                if json["message"] == message {
+                if json["message"] == message && also(&json) {
                     return json;
                 }
             }
