@@ -8,6 +8,7 @@
 
 mod cache;
 mod config;
+mod deploy;
 mod errors;
 mod health;
 mod helpers;
