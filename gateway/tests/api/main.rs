@@ -13,5 +13,6 @@ mod errors;
 mod health;
 mod helpers;
 mod items;
+mod rolling;
 mod shutdown;
 mod startup;
