@@ -417,3 +417,104 @@ async fn load_shedding_answers_503_with_retry_after_beyond_the_bound() {
     assert!(shed_total.is_some_and(|n| n >= 1.0), "{metrics}");
     app.stop().await;
 }
+
+/// A minimal HTTP/2 client over prior knowledge: enough to send one GET and watch the
+/// frames that come back (the test needs to see GOAWAY, which no HTTP client exposes).
+struct RawH2 {
+    stream: TcpStream,
+}
+
+impl RawH2 {
+    const HEADERS: u8 = 0x1;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+
+    async fn connect(addr: SocketAddr) -> Self {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut h2 = Self { stream };
+        h2.send(Self::SETTINGS, 0, 0, &[]).await;
+        h2
+    }
+
+    async fn send(&mut self, kind: u8, flags: u8, stream_id: u32, payload: &[u8]) {
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut frame = vec![len[1], len[2], len[3], kind, flags];
+        frame.extend_from_slice(&stream_id.to_be_bytes());
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    /// `GET path` on `stream_id`, END_STREAM | END_HEADERS, HPACK without indexing.
+    async fn get(&mut self, stream_id: u32, authority: &str, path: &str) {
+        // :method GET (static 2), :scheme http (static 6), then :path and :authority as
+        // literals with indexed names 4 and 1.
+        let mut block = vec![0x82, 0x86, 0x04, u8::try_from(path.len()).unwrap()];
+        block.extend_from_slice(path.as_bytes());
+        block.extend([0x01, u8::try_from(authority.len()).unwrap()]);
+        block.extend_from_slice(authority.as_bytes());
+        self.send(Self::HEADERS, 0x1 | 0x4, stream_id, &block).await;
+    }
+
+    /// The next frame's type, flags and stream id; acknowledges the server's SETTINGS.
+    async fn next_frame(&mut self) -> (u8, u8, u32) {
+        let mut head = [0u8; 9];
+        self.stream.read_exact(&mut head).await.expect("a frame");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        self.stream.read_exact(&mut payload).await.unwrap();
+        let (kind, flags) = (head[3], head[4]);
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if kind == Self::SETTINGS && flags & 0x1 == 0 {
+            self.send(Self::SETTINGS, 0x1, 0, &[]).await;
+        }
+        (kind, flags, id)
+    }
+
+    /// Reads frames until one of `kind` arrives.
+    async fn wait_for(&mut self, kind: u8) -> (u8, u8, u32) {
+        loop {
+            let frame = self.next_frame().await;
+            if frame.0 == kind {
+                return frame;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn http2_connections_get_goaway_while_draining() {
+    let backends = Backends::new().await;
+    let mut task = Task::start(
+        &backends,
+        &[
+            ("TIERGATE_SHUTDOWN__DRAIN_DELAY", "20s"),
+            ("TIERGATE_SHUTDOWN__TIMEOUT", "25s"),
+        ],
+    )
+    .await;
+    let authority = task.http.to_string();
+    let mut h2 = RawH2::connect(task.http).await;
+    h2.get(1, &authority, "/livez").await;
+    let (_, _, id) = h2.wait_for(RawH2::HEADERS).await;
+    assert_eq!(id, 1, "the answer to the request before the signal");
+
+    task.signal("TERM");
+    wait_for_log(
+        &mut task.log,
+        "Draining: readiness is 503; still serving, with Connection: close.",
+    )
+    .await;
+    // GOAWAY comes in the drain phase, long before the listeners close at 20 s.
+    let goaway = tokio::time::timeout(Duration::from_secs(5), h2.wait_for(RawH2::GOAWAY)).await;
+    assert!(goaway.is_ok(), "no GOAWAY within 5 s of the drain starting");
+    // Still serving new connections meanwhile.
+    let rsp = reqwest::get(task.url("/livez")).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(rsp.headers()["connection"], "close");
+    task.signal("TERM");
+    task.exit_within(Duration::from_secs(5)).await;
+}
