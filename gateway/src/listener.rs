@@ -9,9 +9,11 @@
 //!    HTTP/2 connections get GOAWAY. Idle HTTP/1.1 connections are left open on purpose:
 //!    closing one races a request the client may be sending on it at that moment, which
 //!    is how an ALB ends up answering 502.
-//! 2. **Closing**: the listening socket closes (new connections are refused), every
-//!    connection is asked to finish (idle HTTP/1.1 closes now, a request in flight gets
-//!    its response first), and connections still open at the deadline are dropped.
+//! 2. **Closing**: connections already in the accept backlog are taken in, then the
+//!    listening socket closes (new connections are refused). Every connection is asked to
+//!    finish: idle HTTP/1.1 closes now, a request in flight gets its response first, and
+//!    a connection that has sent nothing yet gets [`FIRST_REQUEST_GRACE`] to send its
+//!    request. Connections still open at the deadline are dropped.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,13 +30,17 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 /// How long to pause after a failed `accept` (EMFILE and the like): long enough not to
 /// spin on a full descriptor table, short enough to recover quickly.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// When the listener closes, how long a connection that has not sent a request yet gets
+/// to send one (a client that connected just before the close) before it is closed.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// Where a shutdown stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +100,8 @@ struct ConnState {
     h2: AtomicBool,
     /// A request on an HTTP/2 connection finished while draining: send GOAWAY now.
     goaway: Notify,
+    /// At least one request arrived on the connection.
+    used: AtomicBool,
 }
 
 /// Serves `listener` with `handler` until the drain reaches [`Phase::Closing`], then
@@ -113,27 +121,8 @@ pub(crate) async fn serve<H, Fut>(
     builder.http2().timer(TokioTimer::new());
     // Each connection task holds a sender; `recv` yields `None` once all have ended.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
-    let mut phase = drain.phase.clone();
-
-    let deadline = loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            changed = phase.wait_for(|p| matches!(p, Phase::Closing { .. })) => {
-                match changed.as_deref() {
-                    Ok(Phase::Closing { deadline }) => break *deadline,
-                    // The server went away without a deadline: nothing left to wait for.
-                    _ => break Instant::now(),
-                }
-            }
-        };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
-            Err(error) => {
-                tracing::warn!(listener = name, %error, "Accept failed; backing off.");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
+    // Serves one accepted connection in a task of its own.
+    let spawn = |stream: TcpStream| {
         // Responses are small and written whole: send them without waiting for more.
         let _ = stream.set_nodelay(true);
         let state = Arc::new(ConnState::default());
@@ -143,6 +132,7 @@ pub(crate) async fn serve<H, Fut>(
             let draining = drain.draining.clone();
             service_fn(move |req: Request<Incoming>| {
                 let version = req.version();
+                state.used.store(true, Ordering::Relaxed);
                 if version == Version::HTTP_2 {
                     state.h2.store(true, Ordering::Relaxed);
                 }
@@ -174,7 +164,14 @@ pub(crate) async fn serve<H, Fut>(
             let _open = open;
             let mut connection = pin!(connection);
             let mut asked = false;
+            let mut finish_at: Option<Instant> = None;
             loop {
+                let grace = async {
+                    match finish_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     result = connection.as_mut() => {
                         if let Err(error) = result {
@@ -183,10 +180,19 @@ pub(crate) async fn serve<H, Fut>(
                         return;
                     }
                     () = state.goaway.notified(), if !asked => {}
-                    changed = phase.changed(), if !asked => {
+                    () = grace, if !asked => {}
+                    changed = phase.changed(), if !asked && finish_at.is_none() => {
                         let now = *phase.borrow_and_update();
                         let h2 = state.h2.load(Ordering::Relaxed);
                         match (changed, now) {
+                            // hyper closes a connection that has not read a request yet
+                            // without reading one; its first request may be on the wire.
+                            (Err(_) | Ok(()), Phase::Closing { .. })
+                                if !state.used.load(Ordering::Relaxed) =>
+                            {
+                                finish_at = Some(Instant::now() + FIRST_REQUEST_GRACE);
+                                continue;
+                            }
                             // The server is gone or closing: finish now.
                             (Err(_), _) | (Ok(()), Phase::Closing { .. }) => {}
                             (Ok(()), Phase::Draining) if h2 => {}
@@ -203,6 +209,35 @@ pub(crate) async fn serve<H, Fut>(
         });
     };
 
+    let mut phase = drain.phase.clone();
+    let deadline = loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            changed = phase.wait_for(|p| matches!(p, Phase::Closing { .. })) => {
+                match changed.as_deref() {
+                    Ok(Phase::Closing { deadline }) => break *deadline,
+                    // The server went away without a deadline: nothing left to wait for.
+                    _ => break Instant::now(),
+                }
+            }
+        };
+        match accepted {
+            Ok((stream, _peer)) => spawn(stream),
+            Err(error) => {
+                tracing::warn!(listener = name, %error, "Accept failed; backing off.");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    };
+
+    // Connections the kernel has completed but we have not accepted would be reset when
+    // the socket closes, requests and all: take them in first. (A zero timeout still
+    // polls `accept` once.)
+    while let Ok(Ok((stream, _peer))) =
+        tokio::time::timeout(Duration::ZERO, listener.accept()).await
+    {
+        spawn(stream);
+    }
     drop(listener);
     tracing::info!(listener = name, "Stopped accepting.");
     drop(open_tx);
