@@ -2,7 +2,8 @@
 //! the ALB, replaced one by one under constant load, with zero failed requests.
 //!
 //! nginx plays the load balancer's part with four fixed upstream slots: two for the old
-//! tasks and two for their replacements. A slot with nothing behind it refuses
+//! tasks and two for their replacements, which are put behind their slots only once
+//! ready (see [`register`]). A slot with nothing behind it refuses
 //! connections, which nginx treats as a failed attempt and retries on the next server
 //! (`proxy_next_upstream error`), as an ALB skips an unhealthy target. `max_fails=0`:
 //! nginx's passive health (a server benched for a while after one failure) benched every
@@ -91,6 +92,32 @@ impl Drop for Nginx {
     }
 }
 
+/// "Registers" a ready task with the load balancer: forwards the slot nginx knows to the
+/// task's own port. A new task is thereby reachable only once it is ready, as an ALB
+/// routes to a target only once its health checks pass. Stops forwarding on drop.
+async fn register(slot: SocketAddr, task: SocketAddr) -> AbortOnDrop {
+    let listener = tokio::net::TcpListener::bind(slot)
+        .await
+        .expect("bind the slot");
+    AbortOnDrop(tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(task).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    }))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn config(dir: &Path, listen: SocketAddr, upstreams: &[SocketAddr]) -> String {
     let dir = dir.display();
     let servers: String = upstreams
@@ -138,10 +165,10 @@ async fn rolling_deploy_behind_a_proxy_loses_no_request() {
     let slots: Vec<SocketAddr> = (0..4)
         .map(|_| SocketAddr::from(([127, 0, 0, 1], closed_port())))
         .collect();
-    let start_task = |slot: SocketAddr, color: &'static str| {
+    let start_task = |listen: SocketAddr, color: &'static str| {
         let backends = &backends;
         async move {
-            let listen = slot.to_string();
+            let listen = listen.to_string();
             let task = Task::start(
                 backends,
                 &[
@@ -195,21 +222,35 @@ async fn rolling_deploy_behind_a_proxy_loses_no_request() {
     let ok = Arc::new(AtomicU64::new(0));
     let load_deadline = Instant::now() + Duration::from_secs(60);
     let mut workers = Vec::new();
+    // Workers: /health, two on an item, and one creating items. nginx never retries a
+    // POST once it has been sent, so a POST cut off by a closing task fails here.
     for n in 0..4 {
         let (client, running, ok) = (client.clone(), running.clone(), ok.clone());
-        let url = if n == 0 {
-            format!("{front}/health")
-        } else {
-            format!("{front}/items/{id}")
+        let (url, post) = match n {
+            0 => (format!("{front}/health"), false),
+            3 => (format!("{front}/items"), true),
+            _ => (format!("{front}/items/{id}"), false),
         };
         workers.push(tokio::spawn(async move {
             let mut failures = Vec::new();
             while running.load(Ordering::Relaxed) && Instant::now() < load_deadline {
-                match client.get(&url).send().await {
-                    Ok(rsp) if rsp.status() == 200 => {
+                let request = if post {
+                    client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(r#"{"name":"under load"}"#)
+                } else {
+                    client.get(&url)
+                };
+                match request.send().await {
+                    Ok(rsp) if rsp.status().is_success() => {
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(rsp) => failures.push(format!("{url}: status {}", rsp.status())),
+                    Ok(rsp) => failures.push(format!(
+                        "{url}: status {}: {}",
+                        rsp.status(),
+                        rsp.text().await.unwrap_or_default()
+                    )),
                     Err(e) => failures.push(format!("{url}: {e:?}")),
                 }
             }
@@ -232,8 +273,11 @@ async fn rolling_deploy_behind_a_proxy_loses_no_request() {
     // Replace the tasks one at a time: start the new one, wait until it is ready, then
     // SIGTERM the old one and wait for it to exit cleanly, all under load.
     let mut new = Vec::new();
+    let mut registrations = Vec::new();
     for (i, slot) in slots[2..].iter().enumerate() {
-        new.push(start_task(*slot, "green").await);
+        let task = start_task(SocketAddr::from(([127, 0, 0, 1], 0)), "green").await;
+        registrations.push(register(*slot, task.http).await);
+        new.push(task);
         let mut retiring = old.remove(0);
         retiring.signal("TERM");
         // Every request it had accepted finished: it did not exit on the deadline.
@@ -279,6 +323,7 @@ async fn rolling_deploy_behind_a_proxy_loses_no_request() {
         count("Connection refused"),
         count("reset by peer") + count("prematurely closed")
     );
+    drop(registrations);
     for mut task in new {
         task.signal("TERM");
         task.exit_within(Duration::from_secs(15)).await;
