@@ -43,12 +43,12 @@ RUN cargo build --release --locked -p gateway --bin tiergate \
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 COPY --from=builder /usr/local/bin/tiergate /usr/local/bin/tiergate
 COPY config/examples/fargate.toml /etc/tiergate/tiergate.toml
-# Fargate defaults: public listener on all interfaces at 8080 (the ALB target port),
-# admin on loopback (the health check and sidecars reach it inside the task), JSON logs.
-# The database and Redis URLs come from the environment (DATABASE_URL, REDIS_URL).
+# Fargate defaults come from that file: public listener 0.0.0.0:8080 (the ALB target
+# port), admin on loopback (the health check and sidecars reach it inside the task), JSON
+# logs. They are not set as TIERGATE_* variables here, which would beat a PORT given to
+# the container. The database and Redis URLs come from the environment (DATABASE_URL,
+# REDIS_URL), as ECS injects secrets.
 ENV TIERGATE_CONFIG=/etc/tiergate/tiergate.toml \
-    TIERGATE_LISTEN__HTTP=0.0.0.0:8080 \
-    TIERGATE_LOG__FORMAT=json \
     RUST_LOG=info
 USER 65532:65532
 EXPOSE 8080

@@ -203,6 +203,11 @@ async fn health_check_commands_run_against_the_real_binary() {
         "one health check, two places"
     );
     assert_eq!(cmd, ["serve"]);
+    let port = &container(&task)["portMappings"][0]["containerPort"];
+    assert!(
+        instructions.contains(&format!("EXPOSE {port}")),
+        "EXPOSE the task's container port {port}"
+    );
     assert!(
         instructions.iter().any(|l| l == "STOPSIGNAL SIGTERM"),
         "STOPSIGNAL"
