@@ -1,7 +1,7 @@
 //! Accept loops: TCP connections served by hyper, HTTP/1.1 and HTTP/2 (h2c by prior
 //! knowledge) on one port, and the drain that ends them.
 //!
-//! Shutdown runs in two phases, driven by [`Drain`]:
+//! Shutdown runs in two phases, driven by `Drain`:
 //!
 //! 1. **Draining** (`shutdown.drain_delay`): the loop keeps accepting, so requests the
 //!    load balancer still routes here are served. Every HTTP/1.x response carries
@@ -12,7 +12,7 @@
 //! 2. **Closing**: connections already in the accept backlog are taken in, then the
 //!    listening socket closes (new connections are refused). Every connection is asked to
 //!    finish: idle HTTP/1.1 closes now, a request in flight gets its response first, and
-//!    a connection that has sent nothing yet gets [`FIRST_REQUEST_GRACE`] to send its
+//!    a connection that has sent nothing yet gets `FIRST_REQUEST_GRACE` (1 s) to send its
 //!    request. Connections still open at the deadline are dropped.
 
 use std::convert::Infallible;
