@@ -282,6 +282,37 @@ async fn a_request_longer_than_the_drain_delay_gets_its_answer_and_new_connectio
 }
 
 #[tokio::test]
+async fn a_request_stuck_past_the_timeout_is_dropped_and_the_process_exits_on_time() {
+    let backends = Backends::new().await;
+    let mut task = Task::start(
+        &backends,
+        &[
+            ("TIERGATE_SHUTDOWN__DRAIN_DELAY", "200ms"),
+            ("TIERGATE_SHUTDOWN__TIMEOUT", "1500ms"),
+        ],
+    )
+    .await;
+    task.wait_ready().await;
+    // A body that never completes: only the deadline ends this request.
+    let _stuck = start_slow_post(task.http, r#"{"name":"never"}"#, 3).await;
+    task.signal("TERM");
+    let signalled = Instant::now();
+    wait_for_log_where(
+        &mut task.log,
+        "Shutdown deadline passed; dropping open connections.",
+        |l| l["listener"] == "http",
+    )
+    .await;
+    let status = task.exit_within(Duration::from_secs(5)).await;
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
+        "exit at the deadline, well before a SIGKILL would come: {took:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_second_signal_exits_at_once() {
     let backends = Backends::new().await;
     let mut task = Task::start(
