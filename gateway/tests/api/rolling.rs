@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use crate::helpers::{Backends, closed_port, unique};
+use crate::helpers::{Backends, closed_port};
 use crate::shutdown::Task;
 use crate::startup::wait_for_log_where;
 
@@ -57,7 +57,7 @@ struct Nginx {
 
 impl Nginx {
     async fn start(upstreams: &[SocketAddr]) -> Self {
-        let dir = std::env::temp_dir().join(unique("tiergate-nginx"));
+        let dir = std::env::temp_dir().join(format!("tiergate-nginx-{:016x}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let addr: SocketAddr = ([127, 0, 0, 1], closed_port()).into();
         std::fs::write(dir.join("nginx.conf"), config(&dir, addr, upstreams)).unwrap();
