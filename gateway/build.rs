@@ -1,16 +1,25 @@
-//! Bakes the git commit into the binary for `/health`; `unknown` outside a git checkout.
+//! Bakes the git commit into the binary for `/health`: `TIERGATE_COMMIT` when set at build
+//! time (the Dockerfile passes it in, having no `.git`), else `git rev-parse`, else
+//! `unknown`.
 
 use std::process::Command;
 
 fn main() {
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
+    println!("cargo:rerun-if-env-changed=TIERGATE_COMMIT");
+    let given = std::env::var("TIERGATE_COMMIT")
         .ok()
-        .filter(|out| out.status.success())
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
+        .filter(|c| !c.is_empty() && c != "unknown");
+    let commit = given
+        .or_else(|| {
+            Command::new("git")
+                .args(["rev-parse", "--short=12", "HEAD"])
+                .output()
+                .ok()
+                .filter(|out| out.status.success())
+                .and_then(|out| String::from_utf8(out.stdout).ok())
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=TIERGATE_COMMIT={commit}");
     // Rebuild when HEAD moves (best effort: these paths exist only in a checkout).

@@ -81,7 +81,7 @@ where
 {
     let result = match ApiRoute::parse(req.method(), req.uri().path()) {
         Ok(ApiRoute::Health) => Ok(health(app).await),
-        Ok(_) if !app.is_ready() => Err(ApiError::unavailable(
+        Ok(_) if !app.serves_items() => Err(ApiError::unavailable(
             "the service is starting: the database is not ready yet",
         )),
         Ok(route) => dispatch(app, route, req).await,

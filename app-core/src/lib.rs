@@ -169,8 +169,15 @@ impl App {
         }
     }
 
+    /// Whether the schema is in place, so item requests can be served. Stays true while
+    /// draining: the load balancer keeps routing here until it sees readiness fail, and
+    /// those requests must still get their answers.
+    pub(crate) fn serves_items(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+
     /// Marks the app as draining: `/readyz` and `/health` answer 503 from now on, so the
-    /// load balancer stops sending new traffic while in-flight requests finish.
+    /// load balancer stops sending new traffic. Item requests are still served.
     pub fn begin_shutdown(&self) {
         self.inner.draining.store(true, Ordering::Release);
     }

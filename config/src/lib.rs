@@ -44,7 +44,7 @@ pub use load::load;
 pub use secret::Secret;
 pub use settings::{
     CacheSettings, DatabaseSettings, DeploymentSettings, HealthSettings, HttpSettings,
-    ListenSettings, LogFormat, LogSettings, RedisSettings, Settings,
+    ListenSettings, LogFormat, LogSettings, RedisSettings, Settings, ShutdownSettings,
 };
 pub use source::{ProcessEnv, Source};
 

@@ -454,6 +454,7 @@ impl Loader {
             health: self.section(&mut tree, "health", &mut failed),
             deployment: self.section(&mut tree, "deployment", &mut failed),
             log: self.section(&mut tree, "log", &mut failed),
+            shutdown: self.section(&mut tree, "shutdown", &mut failed),
         };
         (settings, failed)
     }
@@ -1121,6 +1122,23 @@ mod tests {
             ],
             "{problems:#?}"
         );
+    }
+
+    #[test]
+    fn drain_delay_must_leave_time_within_the_shutdown_timeout() {
+        let problems = problems(load_file(
+            "[shutdown]\ndrain_delay = \"30s\"\ntimeout = \"25s\"\n[http]\nmax_in_flight = 0\n",
+            &[],
+        ));
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[0].starts_with("http.max_in_flight: must be at least 1"));
+        assert!(
+            problems[1]
+                .starts_with("shutdown.drain_delay: must be less than shutdown.timeout (25s)"),
+            "{problems:#?}"
+        );
+        let s = load_file("[shutdown]\ndrain_delay = \"0s\"\n", &[]).unwrap();
+        assert_eq!(s.shutdown.timeout, std::time::Duration::from_secs(25));
     }
 
     #[test]

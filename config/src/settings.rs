@@ -33,6 +33,8 @@ pub struct Settings {
     pub deployment: DeploymentSettings,
     /// Log output.
     pub log: LogSettings,
+    /// What happens between SIGTERM and exit.
+    pub shutdown: ShutdownSettings,
 }
 
 /// Addresses to bind.
@@ -192,6 +194,10 @@ pub struct HttpSettings {
     /// Deadline for a whole request. Default 30s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Requests the public listener works on at once; one more gets 503 with
+    /// `Retry-After` at once instead of queueing behind the others (load shedding).
+    /// Probes and `/health` are not counted. At least 1. Default 1024.
+    pub max_in_flight: u32,
 }
 
 impl Default for HttpSettings {
@@ -199,6 +205,36 @@ impl Default for HttpSettings {
         Self {
             max_body_bytes: 65536,
             request_timeout: Duration::from_secs(30),
+            max_in_flight: 1024,
+        }
+    }
+}
+
+/// What happens between the first SIGTERM (or SIGINT) and exit.
+///
+/// Timeline from the signal: readiness turns 503 at once; for `drain_delay` the listeners
+/// keep serving, but every HTTP/1.1 response says `Connection: close` and HTTP/2
+/// connections get GOAWAY, so clients and the load balancer move to other tasks; then the
+/// listeners close and in-flight requests finish; at `timeout` whatever is left is dropped.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSettings {
+    /// How long to keep accepting after the signal, for the load balancer to notice the
+    /// failing readiness and stop routing here. Less than `timeout`. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// The whole budget from the signal to exit: past it, open connections are dropped.
+    /// Keep it under the orchestrator's kill deadline (Fargate `stopTimeout`, 30 s by
+    /// default). Default 25s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            timeout: Duration::from_secs(25),
         }
     }
 }
@@ -243,9 +279,11 @@ pub enum LogFormat {
 
 impl Settings {
     /// Defaults suited to tests: both listeners on `127.0.0.1:0` (the OS picks free ports),
-    /// text logs, and no migrations unless the test asks for them.
+    /// text logs, no migrations unless the test asks for them, and no drain delay (a test
+    /// of draining sets its own).
     pub fn for_tests() -> Self {
         let mut settings = Self::default();
+        settings.shutdown.drain_delay = Duration::ZERO;
         settings.listen.http = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.listen.admin = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.database.migrate_on_start = false;

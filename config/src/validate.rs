@@ -162,6 +162,12 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
     if http.request_timeout.is_zero() {
         fail(&["http.request_timeout"], "must be more than 0s".to_owned());
     }
+    if http.max_in_flight < 1 {
+        fail(
+            &["http.max_in_flight"],
+            format!("must be at least 1, got {}", http.max_in_flight),
+        );
+    }
 
     if let Some(color) = &s.deployment.color {
         let valid = (1..=32).contains(&color.len())
@@ -174,6 +180,21 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
                 format!("must be 1 to 32 characters of a-z, 0-9 and -, got {color:?}"),
             );
         }
+    }
+
+    let shutdown = &s.shutdown;
+    if shutdown.timeout.is_zero() {
+        fail(&["shutdown.timeout"], "must be more than 0s".to_owned());
+    } else if shutdown.drain_delay >= shutdown.timeout {
+        fail(
+            &["shutdown.drain_delay", "shutdown.timeout"],
+            format!(
+                "must be less than shutdown.timeout ({}), got {}: in-flight requests need \
+                 time to finish after the listeners close",
+                human(shutdown.timeout),
+                human(shutdown.drain_delay)
+            ),
+        );
     }
 
     out

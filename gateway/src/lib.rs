@@ -10,8 +10,10 @@
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz` on the admin listener.
 //! - [`metrics`]: the Prometheus recorder and per-route handles.
 //! - [`shutdown`]: signal handling.
+//! - [`healthcheck`]: the `tiergate healthcheck` probe client.
 
 pub mod admin;
+pub mod healthcheck;
 pub mod listener;
 pub mod metrics;
 pub mod router;
@@ -26,9 +28,11 @@ use anyhow::Context;
 use app_core::App;
 use app_core::health::BuildInfo;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tiergate_config::Settings;
+use tiergate_config::{Settings, ShutdownSettings};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::listener::{DrainControl, Phase};
 
 use crate::router::Router;
 use crate::service::Gateway;
@@ -39,9 +43,9 @@ pub const BUILD: BuildInfo = BuildInfo {
     commit: env!("TIERGATE_COMMIT"),
 };
 
-/// How long in-flight requests may take to finish after a shutdown begins; under
-/// Fargate's default 30 s `stopTimeout`, after which it sends SIGKILL.
-const DRAIN_GRACE: Duration = Duration::from_secs(25);
+/// Longest wait for Redis to say goodbye at exit: a dead Redis must not eat the time
+/// left before the orchestrator's SIGKILL.
+const CLOSE_LIMIT: Duration = Duration::from_secs(2);
 
 /// A bound, not yet running server. Binding comes first so a port conflict fails at
 /// once, before any backend is contacted; tests bind port 0 and read the addresses.
@@ -52,6 +56,7 @@ pub struct Server {
     gateway: Gateway,
     app: App,
     metrics: PrometheusHandle,
+    shutdown: ShutdownSettings,
 }
 
 impl Server {
@@ -70,13 +75,14 @@ impl Server {
                 format!("cannot listen on {} (listen.admin)", settings.listen.admin)
             })?;
         let app = App::new(settings, BUILD)?;
-        let gateway = Gateway::new(Router::new(), app.clone(), settings.http.request_timeout);
+        let gateway = Gateway::new(Router::new(), app.clone(), &settings.http);
         Ok(Self {
             http,
             admin,
             gateway,
             app,
             metrics,
+            shutdown: settings.shutdown.clone(),
         })
     }
 
@@ -96,8 +102,10 @@ impl Server {
         self.admin.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then drains: readiness turns 503, the listeners
-    /// close, in-flight requests finish (at most [`DRAIN_GRACE`]), connections close.
+    /// Serves until `shutdown` resolves, then shuts down as `shutdown.*` says: readiness
+    /// turns 503 at once; for `drain_delay` both listeners keep serving but send every
+    /// client elsewhere (`Connection: close`, GOAWAY); then they close and in-flight
+    /// requests finish until `timeout` (counted from the signal); then Redis is closed.
     ///
     /// # Errors
     /// Never at present; the signature leaves room for fatal serving errors.
@@ -108,6 +116,7 @@ impl Server {
             gateway,
             app,
             metrics,
+            shutdown: limits,
         } = self;
         tracing::info!(
             http = %http.local_addr()?,
@@ -117,7 +126,7 @@ impl Server {
             "Listening."
         );
         app.start();
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (control, drain) = DrainControl::new();
 
         let public = tokio::spawn(listener::serve(
             "http",
@@ -126,8 +135,7 @@ impl Server {
                 let gateway = gateway.clone();
                 async move { gateway.handle(req).await }
             },
-            stop_rx.clone(),
-            DRAIN_GRACE,
+            drain.clone(),
         ));
         let admin_app = app.clone();
         let admin = tokio::spawn(listener::serve(
@@ -137,15 +145,27 @@ impl Server {
                 let rsp = admin::handle(&req, &admin_app, &metrics);
                 async move { rsp }
             },
-            stop_rx,
-            DRAIN_GRACE,
+            drain,
         ));
 
         shutdown.await;
+        let deadline = Instant::now() + limits.timeout;
         app.begin_shutdown();
-        let _ = stop_tx.send(true);
+        control.enter(Phase::Draining);
+        tracing::info!(
+            drain_delay_ms = limits.drain_delay.as_millis(),
+            timeout_ms = limits.timeout.as_millis(),
+            "Draining: readiness is 503; still serving, with Connection: close."
+        );
+        tokio::time::sleep(limits.drain_delay).await;
+        control.enter(Phase::Closing { deadline });
         let _ = tokio::join!(public, admin);
-        app.close().await;
+        if tokio::time::timeout(CLOSE_LIMIT, app.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Redis did not close in time; exiting anyway.");
+        }
         tracing::info!("Stopped.");
         Ok(())
     }

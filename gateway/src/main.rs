@@ -2,13 +2,14 @@
 //!
 //! - `tiergate [serve]`: run the server (the default).
 //! - `tiergate migrate`: apply database migrations and exit.
+//! - `tiergate healthcheck`: probe the local `/livez` (or a URL); exit 0 or 1.
 //! - `tiergate config check` / `config print`: validate, or show the effective settings
 //!   with secrets redacted.
 //!
 //! Invalid configuration exits with 78 (`EX_CONFIG`) after listing every problem, so a
 //! deployment circuit breaker trips at once instead of crash-looping.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -41,6 +42,16 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Probe the local admin `/livez` (or --url) and exit 0 on a 2xx answer, else 1: the
+    /// container health check for images without curl.
+    Healthcheck {
+        /// URL to probe instead, plain http:// (e.g. http://127.0.0.1:9090/readyz).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -58,6 +69,9 @@ enum ConfigAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Healthcheck { url, timeout }) = cli.command {
+        return healthcheck(cli.config.as_deref(), url, timeout);
+    }
     let settings = match tiergate_config::load(cli.config.as_deref(), &ProcessEnv) {
         Ok(settings) => settings,
         Err(error) => {
@@ -66,6 +80,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Healthcheck { .. } => ExitCode::FAILURE, // handled above
         Command::Config {
             action: ConfigAction::Check,
         } => {
@@ -80,6 +95,45 @@ fn main() -> ExitCode {
         }
         Command::Serve => run_async(&settings, serve),
         Command::Migrate { timeout } => run_async(&settings, |s| migrate(s, timeout)),
+    }
+}
+
+/// Exit 0 when the probe answers 2xx, else 1: Docker and ECS read any other code as
+/// failure too, but reserve 2, so even a bad configuration is a plain 1 here.
+fn healthcheck(config: Option<&Path>, url: Option<String>, timeout: Duration) -> ExitCode {
+    let url = match url {
+        Some(url) => url,
+        None => match tiergate_config::load(config, &ProcessEnv) {
+            Ok(settings) => gateway::healthcheck::livez_url(settings.listen.admin),
+            Err(error) => {
+                eprintln!("tiergate healthcheck: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tiergate healthcheck: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(gateway::healthcheck::probe(&url, timeout)) {
+        Ok(status) if status.is_success() => {
+            println!("healthy: {url} answered {status}");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            eprintln!("unhealthy: {url} answered {status}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("unhealthy: {url}: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

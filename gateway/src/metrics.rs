@@ -41,6 +41,10 @@ fn describe() {
         "tiergate_http_requests_total",
         "HTTP requests by route and status class."
     );
+    metrics::describe_counter!(
+        "tiergate_http_shed_total",
+        "Requests answered 503 at once because http.max_in_flight were in flight."
+    );
     metrics::describe_histogram!(
         "tiergate_http_request_duration_seconds",
         metrics::Unit::Seconds,

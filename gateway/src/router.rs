@@ -22,9 +22,16 @@ pub enum Target {
 /// One entry of the table.
 #[derive(Debug)]
 pub struct Route {
+    /// Bounded label for logs and metrics.
     pub name: &'static str,
+    /// What answers.
     pub target: Target,
+    /// Request metrics, registered once.
     pub metrics: RouteMetrics,
+    /// Counts against `http.max_in_flight` (load shedding). Probes and `/health` do not:
+    /// shedding the load balancer's health checks under load would pull healthy tasks
+    /// out of service and shift their load onto the rest.
+    pub shed: bool,
     prefix: &'static str,
     /// Whether only the exact path matches, or also anything below `prefix/`.
     exact: bool,
@@ -45,11 +52,15 @@ impl Router {
             name,
             target,
             metrics: RouteMetrics::new(name),
+            shed: false,
             prefix,
             exact,
         };
         let mut routes = vec![
-            route("items", "/items", false, Target::App),
+            Route {
+                shed: true,
+                ..route("items", "/items", false, Target::App)
+            },
             route("health", "/health", true, Target::App),
             route("livez", "/livez", true, Target::Livez),
             route("readyz", "/readyz", true, Target::Readyz),

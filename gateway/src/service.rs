@@ -18,6 +18,9 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::Full;
+use metrics::Counter;
+use tiergate_config::HttpSettings;
+use tokio::sync::Semaphore;
 
 use crate::router::{Router, Target};
 
@@ -43,16 +46,27 @@ struct Inner {
     /// The deadline of one request (`http.request_timeout`): past it the client gets a
     /// 503 instead of waiting on a stuck dependency.
     request_timeout: Duration,
+    /// One permit per request in flight on shed-able routes (`http.max_in_flight`). A
+    /// request that finds none is answered 503 at once: queueing it would only add
+    /// latency to every request behind it while the load balancer could retry elsewhere.
+    in_flight: Semaphore,
+    /// `tiergate_http_shed_total`.
+    shed: Counter,
 }
 
 impl Gateway {
-    /// A gateway over `router` that hosts `app`.
-    pub fn new(router: Router, app: App, request_timeout: Duration) -> Self {
+    /// A gateway over `router` that hosts `app`, with the limits in `http`.
+    pub fn new(router: Router, app: App, http: &HttpSettings) -> Self {
+        let permits = usize::try_from(http.max_in_flight)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
         Self {
             inner: Arc::new(Inner {
                 router,
                 app,
-                request_timeout,
+                request_timeout: http.request_timeout,
+                in_flight: Semaphore::new(permits),
+                shed: metrics::counter!("tiergate_http_shed_total"),
             }),
         }
     }
@@ -71,7 +85,20 @@ impl Gateway {
         let path = req.uri().path().to_owned();
         let route = self.inner.router.route(&path);
 
+        // Held until the response is built (bodies are whole), so it bounds the work.
+        let permit = if route.shed {
+            match self.inner.in_flight.try_acquire() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    self.inner.shed.increment(1);
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut rsp = match route.target {
+            _ if route.shed && permit.is_none() => overloaded(),
             Target::App => {
                 tokio::time::timeout(self.inner.request_timeout, self.inner.app.handle(req))
                     .await
@@ -82,6 +109,7 @@ impl Gateway {
             Target::NotFound => not_found(),
         };
 
+        drop(permit);
         let elapsed = started.elapsed();
         route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
         tracing::info!(
@@ -138,6 +166,19 @@ fn timed_out(limit: Duration) -> Response<ResponseBody> {
     let mut rsp = json(
         StatusCode::SERVICE_UNAVAILABLE,
         Bytes::from(body.to_string()),
+    );
+    rsp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    rsp
+}
+
+/// The answer to a request over `http.max_in_flight`.
+fn overloaded() -> Response<ResponseBody> {
+    let mut rsp = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from_static(
+            br#"{"error":"overloaded","message":"too many requests in flight; retry shortly"}"#,
+        ),
     );
     rsp.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -9,8 +9,11 @@
 mod cache;
 mod coherence;
 mod config;
+mod deploy;
 mod errors;
 mod health;
 mod helpers;
 mod items;
+mod rolling;
+mod shutdown;
 mod startup;

@@ -71,10 +71,19 @@ pub async fn wait_for_log(
     rx: &mut mpsc::UnboundedReceiver<String>,
     message: &str,
 ) -> serde_json::Value {
+    wait_for_log_where(rx, message, |_| true).await
+}
+
+/// Waits for a log line whose message is `message` and whose fields pass `also`.
+pub async fn wait_for_log_where(
+    rx: &mut mpsc::UnboundedReceiver<String>,
+    message: &str,
+    also: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let wait = async {
         while let Some(line) = rx.recv().await {
             if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
-                if json["message"] == message {
+                if json["message"] == message && also(&json) {
                     return json;
                 }
             }
