@@ -1,0 +1,120 @@
+//! Run with: `cargo bench -p bench --bench cache_chain` (needs the PostgreSQL and Redis
+//! of `scripts/services`; `TIERGATE_TEST_DATABASE_URL` / `TIERGATE_TEST_REDIS_URL`).
+//!
+//! One read through the whole chain (`Items::get`), by the tier that answers it:
+//! - `l1_hit`: in-process, with the watermark and flush checks;
+//! - `l2_hit`: L1 emptied for the key before each read (untimed), Redis answers;
+//! - `miss`: L1 and Redis emptied before each read (untimed), PostgreSQL answers and the
+//!   read fills Redis through the fence.
+//!
+//! The peer in the same run is the tier below: each row is a ratio to the next.
+//! Last results: see the Performance section of the README.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use app_core::cache::l1::{L1, Policy};
+use app_core::cache::l2::L2;
+use app_core::hooks::Hooks;
+use app_core::model::ItemId;
+use app_core::service::Items;
+use app_core::store::Database;
+use app_core::testing::{TestDb, TestRedis, redis_url, settings};
+use criterion::{Criterion, criterion_group, criterion_main};
+use fred::prelude::*;
+
+struct Chain {
+    items: Items,
+    id: ItemId,
+    redis: Client,
+    _db: TestDb,
+    _prefix: TestRedis,
+}
+
+async fn chain() -> Chain {
+    let db = TestDb::create().await;
+    let prefix = TestRedis::new();
+    let settings = settings(&db, &prefix);
+    let database = Database::new(&settings.database).expect("database settings");
+    database.migrate().await.expect("migrate");
+    let ttl = Duration::from_secs(600);
+    let l1 = L1::new(
+        64 << 20,
+        Policy {
+            ttl,
+            degraded_ttl: ttl,
+            max_stale: ttl,
+            refresh_after: Duration::ZERO,
+        },
+    );
+    l1.set_degraded(false);
+    let l2 = L2::connect(&settings.redis, ttl).expect("redis settings");
+    assert!(
+        l2.wait_connected(Duration::from_secs(5)).await,
+        "Redis reachable"
+    );
+    let items = Items::new(database, l1, l2, &settings.cache, Hooks::default());
+    let (id, _) = items.create("Blue hat").await.expect("create");
+    let redis = Builder::from_config(Config::from_url(&redis_url()).expect("url"))
+        .build()
+        .expect("client");
+    redis.init().await.expect("connect");
+    Chain {
+        items,
+        id,
+        redis,
+        _db: db,
+        _prefix: prefix,
+    }
+}
+
+fn reads(c: &mut Criterion) {
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    else {
+        panic!("a tokio runtime for the bench");
+    };
+    let chain = runtime.block_on(chain());
+    let (items, id, redis) = (&chain.items, chain.id, &chain.redis);
+    let key = items.l2().key(id.get());
+
+    let mut group = c.benchmark_group("chain");
+    group.bench_function("l1_hit", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { black_box(items.get(id).await.map(|l| l.entry.version)) });
+    });
+    group.bench_function("l2_hit", |b| {
+        b.to_async(&runtime).iter_custom(|iters| async move {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                items.l1().invalidate(id.get()).await;
+                let started = Instant::now();
+                black_box(items.get(id).await.map(|l| l.entry.version)).ok();
+                timed += started.elapsed();
+            }
+            timed
+        });
+    });
+    group.bench_function("miss", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let key = key.clone();
+            async move {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    items.l1().invalidate(id.get()).await;
+                    let _: i64 = redis.del(key.as_str()).await.unwrap_or_default();
+                    let started = Instant::now();
+                    black_box(items.get(id).await.map(|l| l.entry.version)).ok();
+                    timed += started.elapsed();
+                }
+                timed
+            }
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, reads);
+criterion_main!(benches);
