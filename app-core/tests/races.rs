@@ -427,8 +427,9 @@ async fn r11_a_herd_on_a_cold_key_makes_one_query_per_task() {
 
 /// R12 — the request loading a key is cancelled mid-fill; a waiter takes over and every
 /// waiter gets the item, with at most one more query.
-/// Guard: moka hands an abandoned `try_get_with` to a waiter. Not mutation-checked (the
-/// hand-over is moka's code): the test pins the behaviour we rely on.
+/// Guard: the single flight, and moka handing an abandoned `try_get_with` to a waiter.
+/// Checked: with `Items::get` calling the loader directly (no flight to hand over), the
+/// count is 11 and the assertion fails.
 #[tokio::test]
 async fn r12_a_cancelled_loader_is_taken_over_by_a_waiter() {
     let b = Backends::new().await;

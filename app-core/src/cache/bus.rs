@@ -101,7 +101,13 @@ impl Bus {
     }
 
     async fn resubscribe(&self) {
-        match self.subscriber.subscribe(self.channel.as_str()).await {
+        // Sharded pub/sub in cluster mode, to match the publisher (see `L2::publish`).
+        let subscribed = if self.subscriber.is_clustered() {
+            self.subscriber.ssubscribe(self.channel.as_str()).await
+        } else {
+            self.subscriber.subscribe(self.channel.as_str()).await
+        };
+        match subscribed {
             Ok(()) => {
                 self.flush("reconnected");
                 self.l1.set_degraded(false);

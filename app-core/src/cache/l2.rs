@@ -320,15 +320,19 @@ impl L2 {
         builder.build_subscriber_client()
     }
 
-    /// Publishes an invalidation on the channel.
+    /// Publishes an invalidation on the channel. In cluster mode it is a sharded publish
+    /// (`SPUBLISH`): a plain `PUBLISH` is copied to every node of the cluster.
     ///
     /// # Errors
     /// Redis unreachable or slow.
     pub async fn publish(&self, invalidation: &Invalidation) -> Result<(), Error> {
         let client = self.client.with_options(&self.options);
-        let _receivers: i64 = self
-            .guarded(client.publish(self.channel.as_str(), invalidation.encode()))
-            .await?;
+        let (channel, message) = (self.channel.as_str(), invalidation.encode());
+        let _receivers: i64 = if self.client.is_clustered() {
+            self.guarded(client.spublish(channel, message)).await?
+        } else {
+            self.guarded(client.publish(channel, message)).await?
+        };
         Ok(())
     }
 
