@@ -14,7 +14,11 @@ use tiergate_config::{Secret, Settings};
 use tokio::sync::Notify;
 use tokio_postgres::NoTls;
 
+use crate::cache::l1::{L1, Policy};
+use crate::cache::l2::L2;
 use crate::hooks::{Hooks, Point};
+use crate::service::Items;
+use crate::store::Database;
 
 /// A PostgreSQL URL with rights to create databases.
 pub fn admin_database_url() -> String {
@@ -198,6 +202,20 @@ pub fn settings(db: &TestDb, redis: &TestRedis) -> Settings {
     settings.redis.url = Secret::new(redis_url());
     settings.redis.key_prefix = redis.prefix.clone();
     settings
+}
+
+/// One "task" of the items service over `settings`: an L1 of its own with `policy`
+/// (not degraded: tests that need the bus start one), the database and Redis the
+/// settings name. Connects nothing yet; it does not migrate.
+///
+/// # Panics
+/// When a URL in the settings does not parse.
+pub fn items(settings: &Settings, policy: Policy, hooks: Hooks) -> Items {
+    let database = Database::new(&settings.database).expect("database settings");
+    let l1 = L1::new(16 << 20, policy);
+    l1.set_degraded(false);
+    let l2 = L2::connect(&settings.redis, settings.cache.l2_ttl).expect("redis settings");
+    Items::new(database, l1, l2, &settings.cache, hooks)
 }
 
 /// One-shot pauses at [`Point`]s, armed by a test: the first operation to reach an armed

@@ -7,15 +7,14 @@
 use std::time::{Duration, Instant};
 
 use app_core::cache::Tier;
-use app_core::cache::l1::{L1, Policy};
-use app_core::cache::l2::L2;
+use app_core::cache::l1::Policy;
 use app_core::hooks::Hooks;
 use app_core::model::ItemId;
-use app_core::service::{Items, ServiceError};
+use app_core::service::ServiceError;
 use app_core::store::{Database, StoreError};
-use app_core::testing::{TestDb, TestRedis, redis_url, settings};
+use app_core::testing::{self, TestDb, TestRedis, redis_url, settings};
 use fred::prelude::*;
-use tiergate_config::{Secret, Settings};
+use tiergate_config::Secret;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
@@ -64,14 +63,6 @@ fn split(url: &str) -> (String, String, String) {
     )
 }
 
-async fn instance(settings: &Settings, policy: Policy) -> Items {
-    let database = Database::new(&settings.database).unwrap();
-    let l1 = L1::new(16 << 20, policy);
-    l1.set_degraded(false);
-    let l2 = L2::connect(&settings.redis, Duration::from_secs(60)).unwrap();
-    Items::new(database, l1, l2, &settings.cache, Hooks::default())
-}
-
 async fn insert(db: &TestDb, name: &str) -> ItemId {
     let client = db.client().await;
     let row = client
@@ -112,7 +103,7 @@ async fn while_postgres_is_down_stale_entries_are_served_and_writes_refused() {
         max_stale: Duration::from_secs(60),
         refresh_after: Duration::ZERO,
     };
-    let items = instance(&settings, policy).await;
+    let items = testing::items(&settings, policy, Hooks::default());
     let cached = insert(&db, "cached").await;
     let uncached = insert(&db, "uncached").await;
     assert_eq!(items.get(cached).await.unwrap().entry.version, 1);
@@ -156,7 +147,7 @@ async fn an_entry_near_its_end_is_served_and_refreshed_once_in_the_background() 
         max_stale: Duration::ZERO,
         refresh_after,
     };
-    let items = instance(&settings, policy).await;
+    let items = testing::items(&settings, policy, Hooks::default());
     assert!(items.l2().wait_connected(Duration::from_secs(5)).await);
     let id = insert(&db, "v1").await;
     assert_eq!(items.get(id).await.unwrap().entry.version, 1);

@@ -22,13 +22,12 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use app_core::cache::l1::{L1, Policy};
-use app_core::cache::l2::L2;
+use app_core::cache::l1::Policy;
 use app_core::hooks::Point;
 use app_core::model::ItemId;
 use app_core::service::Items;
 use app_core::store::Database;
-use app_core::testing::{Gate, Pauses, TestDb, TestRedis, settings};
+use app_core::testing::{self, Gate, Pauses, TestDb, TestRedis, settings};
 use fred::prelude::*;
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -140,22 +139,16 @@ struct World {
 }
 
 async fn instance(db: &TestDb, redis: &TestRedis, pauses: &Arc<Pauses>) -> Items {
-    let settings = settings(db, redis);
-    let database = Database::new(&settings.database).unwrap();
     let long = Duration::from_secs(600);
-    let l1 = L1::new(
-        16 << 20,
-        Policy {
-            ttl: long,
-            degraded_ttl: long,
-            max_stale: long,
-            refresh_after: Duration::ZERO,
-        },
-    );
-    l1.set_degraded(false);
-    let l2 = L2::connect(&settings.redis, long).unwrap();
-    assert!(l2.wait_connected(Duration::from_secs(5)).await);
-    Items::new(database, l1, l2, &settings.cache, pauses.hooks())
+    let policy = Policy {
+        ttl: long,
+        degraded_ttl: long,
+        max_stale: long,
+        refresh_after: Duration::ZERO,
+    };
+    let items = testing::items(&settings(db, redis), policy, pauses.hooks());
+    assert!(items.l2().wait_connected(Duration::from_secs(5)).await);
+    items
 }
 
 impl World {

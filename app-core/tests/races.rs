@@ -10,14 +10,13 @@
 use std::time::{Duration, Instant};
 
 use app_core::cache::bus::Bus;
-use app_core::cache::l1::{L1, Policy};
-use app_core::cache::l2::{L2, Stored};
+use app_core::cache::l1::Policy;
+use app_core::cache::l2::Stored;
 use app_core::cache::{Kind, Tier};
 use app_core::hooks::{Hooks, Point};
 use app_core::model::ItemId;
 use app_core::service::Items;
-use app_core::store::Database;
-use app_core::testing::{Pauses, RedisServer, TestDb, TestRedis, settings};
+use app_core::testing::{self, Pauses, RedisServer, TestDb, TestRedis, settings};
 use fred::prelude::*;
 use tiergate_config::Secret;
 
@@ -59,16 +58,14 @@ impl Backends {
         if let Some(url) = &self.redis_url {
             settings.redis.url = Secret::new(url.clone());
         }
-        let database = Database::new(&settings.database).unwrap();
-        database.migrate().await.unwrap();
-        let l1 = L1::new(16 << 20, policy());
-        l1.set_degraded(false);
-        let l2 = L2::connect(&settings.redis, LONG).unwrap();
+        settings.cache.l2_ttl = LONG;
+        let items = testing::items(&settings, policy(), hooks);
+        items.db().migrate().await.unwrap();
         assert!(
-            l2.wait_connected(Duration::from_secs(5)).await,
+            items.l2().wait_connected(Duration::from_secs(5)).await,
             "Redis reachable"
         );
-        Items::new(database, l1, l2, &settings.cache, hooks)
+        items
     }
 
     async fn insert(&self, name: &str) -> ItemId {
@@ -331,11 +328,9 @@ async fn r8_a_lagging_replica_does_not_bring_back_an_old_version() {
     let mut settings = settings(&b.db, &b.redis);
     settings.database.reader_url = Some(Secret::new(replica.url.clone()));
     settings.cache.recent_write_window = Duration::ZERO;
-    let database = Database::new(&settings.database).unwrap();
-    let l1 = L1::new(16 << 20, policy());
-    let l2 = L2::connect(&settings.redis, LONG).unwrap();
+    let peer = testing::items(&settings, policy(), Hooks::default());
+    let l2 = peer.l2();
     assert!(l2.wait_connected(Duration::from_secs(5)).await);
-    let peer = Items::new(database, l1, l2.clone(), &settings.cache, Hooks::default());
 
     writer.update(id, "v2", None).await.unwrap();
     // No copy in Redis to help: the replica is all the peer can read.

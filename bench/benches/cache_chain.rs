@@ -13,13 +13,11 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use app_core::cache::l1::{L1, Policy};
-use app_core::cache::l2::L2;
+use app_core::cache::l1::Policy;
 use app_core::hooks::Hooks;
 use app_core::model::ItemId;
 use app_core::service::Items;
-use app_core::store::Database;
-use app_core::testing::{TestDb, TestRedis, redis_url, settings};
+use app_core::testing::{self, TestDb, TestRedis, redis_url, settings};
 use criterion::{Criterion, criterion_group, criterion_main};
 use fred::prelude::*;
 
@@ -35,25 +33,19 @@ async fn chain() -> Chain {
     let db = TestDb::create().await;
     let prefix = TestRedis::new();
     let settings = settings(&db, &prefix);
-    let database = Database::new(&settings.database).expect("database settings");
-    database.migrate().await.expect("migrate");
     let ttl = Duration::from_secs(600);
-    let l1 = L1::new(
-        64 << 20,
-        Policy {
-            ttl,
-            degraded_ttl: ttl,
-            max_stale: ttl,
-            refresh_after: Duration::ZERO,
-        },
-    );
-    l1.set_degraded(false);
-    let l2 = L2::connect(&settings.redis, ttl).expect("redis settings");
+    let policy = Policy {
+        ttl,
+        degraded_ttl: ttl,
+        max_stale: ttl,
+        refresh_after: Duration::ZERO,
+    };
+    let items = testing::items(&settings, policy, Hooks::default());
+    items.db().migrate().await.expect("migrate");
     assert!(
-        l2.wait_connected(Duration::from_secs(5)).await,
+        items.l2().wait_connected(Duration::from_secs(5)).await,
         "Redis reachable"
     );
-    let items = Items::new(database, l1, l2, &settings.cache, Hooks::default());
     let (id, _) = items.create("Blue hat").await.expect("create");
     let redis = Builder::from_config(Config::from_url(&redis_url()).expect("url"))
         .build()

@@ -2,56 +2,33 @@
 //! in-process instances through a Redis that dies and comes back.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use app_core::testing::RedisServer;
 use tiergate_config::Secret;
-use tokio::process::Child;
 
-use crate::helpers::{Backends, TestApp, json_body, redis_url};
-use crate::startup::{lines, tiergate, wait_for_log};
+use crate::helpers::{Backends, TestApp, json_body};
+use crate::shutdown::Task;
 
-/// One `tiergate` process and its addresses.
-struct Process {
-    http: String,
-    _child: Child,
-}
-
-async fn start_process(backends: &Backends) -> Process {
-    let mut child = tiergate(&[
-        ("DATABASE_URL", backends.db.url.clone()),
-        ("REDIS_URL", redis_url()),
-        ("TIERGATE_REDIS__KEY_PREFIX", backends.redis.prefix.clone()),
-        ("TIERGATE_LISTEN__HTTP", "127.0.0.1:0".into()),
-        ("TIERGATE_LISTEN__ADMIN", "127.0.0.1:0".into()),
-        // Long enough that only an invalidation can explain a fresh read.
-        ("TIERGATE_CACHE__L1_TTL", "60s".into()),
-        ("TIERGATE_CACHE__REFRESH_AFTER", "0s".into()),
-        ("RUST_LOG", "info".into()),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("start tiergate");
-    let mut log = lines(&mut child);
-    let listening = wait_for_log(&mut log, "Listening.").await;
+/// A `tiergate` process that is ready and subscribed to the invalidation channel.
+async fn start_process(backends: &Backends) -> Task {
+    // L1 entries that outlive the test: only an invalidation explains a fresh read.
+    let vars = [
+        ("TIERGATE_CACHE__L1_TTL", "60s"),
+        ("TIERGATE_CACHE__REFRESH_AFTER", "0s"),
+    ];
+    let mut task = Task::start(backends, &vars).await;
     // These two come in either order.
     let mut pending = vec!["Invalidation channel subscribed.", "Database ready."];
     let deadline = Instant::now() + Duration::from_secs(20);
     while !pending.is_empty() {
-        let line = tokio::time::timeout_at(deadline.into(), log.recv())
+        let line = tokio::time::timeout_at(deadline.into(), task.log.recv())
             .await
-            .expect("ready within 20 s");
-        let line = line.expect("the process is running");
+            .expect("ready within 20 s")
+            .expect("the process is running");
         pending.retain(|message| !line.contains(&format!("\"message\":\"{message}\"")));
     }
-    // Keep draining stdout so the process never blocks on a full pipe.
-    tokio::spawn(async move { while log.recv().await.is_some() {} });
-    Process {
-        http: listening["http"].as_str().expect("http address").to_owned(),
-        _child: child,
-    }
+    task
 }
 
 async fn version_at(client: &reqwest::Client, url: &str) -> i64 {
