@@ -447,6 +447,7 @@ impl Loader {
         let mut failed = Vec::new();
         let settings = Settings {
             listen: self.section(&mut tree, "listen", &mut failed),
+            tls: self.section(&mut tree, "tls", &mut failed),
             database: self.section(&mut tree, "database", &mut failed),
             redis: self.section(&mut tree, "redis", &mut failed),
             cache: self.section(&mut tree, "cache", &mut failed),

@@ -4,7 +4,9 @@
 //! only that a route can target "the app".
 //!
 //! # Layout
-//! - [`listener`]: accept loops, hyper connections, draining.
+//! - [`listener`]: accept loops, hyper connections, connection limits and timeouts,
+//!   draining.
+//! - [`tls`]: certificates for the HTTPS listener, SNI, hot reload.
 //! - [`router`]: the route table (path → target, with a bounded route name).
 //! - [`service`]: the request path as named steps (id, route, answer, record).
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz` on the admin listener.
@@ -17,9 +19,11 @@ pub mod metrics;
 pub mod router;
 pub mod service;
 pub mod shutdown;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,8 +34,10 @@ use tiergate_config::Settings;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::listener::{Limits, Transport};
 use crate::router::Router;
 use crate::service::Gateway;
+use crate::tls::CertStore;
 
 /// What `/health` reports about this build.
 pub const BUILD: BuildInfo = BuildInfo {
@@ -49,16 +55,30 @@ const DRAIN_GRACE: Duration = Duration::from_secs(25);
 pub struct Server {
     http: TcpListener,
     admin: TcpListener,
+    https: Option<Https>,
+    limits: Limits,
     gateway: Gateway,
     app: App,
     metrics: PrometheusHandle,
 }
 
+/// The HTTPS listener and what it serves with.
+#[derive(Debug)]
+struct Https {
+    listener: TcpListener,
+    store: Arc<CertStore>,
+    config: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    reload_interval: Duration,
+}
+
 impl Server {
-    /// Binds the public and admin listeners and builds the app (no backend contacted).
+    /// Binds the public, HTTPS (when set) and admin listeners, loads the certificates and
+    /// builds the app (no backend contacted).
     ///
     /// # Errors
-    /// A port cannot be bound, or a backend URL does not parse.
+    /// A port cannot be bound, a certificate cannot be loaded, or a backend URL does not
+    /// parse.
     pub async fn bind(settings: &Settings) -> anyhow::Result<Self> {
         let metrics = metrics::install()?;
         let http = TcpListener::bind(settings.listen.http)
@@ -69,11 +89,30 @@ impl Server {
             .with_context(|| {
                 format!("cannot listen on {} (listen.admin)", settings.listen.admin)
             })?;
+        let https = match settings.listen.https {
+            Some(addr) => {
+                let store = Arc::new(CertStore::load(&settings.tls).context("tls")?);
+                let config = tls::server_config(store.clone(), settings.tls.min_version)?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (listen.https)"))?;
+                Some(Https {
+                    listener,
+                    store,
+                    config,
+                    handshake_timeout: settings.tls.handshake_timeout,
+                    reload_interval: settings.tls.reload_interval,
+                })
+            }
+            None => None,
+        };
         let app = App::new(settings, BUILD)?;
         let gateway = Gateway::new(Router::new(), app.clone(), settings.http.request_timeout);
         Ok(Self {
             http,
             admin,
+            https,
+            limits: Limits::new(settings),
             gateway,
             app,
             metrics,
@@ -86,6 +125,22 @@ impl Server {
     /// The OS cannot tell (practically never).
     pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
         self.http.local_addr()
+    }
+
+    /// The bound HTTPS address, when `listen.https` is set.
+    ///
+    /// # Errors
+    /// The OS cannot tell (practically never).
+    pub fn https_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.https
+            .as_ref()
+            .map(|h| h.listener.local_addr())
+            .transpose()
+    }
+
+    /// The HTTPS listener's certificates, when `listen.https` is set.
+    pub fn cert_store(&self) -> Option<Arc<CertStore>> {
+        self.https.as_ref().map(|h| h.store.clone())
     }
 
     /// The bound admin address.
@@ -105,12 +160,19 @@ impl Server {
         let Self {
             http,
             admin,
+            https,
+            limits,
             gateway,
             app,
             metrics,
         } = self;
+        let https_addr = https
+            .as_ref()
+            .map(|h| h.listener.local_addr())
+            .transpose()?;
         tracing::info!(
             http = %http.local_addr()?,
+            https = https_addr.map(|a| a.to_string()),
             admin = %admin.local_addr()?,
             version = BUILD.version,
             commit = BUILD.commit,
@@ -119,13 +181,35 @@ impl Server {
         app.start();
         let (stop_tx, stop_rx) = watch::channel(false);
 
+        let public_handler = move |req| {
+            let gateway = gateway.clone();
+            async move { gateway.handle(req).await }
+        };
+        let secure = match https {
+            Some(https) => {
+                let watcher = tokio::spawn(tls::watch(https.store, https.reload_interval)?);
+                let serve = tokio::spawn(listener::serve(
+                    "https",
+                    https.listener,
+                    Transport::Tls {
+                        acceptor: tokio_rustls::TlsAcceptor::from(https.config),
+                        handshake_timeout: https.handshake_timeout,
+                    },
+                    limits.clone(),
+                    public_handler.clone(),
+                    stop_rx.clone(),
+                    DRAIN_GRACE,
+                ));
+                Some((serve, watcher))
+            }
+            None => None,
+        };
         let public = tokio::spawn(listener::serve(
             "http",
             http,
-            move |req| {
-                let gateway = gateway.clone();
-                async move { gateway.handle(req).await }
-            },
+            Transport::Plain,
+            limits.clone(),
+            public_handler,
             stop_rx.clone(),
             DRAIN_GRACE,
         ));
@@ -133,6 +217,8 @@ impl Server {
         let admin = tokio::spawn(listener::serve(
             "admin",
             admin,
+            Transport::Plain,
+            limits,
             move |req| {
                 let rsp = admin::handle(&req, &admin_app, &metrics);
                 async move { rsp }
@@ -145,6 +231,10 @@ impl Server {
         app.begin_shutdown();
         let _ = stop_tx.send(true);
         let _ = tokio::join!(public, admin);
+        if let Some((serve, watcher)) = secure {
+            let _ = serve.await;
+            watcher.abort();
+        }
         app.close().await;
         tracing::info!("Stopped.");
         Ok(())

@@ -1,5 +1,21 @@
-//! Accept loops: TCP connections served by hyper, HTTP/1.1 and HTTP/2 (h2c by prior
-//! knowledge) on one port.
+//! Accept loops: TCP (or TLS) connections served by hyper, HTTP/1.1 and HTTP/2 on one
+//! port (ALPN over TLS; by prior knowledge over plain TCP).
+//!
+//! Every listener is hardened the same way:
+//! - **Connection cap.** A semaphore permit is taken *before* `accept` and held by the
+//!   connection's task, so at `listen.max_connections` the loop stops accepting and new
+//!   connections wait in the kernel's backlog instead of crashing anything.
+//! - **TLS handshake timeout**, then ALPN picks the protocol.
+//! - **Header-read timeout that spares idle keep-alives.** hyper's own
+//!   `header_read_timeout` starts when hyper *waits* for a head, so it also closes idle
+//!   keep-alive connections (30 s by default: under the ALB's 60 s idle timeout, which
+//!   turns into 502s). It is off; [`Guarded`] wraps the connection's IO instead and runs
+//!   one of two clocks while hyper waits for bytes: `http.idle_timeout` while no request
+//!   is under way, `http.header_read_timeout` from the first byte of a request head until
+//!   hyper hands the parsed request to the service.
+//! - Head size and header count limits (431 from hyper), HTTP/2 stream and header-list
+//!   limits; h2's reset-flood protection stays at its defaults.
+//! - A failed `accept` (EMFILE and the like) backs off instead of spinning.
 //!
 //! On stop, a loop closes its listening socket first (new connections are refused),
 //! then asks every open connection to finish: HTTP/1.1 closes after the response in
@@ -8,6 +24,11 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,18 +39,68 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tiergate_config::Settings;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 
 /// How long to pause after a failed `accept` (EMFILE and the like): long enough not to
 /// spin on a full descriptor table, short enough to recover quickly.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The connection limits of a listener, from `listen.*` and `http.*`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// From the first byte of a request head to the parsed request.
+    pub header_read_timeout: Duration,
+    /// Idle time allowed between requests.
+    pub idle_timeout: Duration,
+    /// Largest HTTP/1.1 head (hyper's read buffer).
+    pub max_header_bytes: usize,
+    /// Most HTTP/1.1 header lines.
+    pub max_headers: usize,
+    /// HTTP/2 concurrent streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 decoded header list size.
+    pub h2_max_header_list_bytes: u32,
+}
+
+impl Limits {
+    /// The limits the settings ask for.
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            max_connections: settings.listen.max_connections,
+            header_read_timeout: settings.http.header_read_timeout,
+            idle_timeout: settings.http.idle_timeout,
+            max_header_bytes: settings.http.max_header_bytes,
+            max_headers: settings.http.max_headers,
+            h2_max_concurrent_streams: settings.http.h2_max_concurrent_streams,
+            h2_max_header_list_bytes: settings.http.h2_max_header_list_bytes,
+        }
+    }
+}
+
+/// Plain TCP, or TLS with a handshake deadline.
+#[derive(Clone)]
+pub(crate) enum Transport {
+    Plain,
+    Tls {
+        acceptor: TlsAcceptor,
+        handshake_timeout: Duration,
+    },
+}
 
 /// Serves `listener` with `handler` until `stop` turns true, then drains for at most
 /// `grace`.
 pub(crate) async fn serve<H, Fut>(
     name: &'static str,
     listener: TcpListener,
+    transport: Transport,
+    limits: Limits,
     handler: H,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
@@ -38,12 +109,44 @@ pub(crate) async fn serve<H, Fut>(
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper needs a timer for its header-read timeout (slow-loris protection).
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Replaced by `Guarded`, which does not cut idle keep-alive connections.
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.h2_max_header_list_bytes);
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let open = metrics::gauge!("tiergate_connections_open", "listener" => name);
+    let saturated = metrics::counter!("tiergate_listener_saturated_total", "listener" => name);
 
     loop {
+        // The permit first: at the cap, stop accepting until a connection closes.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                saturated.increment(1);
+                tracing::warn!(
+                    listener = name,
+                    limit = limits.max_connections,
+                    "Connection limit reached; pausing accept."
+                );
+                tokio::select! {
+                    permit = permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    _ = stop.wait_for(|stopped| *stopped) => break,
+                }
+            }
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.wait_for(|stopped| *stopped) => break,
@@ -58,20 +161,20 @@ pub(crate) async fn serve<H, Fut>(
         };
         // Responses are small and written whole: send them without waiting for more.
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |req| {
-            let response = handler(req);
-            async move { Ok::<_, Infallible>(response.await) }
-        });
-        let connection = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
+        let connection = Connection {
+            name,
+            builder: builder.clone(),
+            limits: limits.clone(),
+            handler: handler.clone(),
+            watcher: graceful.watcher(),
+        };
+        let transport = transport.clone();
+        let open = open.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(listener = name, error = %error, "Connection ended with an error.");
-            }
+            open.increment(1.0);
+            connection.run(stream, transport).await;
+            open.decrement(1.0);
+            drop(permit);
         });
     }
 
@@ -79,5 +182,274 @@ pub(crate) async fn serve<H, Fut>(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!(listener = name, "All connections drained."),
         () = tokio::time::sleep(grace) => tracing::warn!(listener = name, "Drain deadline passed; dropping open connections."),
+    }
+}
+
+/// One accepted connection, before its protocol is known.
+struct Connection<H> {
+    name: &'static str,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: Limits,
+    handler: H,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl<H, Fut> Connection<H>
+where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    async fn run(self, stream: TcpStream, transport: Transport) {
+        match transport {
+            Transport::Plain => self.serve(stream, None).await,
+            Transport::Tls {
+                acceptor,
+                handshake_timeout,
+            } => {
+                let name = self.name;
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                let (result, version) = match handshake.await {
+                    Ok(Ok(tls)) => {
+                        let session = tls.get_ref().1;
+                        let version = match session.protocol_version() {
+                            Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
+                            Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
+                            _ => "other",
+                        };
+                        let h2 = session.alpn_protocol() == Some(b"h2");
+                        metrics::counter!("tiergate_tls_handshakes_total", "listener" => name, "result" => "ok", "version" => version).increment(1);
+                        self.serve(tls, Some(h2)).await;
+                        return;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(listener = name, %error, "TLS handshake failed.");
+                        ("error", "none")
+                    }
+                    Err(_) => {
+                        tracing::debug!(listener = name, "TLS handshake timed out.");
+                        ("timeout", "none")
+                    }
+                };
+                metrics::counter!("tiergate_tls_handshakes_total", "listener" => name, "result" => result, "version" => version).increment(1);
+                metrics::counter!("tiergate_connections_rejected_total", "listener" => name, "reason" => "tls_handshake").increment(1);
+            }
+        }
+    }
+
+    /// Serves HTTP on `io`; `h2` is what ALPN said, when there was ALPN.
+    async fn serve<S>(self, io: S, h2: Option<bool>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let state = Arc::new(ConnState::default());
+        let io = Guarded::new(io, state.clone(), &self.limits, h2, self.name);
+        let handler = self.handler;
+        let service = service_fn(move |req| {
+            let request = state.request_started();
+            let response = handler(req);
+            async move {
+                let response = response.await;
+                drop(request);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = self
+            .builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        if let Err(error) = self.watcher.watch(connection).await {
+            tracing::debug!(listener = self.name, error = %error, "Connection ended with an error.");
+        }
+    }
+}
+
+/// What the service tells the IO wrapper about requests on one connection.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// Requests handed to the service and not answered yet.
+    in_flight: AtomicUsize,
+    /// Bytes of a request head arrived and the service has not seen that request yet.
+    head_started: AtomicBool,
+}
+
+impl ConnState {
+    /// hyper parsed a head and called the service: the head is complete.
+    fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(false, Ordering::Release);
+        InFlight(self.clone())
+    }
+}
+
+/// Held while the service answers one request.
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The connection's IO with the idle and header-read clocks (see the module docs).
+///
+/// The clocks are checked only when the inner read is pending, which is exactly when
+/// hyper waits for the client; they never run while a request is being answered (the
+/// request deadline covers that).
+struct Guarded<S> {
+    inner: S,
+    state: Arc<ConnState>,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    /// When the current head's first byte arrived plus the header timeout.
+    head_deadline: Instant,
+    /// The last time bytes moved either way.
+    last_activity: Instant,
+    sleep: Pin<Box<Sleep>>,
+    /// Known from ALPN, or sniffed from the first bytes (the HTTP/2 preface); HTTP/2 has
+    /// no head-by-head reading, so only the idle clock applies to it.
+    h2: Option<bool>,
+    /// How many bytes of the preface have matched so far, while `h2` is undecided.
+    sniffed: usize,
+    listener: &'static str,
+}
+
+/// The HTTP/2 connection preface's first bytes.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+impl<S> Guarded<S> {
+    fn new(
+        inner: S,
+        state: Arc<ConnState>,
+        limits: &Limits,
+        h2: Option<bool>,
+        listener: &'static str,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            state,
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            head_deadline: now,
+            last_activity: now,
+            sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            h2,
+            sniffed: 0,
+            listener,
+        }
+    }
+
+    fn on_read(&mut self, bytes: &[u8]) {
+        let now = Instant::now();
+        self.last_activity = now;
+        if self.h2.is_none() {
+            // Undecided counts as HTTP/1.1, so a head trickled in byte by byte ("P", "O"…)
+            // is timed from its first byte.
+            let expected = &H2_PREFACE[self.sniffed..];
+            let n = bytes.len().min(expected.len());
+            if bytes[..n] != expected[..n] {
+                self.h2 = Some(false);
+            } else {
+                self.sniffed += n;
+                if self.sniffed == H2_PREFACE.len() {
+                    self.h2 = Some(true);
+                    self.state.head_started.store(false, Ordering::Release);
+                }
+            }
+        }
+        if self.h2 != Some(true)
+            && self.state.in_flight.load(Ordering::Acquire) == 0
+            && !self.state.head_started.swap(true, Ordering::AcqRel)
+        {
+            self.head_deadline = now + self.header_read_timeout;
+        }
+    }
+
+    /// The deadline that applies while hyper waits for bytes, and whether it is the
+    /// header one.
+    fn deadline(&self) -> Option<(Instant, bool)> {
+        if self.state.in_flight.load(Ordering::Acquire) > 0 {
+            None
+        } else if self.h2 != Some(true) && self.state.head_started.load(Ordering::Acquire) {
+            Some((self.head_deadline, true))
+        } else {
+            Some((self.last_activity + self.idle_timeout, false))
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        if let Poll::Ready(result) = Pin::new(&mut this.inner).poll_read(cx, buf) {
+            if result.is_ok() && buf.filled().len() > before {
+                this.on_read(&buf.filled()[before..]);
+            }
+            return Poll::Ready(result);
+        }
+        let Some((deadline, header)) = this.deadline() else {
+            return Poll::Pending;
+        };
+        if this.sleep.deadline() != deadline {
+            this.sleep.as_mut().reset(deadline);
+        }
+        ready!(this.sleep.as_mut().poll(cx));
+        if header {
+            metrics::counter!("tiergate_connections_rejected_total", "listener" => this.listener, "reason" => "header_timeout").increment(1);
+            tracing::debug!(
+                listener = this.listener,
+                "Request head not received in time; closing."
+            );
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not received within http.header_read_timeout",
+            )))
+        } else {
+            // End of stream: hyper closes an idle connection quietly.
+            Poll::Ready(Ok(()))
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        if matches!(written, Ok(n) if n > 0) {
+            self.last_activity = Instant::now();
+        }
+        Poll::Ready(written)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
+        if matches!(written, Ok(n) if n > 0) {
+            self.last_activity = Instant::now();
+        }
+        Poll::Ready(written)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -126,6 +126,10 @@ impl Drop for TestRedis {
 pub struct TestApp {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTPS listener, when the settings asked for one.
+    pub https: Option<SocketAddr>,
+    /// Its certificates.
+    pub certs: Option<std::sync::Arc<gateway::tls::CertStore>>,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -173,6 +177,8 @@ impl TestApp {
             .expect("bind the server");
         let addr = server.http_addr().expect("http addr");
         let admin = server.admin_addr().expect("admin addr");
+        let https = server.https_addr().expect("https addr");
+        let certs = server.cert_store();
         let (stop, stopped) = oneshot::channel();
         let server = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -180,6 +186,8 @@ impl TestApp {
         Self {
             addr,
             admin,
+            https,
+            certs,
             client: reqwest::Client::new(),
             stop: Some(stop),
             server: Some(server),

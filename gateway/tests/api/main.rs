@@ -13,3 +13,4 @@ mod health;
 mod helpers;
 mod items;
 mod startup;
+mod tls;
