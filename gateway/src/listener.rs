@@ -32,6 +32,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -245,10 +246,13 @@ where
         let io = Guarded::new(io, state.clone(), &self.limits, h2, self.name);
         let handler = self.handler;
         let service = service_fn(move |req| {
-            let request = state.request_started();
-            let response = handler(req);
+            let (request, ambiguous) = state.request_started();
+            let response = (!ambiguous).then(|| handler(req));
             async move {
-                let response = response.await;
+                let response = match response {
+                    Some(response) => response.await,
+                    None => ambiguous_framing(),
+                };
                 drop(request);
                 Ok::<_, Infallible>(response)
             }
@@ -263,21 +267,46 @@ where
     }
 }
 
-/// What the service tells the IO wrapper about requests on one connection.
+/// 400 for a request whose body length is ambiguous; `Connection: close` makes hyper
+/// close the connection after it, so nothing the client sent after that head is read as
+/// a request.
+fn ambiguous_framing() -> Response<Full<Bytes>> {
+    let mut rsp = crate::service::json(
+        http::StatusCode::BAD_REQUEST,
+        Bytes::from_static(
+            br#"{"error":"bad_request","message":"ambiguous message framing: Content-Length with Transfer-Encoding, or Content-Length twice"}"#,
+        ),
+    );
+    rsp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    rsp
+}
+
+/// What the service and the IO wrapper tell each other about one connection.
 #[derive(Debug, Default)]
 struct ConnState {
     /// Requests handed to the service and not answered yet.
     in_flight: AtomicUsize,
     /// Bytes of a request head arrived and the service has not seen that request yet.
     head_started: AtomicBool,
+    /// The head being read frames its body ambiguously (see [`HeadScan`]).
+    ambiguous: AtomicBool,
+    /// The task waiting in `poll_read`. With hyper's own header timeout off, hyper does
+    /// not read again after answering until the socket wakes it, so the end of the last
+    /// request must wake it to start the idle clock.
+    reader: AtomicWaker,
 }
 
 impl ConnState {
-    /// hyper parsed a head and called the service: the head is complete.
-    fn request_started(self: &Arc<Self>) -> InFlight {
+    /// hyper parsed a head and called the service: the head is complete. Returns the
+    /// guard of the request, and whether its framing was ambiguous.
+    fn request_started(self: &Arc<Self>) -> (InFlight, bool) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(false, Ordering::Release);
-        InFlight(self.clone())
+        let ambiguous = self.ambiguous.swap(false, Ordering::AcqRel);
+        (InFlight(self.clone()), ambiguous)
     }
 }
 
@@ -286,7 +315,71 @@ struct InFlight(Arc<ConnState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// Finds framing that hyper accepts but a request smuggler relies on: `Content-Length`
+/// together with `Transfer-Encoding` (hyper lets chunked win and closes afterwards), and
+/// `Content-Length` given twice (hyper accepts equal values). It reads the raw head as it
+/// arrives, because hyper drops the extra headers before the service sees the request.
+/// Heads pipelined behind another request are not scanned; hyper still frames them
+/// safely.
+#[derive(Debug, Default)]
+struct HeadScan {
+    /// Bytes of the current line so far (without CR).
+    line_len: usize,
+    /// Still matching `content-length:` / `transfer-encoding:` at this line's start.
+    cl: bool,
+    te: bool,
+    content_lengths: u32,
+    transfer_encoding: bool,
+    /// The blank line was seen: the rest is body.
+    done: bool,
+}
+
+impl HeadScan {
+    const CL: &'static [u8] = b"content-length:";
+    const TE: &'static [u8] = b"transfer-encoding:";
+
+    /// Feeds head bytes; true once the head is known to be ambiguous.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if self.done {
+                break;
+            }
+            match b {
+                b'\n' => {
+                    if self.line_len == 0 {
+                        self.done = true;
+                    }
+                    self.line_len = 0;
+                    continue;
+                }
+                b'\r' => continue,
+                _ => {}
+            }
+            if self.line_len == 0 {
+                self.cl = true;
+                self.te = true;
+            }
+            let lower = b.to_ascii_lowercase();
+            let i = self.line_len;
+            if self.cl && Self::CL.get(i) != Some(&lower) {
+                self.cl = false;
+            } else if self.cl && i + 1 == Self::CL.len() {
+                self.content_lengths += 1;
+            }
+            if self.te && Self::TE.get(i) != Some(&lower) {
+                self.te = false;
+            } else if self.te && i + 1 == Self::TE.len() {
+                self.transfer_encoding = true;
+            }
+            self.line_len += 1;
+        }
+        self.content_lengths > 1 || (self.content_lengths > 0 && self.transfer_encoding)
     }
 }
 
@@ -310,6 +403,8 @@ struct Guarded<S> {
     h2: Option<bool>,
     /// How many bytes of the preface have matched so far, while `h2` is undecided.
     sniffed: usize,
+    /// The framing check of the head being read.
+    scan: HeadScan,
     listener: &'static str,
 }
 
@@ -335,6 +430,7 @@ impl<S> Guarded<S> {
             sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
             h2,
             sniffed: 0,
+            scan: HeadScan::default(),
             listener,
         }
     }
@@ -357,11 +453,20 @@ impl<S> Guarded<S> {
                 }
             }
         }
-        if self.h2 != Some(true)
-            && self.state.in_flight.load(Ordering::Acquire) == 0
+        if self.h2 == Some(true) {
+            return;
+        }
+        if self.state.in_flight.load(Ordering::Acquire) == 0
             && !self.state.head_started.swap(true, Ordering::AcqRel)
         {
             self.head_deadline = now + self.header_read_timeout;
+            self.scan = HeadScan::default();
+        }
+        if self.state.head_started.load(Ordering::Acquire)
+            && !self.scan.done
+            && self.scan.feed(bytes)
+        {
+            self.state.ambiguous.store(true, Ordering::Release);
         }
     }
 
@@ -392,6 +497,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             }
             return Poll::Ready(result);
         }
+        this.state.reader.register(cx.waker());
         let Some((deadline, header)) = this.deadline() else {
             return Poll::Pending;
         };
@@ -451,5 +557,40 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ambiguous(chunks: &[&str]) -> bool {
+        let mut scan = HeadScan::default();
+        chunks.iter().any(|c| scan.feed(c.as_bytes()))
+    }
+
+    #[test]
+    fn head_scan_flags_double_lengths_and_length_with_chunked() {
+        assert!(ambiguous(&[
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        assert!(ambiguous(&[
+            "POST / HTTP/1.1\r\ntransfer-ENCODING: chunked\r\n",
+            "content-len",
+            "gth: 3\r\n\r\n"
+        ]));
+        assert!(ambiguous(&[
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"
+        ]));
+        assert!(!ambiguous(&[
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nX-Content-Length: 3\r\n\r\n"
+        ]));
+        assert!(!ambiguous(&[
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        // Body bytes after the blank line are not headers.
+        assert!(!ambiguous(&[
+            "POST / HTTP/1.1\r\nContent-Length: 19\r\n\r\nContent-Length: 1\r\n"
+        ]));
     }
 }

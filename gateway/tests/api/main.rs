@@ -9,6 +9,7 @@
 mod cache;
 mod config;
 mod errors;
+mod hardening;
 mod health;
 mod helpers;
 mod items;
