@@ -10,6 +10,7 @@
 //! - [`service`]: the use cases over store and cache (read-through, write-then-fence).
 //! - [`api`]: HTTP handlers and JSON errors.
 //! - [`health`]: the `/health` report.
+//! - [`tls`]: TLS client configurations for PostgreSQL (`sslmode`) and Redis.
 
 pub mod api;
 pub mod cache;
@@ -17,6 +18,7 @@ pub mod health;
 pub mod model;
 pub mod service;
 pub mod store;
+pub mod tls;
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, Ordering};

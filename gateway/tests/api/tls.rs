@@ -48,6 +48,13 @@ impl TestCa {
         self.issuer.as_ref().der().clone()
     }
 
+    /// Writes the CA certificate to `ca.pem` and returns its path.
+    pub fn write_ca(&self) -> PathBuf {
+        let path = self.dir.path().join("ca.pem");
+        std::fs::write(&path, self.issuer.as_ref().pem()).unwrap();
+        path
+    }
+
     /// Issues a certificate for `names` and writes it as `{file}.crt` / `{file}.key`.
     pub fn issue(&self, file: &str, names: &[&str]) -> Issued {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
