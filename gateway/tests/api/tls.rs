@@ -487,3 +487,86 @@ async fn without_a_certificate_a_self_signed_one_serves_localhost() {
     assert_eq!(Http::over(tls.unwrap()).await.get("/livez").await.0, 200);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_silent_client_is_cut_at_the_handshake_timeout_and_counted() {
+    use tokio::io::AsyncReadExt;
+
+    let ca = TestCa::new();
+    let cert = ca.issue("default", &["localhost"]);
+    let mut settings = https_settings(Some(&cert));
+    settings.tls.handshake_timeout = Duration::from_millis(300);
+    let app = TestApp::start_unready(settings).await;
+    let addr = app.https.unwrap();
+
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    let lasted = started.elapsed();
+    assert!(lasted >= Duration::from_millis(250), "{lasted:?}");
+
+    // A good handshake, then the counters and the open-connection gauge.
+    let tls = tls_connect(
+        addr,
+        client_config(Some(&ca.der()), &[b"h2"], BOTH),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    let mut http = Http::over(tls).await;
+    assert_eq!(http.get("/livez").await.0, 200);
+    let metrics = app
+        .client
+        .get(format!("http://{}/metrics", app.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        r#"tiergate_tls_handshakes_total{listener="https",result="timeout",version="none"}"#,
+        r#"tiergate_tls_handshakes_total{listener="https",result="ok",version="1.3"}"#,
+        r#"tiergate_connections_rejected_total{listener="https",reason="tls_handshake"}"#,
+        r#"tiergate_connections_open{listener="https"}"#,
+    ] {
+        assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn http2_header_lists_over_the_limit_never_reach_the_service() {
+    let ca = TestCa::new();
+    let cert = ca.issue("default", &["localhost"]);
+    let mut settings = https_settings(Some(&cert));
+    settings.http.h2_max_header_list_bytes = 4096;
+    let app = TestApp::start_unready(settings).await;
+    let tls = tls_connect(
+        app.https.unwrap(),
+        client_config(Some(&ca.der()), &[b"h2"], BOTH),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("https://localhost/livez")
+        .header("x-big", "a".repeat(8000))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    // h2 answers 431 itself; the service never sees the request.
+    assert_eq!(send.send_request(req).await.unwrap().status(), 431);
+    // The connection still serves requests within the limit.
+    send.ready().await.unwrap();
+    let ok = http::Request::get("https://localhost/livez")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(send.send_request(ok).await.unwrap().status(), 200);
+    app.stop().await;
+}
