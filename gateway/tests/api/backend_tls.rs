@@ -2,7 +2,7 @@
 //! (`--tls-port`) started here for the test, with certificates from a test CA. Both are
 //! stopped when the test ends, pass or fail (their guards' `Drop`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,20 @@ use tiergate_config::{DatabaseSettings, RedisSettings, Secret};
 use crate::helpers::closed_port;
 use crate::tls::TestCa;
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The newest `/usr/lib/postgresql/<version>/bin` (Debian's layout) with an `initdb`.
+fn pg_bin() -> Option<PathBuf> {
+    let mut bins: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    bins.sort();
+    bins.pop().map(|(_, bin)| bin)
+}
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
@@ -28,26 +41,26 @@ fn run(cmd: &mut Command) {
 
 /// A throw-away PostgreSQL cluster that accepts only TLS connections from 127.0.0.1.
 struct TlsPostgres {
+    bin: PathBuf,
     data: PathBuf,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
 impl TlsPostgres {
-    /// `None` when this machine cannot run one (no PostgreSQL 15 binaries, not root).
+    /// `None` when this machine has no PostgreSQL server binaries.
     fn start(ca: &TestCa) -> Option<Self> {
-        if !Path::new(PG_BIN).join("initdb").exists() {
-            eprintln!("SKIPPED: no {PG_BIN}/initdb");
+        let Some(bin) = pg_bin() else {
+            eprintln!("SKIPPED: no /usr/lib/postgresql/*/bin/initdb");
             return None;
-        }
+        };
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         // initdb refuses to run as root: the cluster belongs to `postgres`.
         run(Command::new("chown").arg("postgres:").arg(dir.path()));
         let as_postgres = |program: &str| {
             let mut cmd = Command::new("runuser");
-            cmd.args(["-u", "postgres", "--"])
-                .arg(Path::new(PG_BIN).join(program));
+            cmd.args(["-u", "postgres", "--"]).arg(bin.join(program));
             cmd
         };
         run(as_postgres("initdb")
@@ -81,6 +94,7 @@ impl TlsPostgres {
         )
         .unwrap();
         let pg = Self {
+            bin: bin.clone(),
             data,
             port,
             _dir: dir,
@@ -111,7 +125,7 @@ impl Drop for TlsPostgres {
     fn drop(&mut self) {
         let _ = Command::new("runuser")
             .args(["-u", "postgres", "--"])
-            .arg(Path::new(PG_BIN).join("pg_ctl"))
+            .arg(self.bin.join("pg_ctl"))
             .args(["-m", "immediate", "-w", "-D"])
             .arg(&self.data)
             .arg("stop")
