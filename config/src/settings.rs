@@ -54,6 +54,10 @@ pub struct ListenSettings {
     /// accepting (new connections wait in the kernel's backlog) until one closes.
     /// Default 10000.
     pub max_connections: usize,
+    /// With `https` set: answer every request on `http` with a 308 to the same URL over
+    /// HTTPS, except the probe paths (`/health`, `/livez`, `/readyz`) a load balancer
+    /// checks over plain HTTP. Default `false`.
+    pub redirect_to_https: bool,
 }
 
 impl Default for ListenSettings {
@@ -63,6 +67,7 @@ impl Default for ListenSettings {
             admin: SocketAddr::from(([127, 0, 0, 1], 9090)),
             https: None,
             max_connections: 10_000,
+            redirect_to_https: false,
         }
     }
 }

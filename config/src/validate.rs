@@ -55,6 +55,12 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
             );
         }
     }
+    if s.listen.redirect_to_https && s.listen.https.is_none() {
+        fail(
+            &["listen.redirect_to_https", "listen.https"],
+            "needs listen.https: there is no HTTPS listener to redirect to".to_owned(),
+        );
+    }
     if s.listen.max_connections < 1 {
         fail(
             &["listen.max_connections"],

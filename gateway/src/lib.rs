@@ -57,6 +57,8 @@ pub struct Server {
     admin: TcpListener,
     https: Option<Https>,
     limits: Limits,
+    /// The HTTPS port to send plain requests to (`listen.redirect_to_https`).
+    redirect_to: Option<u16>,
     gateway: Gateway,
     app: App,
     metrics: PrometheusHandle,
@@ -106,6 +108,12 @@ impl Server {
             }
             None => None,
         };
+        let redirect_to = match &https {
+            Some(https) if settings.listen.redirect_to_https => {
+                Some(https.listener.local_addr()?.port())
+            }
+            _ => None,
+        };
         let app = App::new(settings, BUILD)?;
         let gateway = Gateway::new(Router::new(), app.clone(), settings.http.request_timeout);
         Ok(Self {
@@ -113,6 +121,7 @@ impl Server {
             admin,
             https,
             limits: Limits::new(settings),
+            redirect_to,
             gateway,
             app,
             metrics,
@@ -162,6 +171,7 @@ impl Server {
             admin,
             https,
             limits,
+            redirect_to,
             gateway,
             app,
             metrics,
@@ -185,6 +195,17 @@ impl Server {
             let gateway = gateway.clone();
             async move { gateway.handle(req).await }
         };
+        let https_handler = public_handler.clone();
+        let plain_handler = move |req: http::Request<hyper::body::Incoming>| {
+            let redirect = redirect_to.and_then(|port| service::redirect_to_https(&req, port));
+            let handler = public_handler.clone();
+            async move {
+                match redirect {
+                    Some(rsp) => rsp,
+                    None => handler(req).await,
+                }
+            }
+        };
         let secure = match https {
             Some(https) => {
                 let watcher = tokio::spawn(tls::watch(https.store, https.reload_interval)?);
@@ -196,7 +217,7 @@ impl Server {
                         handshake_timeout: https.handshake_timeout,
                     },
                     limits.clone(),
-                    public_handler.clone(),
+                    https_handler,
                     stop_rx.clone(),
                     DRAIN_GRACE,
                 ));
@@ -209,7 +230,7 @@ impl Server {
             http,
             Transport::Plain,
             limits.clone(),
-            public_handler,
+            plain_handler,
             stop_rx.clone(),
             DRAIN_GRACE,
         ));

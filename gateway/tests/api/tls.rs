@@ -570,3 +570,33 @@ async fn http2_header_lists_over_the_limit_never_reach_the_service() {
     assert_eq!(send.send_request(ok).await.unwrap().status(), 200);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_plain_listener_redirects_to_https_except_the_probes() {
+    let ca = TestCa::new();
+    let cert = ca.issue("default", &["localhost"]);
+    let mut settings = https_settings(Some(&cert));
+    settings.listen.redirect_to_https = true;
+    let app = TestApp::start_unready(settings).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let rsp = client
+        .post(app.url("/items?x=1"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 308);
+    let https_port = app.https.unwrap().port();
+    assert_eq!(
+        rsp.headers()["location"],
+        format!("https://127.0.0.1:{https_port}/items?x=1").as_str()
+    );
+    for probe in ["/livez", "/readyz", "/health"] {
+        let rsp = client.get(app.url(probe)).send().await.unwrap();
+        assert_ne!(rsp.status(), 308, "{probe}");
+    }
+    app.stop().await;
+}
