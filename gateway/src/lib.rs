@@ -161,7 +161,7 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then drains: readiness turns 503, the listeners
-    /// close, in-flight requests finish (at most [`DRAIN_GRACE`]), connections close.
+    /// close, in-flight requests finish (at most `DRAIN_GRACE`, 25 s), connections close.
     ///
     /// # Errors
     /// Never at present; the signature leaves room for fatal serving errors.

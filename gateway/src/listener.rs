@@ -9,7 +9,7 @@
 //! - **Header-read timeout that spares idle keep-alives.** hyper's own
 //!   `header_read_timeout` starts when hyper *waits* for a head, so it also closes idle
 //!   keep-alive connections (30 s by default: under the ALB's 60 s idle timeout, which
-//!   turns into 502s). It is off; [`Guarded`] wraps the connection's IO instead and runs
+//!   turns into 502s). It is off; `Guarded` wraps the connection's IO instead and runs
 //!   one of two clocks while hyper waits for bytes: `http.idle_timeout` while no request
 //!   is under way, `http.header_read_timeout` from the first byte of a request head until
 //!   hyper hands the parsed request to the service.

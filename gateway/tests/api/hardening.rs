@@ -258,3 +258,34 @@ async fn beyond_the_connection_cap_new_connections_wait_until_one_closes() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn http2_connections_have_only_the_idle_clock() {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    // h2c by prior knowledge: the listener tells HTTP/2 from the preface's bytes.
+    let app = TestApp::start_unready(settings()).await;
+    let tcp = TcpStream::connect(app.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = || {
+        http::Request::get(format!("http://{}/livez", app.addr))
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(send.send_request(get()).await.unwrap().status(), 200);
+    // Idle for three header timeouts: still open (the header clock is HTTP/1.1's).
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(send.send_request(get()).await.unwrap().status(), 200);
+    // Closed by the server once idle for `idle_timeout` (2 s).
+    let idle_since = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "still open 5 s after going idle");
+    assert!(idle_since.elapsed() >= Duration::from_millis(1800));
+    app.stop().await;
+}
