@@ -13,6 +13,8 @@
 //!   one of two clocks while hyper waits for bytes: `http.idle_timeout` while no request
 //!   is under way, `http.header_read_timeout` from the first byte of a request head until
 //!   hyper hands the parsed request to the service.
+//! - **Slow readers.** Writes that make no progress for `http.idle_timeout` end the
+//!   connection.
 //! - Head size and header count limits (431 from hyper), HTTP/2 stream and header-list
 //!   limits; h2's reset-flood protection stays at its defaults.
 //! - A failed `accept` (EMFILE and the like) backs off instead of spinning.
@@ -398,6 +400,10 @@ struct Guarded<S> {
     /// The last time bytes moved either way.
     last_activity: Instant,
     sleep: Pin<Box<Sleep>>,
+    /// Since when writing has made no progress (the client reads nothing: a full socket
+    /// buffer), and the clock that ends it after `idle_timeout`.
+    write_stalled: Option<Instant>,
+    write_sleep: Pin<Box<Sleep>>,
     /// Known from ALPN, or sniffed from the first bytes (the HTTP/2 preface); HTTP/2 has
     /// no head-by-head reading, so only the idle clock applies to it.
     h2: Option<bool>,
@@ -428,6 +434,8 @@ impl<S> Guarded<S> {
             head_deadline: now,
             last_activity: now,
             sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            write_stalled: None,
+            write_sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
             h2,
             sniffed: 0,
             scan: HeadScan::default(),
@@ -522,17 +530,50 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     }
 }
 
+impl<S> Guarded<S> {
+    /// Passes a write's outcome through, keeping the clocks: progress resets them; no
+    /// progress for `idle_timeout` (a client that stopped reading) fails the connection.
+    fn after_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+        progress: impl FnOnce(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Ready(Ok(value)) => {
+                if progress(&value) {
+                    self.last_activity = Instant::now();
+                    self.write_stalled = None;
+                }
+                Poll::Ready(Ok(value))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let since = *self.write_stalled.get_or_insert_with(Instant::now);
+                let deadline = since + self.idle_timeout;
+                if self.write_sleep.deadline() != deadline {
+                    self.write_sleep.as_mut().reset(deadline);
+                }
+                ready!(self.write_sleep.as_mut().poll(cx));
+                metrics::counter!("tiergate_connections_rejected_total", "listener" => self.listener, "reason" => "write_timeout").increment(1);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client read nothing for http.idle_timeout",
+                )))
+            }
+        }
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
-        if matches!(written, Ok(n) if n > 0) {
-            self.last_activity = Instant::now();
-        }
-        Poll::Ready(written)
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.after_write(cx, result, |n| *n > 0)
     }
 
     fn poll_write_vectored(
@@ -540,11 +581,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
-        if matches!(written, Ok(n) if n > 0) {
-            self.last_activity = Instant::now();
-        }
-        Poll::Ready(written)
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.after_write(cx, result, |n| *n > 0)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -552,7 +591,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        this.after_write(cx, result, |()| true)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

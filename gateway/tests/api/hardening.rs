@@ -289,3 +289,48 @@ async fn http2_connections_have_only_the_idle_clock() {
     assert!(idle_since.elapsed() >= Duration::from_millis(1800));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
+    let mut settings = settings();
+    settings.http.idle_timeout = Duration::from_secs(1);
+    let app = TestApp::start_unready(settings).await;
+    // A small receive buffer: loopback autotuning would otherwise hold every answer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let (mut rx, mut tx) = stream.into_split();
+    // Pipelined requests whose answers (~17 MB) overflow both socket buffers while this
+    // client reads nothing, so the server's writes stop making progress.
+    let writer = tokio::spawn(async move {
+        let batch = GET.repeat(1000);
+        for _ in 0..100 {
+            if tx.write_all(&batch).await.is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    // Read nothing for longer than the idle timeout: the server's writes are stalled.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // What the server did send before it gave up, then the end of the stream.
+    let mut total = 0usize;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let read_all = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(read_all.is_ok(), "the connection was never closed");
+    // Each answer is about 170 bytes; the socket buffers hold a fraction of 100,000.
+    assert!(
+        total < 100_000 * 150,
+        "the server answered {total} bytes: it never gave up"
+    );
+    app.stop().await;
+}
