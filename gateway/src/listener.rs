@@ -531,8 +531,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
 }
 
 impl<S> Guarded<S> {
-    /// Passes a write's outcome through, keeping the clocks: progress resets them; no
-    /// progress for `idle_timeout` (a client that stopped reading) fails the connection.
+    /// Passes a write's outcome through, keeping the clocks: bytes written count as
+    /// activity; no progress for `idle_timeout` (a client that stopped reading) fails the
+    /// connection.
     fn after_write<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -541,9 +542,11 @@ impl<S> Guarded<S> {
     ) -> Poll<io::Result<T>> {
         match result {
             Poll::Ready(Ok(value)) => {
+                self.write_stalled = None;
+                // Only bytes count as activity: hyper and h2 flush on every poll, and
+                // a flush with nothing to send must not keep an idle connection alive.
                 if progress(&value) {
                     self.last_activity = Instant::now();
-                    self.write_stalled = None;
                 }
                 Poll::Ready(Ok(value))
             }
@@ -593,7 +596,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let result = Pin::new(&mut this.inner).poll_flush(cx);
-        this.after_write(cx, result, |()| true)
+        this.after_write(cx, result, |()| false)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -311,9 +311,27 @@ async fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
         }
         true
     });
-    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
-    // Read nothing for longer than the idle timeout: the server's writes are stalled.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Read nothing until the server reports giving up on a stalled write (the counter
+    // is this test's alone). A loaded machine takes a while to answer enough requests to
+    // fill the buffers, hence the long deadline.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = app
+            .client
+            .get(format!("http://{}/metrics", app.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(r#"reason="write_timeout""#) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no write timeout within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.abort();
     // What the server did send before it gave up, then the end of the stream.
     let mut total = 0usize;
     let mut chunk = vec![0u8; 64 * 1024];
