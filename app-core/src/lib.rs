@@ -12,6 +12,7 @@
 //! - [`api`]: HTTP handlers and JSON errors.
 //! - [`health`]: the `/health` report.
 //! - `testing` (feature `testing`): test support shared by the crates' integration tests.
+//! - [`tls`]: TLS client configurations for PostgreSQL (`sslmode`) and Redis.
 
 pub mod api;
 pub mod cache;
@@ -22,6 +23,7 @@ pub mod service;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tls;
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -43,8 +43,9 @@ use std::fmt;
 pub use load::load;
 pub use secret::Secret;
 pub use settings::{
-    CacheSettings, DatabaseSettings, DeploymentSettings, HealthSettings, HttpSettings,
-    ListenSettings, LogFormat, LogSettings, RedisSettings, Settings, ShutdownSettings,
+    CacheSettings, CertificateSettings, DatabaseSettings, DeploymentSettings, HealthSettings,
+    HttpSettings, ListenSettings, LogFormat, LogSettings, RedisSettings, Settings,
+    ShutdownSettings, TlsSettings, TlsVersion,
 };
 pub use source::{ProcessEnv, Source};
 

@@ -447,6 +447,7 @@ impl Loader {
         let mut failed = Vec::new();
         let settings = Settings {
             listen: self.section(&mut tree, "listen", &mut failed),
+            tls: self.section(&mut tree, "tls", &mut failed),
             database: self.section(&mut tree, "database", &mut failed),
             redis: self.section(&mut tree, "redis", &mut failed),
             cache: self.section(&mut tree, "cache", &mut failed),
@@ -702,6 +703,62 @@ mod tests {
         let problems = problems(result);
         assert_eq!(problems.len(), 1, "{problems:#?}");
         assert!(problems[0].contains(needle), "{problems:#?}");
+    }
+
+    #[test]
+    fn tls_section_loads_from_a_file_and_the_environment() {
+        let s = load_file(
+            r#"
+[listen]
+https = "0.0.0.0:8443"
+redirect_to_https = true
+
+[tls]
+cert = "/etc/tiergate/default.crt"
+key = "/etc/tiergate/default.key"
+min_version = "1.3"
+
+[[tls.certificates]]
+cert = "/etc/tiergate/api.crt"
+key = "/etc/tiergate/api.key"
+server_names = ["api.example.com", "*.api.example.com"]
+"#,
+            &[("TIERGATE_TLS__HANDSHAKE_TIMEOUT", "3s")],
+        )
+        .unwrap();
+        assert_eq!(s.listen.https, Some("0.0.0.0:8443".parse().unwrap()));
+        assert_eq!(s.tls.min_version, crate::TlsVersion::V1_3);
+        assert_eq!(s.tls.certificates.len(), 1);
+        assert_eq!(s.tls.certificates[0].server_names[1], "*.api.example.com");
+        assert_eq!(s.tls.handshake_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn tls_settings_are_checked_together() {
+        let found = problems(load_file(
+            r#"
+[listen]
+redirect_to_https = true
+[tls]
+cert = "/a.crt"
+min_version = "1.1"
+[[tls.certificates]]
+cert = "/b.crt"
+key = "/b.key"
+server_names = ["bad name"]
+"#,
+            &[("DATABASE_URL", "postgres://u@db/x?sslmode=verify-full")],
+        ));
+        let joined = found.join("\n");
+        for needle in [
+            "tls.min_version",
+            "tls.cert: is set but tls.key is not",
+            "\"bad name\" is not a host name",
+            "listen.redirect_to_https: needs listen.https",
+            "database.ca_file: must be set",
+        ] {
+            assert!(joined.contains(needle), "{needle} in {found:#?}");
+        }
     }
 
     #[test]

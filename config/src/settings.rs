@@ -5,6 +5,7 @@
 //! silently ignored line. Durations are human strings (`"1500ms"`, `"30s"`, `"2m"`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,8 @@ const MIB: u64 = 1024 * 1024;
 pub struct Settings {
     /// Addresses to bind.
     pub listen: ListenSettings,
+    /// Certificates and protocol settings of the HTTPS listener.
+    pub tls: TlsSettings,
     /// PostgreSQL, the system of record.
     pub database: DatabaseSettings,
     /// Redis, the shared L2 cache and invalidation bus.
@@ -46,6 +49,17 @@ pub struct ListenSettings {
     /// Admin listener: `/metrics`, `/livez`, `/readyz`, `/admin/*`. Must never share the
     /// public port. Default `127.0.0.1:9090`.
     pub admin: SocketAddr,
+    /// Public HTTPS listener (same routes as `http`), or `None` for none. Without a
+    /// configured certificate it serves a self-signed one for `localhost`. Default `None`.
+    pub https: Option<SocketAddr>,
+    /// Most connections open at once on each listener. At the cap the listener stops
+    /// accepting (new connections wait in the kernel's backlog) until one closes.
+    /// Default 10000.
+    pub max_connections: usize,
+    /// With `https` set: answer every request on `http` with a 308 to the same URL over
+    /// HTTPS, except the probe paths (`/health`, `/livez`, `/readyz`) a load balancer
+    /// checks over plain HTTP. Default `false`.
+    pub redirect_to_https: bool,
 }
 
 impl Default for ListenSettings {
@@ -53,8 +67,75 @@ impl Default for ListenSettings {
         Self {
             http: SocketAddr::from(([0, 0, 0, 0], 8080)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            https: None,
+            max_connections: 10_000,
+            redirect_to_https: false,
         }
     }
+}
+
+/// Certificates and protocol settings of the HTTPS listener (`listen.https`).
+///
+/// `cert` + `key` is the default certificate, served when the client's SNI names none of
+/// `certificates` (or sends no SNI). Without `cert`, the first of `certificates` is the
+/// default. With neither, a self-signed certificate for `localhost` is made at start.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// PEM file with the default certificate chain, leaf first. Default `None`.
+    pub cert: Option<PathBuf>,
+    /// PEM file with the default certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    /// Default `None`.
+    pub key: Option<PathBuf>,
+    /// More certificates, chosen by the client's SNI. Default none.
+    pub certificates: Vec<CertificateSettings>,
+    /// Oldest TLS version accepted: `"1.2"` or `"1.3"`. Default `"1.2"`.
+    pub min_version: TlsVersion,
+    /// Limit for a TLS handshake, from accept to the first byte of HTTP. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How often the certificate files are checked for changes (`0s`: only on SIGHUP).
+    /// Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            certificates: Vec::new(),
+            min_version: TlsVersion::V1_2,
+            handshake_timeout: Duration::from_secs(10),
+            reload_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One certificate chosen by SNI.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSettings {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file with its private key.
+    pub key: PathBuf,
+    /// Host names it serves: exact (`api.example.com`) or one leading wildcard label
+    /// (`*.example.com`). Each must be covered by the certificate.
+    pub server_names: Vec<String>,
+}
+
+/// A TLS protocol version, written `"1.2"` or `"1.3"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 (and 1.3).
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    V1_3,
 }
 
 /// PostgreSQL connection pool.
@@ -82,6 +163,9 @@ pub struct DatabaseSettings {
     pub statement_timeout: Duration,
     /// Apply pending migrations at start. Default `true`.
     pub migrate_on_start: bool,
+    /// PEM bundle of the CAs that sign the server's certificate (the RDS bundle), for
+    /// `sslmode=verify-ca` and `verify-full` in the URLs. Default `None`.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for DatabaseSettings {
@@ -94,6 +178,7 @@ impl Default for DatabaseSettings {
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(5),
             migrate_on_start: true,
+            ca_file: None,
         }
     }
 }
@@ -119,6 +204,9 @@ pub struct RedisSettings {
     /// How long the breaker stays open before one probe is let through. Default 5s.
     #[serde(with = "humantime_serde")]
     pub breaker_open: Duration,
+    /// PEM bundle of the CAs trusted for `rediss://`; `None` trusts the system's roots.
+    /// Default `None`.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for RedisSettings {
@@ -130,6 +218,7 @@ impl Default for RedisSettings {
             connect_timeout: Duration::from_secs(2),
             breaker_failures: 5,
             breaker_open: Duration::from_secs(5),
+            ca_file: None,
         }
     }
 }
@@ -198,6 +287,23 @@ pub struct HttpSettings {
     /// `Retry-After` at once instead of queueing behind the others (load shedding).
     /// Probes and `/health` are not counted. At least 1. Default 1024.
     pub max_in_flight: u32,
+    /// Limit for receiving a request head, from its first byte to its blank line (against
+    /// slowloris). It never runs while a keep-alive connection is idle. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may sit idle between requests. Longer than the
+    /// ALB's 60 s idle timeout, so the ALB always closes first. Default 75s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Largest HTTP/1.1 request head (request line and headers); larger gets 431.
+    /// 8 KiB to 1 MiB. Default 16384.
+    pub max_header_bytes: usize,
+    /// Most header lines in an HTTP/1.1 request; more gets 431. Default 100.
+    pub max_headers: usize,
+    /// HTTP/2: most concurrent streams per connection. Default 200.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2: largest header list (decoded) per request. Default 16384.
+    pub h2_max_header_list_bytes: u32,
 }
 
 impl Default for HttpSettings {
@@ -206,6 +312,12 @@ impl Default for HttpSettings {
             max_body_bytes: 65536,
             request_timeout: Duration::from_secs(30),
             max_in_flight: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            max_header_bytes: 16384,
+            max_headers: 100,
+            h2_max_concurrent_streams: 200,
+            h2_max_header_list_bytes: 16384,
         }
     }
 }
@@ -317,6 +429,11 @@ impl Settings {
     pub(crate) fn every_key() -> Self {
         let mut settings = Self::default();
         settings.database.reader_url = Some(Secret::new(""));
+        settings.database.ca_file = Some(PathBuf::new());
+        settings.redis.ca_file = Some(PathBuf::new());
+        settings.listen.https = Some(settings.listen.http);
+        settings.tls.cert = Some(PathBuf::new());
+        settings.tls.key = Some(PathBuf::new());
         settings.deployment.color = Some(String::new());
         settings
     }

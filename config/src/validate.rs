@@ -35,6 +35,74 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
         );
     }
 
+    if let Some(https) = s.listen.https {
+        if same_port(https, s.listen.http) {
+            fail(
+                &["listen.https", "listen.http"],
+                format!(
+                    "must not use the port of listen.http ({})",
+                    s.listen.http.port()
+                ),
+            );
+        }
+        if s.listen.admin.port() != 0 && same_port(https, s.listen.admin) {
+            fail(
+                &["listen.https", "listen.admin"],
+                format!(
+                    "must not use the port of listen.admin ({})",
+                    s.listen.admin.port()
+                ),
+            );
+        }
+    }
+    if s.listen.redirect_to_https && s.listen.https.is_none() {
+        fail(
+            &["listen.redirect_to_https", "listen.https"],
+            "needs listen.https: there is no HTTPS listener to redirect to".to_owned(),
+        );
+    }
+    if s.listen.max_connections < 1 {
+        fail(
+            &["listen.max_connections"],
+            "must be at least 1, got 0".to_owned(),
+        );
+    }
+
+    let tls = &s.tls;
+    match (&tls.cert, &tls.key) {
+        (Some(_), None) => fail(
+            &["tls.cert", "tls.key"],
+            "is set but tls.key is not; set both or neither".to_owned(),
+        ),
+        (None, Some(_)) => fail(
+            &["tls.key", "tls.cert"],
+            "is set but tls.cert is not; set both or neither".to_owned(),
+        ),
+        _ => {}
+    }
+    for (i, cert) in tls.certificates.iter().enumerate() {
+        if cert.server_names.is_empty() {
+            fail(
+                &["tls.certificates"],
+                format!("entry {i} ({}) has no server_names", cert.cert.display()),
+            );
+        }
+        for name in &cert.server_names {
+            if !valid_server_name(name) {
+                fail(
+                    &["tls.certificates"],
+                    format!("entry {i}: {name:?} is not a host name or a `*.` wildcard of one"),
+                );
+            }
+        }
+    }
+    if tls.handshake_timeout.is_zero() {
+        fail(
+            &["tls.handshake_timeout"],
+            "must be more than 0s".to_owned(),
+        );
+    }
+
     let db = &s.database;
     if !has_scheme(db.url.expose(), &["postgres", "postgresql"]) {
         fail(
@@ -64,6 +132,17 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
                 "must be between 100ms and 10s, got {}",
                 human(db.checkout_timeout)
             ),
+        );
+    }
+    let verifies = std::iter::once(db.url.expose())
+        .chain(db.reader_url.as_ref().map(|u| u.expose()))
+        .any(|url| matches!(sslmode(url), Some("verify-ca" | "verify-full")));
+    if verifies && db.ca_file.is_none() {
+        fail(
+            &["database.ca_file", "database.url"],
+            "must be set when a database URL has sslmode=verify-ca or verify-full: \
+             it names the CAs to verify the server against (the RDS bundle, say)"
+                .to_owned(),
         );
     }
     if db.connect_timeout.is_zero() {
@@ -168,6 +247,46 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
             format!("must be at least 1, got {}", http.max_in_flight),
         );
     }
+    if http.header_read_timeout.is_zero() {
+        fail(
+            &["http.header_read_timeout"],
+            "must be more than 0s".to_owned(),
+        );
+    }
+    if http.idle_timeout.is_zero() {
+        fail(&["http.idle_timeout"], "must be more than 0s".to_owned());
+    }
+    // hyper's read buffer cannot be smaller than 8 KiB.
+    if !(8192..=1024 * 1024).contains(&http.max_header_bytes) {
+        fail(
+            &["http.max_header_bytes"],
+            format!(
+                "must be between 8192 and 1 MiB (1048576), got {}",
+                http.max_header_bytes
+            ),
+        );
+    }
+    if !(1..=1000).contains(&http.max_headers) {
+        fail(
+            &["http.max_headers"],
+            format!("must be between 1 and 1000, got {}", http.max_headers),
+        );
+    }
+    if http.h2_max_concurrent_streams < 1 {
+        fail(
+            &["http.h2_max_concurrent_streams"],
+            "must be at least 1, got 0".to_owned(),
+        );
+    }
+    if http.h2_max_header_list_bytes < 1024 {
+        fail(
+            &["http.h2_max_header_list_bytes"],
+            format!(
+                "must be at least 1024, got {}",
+                http.h2_max_header_list_bytes
+            ),
+        );
+    }
 
     if let Some(color) = &s.deployment.color {
         let valid = (1..=32).contains(&color.len())
@@ -204,6 +323,28 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
 /// unspecified address (`0.0.0.0`, `[::]`) covers every interface.
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The `sslmode` query parameter of a PostgreSQL URL, if any. Only the mode is returned,
+/// never anything else from the URL.
+pub(crate) fn sslmode(url: &str) -> Option<&str> {
+    let query = url.split_once('?')?.1;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("sslmode="))
+}
+
+/// A DNS name, or `*.` followed by one: what the SNI map can match.
+fn valid_server_name(name: &str) -> bool {
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// Compares only the scheme, so a failure never has to quote the value. Case-sensitive, as

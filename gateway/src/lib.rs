@@ -4,7 +4,9 @@
 //! only that a route can target "the app".
 //!
 //! # Layout
-//! - [`listener`]: accept loops, hyper connections, draining.
+//! - [`listener`]: accept loops, hyper connections, connection limits and timeouts,
+//!   draining.
+//! - [`tls`]: certificates for the HTTPS listener, SNI, hot reload.
 //! - [`router`]: the route table (path → target, with a bounded route name).
 //! - [`service`]: the request path as named steps (id, route, answer, record).
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz` on the admin listener.
@@ -19,9 +21,11 @@ pub mod metrics;
 pub mod router;
 pub mod service;
 pub mod shutdown;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -32,10 +36,10 @@ use tiergate_config::{Settings, ShutdownSettings};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use crate::listener::{DrainControl, Phase};
-
+use crate::listener::{DrainControl, Limits, Phase, Transport};
 use crate::router::Router;
 use crate::service::Gateway;
+use crate::tls::CertStore;
 
 /// What `/health` reports about this build.
 pub const BUILD: BuildInfo = BuildInfo {
@@ -53,17 +57,33 @@ const CLOSE_LIMIT: Duration = Duration::from_secs(2);
 pub struct Server {
     http: TcpListener,
     admin: TcpListener,
+    https: Option<Https>,
+    limits: Limits,
+    /// The HTTPS port to send plain requests to (`listen.redirect_to_https`).
+    redirect_to: Option<u16>,
     gateway: Gateway,
     app: App,
     metrics: PrometheusHandle,
     shutdown: ShutdownSettings,
 }
 
+/// The HTTPS listener and what it serves with.
+#[derive(Debug)]
+struct Https {
+    listener: TcpListener,
+    store: Arc<CertStore>,
+    config: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    reload_interval: Duration,
+}
+
 impl Server {
-    /// Binds the public and admin listeners and builds the app (no backend contacted).
+    /// Binds the public, HTTPS (when set) and admin listeners, loads the certificates and
+    /// builds the app (no backend contacted).
     ///
     /// # Errors
-    /// A port cannot be bound, or a backend URL does not parse.
+    /// A port cannot be bound, a certificate cannot be loaded, or a backend URL does not
+    /// parse.
     pub async fn bind(settings: &Settings) -> anyhow::Result<Self> {
         let metrics = metrics::install()?;
         let http = TcpListener::bind(settings.listen.http)
@@ -74,11 +94,37 @@ impl Server {
             .with_context(|| {
                 format!("cannot listen on {} (listen.admin)", settings.listen.admin)
             })?;
+        let https = match settings.listen.https {
+            Some(addr) => {
+                let store = Arc::new(CertStore::load(&settings.tls).context("tls")?);
+                let config = tls::server_config(store.clone(), settings.tls.min_version)?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (listen.https)"))?;
+                Some(Https {
+                    listener,
+                    store,
+                    config,
+                    handshake_timeout: settings.tls.handshake_timeout,
+                    reload_interval: settings.tls.reload_interval,
+                })
+            }
+            None => None,
+        };
+        let redirect_to = match &https {
+            Some(https) if settings.listen.redirect_to_https => {
+                Some(https.listener.local_addr()?.port())
+            }
+            _ => None,
+        };
         let app = App::new(settings, BUILD)?;
         let gateway = Gateway::new(Router::new(), app.clone(), &settings.http);
         Ok(Self {
             http,
             admin,
+            https,
+            limits: Limits::new(settings),
+            redirect_to,
             gateway,
             app,
             metrics,
@@ -94,6 +140,22 @@ impl Server {
         self.http.local_addr()
     }
 
+    /// The bound HTTPS address, when `listen.https` is set.
+    ///
+    /// # Errors
+    /// The OS cannot tell (practically never).
+    pub fn https_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.https
+            .as_ref()
+            .map(|h| h.listener.local_addr())
+            .transpose()
+    }
+
+    /// The HTTPS listener's certificates, when `listen.https` is set.
+    pub fn cert_store(&self) -> Option<Arc<CertStore>> {
+        self.https.as_ref().map(|h| h.store.clone())
+    }
+
     /// The bound admin address.
     ///
     /// # Errors
@@ -103,7 +165,7 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then shuts down as `shutdown.*` says: readiness
-    /// turns 503 at once; for `drain_delay` both listeners keep serving but send every
+    /// turns 503 at once; for `drain_delay` every listener keeps serving but sends every
     /// client elsewhere (`Connection: close`, GOAWAY); then they close and in-flight
     /// requests finish until `timeout` (counted from the signal); then Redis is closed.
     ///
@@ -113,13 +175,21 @@ impl Server {
         let Self {
             http,
             admin,
+            https,
+            limits,
+            redirect_to,
             gateway,
             app,
             metrics,
-            shutdown: limits,
+            shutdown: budget,
         } = self;
+        let https_addr = https
+            .as_ref()
+            .map(|h| h.listener.local_addr())
+            .transpose()?;
         tracing::info!(
             http = %http.local_addr()?,
+            https = https_addr.map(|a| a.to_string()),
             admin = %admin.local_addr()?,
             version = BUILD.version,
             commit = BUILD.commit,
@@ -128,19 +198,53 @@ impl Server {
         app.start();
         let (control, drain) = DrainControl::new();
 
+        let public_handler = move |req| {
+            let gateway = gateway.clone();
+            async move { gateway.handle(req).await }
+        };
+        let https_handler = public_handler.clone();
+        let plain_handler = move |req: http::Request<hyper::body::Incoming>| {
+            let redirect = redirect_to.and_then(|port| service::redirect_to_https(&req, port));
+            let handler = public_handler.clone();
+            async move {
+                match redirect {
+                    Some(rsp) => rsp,
+                    None => handler(req).await,
+                }
+            }
+        };
+        let secure = match https {
+            Some(https) => {
+                let watcher = tokio::spawn(tls::watch(https.store, https.reload_interval)?);
+                let serve = tokio::spawn(listener::serve(
+                    "https",
+                    https.listener,
+                    Transport::Tls {
+                        acceptor: tokio_rustls::TlsAcceptor::from(https.config),
+                        handshake_timeout: https.handshake_timeout,
+                    },
+                    limits.clone(),
+                    https_handler,
+                    drain.clone(),
+                ));
+                Some((serve, watcher))
+            }
+            None => None,
+        };
         let public = tokio::spawn(listener::serve(
             "http",
             http,
-            move |req| {
-                let gateway = gateway.clone();
-                async move { gateway.handle(req).await }
-            },
+            Transport::Plain,
+            limits.clone(),
+            plain_handler,
             drain.clone(),
         ));
         let admin_app = app.clone();
         let admin = tokio::spawn(listener::serve(
             "admin",
             admin,
+            Transport::Plain,
+            limits,
             move |req| {
                 let rsp = admin::handle(&req, &admin_app, &metrics);
                 async move { rsp }
@@ -149,17 +253,21 @@ impl Server {
         ));
 
         shutdown.await;
-        let deadline = Instant::now() + limits.timeout;
+        let deadline = Instant::now() + budget.timeout;
         app.begin_shutdown();
         control.enter(Phase::Draining);
         tracing::info!(
-            drain_delay_ms = limits.drain_delay.as_millis(),
-            timeout_ms = limits.timeout.as_millis(),
+            drain_delay_ms = budget.drain_delay.as_millis(),
+            timeout_ms = budget.timeout.as_millis(),
             "Draining: readiness is 503; still serving, with Connection: close."
         );
-        tokio::time::sleep(limits.drain_delay).await;
+        tokio::time::sleep(budget.drain_delay).await;
         control.enter(Phase::Closing { deadline });
         let _ = tokio::join!(public, admin);
+        if let Some((serve, watcher)) = secure {
+            let _ = serve.await;
+            watcher.abort();
+        }
         if tokio::time::timeout(CLOSE_LIMIT, app.close())
             .await
             .is_err()

@@ -1,5 +1,24 @@
-//! Accept loops: TCP connections served by hyper, HTTP/1.1 and HTTP/2 (h2c by prior
-//! knowledge) on one port, and the drain that ends them.
+//! Accept loops: TCP (or TLS) connections served by hyper, HTTP/1.1 and HTTP/2 on one
+//! port (ALPN over TLS; by prior knowledge over plain TCP).
+//!
+//! Every listener is hardened the same way:
+//! - **Connection cap.** A semaphore permit is taken *before* `accept` and held by the
+//!   connection's task, so at `listen.max_connections` the loop stops accepting and new
+//!   connections wait in the kernel's backlog instead of crashing anything.
+//! - **TLS handshake timeout**, then ALPN picks the protocol.
+//! - **Header-read timeout that spares idle keep-alives.** hyper's own
+//!   `header_read_timeout` starts when hyper *waits* for a head, so it also closes idle
+//!   keep-alive connections (30 s by default: under the ALB's 60 s idle timeout, which
+//!   turns into 502s). It is off; `Guarded` wraps the connection's IO instead and runs
+//!   one of two clocks while hyper waits for bytes: `http.idle_timeout` while no request
+//!   is under way, `http.header_read_timeout` from the first byte of a request head until
+//!   hyper hands the parsed request to the service.
+//! - **Slow readers.** Writes that make no progress for `http.idle_timeout` end the
+//!   connection.
+//! - Head size and header count limits (431 from hyper), HTTP/2 stream and header-list
+//!   limits; h2's reset-flood protection stays at its defaults.
+//! - A failed `accept` (EMFILE and the like) backs off instead of spinning.
+//!
 //!
 //! Shutdown runs in two phases, driven by `Drain`:
 //!
@@ -17,12 +36,15 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::pin;
+use std::io;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::Full;
@@ -30,9 +52,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tiergate_config::Settings;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
-use tokio::time::Instant;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 
 /// How long to pause after a failed `accept` (EMFILE and the like): long enough not to
 /// spin on a full descriptor table, short enough to recover quickly.
@@ -93,15 +118,48 @@ impl DrainControl {
     }
 }
 
-/// Per-connection facts the service shares with the task that drives the connection.
-#[derive(Debug, Default)]
-struct ConnState {
-    /// The connection spoke HTTP/2 at least once: GOAWAY is how to drain it.
-    h2: AtomicBool,
-    /// A request on an HTTP/2 connection finished while draining: send GOAWAY now.
-    goaway: Notify,
-    /// At least one request arrived on the connection.
-    used: AtomicBool,
+/// The connection limits of a listener, from `listen.*` and `http.*`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// From the first byte of a request head to the parsed request.
+    pub header_read_timeout: Duration,
+    /// Idle time allowed between requests.
+    pub idle_timeout: Duration,
+    /// Largest HTTP/1.1 head (hyper's read buffer).
+    pub max_header_bytes: usize,
+    /// Most HTTP/1.1 header lines.
+    pub max_headers: usize,
+    /// HTTP/2 concurrent streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 decoded header list size.
+    pub h2_max_header_list_bytes: u32,
+}
+
+impl Limits {
+    /// The limits the settings ask for.
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            max_connections: settings.listen.max_connections,
+            header_read_timeout: settings.http.header_read_timeout,
+            idle_timeout: settings.http.idle_timeout,
+            max_header_bytes: settings.http.max_header_bytes,
+            max_headers: settings.http.max_headers,
+            h2_max_concurrent_streams: settings.http.h2_max_concurrent_streams,
+            h2_max_header_list_bytes: settings.http.h2_max_header_list_bytes,
+        }
+    }
+}
+
+/// Plain TCP, or TLS with a handshake deadline.
+#[derive(Clone)]
+pub(crate) enum Transport {
+    Plain,
+    Tls {
+        acceptor: TlsAcceptor,
+        handshake_timeout: Duration,
+    },
 }
 
 /// Serves `listener` with `handler` until the drain reaches [`Phase::Closing`], then
@@ -109,6 +167,8 @@ struct ConnState {
 pub(crate) async fn serve<H, Fut>(
     name: &'static str,
     listener: TcpListener,
+    transport: Transport,
+    limits: Limits,
     handler: H,
     drain: Drain,
 ) where
@@ -116,31 +176,187 @@ pub(crate) async fn serve<H, Fut>(
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper needs a timer for its header-read timeout (slow-loris protection).
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Replaced by `Guarded`, which does not cut idle keep-alive connections.
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.h2_max_header_list_bytes);
+    let builder = Arc::new(builder);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let open = metrics::gauge!("tiergate_connections_open", "listener" => name);
+    let saturated = metrics::counter!("tiergate_listener_saturated_total", "listener" => name);
     // Each connection task holds a sender; `recv` yields `None` once all have ended.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     // Serves one accepted connection in a task of its own.
-    let spawn = |stream: TcpStream| {
+    let spawn = |stream: TcpStream, permit: Option<OwnedSemaphorePermit>| {
         // Responses are small and written whole: send them without waiting for more.
         let _ = stream.set_nodelay(true);
+        let connection = Connection {
+            name,
+            builder: builder.clone(),
+            limits: limits.clone(),
+            handler: handler.clone(),
+            drain: drain.clone(),
+        };
+        let transport = transport.clone();
+        let open = open.clone();
+        let open_tx = open_tx.clone();
+        tokio::spawn(async move {
+            let _open = open_tx;
+            open.increment(1.0);
+            connection.run(stream, transport).await;
+            open.decrement(1.0);
+            drop(permit);
+        });
+    };
+
+    let mut phase = drain.phase.clone();
+    let closing = |p: &Phase| matches!(p, Phase::Closing { .. });
+    let deadline = loop {
+        // The permit first: at the cap, stop accepting until a connection closes.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                saturated.increment(1);
+                tracing::warn!(
+                    listener = name,
+                    limit = limits.max_connections,
+                    "Connection limit reached; pausing accept."
+                );
+                tokio::select! {
+                    permit = permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break Instant::now(),
+                    },
+                    changed = phase.wait_for(closing) => break closing_deadline(changed.as_deref()),
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            changed = phase.wait_for(closing) => break closing_deadline(changed.as_deref()),
+        };
+        match accepted {
+            Ok((stream, _peer)) => spawn(stream, Some(permit)),
+            Err(error) => {
+                tracing::warn!(listener = name, %error, "Accept failed; backing off.");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    };
+
+    // Connections the kernel has completed but we have not accepted would be reset when
+    // the socket closes, requests and all: take them in first (past the cap, briefly).
+    // A zero timeout still polls `accept` once.
+    while let Ok(Ok((stream, _peer))) =
+        tokio::time::timeout(Duration::ZERO, listener.accept()).await
+    {
+        spawn(stream, None);
+    }
+    drop(listener);
+    tracing::info!(listener = name, "Stopped accepting.");
+    drop(open_tx);
+    tokio::select! {
+        _ = open_rx.recv() => tracing::info!(listener = name, "All connections drained."),
+        () = tokio::time::sleep_until(deadline) => tracing::warn!(listener = name, "Shutdown deadline passed; dropping open connections."),
+    }
+}
+
+/// The deadline a [`Phase::Closing`] carries; now, if the server went away without one.
+fn closing_deadline(phase: Result<&Phase, &watch::error::RecvError>) -> Instant {
+    match phase {
+        Ok(Phase::Closing { deadline }) => *deadline,
+        _ => Instant::now(),
+    }
+}
+
+/// One accepted connection, before its protocol is known.
+struct Connection<H> {
+    name: &'static str,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: Limits,
+    handler: H,
+    drain: Drain,
+}
+
+impl<H, Fut> Connection<H>
+where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    async fn run(self, stream: TcpStream, transport: Transport) {
+        match transport {
+            Transport::Plain => self.serve(stream, None).await,
+            Transport::Tls {
+                acceptor,
+                handshake_timeout,
+            } => {
+                let name = self.name;
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                let (result, version) = match handshake.await {
+                    Ok(Ok(tls)) => {
+                        let session = tls.get_ref().1;
+                        let version = match session.protocol_version() {
+                            Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
+                            Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
+                            _ => "other",
+                        };
+                        let h2 = session.alpn_protocol() == Some(b"h2");
+                        metrics::counter!("tiergate_tls_handshakes_total", "listener" => name, "result" => "ok", "version" => version).increment(1);
+                        self.serve(tls, Some(h2)).await;
+                        return;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(listener = name, %error, "TLS handshake failed.");
+                        ("error", "none")
+                    }
+                    Err(_) => {
+                        tracing::debug!(listener = name, "TLS handshake timed out.");
+                        ("timeout", "none")
+                    }
+                };
+                metrics::counter!("tiergate_tls_handshakes_total", "listener" => name, "result" => result, "version" => version).increment(1);
+                metrics::counter!("tiergate_connections_rejected_total", "listener" => name, "reason" => "tls_handshake").increment(1);
+            }
+        }
+    }
+
+    /// Serves HTTP on `io` (`h2` is what ALPN said, when there was ALPN) and drives the
+    /// connection to its end, asking it to finish when the drain says so.
+    async fn serve<S>(self, io: S, h2: Option<bool>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let name = self.name;
         let state = Arc::new(ConnState::default());
+        let io = Guarded::new(io, state.clone(), &self.limits, h2, name);
         let service = {
-            let handler = handler.clone();
+            let handler = self.handler;
             let state = state.clone();
-            let draining = drain.draining.clone();
+            let draining = self.drain.draining.clone();
             service_fn(move |req: Request<Incoming>| {
                 let version = req.version();
                 state.used.store(true, Ordering::Relaxed);
                 if version == Version::HTTP_2 {
-                    state.h2.store(true, Ordering::Relaxed);
+                    state.spoke_h2.store(true, Ordering::Relaxed);
                 }
-                let response = handler(req);
+                let (request, ambiguous) = state.request_started();
+                let response = (!ambiguous).then(|| handler(req));
                 let state = state.clone();
                 let draining = draining.clone();
                 async move {
-                    let mut rsp = response.await;
+                    let mut rsp = match response {
+                        Some(response) => response.await,
+                        None => ambiguous_framing(),
+                    };
+                    drop(request);
                     if draining.load(Ordering::Relaxed) {
                         if version == Version::HTTP_2 {
                             state.goaway.notify_one();
@@ -154,95 +370,430 @@ pub(crate) async fn serve<H, Fut>(
                 }
             })
         };
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+        let connection = self
+            .builder
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let mut phase = drain.phase.clone();
-        let open = open_tx.clone();
-        // Drives the connection to its end, asking it to finish when the drain says so.
-        tokio::spawn(async move {
-            let _open = open;
-            let mut connection = pin!(connection);
-            let mut asked = false;
-            let mut finish_at: Option<Instant> = None;
-            loop {
-                let grace = async {
-                    match finish_at {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
+        let mut phase = self.drain.phase.clone();
+        let mut connection = pin!(connection);
+        let mut asked = false;
+        let mut finish_at: Option<Instant> = None;
+        loop {
+            let grace = async {
+                match finish_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(listener = name, error = %error, "Connection ended with an error.");
                     }
-                };
-                tokio::select! {
-                    result = connection.as_mut() => {
-                        if let Err(error) = result {
-                            tracing::debug!(listener = name, error = %error, "Connection ended with an error.");
+                    return;
+                }
+                () = state.goaway.notified(), if !asked => {}
+                () = grace, if !asked => {}
+                changed = phase.changed(), if !asked && finish_at.is_none() => {
+                    let now = *phase.borrow_and_update();
+                    let h2 = state.spoke_h2.load(Ordering::Relaxed);
+                    match (changed, now) {
+                        // hyper closes a connection that has not read a request yet
+                        // without reading one; its first request may be on the wire.
+                        (Err(_) | Ok(()), Phase::Closing { .. })
+                            if !state.used.load(Ordering::Relaxed) =>
+                        {
+                            finish_at = Some(Instant::now() + FIRST_REQUEST_GRACE);
+                            continue;
                         }
-                        return;
-                    }
-                    () = state.goaway.notified(), if !asked => {}
-                    () = grace, if !asked => {}
-                    changed = phase.changed(), if !asked && finish_at.is_none() => {
-                        let now = *phase.borrow_and_update();
-                        let h2 = state.h2.load(Ordering::Relaxed);
-                        match (changed, now) {
-                            // hyper closes a connection that has not read a request yet
-                            // without reading one; its first request may be on the wire.
-                            (Err(_) | Ok(()), Phase::Closing { .. })
-                                if !state.used.load(Ordering::Relaxed) =>
-                            {
-                                finish_at = Some(Instant::now() + FIRST_REQUEST_GRACE);
-                                continue;
-                            }
-                            // The server is gone or closing: finish now.
-                            (Err(_), _) | (Ok(()), Phase::Closing { .. }) => {}
-                            (Ok(()), Phase::Draining) if h2 => {}
-                            // HTTP/1.x drains per response (`Connection: close`).
-                            (Ok(()), _) => continue,
-                        }
+                        // The server is gone or closing: finish now.
+                        (Err(_), _) | (Ok(()), Phase::Closing { .. }) => {}
+                        (Ok(()), Phase::Draining) if h2 => {}
+                        // HTTP/1.x drains per response (`Connection: close`).
+                        (Ok(()), _) => continue,
                     }
                 }
-                // HTTP/2: GOAWAY, in-flight streams finish. HTTP/1.1: close when idle,
-                // else after the response in flight.
-                connection.as_mut().graceful_shutdown();
-                asked = true;
             }
-        });
-    };
+            // HTTP/2: GOAWAY, in-flight streams finish. HTTP/1.1: close when idle, else
+            // after the response in flight.
+            connection.as_mut().graceful_shutdown();
+            asked = true;
+        }
+    }
+}
 
-    let mut phase = drain.phase.clone();
-    let deadline = loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            changed = phase.wait_for(|p| matches!(p, Phase::Closing { .. })) => {
-                match changed.as_deref() {
-                    Ok(Phase::Closing { deadline }) => break *deadline,
-                    // The server went away without a deadline: nothing left to wait for.
-                    _ => break Instant::now(),
-                }
+/// 400 for a request whose body length is ambiguous; `Connection: close` makes hyper
+/// close the connection after it, so nothing the client sent after that head is read as
+/// a request.
+fn ambiguous_framing() -> Response<Full<Bytes>> {
+    let mut rsp = crate::service::json(
+        http::StatusCode::BAD_REQUEST,
+        Bytes::from_static(
+            br#"{"error":"bad_request","message":"ambiguous message framing: Content-Length with Transfer-Encoding, or Content-Length twice"}"#,
+        ),
+    );
+    rsp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    rsp
+}
+
+/// What the service and the IO wrapper tell each other about one connection.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// The connection spoke HTTP/2 at least once: GOAWAY is how to drain it.
+    spoke_h2: AtomicBool,
+    /// A request on an HTTP/2 connection finished while draining: send GOAWAY now.
+    goaway: Notify,
+    /// At least one request arrived on the connection.
+    used: AtomicBool,
+    /// Requests handed to the service and not answered yet.
+    in_flight: AtomicUsize,
+    /// Bytes of a request head arrived and the service has not seen that request yet.
+    head_started: AtomicBool,
+    /// The head being read frames its body ambiguously (see [`HeadScan`]).
+    ambiguous: AtomicBool,
+    /// The task waiting in `poll_read`. With hyper's own header timeout off, hyper does
+    /// not read again after answering until the socket wakes it, so the end of the last
+    /// request must wake it to start the idle clock.
+    reader: AtomicWaker,
+}
+
+impl ConnState {
+    /// hyper parsed a head and called the service: the head is complete. Returns the
+    /// guard of the request, and whether its framing was ambiguous.
+    fn request_started(self: &Arc<Self>) -> (InFlight, bool) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(false, Ordering::Release);
+        let ambiguous = self.ambiguous.swap(false, Ordering::AcqRel);
+        (InFlight(self.clone()), ambiguous)
+    }
+}
+
+/// Held while the service answers one request.
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// Finds framing that hyper accepts but a request smuggler relies on: `Content-Length`
+/// together with `Transfer-Encoding` (hyper lets chunked win and closes afterwards), and
+/// `Content-Length` given twice (hyper accepts equal values). It reads the raw head as it
+/// arrives, because hyper drops the extra headers before the service sees the request.
+/// Heads pipelined behind another request are not scanned; hyper still frames them
+/// safely.
+#[derive(Debug, Default)]
+struct HeadScan {
+    /// Bytes of the current line so far (without CR).
+    line_len: usize,
+    /// Still matching `content-length:` / `transfer-encoding:` at this line's start.
+    cl: bool,
+    te: bool,
+    content_lengths: u32,
+    transfer_encoding: bool,
+    /// The blank line was seen: the rest is body.
+    done: bool,
+}
+
+impl HeadScan {
+    const CL: &'static [u8] = b"content-length:";
+    const TE: &'static [u8] = b"transfer-encoding:";
+
+    /// Feeds head bytes; true once the head is known to be ambiguous.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if self.done {
+                break;
             }
-        };
-        match accepted {
-            Ok((stream, _peer)) => spawn(stream),
-            Err(error) => {
-                tracing::warn!(listener = name, %error, "Accept failed; backing off.");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            match b {
+                b'\n' => {
+                    if self.line_len == 0 {
+                        self.done = true;
+                    }
+                    self.line_len = 0;
+                    continue;
+                }
+                b'\r' => continue,
+                _ => {}
+            }
+            if self.line_len == 0 {
+                self.cl = true;
+                self.te = true;
+            }
+            let lower = b.to_ascii_lowercase();
+            let i = self.line_len;
+            if self.cl && Self::CL.get(i) != Some(&lower) {
+                self.cl = false;
+            } else if self.cl && i + 1 == Self::CL.len() {
+                self.content_lengths += 1;
+            }
+            if self.te && Self::TE.get(i) != Some(&lower) {
+                self.te = false;
+            } else if self.te && i + 1 == Self::TE.len() {
+                self.transfer_encoding = true;
+            }
+            self.line_len += 1;
+        }
+        self.content_lengths > 1 || (self.content_lengths > 0 && self.transfer_encoding)
+    }
+}
+
+/// The connection's IO with the idle and header-read clocks (see the module docs).
+///
+/// The clocks are checked only when the inner read is pending, which is exactly when
+/// hyper waits for the client; they never run while a request is being answered (the
+/// request deadline covers that).
+struct Guarded<S> {
+    inner: S,
+    state: Arc<ConnState>,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    /// When the current head's first byte arrived plus the header timeout.
+    head_deadline: Instant,
+    /// The last time bytes moved either way.
+    last_activity: Instant,
+    sleep: Pin<Box<Sleep>>,
+    /// Since when writing has made no progress (the client reads nothing: a full socket
+    /// buffer), and the clock that ends it after `idle_timeout`.
+    write_stalled: Option<Instant>,
+    write_sleep: Pin<Box<Sleep>>,
+    /// Known from ALPN, or sniffed from the first bytes (the HTTP/2 preface); HTTP/2 has
+    /// no head-by-head reading, so only the idle clock applies to it.
+    h2: Option<bool>,
+    /// How many bytes of the preface have matched so far, while `h2` is undecided.
+    sniffed: usize,
+    /// The framing check of the head being read.
+    scan: HeadScan,
+    listener: &'static str,
+}
+
+/// The HTTP/2 connection preface's first bytes.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+impl<S> Guarded<S> {
+    fn new(
+        inner: S,
+        state: Arc<ConnState>,
+        limits: &Limits,
+        h2: Option<bool>,
+        listener: &'static str,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            state,
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            head_deadline: now,
+            last_activity: now,
+            sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            write_stalled: None,
+            write_sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            h2,
+            sniffed: 0,
+            scan: HeadScan::default(),
+            listener,
+        }
+    }
+
+    fn on_read(&mut self, bytes: &[u8]) {
+        let now = Instant::now();
+        self.last_activity = now;
+        if self.h2.is_none() {
+            // Undecided counts as HTTP/1.1, so a head trickled in byte by byte ("P", "O"…)
+            // is timed from its first byte.
+            let expected = &H2_PREFACE[self.sniffed..];
+            let n = bytes.len().min(expected.len());
+            if bytes[..n] != expected[..n] {
+                self.h2 = Some(false);
+            } else {
+                self.sniffed += n;
+                if self.sniffed == H2_PREFACE.len() {
+                    self.h2 = Some(true);
+                    self.state.head_started.store(false, Ordering::Release);
+                }
             }
         }
-    };
-
-    // Connections the kernel has completed but we have not accepted would be reset when
-    // the socket closes, requests and all: take them in first. (A zero timeout still
-    // polls `accept` once.)
-    while let Ok(Ok((stream, _peer))) =
-        tokio::time::timeout(Duration::ZERO, listener.accept()).await
-    {
-        spawn(stream);
+        if self.h2 == Some(true) {
+            return;
+        }
+        if self.state.in_flight.load(Ordering::Acquire) == 0
+            && !self.state.head_started.swap(true, Ordering::AcqRel)
+        {
+            self.head_deadline = now + self.header_read_timeout;
+            self.scan = HeadScan::default();
+        }
+        if self.state.head_started.load(Ordering::Acquire)
+            && !self.scan.done
+            && self.scan.feed(bytes)
+        {
+            self.state.ambiguous.store(true, Ordering::Release);
+        }
     }
-    drop(listener);
-    tracing::info!(listener = name, "Stopped accepting.");
-    drop(open_tx);
-    tokio::select! {
-        _ = open_rx.recv() => tracing::info!(listener = name, "All connections drained."),
-        () = tokio::time::sleep_until(deadline) => tracing::warn!(listener = name, "Shutdown deadline passed; dropping open connections."),
+
+    /// The deadline that applies while hyper waits for bytes, and whether it is the
+    /// header one.
+    fn deadline(&self) -> Option<(Instant, bool)> {
+        if self.state.in_flight.load(Ordering::Acquire) > 0 {
+            None
+        } else if self.h2 != Some(true) && self.state.head_started.load(Ordering::Acquire) {
+            Some((self.head_deadline, true))
+        } else {
+            Some((self.last_activity + self.idle_timeout, false))
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        if let Poll::Ready(result) = Pin::new(&mut this.inner).poll_read(cx, buf) {
+            if result.is_ok() && buf.filled().len() > before {
+                this.on_read(&buf.filled()[before..]);
+            }
+            return Poll::Ready(result);
+        }
+        this.state.reader.register(cx.waker());
+        let Some((deadline, header)) = this.deadline() else {
+            return Poll::Pending;
+        };
+        if this.sleep.deadline() != deadline {
+            this.sleep.as_mut().reset(deadline);
+        }
+        ready!(this.sleep.as_mut().poll(cx));
+        if header {
+            metrics::counter!("tiergate_connections_rejected_total", "listener" => this.listener, "reason" => "header_timeout").increment(1);
+            tracing::debug!(
+                listener = this.listener,
+                "Request head not received in time; closing."
+            );
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not received within http.header_read_timeout",
+            )))
+        } else {
+            // End of stream: hyper closes an idle connection quietly.
+            Poll::Ready(Ok(()))
+        }
+    }
+}
+
+impl<S> Guarded<S> {
+    /// Passes a write's outcome through, keeping the clocks: bytes written count as
+    /// activity; no progress for `idle_timeout` (a client that stopped reading) fails the
+    /// connection.
+    fn after_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+        progress: impl FnOnce(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Ready(Ok(value)) => {
+                self.write_stalled = None;
+                // Only bytes count as activity: hyper and h2 flush on every poll, and
+                // a flush with nothing to send must not keep an idle connection alive.
+                if progress(&value) {
+                    self.last_activity = Instant::now();
+                }
+                Poll::Ready(Ok(value))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let since = *self.write_stalled.get_or_insert_with(Instant::now);
+                let deadline = since + self.idle_timeout;
+                if self.write_sleep.deadline() != deadline {
+                    self.write_sleep.as_mut().reset(deadline);
+                }
+                ready!(self.write_sleep.as_mut().poll(cx));
+                metrics::counter!("tiergate_connections_rejected_total", "listener" => self.listener, "reason" => "write_timeout").increment(1);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client read nothing for http.idle_timeout",
+                )))
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.after_write(cx, result, |n| *n > 0)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.after_write(cx, result, |n| *n > 0)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        this.after_write(cx, result, |()| false)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ambiguous(chunks: &[&str]) -> bool {
+        let mut scan = HeadScan::default();
+        chunks.iter().any(|c| scan.feed(c.as_bytes()))
+    }
+
+    #[test]
+    fn head_scan_flags_double_lengths_and_length_with_chunked() {
+        assert!(ambiguous(&[
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        assert!(ambiguous(&[
+            "POST / HTTP/1.1\r\ntransfer-ENCODING: chunked\r\n",
+            "content-len",
+            "gth: 3\r\n\r\n"
+        ]));
+        assert!(ambiguous(&[
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"
+        ]));
+        assert!(!ambiguous(&[
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nX-Content-Length: 3\r\n\r\n"
+        ]));
+        assert!(!ambiguous(&[
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        // Body bytes after the blank line are not headers.
+        assert!(!ambiguous(&[
+            "POST / HTTP/1.1\r\nContent-Length: 19\r\n\r\nContent-Length: 1\r\n"
+        ]));
     }
 }

@@ -61,7 +61,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ConfigAction {
-    /// Validate, listing every problem (exit 78 when invalid).
+    /// Validate, listing every problem (exit 78 when invalid), and load the TLS
+    /// certificates when `listen.https` is set.
     Check,
     /// Print the effective settings as TOML, secrets redacted.
     Print,
@@ -84,6 +85,14 @@ fn main() -> ExitCode {
         Command::Config {
             action: ConfigAction::Check,
         } => {
+            // The certificate files too: a deployment with a bad one should fail here,
+            // not when the task starts.
+            if settings.listen.https.is_some() {
+                if let Err(error) = gateway::tls::CertStore::load(&settings.tls) {
+                    eprintln!("tiergate: invalid configuration:\n  - tls: {error}");
+                    return ExitCode::from(ConfigError::EXIT_CODE);
+                }
+            }
             println!("configuration is valid");
             ExitCode::SUCCESS
         }

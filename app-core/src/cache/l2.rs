@@ -125,10 +125,23 @@ impl std::fmt::Debug for L2 {
     }
 }
 
-/// `redis.url` does not parse. The message names the setting, not the value.
+/// `redis.url` does not parse, or `redis.ca_file` cannot be used. The message names the
+/// setting, never the URL.
 #[derive(Debug, thiserror::Error)]
-#[error("redis.url is not a valid Redis URL")]
-pub struct InvalidRedisUrl;
+#[error("{setting}: {reason}")]
+pub struct InvalidRedisUrl {
+    setting: &'static str,
+    reason: String,
+}
+
+impl InvalidRedisUrl {
+    fn url() -> Self {
+        Self {
+            setting: "redis.url",
+            reason: "not a valid Redis URL".to_owned(),
+        }
+    }
+}
 
 impl L2 {
     /// Builds the client and starts connecting in the background; never waits for Redis.
@@ -137,7 +150,22 @@ impl L2 {
     /// # Errors
     /// [`InvalidRedisUrl`] when the URL does not parse.
     pub fn connect(settings: &RedisSettings, ttl: Duration) -> Result<Self, InvalidRedisUrl> {
-        let mut config = Config::from_url(settings.url.expose()).map_err(|_| InvalidRedisUrl)?;
+        let mut config =
+            Config::from_url(settings.url.expose()).map_err(|_| InvalidRedisUrl::url())?;
+        // `rediss://` turns TLS on with the system's roots; a CA file replaces them (a
+        // private CA, or ElastiCache's in-transit encryption behind a custom one). The name
+        // checked is the URL's host.
+        if config.tls.is_some() {
+            if let Some(ca_file) = settings.ca_file.as_deref() {
+                let tls =
+                    crate::tls::client_config(Some(ca_file), crate::tls::Verify::ChainAndName)
+                        .map_err(|reason| InvalidRedisUrl {
+                            setting: "redis.ca_file",
+                            reason,
+                        })?;
+                config.tls = Some(fred::types::config::TlsConfig::from(tls));
+            }
+        }
         // Retry the first connection too, instead of failing start-up.
         config.fail_fast = false;
         let client = Builder::from_config(config)
@@ -148,7 +176,7 @@ impl L2 {
             .with_performance_config(|p| p.default_command_timeout = settings.command_timeout)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build()
-            .map_err(|_| InvalidRedisUrl)?;
+            .map_err(|_| InvalidRedisUrl::url())?;
         client.connect();
         let options = Options {
             fail_fast: true,

@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 use bb8_postgres::PostgresConnectionManager;
 use chrono::{DateTime, Utc};
 use tiergate_config::DatabaseSettings;
+use tokio_postgres::Row;
 use tokio_postgres::types::Type;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::model::{Item, ItemId};
+use crate::tls::{SslMode, Verify};
 
 type Pool = bb8::Pool<Manager>;
 
@@ -54,12 +56,14 @@ impl From<bb8::RunError<tokio_postgres::Error>> for StoreError {
     }
 }
 
-/// A URL in the settings that PostgreSQL's client cannot parse. The message names the
-/// setting, never its value: URLs carry passwords.
+/// A URL in the settings that PostgreSQL's client cannot use, or a TLS setting that
+/// cannot be applied. The message names the setting, never the URL: URLs carry
+/// passwords.
 #[derive(Debug, thiserror::Error)]
-#[error("{setting} is not a valid PostgreSQL connection URL")]
+#[error("{setting}: {reason}")]
 pub struct InvalidUrl {
     setting: &'static str,
+    reason: String,
 }
 
 /// An outbox row: the cache invalidation of one write, pending until done.
@@ -147,6 +151,22 @@ impl Database {
         let conn = self.writer.get().await?;
         let row = conn.query_typed_one("SELECT now()", &[]).await?;
         Ok((started.elapsed(), row.try_get(0)?))
+    }
+
+    /// Opens one connection to the writer outside the pool and closes it: the pool only
+    /// says "timed out" when connecting fails, this says why (a refused certificate, a
+    /// wrong password).
+    ///
+    /// # Errors
+    /// Why the connection could not be made.
+    pub async fn check_connect(&self) -> Result<(), StoreError> {
+        let conn = self
+            .writer
+            .dedicated_connection()
+            .await
+            .map_err(|e| StoreError::Unavailable(Some(e)))?;
+        drop(conn);
+        Ok(())
     }
 
     /// Reads one item, from the reader pool when there is one.
@@ -379,7 +399,26 @@ fn build_pool(
     url: &str,
     setting: &'static str,
 ) -> Result<Pool, InvalidUrl> {
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|_| InvalidUrl { setting })?;
+    let invalid = |reason: &str| InvalidUrl {
+        setting,
+        reason: reason.to_owned(),
+    };
+    let (mode, url) = SslMode::split_url(url).ok_or_else(|| {
+        invalid("sslmode must be disable, prefer, require, verify-ca or verify-full")
+    })?;
+    let mut config = tokio_postgres::Config::from_str(&url)
+        .map_err(|_| invalid("not a valid PostgreSQL connection URL"))?;
+    let ca_file = settings.ca_file.as_deref();
+    let verify = match mode {
+        SslMode::Disable | SslMode::Prefer => Verify::Nothing,
+        SslMode::Require if ca_file.is_none() => Verify::Nothing,
+        SslMode::Require | SslMode::VerifyCa => Verify::Chain,
+        SslMode::VerifyFull => Verify::ChainAndName,
+    };
+    let tls = crate::tls::client_config(ca_file, verify).map_err(|reason| InvalidUrl {
+        setting: "database.ca_file",
+        reason,
+    })?;
     config.connect_timeout(settings.connect_timeout);
     config.application_name("tiergate");
     // A runaway query must not hold a pooled connection for ever.
@@ -387,7 +426,10 @@ fn build_pool(
         "-c statement_timeout={}",
         settings.statement_timeout.as_millis()
     ));
-    let manager = Manager(PostgresConnectionManager::new(config, NoTls));
+    let manager = Manager(PostgresConnectionManager::new(
+        config,
+        MakeRustlsConnect::new(tls),
+    ));
     Ok(bb8::Pool::builder()
         .max_size(settings.pool_max_size)
         .connection_timeout(settings.checkout_timeout)
@@ -401,7 +443,7 @@ fn build_pool(
 /// before every checkout (a round trip per request); without any test, a connection the
 /// server closed while it sat idle is handed out and fails its first query.
 #[derive(Debug)]
-struct Manager(PostgresConnectionManager<NoTls>);
+struct Manager(PostgresConnectionManager<MakeRustlsConnect>);
 
 impl bb8::ManageConnection for Manager {
     type Connection = tokio_postgres::Client;

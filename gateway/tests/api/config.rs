@@ -90,3 +90,29 @@ fn tempfile() -> (String, std::fs::File) {
     let file = std::fs::File::create(&path).expect("create temp file");
     (path.to_string_lossy().into_owned(), file)
 }
+
+#[tokio::test]
+async fn config_check_loads_the_tls_certificates() {
+    let ca = crate::tls::TestCa::new();
+    let good = ca.issue("good", &["localhost"]);
+    let check = |cert: &std::path::Path, key: &std::path::Path| {
+        tiergate(&[
+            ("TIERGATE_LISTEN__HTTPS", "127.0.0.1:0".into()),
+            ("TIERGATE_TLS__CERT", cert.display().to_string()),
+            ("TIERGATE_TLS__KEY", key.display().to_string()),
+        ])
+        .args(["config", "check"])
+        .output()
+    };
+    let out = check(&good.cert, &good.key).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // A key that belongs to another certificate.
+    let other = ca.issue("other", &["localhost"]);
+    let out = check(&good.cert, &other.key).await.unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tls: ") && stderr.contains("other.key"),
+        "{stderr}"
+    );
+}

@@ -19,6 +19,10 @@ pub fn closed_port() -> u16 {
 pub struct TestApp {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTPS listener, when the settings asked for one.
+    pub https: Option<SocketAddr>,
+    /// Its certificates.
+    pub certs: Option<std::sync::Arc<gateway::tls::CertStore>>,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -59,6 +63,8 @@ impl TestApp {
             .expect("bind the server");
         let addr = server.http_addr().expect("http addr");
         let admin = server.admin_addr().expect("admin addr");
+        let https = server.https_addr().expect("https addr");
+        let certs = server.cert_store();
         let (stop, stopped) = oneshot::channel();
         let server = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -66,6 +72,8 @@ impl TestApp {
         Self {
             addr,
             admin,
+            https,
+            certs,
             client: reqwest::Client::new(),
             stop: Some(stop),
             server: Some(server),

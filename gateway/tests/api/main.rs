@@ -6,14 +6,17 @@
 // failed step in a test should panic with its location, which is what unwrap does.
 #![allow(unreachable_pub, missing_debug_implementations, clippy::unwrap_used)]
 
+mod backend_tls;
 mod cache;
 mod coherence;
 mod config;
 mod deploy;
 mod errors;
+mod hardening;
 mod health;
 mod helpers;
 mod items;
 mod rolling;
 mod shutdown;
 mod startup;
+mod tls;

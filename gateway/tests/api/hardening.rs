@@ -1,0 +1,354 @@
+//! Listener hardening, spoken over raw sockets: slowloris against idle keep-alive, head
+//! limits, ambiguous framing, the connection cap.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tiergate_config::Settings;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::TestApp;
+
+const GET: &[u8] = b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\n";
+
+/// Reads one response head and its `content-length` body; panics past 5 s.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned();
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut chunk))
+            .await
+            .expect("a response within 5 s")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Waits for the server to close: EOF or a reset, within `within`. Returns when.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Instant {
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut chunk)).await {
+            Ok(Ok(0) | Err(_)) => return Instant::now(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("still open after {within:?}"),
+        }
+    }
+}
+
+/// Sends `request` on a new connection; returns the response and whether the server then
+/// closed the connection (within 3 s).
+async fn exchange(addr: SocketAddr, request: &[u8]) -> (String, bool) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let rsp = read_response(&mut stream).await;
+    let mut chunk = [0u8; 1024];
+    let closed = matches!(
+        tokio::time::timeout(Duration::from_secs(3), stream.read(&mut chunk)).await,
+        Ok(Ok(0) | Err(_))
+    );
+    (rsp, closed)
+}
+
+fn status(rsp: &str) -> u16 {
+    rsp.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn settings() -> Settings {
+    let mut settings = Settings::for_tests();
+    settings.http.header_read_timeout = Duration::from_millis(300);
+    settings.http.idle_timeout = Duration::from_secs(2);
+    settings
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_at_the_header_timeout_while_an_idle_keep_alive_survives() {
+    let app = TestApp::start_unready(settings()).await;
+
+    // An idle keep-alive connection outlives several header timeouts…
+    let mut idle = TcpStream::connect(app.addr).await.unwrap();
+    idle.write_all(GET).await.unwrap();
+    assert_eq!(status(&read_response(&mut idle).await), 200);
+
+    // …while a client trickling a head is cut at the header timeout.
+    let mut slow = TcpStream::connect(app.addr).await.unwrap();
+    let started = Instant::now();
+    slow.write_all(b"GET /livez HTTP/1.1\r\n").await.unwrap();
+    let trickle = async {
+        for i in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if slow
+                .write_all(format!("x-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let cut = tokio::time::timeout(Duration::from_secs(3), trickle).await;
+    assert!(cut.is_ok(), "the trickling client was never cut");
+    let lasted = started.elapsed();
+    assert!(
+        lasted >= Duration::from_millis(250) && lasted < Duration::from_millis(1500),
+        "cut after {lasted:?}, the header timeout is 300 ms"
+    );
+
+    // The idle connection has now been idle for well over the header timeout.
+    assert!(Instant::now() > started + Duration::from_millis(300));
+    idle.write_all(GET).await.unwrap();
+    assert_eq!(status(&read_response(&mut idle).await), 200);
+
+    // And it is closed once idle for `idle_timeout` (2 s), not before.
+    let last = Instant::now();
+    let closed = closed_within(&mut idle, Duration::from_secs(5)).await;
+    let idle_for = closed - last;
+    assert!(
+        idle_for >= Duration::from_millis(1800),
+        "closed after {idle_for:?} idle"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_head_that_stops_midway_is_cut_and_one_byte_at_a_time_is_too() {
+    let app = TestApp::start_unready(settings()).await;
+    // One byte, then nothing: the clock starts at the first byte.
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    stream.write_all(b"G").await.unwrap();
+    let sent = Instant::now();
+    let closed = closed_within(&mut stream, Duration::from_secs(3)).await;
+    assert!(closed - sent < Duration::from_millis(1500));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_heads_and_too_many_headers_get_431() {
+    let app = TestApp::start_unready(settings()).await;
+    let big = format!(
+        "GET /livez HTTP/1.1\r\nHost: t\r\nx-big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let (rsp, closed) = exchange(app.addr, big.as_bytes()).await;
+    assert_eq!(status(&rsp), 431, "{rsp}");
+    assert!(closed);
+
+    let many: String = (0..150).map(|i| format!("x-{i}: y\r\n")).collect();
+    let many = format!("GET /livez HTTP/1.1\r\nHost: t\r\n{many}\r\n");
+    let (rsp, closed) = exchange(app.addr, many.as_bytes()).await;
+    assert_eq!(status(&rsp), 431, "{rsp}");
+    assert!(closed);
+
+    // Just under both limits is fine.
+    let ok = format!(
+        "GET /livez HTTP/1.1\r\nHost: t\r\nx-big: {}\r\n\r\n",
+        "a".repeat(8_000)
+    );
+    let (rsp, _) = exchange(app.addr, ok.as_bytes()).await;
+    assert_eq!(status(&rsp), 200, "{rsp}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn ambiguous_framing_is_refused_and_the_connection_closed() {
+    let app = TestApp::start_unready(settings()).await;
+    let cases: &[(&str, &str)] = &[
+        (
+            "content-length and transfer-encoding",
+            "POST /livez HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "transfer-encoding and content-length",
+            "POST /livez HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "two different content-lengths",
+            "POST /livez HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        ),
+        (
+            "two equal content-lengths",
+            "POST /livez HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+        ),
+        (
+            "a content-length list",
+            "POST /livez HTTP/1.1\r\nHost: t\r\nContent-Length: 3, 3\r\n\r\nabc",
+        ),
+        (
+            "obs-fold",
+            "GET /livez HTTP/1.1\r\nHost: t\r\nX-Folded: a\r\n b\r\n\r\n",
+        ),
+        (
+            "a transfer-encoding other than chunked",
+            "POST /livez HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ),
+        (
+            "a space before the colon",
+            "GET /livez HTTP/1.1\r\nHost: t\r\nContent-Length : 0\r\n\r\n",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (name, request) in cases {
+        let (rsp, closed) = exchange(app.addr, request.as_bytes()).await;
+        if status(&rsp) != 400 || !closed {
+            wrong.push(format!("{name}: {} closed={closed}", status(&rsp)));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn beyond_the_connection_cap_new_connections_wait_until_one_closes() {
+    let mut settings = settings();
+    settings.listen.max_connections = 2;
+    settings.http.idle_timeout = Duration::from_secs(30);
+    let app = TestApp::start_unready(settings).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(app.addr).await.unwrap();
+        stream.write_all(GET).await.unwrap();
+        assert_eq!(status(&read_response(&mut stream).await), 200);
+        held.push(stream);
+    }
+    // The third connects (the kernel's backlog) but is not served…
+    let mut third = TcpStream::connect(app.addr).await.unwrap();
+    third.write_all(GET).await.unwrap();
+    let mut chunk = [0u8; 64];
+    let waited = tokio::time::timeout(Duration::from_millis(300), third.read(&mut chunk)).await;
+    assert!(waited.is_err(), "served beyond the cap");
+    // …until one of the two closes.
+    drop(held.pop());
+    assert_eq!(status(&read_response(&mut third).await), 200);
+    // The server is fine throughout.
+    let rsp = app
+        .client
+        .get(format!("http://{}/metrics", app.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        rsp.contains("tiergate_listener_saturated_total{listener=\"http\"}"),
+        "{rsp}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn http2_connections_have_only_the_idle_clock() {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    // h2c by prior knowledge: the listener tells HTTP/2 from the preface's bytes.
+    let app = TestApp::start_unready(settings()).await;
+    let tcp = TcpStream::connect(app.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = || {
+        http::Request::get(format!("http://{}/livez", app.addr))
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(send.send_request(get()).await.unwrap().status(), 200);
+    // Idle for three header timeouts: still open (the header clock is HTTP/1.1's).
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(send.send_request(get()).await.unwrap().status(), 200);
+    // Closed by the server once idle for `idle_timeout` (2 s).
+    let idle_since = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "still open 5 s after going idle");
+    assert!(idle_since.elapsed() >= Duration::from_millis(1800));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
+    let mut settings = settings();
+    settings.http.idle_timeout = Duration::from_secs(1);
+    let app = TestApp::start_unready(settings).await;
+    // A small receive buffer: loopback autotuning would otherwise hold every answer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let (mut rx, mut tx) = stream.into_split();
+    // Pipelined requests whose answers (~17 MB) overflow both socket buffers while this
+    // client reads nothing, so the server's writes stop making progress.
+    let writer = tokio::spawn(async move {
+        let batch = GET.repeat(1000);
+        for _ in 0..100 {
+            if tx.write_all(&batch).await.is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    // Read nothing until the server reports giving up on a stalled write (the counter
+    // is this test's alone). A loaded machine takes a while to answer enough requests to
+    // fill the buffers, hence the long deadline.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = app
+            .client
+            .get(format!("http://{}/metrics", app.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(r#"reason="write_timeout""#) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no write timeout within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.abort();
+    // What the server did send before it gave up, then the end of the stream.
+    let mut total = 0usize;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let read_all = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(read_all.is_ok(), "the connection was never closed");
+    // Each answer is about 170 bytes; the socket buffers hold a fraction of 100,000.
+    assert!(
+        total < 100_000 * 150,
+        "the server answered {total} bytes: it never gave up"
+    );
+    app.stop().await;
+}
