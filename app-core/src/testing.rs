@@ -82,6 +82,23 @@ impl TestDb {
         connect(&self.url).await
     }
 
+    /// Inserts an item behind the app's back (every cache tier is cold for it); returns
+    /// its id.
+    ///
+    /// # Panics
+    /// When PostgreSQL refuses (not migrated yet, for one).
+    pub async fn insert_item(&self, name: &str) -> i64 {
+        let client = self.client().await;
+        let row = client
+            .query_one(
+                "INSERT INTO items (name) VALUES ($1) RETURNING id",
+                &[&name],
+            )
+            .await
+            .expect("insert an item");
+        row.get(0)
+    }
+
     /// Scans of the `items` table as PostgreSQL counts them: the number of queries that
     /// read it. Backends publish their statistics when they exit, so this first ends every
     /// other connection to the database (pools reconnect on demand) and waits until they

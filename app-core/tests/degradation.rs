@@ -63,18 +63,6 @@ fn split(url: &str) -> (String, String, String) {
     )
 }
 
-async fn insert(db: &TestDb, name: &str) -> ItemId {
-    let client = db.client().await;
-    let row = client
-        .query_one(
-            "INSERT INTO items (name) VALUES ($1) RETURNING id",
-            &[&name],
-        )
-        .await
-        .unwrap();
-    ItemId::from(row.get::<_, i64>(0))
-}
-
 #[tokio::test]
 async fn while_postgres_is_down_stale_entries_are_served_and_writes_refused() {
     let db = TestDb::create().await;
@@ -104,8 +92,8 @@ async fn while_postgres_is_down_stale_entries_are_served_and_writes_refused() {
         refresh_after: Duration::ZERO,
     };
     let items = testing::items(&settings, policy, Hooks::default());
-    let cached = insert(&db, "cached").await;
-    let uncached = insert(&db, "uncached").await;
+    let cached = ItemId::from(db.insert_item("cached").await);
+    let uncached = ItemId::from(db.insert_item("uncached").await);
     assert_eq!(items.get(cached).await.unwrap().entry.version, 1);
 
     outage.cut().await;
@@ -149,7 +137,7 @@ async fn an_entry_near_its_end_is_served_and_refreshed_once_in_the_background() 
     };
     let items = testing::items(&settings, policy, Hooks::default());
     assert!(items.l2().wait_connected(Duration::from_secs(5)).await);
-    let id = insert(&db, "v1").await;
+    let id = ItemId::from(db.insert_item("v1").await);
     assert_eq!(items.get(id).await.unwrap().entry.version, 1);
 
     // Changed behind the caches' back (as if its invalidation were lost), and gone from

@@ -74,15 +74,7 @@ impl Backends {
 }
 
 async fn insert_into(db: &TestDb, name: &str) -> ItemId {
-    let client = db.client().await;
-    let row = client
-        .query_one(
-            "INSERT INTO items (name) VALUES ($1) RETURNING id",
-            &[&name],
-        )
-        .await
-        .unwrap();
-    ItemId::from(row.get::<_, i64>(0))
+    ItemId::from(db.insert_item(name).await)
 }
 
 async fn version(items: &Items, id: ItemId) -> i64 {

@@ -1,25 +1,12 @@
 //! The cache chain seen from outside: which tier answers, read-your-writes, single flight.
 
-use crate::helpers::{Backends, TestApp, TestDb, json_body};
-
-/// Inserts a row behind the app's back, so every cache tier is cold for it.
-async fn insert_directly(db: &TestDb, name: &str) -> i64 {
-    let client = db.client().await;
-    client
-        .query_one(
-            "INSERT INTO items (name) VALUES ($1) RETURNING id",
-            &[&name],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
+use crate::helpers::{Backends, TestApp, json_body};
 
 #[tokio::test]
 async fn the_second_read_is_answered_from_cache() {
     let backends = Backends::new().await;
     let app = TestApp::start(backends.settings()).await;
-    let id = insert_directly(&backends.db, "cold").await;
+    let id = backends.db.insert_item("cold").await;
     let path = format!("/items/{id}");
 
     let first = app.get(&path).await;
@@ -37,7 +24,7 @@ async fn another_instance_reads_what_the_first_put_in_redis() {
     let backends = Backends::new().await;
     let first = TestApp::start(backends.settings()).await;
     let second = TestApp::start(backends.settings()).await;
-    let id = insert_directly(&backends.db, "shared").await;
+    let id = backends.db.insert_item("shared").await;
     let path = format!("/items/{id}");
 
     assert_eq!(first.get(&path).await.headers()["x-cache"], "miss");
@@ -99,7 +86,7 @@ async fn after_an_update_every_read_on_that_instance_sees_the_new_version() {
 async fn concurrent_first_reads_of_one_id_make_one_postgres_query() {
     let backends = Backends::new().await;
     let app = TestApp::start(backends.settings()).await;
-    let id = insert_directly(&backends.db, "herd").await;
+    let id = backends.db.insert_item("herd").await;
     let before = backends.db.items_table_scans().await;
 
     let path = format!("/items/{id}");
