@@ -5,9 +5,11 @@
 //! # Layout
 //! - [`scenario`]: which request comes next (hot id, Zipf, read/write mix, cold ids, a URL).
 //! - [`load`]: connections, closed- and open-loop drivers, latency histograms.
+//! - [`h1`]: loadgen's own HTTP/1.1 client (hyper's costs too much per request).
 //! - [`limit`]: the upper-limit server (a fixed answer), for tests and comparisons.
 //! - [`report`]: the markdown table, JSON and the SVG percentile plot.
 
+pub mod h1;
 pub mod limit;
 pub mod load;
 pub mod report;

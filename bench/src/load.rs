@@ -9,7 +9,6 @@
 //! during it (coordinated omission corrected, as wrk2 does), instead of in one sample.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
@@ -17,15 +16,16 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http::header::{CONTENT_TYPE, HOST};
+use http::header::CONTENT_TYPE;
 use http::uri::Authority;
 use http::{HeaderValue, Request, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::h1;
 use crate::scenario::Scenario;
 
 /// Latencies are recorded in microseconds, up to an hour, with 3 significant digits.
@@ -158,16 +158,10 @@ impl Tally {
     }
 }
 
-type H1Connection = http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
-
 /// A client connection.
 enum Conn {
-    /// The worker drives the HTTP/1.1 connection itself, in its own task: no second task
-    /// to wake per request (spawning it cost about a third of the throughput).
-    H1 {
-        send: http1::SendRequest<Full<Bytes>>,
-        conn: Pin<Box<H1Connection>>,
-    },
+    /// loadgen's own HTTP/1.1 client (see [`crate::h1`]).
+    H1(h1::Connection),
     /// HTTP/2 connections are shared by several workers, so they run in a task of their own.
     H2(http2::SendRequest<Full<Bytes>>),
 }
@@ -178,17 +172,10 @@ impl Conn {
             .await
             .with_context(|| format!("connect to {}", plan.addr))?;
         tcp.set_nodelay(true).context("set TCP_NODELAY")?;
-        let io = TokioIo::new(tcp);
         Ok(match plan.protocol {
-            Protocol::Http1 => {
-                let (send, conn) = http1::handshake(io).await.context("HTTP/1.1 handshake")?;
-                Self::H1 {
-                    send,
-                    conn: Box::pin(conn),
-                }
-            }
+            Protocol::Http1 => Self::H1(h1::Connection::new(tcp)),
             Protocol::Http2 => {
-                let (send, conn) = http2::handshake(TokioExecutor::new(), io)
+                let (send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
                     .await
                     .context("HTTP/2 handshake")?;
                 tokio::spawn(async move {
@@ -201,33 +188,18 @@ impl Conn {
 
     fn share(&self) -> Option<Self> {
         match self {
-            Self::H1 { .. } => None,
+            Self::H1(_) => None,
             Self::H2(send) => Some(Self::H2(send.clone())),
         }
     }
 
-    /// Sends one request and reads the whole answer; returns its status.
-    async fn call(&mut self, req: Request<Full<Bytes>>) -> anyhow::Result<u16> {
-        match self {
-            Self::H1 { send, conn } => {
-                let exchange = async {
-                    send.ready().await?;
-                    read(send.send_request(req).await?).await
-                };
-                tokio::select! {
-                    biased;
-                    answer = exchange => answer,
-                    closed = conn.as_mut() => match closed {
-                        Ok(()) => anyhow::bail!("the server closed the connection"),
-                        Err(e) => Err(e.into()),
-                    },
-                }
-            }
-            Self::H2(send) => {
-                send.ready().await?;
-                read(send.send_request(req).await?).await
-            }
-        }
+    /// Sends an HTTP/2 request and reads the whole answer; returns its status.
+    async fn call_h2(
+        send: &mut http2::SendRequest<Full<Bytes>>,
+        req: Request<Full<Bytes>>,
+    ) -> anyhow::Result<u16> {
+        send.ready().await?;
+        read(send.send_request(req).await?).await
     }
 }
 
@@ -483,25 +455,27 @@ async fn call(
         None => conn.insert(Conn::open(plan).await?),
     };
     let next = plan.scenario.next(rng);
-    // Built by hand, not with `Request::builder`: every part is already valid, and the
-    // builder's checks are a visible share of a client's cost per request.
+    let send = match c {
+        Conn::H1(h1) => {
+            let status = h1
+                .call(&next.method, &next.path, &plan.host, next.body.as_ref())
+                .await;
+            if !h1.is_open() {
+                *conn = None;
+            }
+            return status;
+        }
+        Conn::H2(send) => send,
+    };
     let mut req = Request::new(Full::new(next.body.clone().unwrap_or_default()));
     *req.method_mut() = next.method;
-    match plan.protocol {
-        Protocol::Http1 => {
-            *req.uri_mut() = next.path;
-            req.headers_mut().insert(HOST, plan.host.clone());
-        }
-        Protocol::Http2 => {
-            let mut parts = next.path.into_parts();
-            parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = Some(plan.authority.clone());
-            *req.uri_mut() = Uri::from_parts(parts).context("build the request URI")?;
-        }
-    }
+    let mut parts = next.path.into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(plan.authority.clone());
+    *req.uri_mut() = Uri::from_parts(parts).context("build the request URI")?;
     if next.body.is_some() {
         req.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
-    c.call(req).await
+    Conn::call_h2(send, req).await
 }
