@@ -140,6 +140,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, report::svg(std::slice::from_ref(&summary)))
             .with_context(|| format!("cannot write --svg {}", path.display()))?;
     }
+    // Scripts must not mistake a run against a dead server for a measurement.
+    if summary.requests == 0 {
+        bail!("no request was answered");
+    }
     Ok(())
 }
 
