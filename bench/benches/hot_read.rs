@@ -1,0 +1,102 @@
+//! Run with: `cargo bench -p bench --bench hot_read` (needs PostgreSQL and Redis, as the
+//! tests do: `TIERGATE_TEST_DATABASE_URL`, `TIERGATE_TEST_REDIS_URL`).
+//!
+//! The whole in-process hot read: an `http::Request` for `GET /items/{id}` through
+//! `Gateway::handle` (request id, router, load-shed permit, request deadline, the app's
+//! handler, L1 hit with the watermark check, metrics into the Prometheus recorder, the
+//! access-log event) to the response body's bytes. No sockets. Goal: ≤ 1 µs.
+//!
+//! Last results (2-core VM shared with other builds, 2026-11-22): see the README's
+//! Performance section; `gateway_hot_read/get_item_l1_hit` = 1.98 µs per request (goal ≤ 1 µs: not met).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use app_core::App;
+use app_core::health::BuildInfo;
+use app_core::testing::{TestDb, TestRedis, settings};
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use gateway::router::Router;
+use gateway::service::Gateway;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+const BUILD: BuildInfo = BuildInfo {
+    version: "bench",
+    commit: "bench",
+};
+
+fn get(id: &str) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(Bytes::new()));
+    *req.uri_mut() = format!("/items/{id}").parse().unwrap_or_default();
+    req
+}
+
+async fn body(gateway: &Gateway, req: Request<Full<Bytes>>) -> (StatusCode, Bytes) {
+    let rsp = gateway.handle(req).await;
+    let status = rsp.status();
+    let bytes = rsp.into_body().collect().await.map(|b| b.to_bytes());
+    (status, bytes.unwrap_or_default())
+}
+
+fn hot_read(c: &mut Criterion) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        panic!("a tokio runtime for the bench");
+    };
+    let (db, redis) = runtime.block_on(async { (TestDb::create().await, TestRedis::new()) });
+    let settings = settings(&db, &redis);
+    // The recorder the server installs, so the metrics cost what they cost in production.
+    let _metrics = gateway::metrics::install();
+    // The pools spawn their reapers on the current runtime.
+    let _entered = runtime.enter();
+    let Ok(app) = App::new(&settings, BUILD) else {
+        panic!("build the app");
+    };
+    let gateway = Gateway::new(Router::new(), app.clone(), &settings.http);
+    let id = runtime.block_on(async {
+        app.start();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !app.is_ready() {
+            assert!(
+                Instant::now() < deadline,
+                "the app was not ready within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut create = Request::new(Full::new(Bytes::from_static(br#"{"name":"Blue hat"}"#)));
+        *create.method_mut() = Method::POST;
+        *create.uri_mut() = http::Uri::from_static("/items");
+        create.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let rsp = gateway.handle(create).await;
+        assert_eq!(rsp.status(), StatusCode::CREATED);
+        let location = rsp
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let id = location.rsplit('/').next().unwrap_or_default().to_owned();
+        // Read once so the item is in L1.
+        let (status, _) = body(&gateway, get(&id)).await;
+        assert_eq!(status, StatusCode::OK);
+        id
+    });
+
+    let mut group = c.benchmark_group("gateway_hot_read");
+    group.bench_function("get_item_l1_hit", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { black_box(body(&gateway, get(black_box(&id))).await) });
+    });
+    group.finish();
+    runtime.block_on(app.close());
+}
+
+criterion_group!(benches, hot_read);
+criterion_main!(benches);

@@ -1,0 +1,52 @@
+//! Acceptance: loadgen's closed loop keeps up with wrk against the same fast server, so
+//! the harness is not the bottleneck it measures. Own test binary: cargo runs test
+//! binaries one at a time, so nothing else in this crate competes for the two cores.
+
+// `pub` in support means "for the test"; a failed step should panic with its location.
+#![allow(
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::unwrap_used,
+    dead_code
+)]
+
+mod support;
+
+use std::process::Command;
+
+use support::{Server, loadgen, wrk};
+
+/// wrk's `Requests/sec:` figure.
+fn wrk_rate(addr: std::net::SocketAddr, connections: usize) -> f64 {
+    let out = Command::new(wrk())
+        .args(["-t1", &format!("-c{connections}"), "-d2s"])
+        .arg(format!("http://{addr}/items/1"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "wrk failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk's output: {text}"))
+}
+
+#[test]
+fn closed_loop_is_within_ten_percent_of_wrk() {
+    let server = Server::start();
+    let connections = 16;
+    // Same connections and threads for both; best of two each, alternating, so one
+    // burst of noise on a shared box does not decide the result.
+    let (mut best_wrk, mut best_loadgen) = (0.0f64, 0.0f64);
+    for _ in 0..2 {
+        best_wrk = best_wrk.max(wrk_rate(server.addr, connections));
+        let summary = loadgen(server.addr, &["-c", "16", "-t", "1", "-d", "2s"]);
+        assert_eq!(summary["errors"], 0, "{summary}");
+        best_loadgen = best_loadgen.max(summary["requests_per_sec"].as_f64().unwrap());
+    }
+    eprintln!("wrk {best_wrk:.0} req/s, loadgen {best_loadgen:.0} req/s");
+    assert!(
+        best_loadgen >= 0.9 * best_wrk,
+        "loadgen {best_loadgen:.0} req/s is more than 10 % below wrk's {best_wrk:.0}"
+    );
+}
