@@ -243,15 +243,7 @@ async fn beyond_the_connection_cap_new_connections_wait_until_one_closes() {
     drop(held.pop());
     assert_eq!(status(&read_response(&mut third).await), 200);
     // The server is fine throughout.
-    let rsp = app
-        .client
-        .get(format!("http://{}/metrics", app.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let rsp = app.metrics().await;
     assert!(
         rsp.contains("tiergate_listener_saturated_total{listener=\"http\"}"),
         "{rsp}"
@@ -316,15 +308,7 @@ async fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
     // fill the buffers, hence the long deadline.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let metrics = app
-            .client
-            .get(format!("http://{}/metrics", app.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = app.metrics().await;
         if metrics.contains(r#"reason="write_timeout""#) {
             break;
         }

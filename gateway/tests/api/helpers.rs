@@ -96,6 +96,19 @@ impl TestApp {
         }
     }
 
+    /// The Prometheus text of the admin listener.
+    pub async fn metrics(&self) -> String {
+        let rsp = self
+            .client
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await;
+        rsp.expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

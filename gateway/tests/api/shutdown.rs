@@ -432,15 +432,7 @@ async fn load_shedding_answers_503_with_retry_after_beyond_the_bound() {
     assert!(response.starts_with("HTTP/1.1 201"), "{response}");
     assert_eq!(app.get("/items/1").await.status(), 200);
 
-    let metrics = app
-        .client
-        .get(format!("http://{}/metrics", app.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     let shed_total = metrics
         .lines()
         .find_map(|l| l.strip_prefix("tiergate_http_shed_total "))

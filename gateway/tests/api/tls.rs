@@ -517,15 +517,7 @@ async fn a_silent_client_is_cut_at_the_handshake_timeout_and_counted() {
     .unwrap();
     let mut http = Http::over(tls).await;
     assert_eq!(http.get("/livez").await.0, 200);
-    let metrics = app
-        .client
-        .get(format!("http://{}/metrics", app.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for want in [
         r#"tiergate_tls_handshakes_total{listener="https",result="timeout",version="none"}"#,
         r#"tiergate_tls_handshakes_total{listener="https",result="ok",version="1.3"}"#,
