@@ -138,13 +138,13 @@ impl Gateway {
                 |rsp| rsp.map(Either::Left),
             ),
             Handler::Upstream(group) => {
-                let host = request_host(&req).map(str::to_owned);
+                let host = request_authority(&req).map(str::to_owned);
                 let how = forwarding(&mut req, peer, host.as_deref(), &router, route, &request_id);
                 Box::pin(proxy::forward(group, req, how)).await
             }
             Handler::Split(split) => {
                 let (group, set_cookie) = split.pick(req.headers());
-                let host = request_host(&req).map(str::to_owned);
+                let host = request_authority(&req).map(str::to_owned);
                 let how = forwarding(&mut req, peer, host.as_deref(), &router, route, &request_id);
                 let mut rsp = Box::pin(proxy::forward(group, req, how)).await;
                 if let Some(cookie) = set_cookie {
@@ -202,13 +202,18 @@ fn forwarding<'a, B>(
     }
 }
 
-/// The host the request names, without port: the URI's authority (HTTP/2, absolute
-/// form) or the `Host` header.
+/// The authority the request names, port included: the URI's (HTTP/2, absolute form)
+/// or the `Host` header.
+fn request_authority<B>(req: &Request<B>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => req.headers().get(header::HOST)?.to_str().ok(),
+    }
+}
+
+/// The host the request names, without port.
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    let raw = match req.uri().authority() {
-        Some(authority) => authority.as_str(),
-        None => req.headers().get(header::HOST)?.to_str().ok()?,
-    };
+    let raw = request_authority(req)?;
     let host = match raw.rsplit_once(':') {
         // `[::1]:8080` or `name:8080`; a bare IPv6 literal has no port to strip.
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => {

@@ -74,7 +74,7 @@ pub(crate) struct ClientSide<'a> {
     pub(crate) peer: SocketAddr,
     pub(crate) tls: bool,
     pub(crate) local_port: u16,
-    /// The host the client asked for (`Host` or the URI's authority), if any.
+    /// The authority the client asked for (`Host` or the URI's), port included.
     pub(crate) host: Option<&'a str>,
 }
 

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use gateway::reload::ConfigSource;
 use tiergate_config::Settings;
 use tokio::sync::oneshot;
 
@@ -56,11 +57,27 @@ impl TestApp {
         app
     }
 
+    /// Starts a server that reloads its configuration from `source`, and waits until
+    /// it is ready.
+    pub async fn start_with_source(settings: Settings, source: ConfigSource) -> Self {
+        let server = gateway::Server::bind(&settings)
+            .await
+            .expect("bind the server")
+            .with_config_source(source);
+        let app = Self::run(server);
+        app.wait_ready().await;
+        app
+    }
+
     /// Starts a server without waiting for readiness.
     pub async fn start_unready(settings: Settings) -> Self {
         let server = gateway::Server::bind(&settings)
             .await
             .expect("bind the server");
+        Self::run(server)
+    }
+
+    fn run(server: gateway::Server) -> Self {
         let addr = server.http_addr().expect("http addr");
         let admin = server.admin_addr().expect("admin addr");
         let https = server.https_addr().expect("https addr");
