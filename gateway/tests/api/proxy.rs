@@ -723,3 +723,114 @@ fn metric_line(metrics: &str, series: &str) -> f64 {
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+#[tokio::test]
+async fn an_h2_group_speaks_http2_to_its_targets() {
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("h2").await;
+    let mut settings = proxied(&backends, &[&upstream], Balance::RoundRobin);
+    settings.upstreams[0].protocol = tiergate_config::UpstreamProtocol::H2;
+    let app = TestApp::start(settings).await;
+    let body: Value = app.get("/h2").await.json().await.unwrap();
+    assert_eq!(body["version"], "HTTP/2.0");
+    assert_eq!(body["upstream"], "h2");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_past_the_app_body_limit() {
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("up").await;
+    let app = TestApp::start(proxied(&backends, &[&upstream], Balance::RoundRobin)).await;
+    // 4 MiB up, in chunks, without a Content-Length (chunked): the proxy passes the
+    // stream on rather than collecting it (http.max_body_bytes, 64 KiB, is the app's).
+    let chunks = (0..64).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 64 * 1024]));
+    let rsp = app
+        .client
+        .post(app.url("/count"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    let body: Value = rsp.json().await.unwrap();
+    assert_eq!(body["length"], 4 * 1024 * 1024);
+
+    let mut rsp = app.get("/bytes/4194304").await;
+    assert_eq!(rsp.status(), 200);
+    let mut total = 0;
+    let mut frames = 0;
+    while let Some(chunk) = rsp.chunk().await.unwrap() {
+        total += chunk.len();
+        frames += 1;
+    }
+    assert_eq!(total, 4 * 1024 * 1024);
+    assert!(
+        frames > 1,
+        "the answer came down in pieces, not as one buffer"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_routes() {
+    use crate::shutdown::Task;
+    let backends = Backends::new().await;
+    let (blue, green) = (
+        Upstream::start("blue").await,
+        Upstream::start("green").await,
+    );
+    let config = tempfile::NamedTempFile::new().unwrap();
+    let write = |to: &str| {
+        let toml = format!(
+            "[[routes]]\nname = \"web\"\npath = \"/\"\nupstream = \"{to}\"\n\n\
+             [[upstreams]]\nname = \"blue\"\ntargets = [\"{}\"]\n\n\
+             [[upstreams]]\nname = \"green\"\ntargets = [\"{}\"]\n",
+            blue.target(),
+            green.target()
+        );
+        std::fs::write(config.path(), toml).unwrap();
+    };
+    write("blue");
+    let path = config.path().to_str().unwrap().to_owned();
+    let mut task = Task::start(&backends, &[("TIERGATE_CONFIG", &path)]).await;
+    task.wait_ready().await;
+    let client = reqwest::Client::new();
+    let url = task.url("/");
+    let who = |client: &reqwest::Client| {
+        let req = client.get(&url).send();
+        async move {
+            let body: Value = req.await.unwrap().json().await.unwrap();
+            body["upstream"].as_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(who(&client).await, "blue");
+
+    write("green");
+    task.signal("HUP");
+    crate::startup::wait_for_log(&mut task.log, "Configuration reloaded.").await;
+    assert_eq!(who(&client).await, "green");
+
+    std::fs::write(
+        config.path(),
+        "[[routes]]\nname = \"web\"\nupstream = \"nowhere\"\n",
+    )
+    .unwrap();
+    task.signal("HUP");
+    let refused = crate::startup::wait_for_log(
+        &mut task.log,
+        "Configuration reload refused; the running routes keep serving.",
+    )
+    .await;
+    assert!(refused.to_string().contains("nowhere"), "{refused}");
+    assert_eq!(
+        who(&client).await,
+        "green",
+        "still serving after a refused reload"
+    );
+
+    task.signal("TERM");
+    assert!(task.exit_within(Duration::from_secs(10)).await.success());
+}

@@ -4,7 +4,9 @@
 //! - `GET /slow/{ms}`: answers after `ms` milliseconds;
 //! - `GET /hop`: answers with hop-by-hop headers that must not reach the client;
 //! - `GET /ws`: a WebSocket echo (handshake and frames by tungstenite);
-//! - anything else: 200 with `{"upstream", "method", "path", "headers"}`.
+//! - `POST /count`: reads the body as it streams in and answers its length;
+//! - `GET /bytes/{n}`: answers `n` bytes, streamed in 64 KiB chunks;
+//! - anything else: 200 with `{"upstream", "method", "path", "version", "headers"}`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -16,12 +18,23 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body::Frame;
+use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::{AbortHandle, JoinSet};
+
+type Chunks = futures_util::stream::Iter<
+    std::iter::Map<
+        std::iter::StepBy<std::ops::Range<usize>>,
+        Box<dyn Fn(usize) -> Result<Frame<Bytes>, Infallible> + Send + Sync>,
+    >,
+>;
+
+/// A whole answer, or a streamed one.
+type UpstreamBody = Either<Full<Bytes>, StreamBody<Chunks>>;
 
 /// A running upstream. Dropping it stops it.
 pub struct Upstream {
@@ -112,7 +125,7 @@ async fn answer(
     hits: Arc<AtomicUsize>,
     delay: Duration,
     mut req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<UpstreamBody>, Infallible> {
     let checked = req
         .headers()
         .get("user-agent")
@@ -128,6 +141,28 @@ async fn answer(
     if path == "/ws" {
         return Ok(websocket_echo(&mut req));
     }
+    if path == "/count" {
+        let mut body = req.into_body();
+        let mut length = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            length += frame.data_ref().map_or(0, Bytes::len);
+        }
+        let answer = serde_json::json!({ "upstream": name, "length": length });
+        return Ok(Response::new(Either::Left(Full::new(Bytes::from(
+            answer.to_string(),
+        )))));
+    }
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        let n: usize = n.parse().unwrap_or(0);
+        let chunk: Box<dyn Fn(usize) -> Result<Frame<Bytes>, Infallible> + Send + Sync> =
+            Box::new(move |at| {
+                let len = (n - at).min(64 * 1024);
+                Ok(Frame::data(Bytes::from(vec![b'x'; len])))
+            });
+        let chunks = (0..n).step_by(64 * 1024).map(chunk);
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        return Ok(Response::new(Either::Right(body)));
+    }
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (k, v) in req.headers() {
         headers
@@ -139,9 +174,10 @@ async fn answer(
         "upstream": name,
         "method": req.method().as_str(),
         "path": req.uri().path_and_query().map(|p| p.as_str()),
+        "version": format!("{:?}", req.version()),
         "headers": headers,
     });
-    let mut rsp = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut rsp = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
     rsp.headers_mut()
         .insert("content-type", "application/json".parse().unwrap());
     if path == "/hop" {
@@ -155,9 +191,11 @@ async fn answer(
 }
 
 /// Answers a WebSocket handshake with a real `101` and echoes every message after it.
-fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+fn websocket_echo(req: &mut Request<Incoming>) -> Response<UpstreamBody> {
     let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
-        let mut rsp = Response::new(Full::new(Bytes::from_static(b"not a websocket")));
+        let mut rsp = Response::new(Either::Left(Full::new(Bytes::from_static(
+            b"not a websocket",
+        ))));
         *rsp.status_mut() = StatusCode::BAD_REQUEST;
         return rsp;
     };
@@ -184,6 +222,6 @@ fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
         .header("connection", "upgrade")
         .header("upgrade", "websocket")
         .header("sec-websocket-accept", accept)
-        .body(Full::new(Bytes::new()))
+        .body(Either::Left(Full::new(Bytes::new())))
         .unwrap()
 }
