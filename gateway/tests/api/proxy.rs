@@ -834,3 +834,35 @@ async fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_routes() {
     task.signal("TERM");
     assert!(task.exit_within(Duration::from_secs(10)).await.success());
 }
+
+#[tokio::test]
+async fn http2_streams_past_the_cap_wait_for_a_free_one() {
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("up").await;
+    let mut settings = proxied(&backends, &[&upstream], Balance::RoundRobin);
+    settings.http.h2_max_concurrent_streams = 2;
+    let app = TestApp::start(settings).await;
+    // One HTTP/2 connection, eight requests at once, each held 200 ms upstream: the
+    // server's SETTINGS cap two streams, so they go up two at a time.
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let requests = (0..8).map(|_| {
+        let req = client.get(app.url("/slow/200")).send();
+        async move { req.await.map(|r| r.status().as_u16()) }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(
+        statuses.iter().all(|s| matches!(s, Ok(200))),
+        "{statuses:?}"
+    );
+    assert_eq!(upstream.peak_concurrency(), 2, "two streams at a time");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+}

@@ -42,6 +42,8 @@ pub struct Upstream {
     name: &'static str,
     /// Requests answered (not counting health checks).
     hits: Arc<AtomicUsize>,
+    /// Requests in flight now, and the most there ever were.
+    concurrency: Arc<(AtomicUsize, AtomicUsize)>,
     delay: Duration,
     server: Option<AbortHandle>,
 }
@@ -62,6 +64,7 @@ impl Upstream {
             addr,
             name,
             hits: Arc::new(AtomicUsize::new(0)),
+            concurrency: Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))),
             delay,
             server: None,
         };
@@ -73,6 +76,7 @@ impl Upstream {
         let listener = TcpListener::bind(self.addr).await.expect("bind upstream");
         self.addr = listener.local_addr().unwrap();
         let (name, hits, delay) = (self.name, self.hits.clone(), self.delay);
+        let concurrency = self.concurrency.clone();
         let task = tokio::spawn(async move {
             // Connections live in the set, so aborting the accept loop drops them all.
             let mut connections = JoinSet::new();
@@ -81,8 +85,19 @@ impl Upstream {
                     continue;
                 };
                 let hits = hits.clone();
+                let concurrency = concurrency.clone();
                 connections.spawn(async move {
-                    let service = service_fn(move |req| answer(name, hits.clone(), delay, req));
+                    let service = service_fn(move |req| {
+                        let concurrency = concurrency.clone();
+                        let hits = hits.clone();
+                        async move {
+                            let now = concurrency.0.fetch_add(1, Ordering::SeqCst) + 1;
+                            concurrency.1.fetch_max(now, Ordering::SeqCst);
+                            let rsp = answer(name, hits, delay, req).await;
+                            concurrency.0.fetch_sub(1, Ordering::SeqCst);
+                            rsp
+                        }
+                    });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
@@ -103,6 +118,11 @@ impl Upstream {
     pub async fn restart(&mut self) {
         self.kill();
         self.listen().await;
+    }
+
+    /// The most requests that were ever in flight at once.
+    pub fn peak_concurrency(&self) -> usize {
+        self.concurrency.1.load(Ordering::SeqCst)
     }
 
     pub fn hits(&self) -> usize {
