@@ -9,7 +9,9 @@
 //! Every failure has become a response by step 3 (the app and the proxy answer errors
 //! as JSON), so the service never fails and hyper never sees an error from it.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use app_core::App;
@@ -125,18 +127,24 @@ impl Gateway {
         };
         let mut rsp = match &route.handler {
             _ if route.shed && permit.is_none() => overloaded(),
-            // Boxed: the app's future is several KiB, and hyper moves the service's
-            // future a few times per request; unboxed, those copies were 15 % of the CPU
-            // of a keep-alive benchmark, paid by every route.
-            Handler::App => Box::pin(tokio::time::timeout(
-                self.inner.request_timeout,
-                self.inner.app.handle(req),
-            ))
-            .await
-            .map_or_else(
-                |_| timed_out(self.inner.request_timeout),
-                |rsp| rsp.map(Either::Left),
-            ),
+            Handler::App => {
+                // Boxed: hyper moves the service's future a few times per request, and
+                // the app's would make it big. Polled once before any deadline is set:
+                // an L1 hit is ready at once and never needs the timer.
+                let mut app = Box::pin(self.inner.app.handle(req));
+                let first = std::future::poll_fn(|cx| Poll::Ready(app.as_mut().poll(cx))).await;
+                let rsp = match first {
+                    Poll::Ready(rsp) => Ok(rsp),
+                    Poll::Pending => {
+                        let deadline = started + self.inner.request_timeout;
+                        tokio::time::timeout_at(deadline.into(), app).await
+                    }
+                };
+                rsp.map_or_else(
+                    |_| timed_out(self.inner.request_timeout),
+                    |rsp| rsp.map(Either::Left),
+                )
+            }
             Handler::Upstream(group) => {
                 let host = request_authority(&req).map(str::to_owned);
                 let how = forwarding(&mut req, peer, host.as_deref(), &router, route, &request_id);
@@ -304,8 +312,13 @@ fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
     if let Some(id) = incoming.filter(safe) {
         return id.clone();
     }
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("unknown"))
+    let mut id = [0u8; 32];
+    let random = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+    for (i, digit) in id.iter_mut().enumerate() {
+        let nibble = (random >> (124 - 4 * i)) & 0xf;
+        *digit = b"0123456789abcdef"[usize::try_from(nibble).unwrap_or(0)];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// A probe answer: 200 or 503 with a one-word JSON body.
