@@ -224,7 +224,7 @@ impl Server {
             "Listening."
         );
         app.start();
-        gateway.router().start_checks();
+        gateway.router().start_groups();
         let reloader = Arc::new(Reloader::new(
             config_source,
             gateway.clone(),

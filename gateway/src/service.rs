@@ -89,7 +89,7 @@ impl Gateway {
     /// Puts `router` in force for every request that starts from now on.
     pub fn swap_router(&self, router: Router) {
         let router = Arc::new(router);
-        router.start_checks();
+        router.start_groups();
         self.inner.router.store(router);
     }
 

@@ -78,6 +78,18 @@ impl BodySlot {
     }
 }
 
+impl AttemptBody {
+    /// No body.
+    #[cfg(test)]
+    pub(crate) fn empty() -> Self {
+        Self {
+            slot: None,
+            taken: None,
+            hint: SizeHint::with_exact(0),
+        }
+    }
+}
+
 impl Body for AttemptBody {
     type Data = Bytes;
     type Error = BoxError;

@@ -147,7 +147,7 @@ where
         let in_flight = target.start_request();
         let sent = Instant::now();
         let head_by = deadline.min(sent + group.settings.response_timeout);
-        let result = tokio::time::timeout_at(head_by, group.client.request(attempt)).await;
+        let result = tokio::time::timeout_at(head_by, group.client().request(attempt)).await;
 
         // 3. judge
         let failure = match result {

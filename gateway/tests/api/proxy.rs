@@ -476,6 +476,10 @@ async fn x_forwarded_for_trusts_only_the_configured_hops() {
             .get(app.url("/xff"))
             .header("x-forwarded-for", xff)
             .header("x-forwarded-proto", "https")
+            .header(
+                "x-amzn-trace-id",
+                "Root=1-67891233-abcdef012345678912345678",
+            )
             .header("x-request-id", "req-123");
         async move {
             let body: Value = req.send().await.unwrap().json().await.unwrap();
@@ -497,6 +501,10 @@ async fn x_forwarded_for_trusts_only_the_configured_hops() {
         h["x-request-id"],
         json!(["req-123"]),
         "a safe request id is passed on"
+    );
+    assert_eq!(
+        h["x-amzn-trace-id"],
+        json!(["Root=1-67891233-abcdef012345678912345678"])
     );
     app.stop().await;
 
@@ -864,5 +872,29 @@ async fn http2_streams_past_the_cap_wait_for_a_free_one() {
         "{:?}",
         started.elapsed()
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_named_target_gets_its_own_host_when_asked() {
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("named").await;
+    let mut settings = backends.settings();
+    let target = format!("localhost:{}", upstream.addr.port());
+    settings.routes = vec![RouteSettings::upstream("named", "/", "named")];
+    settings.upstreams = vec![UpstreamSettings::new("named", &[&target])];
+    settings.upstreams[0].host_header = tiergate_config::HostHeader::Target;
+    settings.upstreams[0].resolve_interval = Duration::from_millis(100);
+    let app = TestApp::start(settings).await;
+    for _ in 0..3 {
+        let body: Value = app.get("/").await.json().await.unwrap();
+        assert_eq!(body["upstream"], "named");
+        assert_eq!(body["headers"]["host"], json!([target]));
+        assert_eq!(
+            body["headers"]["x-forwarded-host"],
+            json!([app.addr.to_string()])
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
     app.stop().await;
 }
