@@ -16,7 +16,7 @@ use tiergate_config::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{Backends, TestApp, assert_error, closed_port, json_body};
+use crate::helpers::{Backends, GetLoad, TestApp, assert_error, closed_port, json_body};
 use crate::upstream::Upstream;
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -283,32 +283,13 @@ async fn a_killed_target_costs_no_request_and_returns_after_it_comes_back() {
         max_ejection: Duration::from_secs(2),
     };
     let app = TestApp::start(settings).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..8 {
-        let (client, url) = (app.client.clone(), app.url("/"));
-        let (stop, failures, answered) = (stop.clone(), failures.clone(), answered.clone());
-        workers.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match client.get(&url).send().await {
-                    Ok(rsp) if rsp.status() == 200 => answered.fetch_add(1, Ordering::Relaxed),
-                    _ => failures.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let load = GetLoad::start(&app.client, &app.url("/"), 8);
+    load.more(200).await;
     assert!(a.hits() > 0 && b.hits() > 0, "both serve before the kill");
     a.kill();
     let killed_at = a.hits();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "no request failed after the kill"
-    );
+    load.more(2000).await;
+    assert_eq!(load.failed(), 0, "no request failed after the kill");
 
     a.restart().await;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -319,15 +300,11 @@ async fn a_killed_target_costs_no_request_and_returns_after_it_comes_back() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "no request failed");
+    let (answered, failed) = load.stop().await;
+    assert_eq!(failed, 0, "no request failed");
     let metrics = app.metrics().await;
     println!(
-        "killed target: {} requests answered, 0 failed; retries: {}",
-        answered.load(Ordering::Relaxed),
+        "killed target: {answered} requests answered, 0 failed; retries: {}",
         metric_line(&metrics, "tiergate_upstream_retries_total{group=\"web\"}")
     );
     app.stop().await;
@@ -548,34 +525,8 @@ async fn a_bad_reload_is_refused_while_traffic_continues() {
         })
     };
     let app = TestApp::start_with_source(settings.clone(), source).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let traffic = {
-        let (client, url) = (app.client.clone(), app.url("/"));
-        let (stop, failures, answered) = (stop.clone(), failures.clone(), answered.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match client.get(&url).send().await {
-                    Ok(rsp) if rsp.status() == 200 => answered.fetch_add(1, Ordering::Relaxed),
-                    _ => failures.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        })
-    };
-    // Lets the traffic answer `n` more requests.
-    let more_traffic = |n: usize| {
-        let answered = answered.clone();
-        async move {
-            let until = answered.load(Ordering::Relaxed) + n;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while answered.load(Ordering::Relaxed) < until {
-                assert!(Instant::now() < deadline, "traffic stalled");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-    more_traffic(20).await;
+    let load = GetLoad::start(&app.client, &app.url("/"), 1);
+    load.more(20).await;
     let reload = || async {
         app.client
             .post(format!("http://{}/admin/reload", app.admin))
@@ -599,7 +550,7 @@ async fn a_bad_reload_is_refused_while_traffic_continues() {
         "blue",
         "the running table still serves"
     );
-    more_traffic(20).await;
+    load.more(20).await;
 
     // A good one: everything to green.
     let mut good = settings.clone();
@@ -612,10 +563,9 @@ async fn a_bad_reload_is_refused_while_traffic_continues() {
     assert_eq!(rsp.status(), 200);
     assert_eq!(who(&app, "/").await, "green");
 
-    more_traffic(20).await;
-    stop.store(true, Ordering::Relaxed);
-    traffic.await.unwrap();
-    assert_eq!(failures.load(Ordering::Relaxed), 0);
+    load.more(20).await;
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0);
     app.stop().await;
 }
 
