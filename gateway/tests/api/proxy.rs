@@ -848,3 +848,54 @@ async fn a_named_target_gets_its_own_host_when_asked() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_upgrade_the_upstream_declines_stays_plain_http() {
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("plain").await;
+    let app = TestApp::start(proxied(&backends, &[&upstream], Balance::RoundRobin)).await;
+    // The upstream answers 200, not 101: the client gets that answer, and its
+    // connection goes on as HTTP/1.1 (a second request on it is answered too).
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let upgrade =
+        "GET /no-ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    stream.write_all(upgrade.as_bytes()).await.unwrap();
+    let first = read_one_response(&mut stream).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    stream
+        .write_all(b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).await.unwrap();
+    assert!(
+        rest.starts_with("HTTP/1.1 200") && rest.contains("/after"),
+        "{rest}"
+    );
+    app.stop().await;
+}
+
+/// Reads one response with a `Content-Length` body from `stream`.
+async fn read_one_response(stream: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                return text;
+            }
+        }
+    }
+}
