@@ -174,7 +174,6 @@ where
                 let (mut head, incoming) = rsp.into_parts();
                 headers::strip_hop_by_hop(&mut head.headers, false);
                 headers::append_via(&mut head.headers, version);
-                let deadline = Box::pin(tokio::time::sleep_until(deadline));
                 return Response::from_parts(
                     head,
                     Either::Right(UpstreamBody::new(incoming, deadline, in_flight)),

@@ -899,3 +899,32 @@ async fn read_one_response(stream: &mut tokio::net::TcpStream) -> String {
         }
     }
 }
+
+#[tokio::test]
+async fn a_body_still_streaming_at_the_request_timeout_is_cut() {
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("drip").await;
+    let mut settings = proxied(&backends, &[&upstream], Balance::RoundRobin);
+    settings.upstreams[0].response_timeout = Duration::from_millis(400);
+    settings.upstreams[0].request_timeout = Duration::from_millis(400);
+    let app = TestApp::start(settings).await;
+    let started = Instant::now();
+    let mut rsp = app.get("/drip/50").await;
+    assert_eq!(rsp.status(), 200, "the head came in time");
+    let mut received = 0;
+    let cut = loop {
+        match rsp.chunk().await {
+            Ok(Some(chunk)) => received += chunk.len(),
+            Ok(None) => break false,
+            Err(_) => break true,
+        }
+    };
+    let took = started.elapsed();
+    assert!(cut, "the body was cut, not ended");
+    assert!(received > 0, "some of it arrived first");
+    assert!(
+        (Duration::from_millis(400)..Duration::from_millis(1500)).contains(&took),
+        "cut after {took:?}"
+    );
+    app.stop().await;
+}

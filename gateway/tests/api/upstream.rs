@@ -6,6 +6,7 @@
 //! - `GET /ws`: a WebSocket echo (handshake and frames by tungstenite);
 //! - `POST /count`: reads the body as it streams in and answers its length;
 //! - `GET /bytes/{n}`: answers `n` bytes, streamed in 64 KiB chunks;
+//! - `GET /drip/{ms}`: answers at once, then a byte of body every `ms` milliseconds;
 //! - anything else: 200 with `{"upstream", "method", "path", "version", "headers"}`.
 
 use std::collections::BTreeMap;
@@ -26,12 +27,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::{AbortHandle, JoinSet};
 
-type Chunks = futures_util::stream::Iter<
-    std::iter::Map<
-        std::iter::StepBy<std::ops::Range<usize>>,
-        Box<dyn Fn(usize) -> Result<Frame<Bytes>, Infallible> + Send + Sync>,
-    >,
->;
+type Chunks =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
 
 /// A whole answer, or a streamed one.
 type UpstreamBody = Either<Full<Bytes>, StreamBody<Chunks>>;
@@ -172,15 +169,27 @@ async fn answer(
             answer.to_string(),
         )))));
     }
+    if let Some(ms) = path.strip_prefix("/drip/") {
+        // A byte every `ms` milliseconds, for a minute.
+        let every = Duration::from_millis(ms.parse().unwrap_or(100));
+        let drip = futures_util::stream::unfold(0, move |n| async move {
+            if n > 60_000 / every.as_millis().max(1) {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((Ok(Frame::data(Bytes::from_static(b"."))), n + 1))
+        });
+        return Ok(Response::new(Either::Right(StreamBody::new(
+            Box::pin(drip) as Chunks,
+        ))));
+    }
     if let Some(n) = path.strip_prefix("/bytes/") {
         let n: usize = n.parse().unwrap_or(0);
-        let chunk: Box<dyn Fn(usize) -> Result<Frame<Bytes>, Infallible> + Send + Sync> =
-            Box::new(move |at| {
-                let len = (n - at).min(64 * 1024);
-                Ok(Frame::data(Bytes::from(vec![b'x'; len])))
-            });
-        let chunks = (0..n).step_by(64 * 1024).map(chunk);
-        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        let chunks = (0..n).step_by(64 * 1024).map(move |at| {
+            let len = (n - at).min(64 * 1024);
+            Ok(Frame::data(Bytes::from(vec![b'x'; len])))
+        });
+        let body = StreamBody::new(Box::pin(futures_util::stream::iter(chunks)) as Chunks);
         return Ok(Response::new(Either::Right(body)));
     }
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
