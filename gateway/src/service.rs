@@ -27,7 +27,7 @@ use tiergate_config::HttpSettings;
 use tokio::sync::Semaphore;
 
 use crate::listener::Peer;
-use crate::proxy::{self, ClientSide, Forwarding, UpstreamBody};
+use crate::proxy::{self, ClientSide, Forwarding, Group, UpstreamBody};
 use crate::router::{Handler, Route, Router};
 
 /// The body of every response the gateway makes: whole (the app, errors, probes) or
@@ -95,7 +95,7 @@ impl Gateway {
 
     /// Answers one request from `peer`. Generic over the body so benches and tests can
     /// call it without a socket.
-    pub async fn handle<B>(&self, mut req: Request<B>, peer: Peer) -> Response<ResponseBody>
+    pub async fn handle<B>(&self, req: Request<B>, peer: Peer) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -146,19 +146,25 @@ impl Gateway {
                 )
             }
             Handler::Upstream(group) => {
-                let host = request_authority(&req).map(str::to_owned);
-                let how = forwarding(&mut req, peer, host.as_deref(), &router, route, &request_id);
-                Box::pin(proxy::forward(group, req, how)).await
+                let to = Upstream {
+                    group,
+                    set_cookie: None,
+                    router: &router,
+                    route,
+                    request_id: &request_id,
+                };
+                Box::pin(proxied(to, req, peer)).await
             }
             Handler::Split(split) => {
                 let (group, set_cookie) = split.pick(req.headers());
-                let host = request_authority(&req).map(str::to_owned);
-                let how = forwarding(&mut req, peer, host.as_deref(), &router, route, &request_id);
-                let mut rsp = Box::pin(proxy::forward(group, req, how)).await;
-                if let Some(cookie) = set_cookie {
-                    rsp.headers_mut().append(header::SET_COOKIE, cookie);
-                }
-                rsp
+                let to = Upstream {
+                    group,
+                    set_cookie,
+                    router: &router,
+                    route,
+                    request_id: &request_id,
+                };
+                Box::pin(proxied(to, req, peer)).await
             }
             Handler::Redirect(base) => redirect(base, &req),
             Handler::Livez => probe(true),
@@ -185,29 +191,43 @@ impl Gateway {
     }
 }
 
-/// What the proxy needs to know besides the request; takes the client connection's
-/// upgrade when the request asks for one.
-fn forwarding<'a, B>(
-    req: &mut Request<B>,
-    peer: Peer,
-    host: Option<&'a str>,
-    router: &Router,
+/// Where a proxied request goes, and what the route says about it.
+struct Upstream<'a> {
+    group: &'a Arc<Group>,
+    /// The split's sticky cookie, when the client is to be pinned to `group`.
+    set_cookie: Option<HeaderValue>,
+    router: &'a Router,
     route: &'a Route,
     request_id: &'a HeaderValue,
-) -> Forwarding<'a> {
-    Forwarding {
+}
+
+/// Forwards `req` to its upstream group (taking the client connection's upgrade when
+/// the request asks for one) and answers with what came back.
+async fn proxied<B>(to: Upstream<'_>, mut req: Request<B>, peer: Peer) -> Response<ResponseBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let host = request_authority(&req).map(str::to_owned);
+    let upgrade = proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let how = Forwarding {
         client: ClientSide {
             peer: peer.addr,
             tls: peer.tls,
             local_port: peer.local_port,
-            host,
+            host: host.as_deref(),
         },
-        rewrite: route.rewrite(),
-        trusted_hops: router.proxy.trusted_hops,
-        forwarded_header: router.proxy.forwarded_header,
-        request_id,
-        upgrade: proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(req)),
+        rewrite: to.route.rewrite(),
+        trusted_hops: to.router.proxy.trusted_hops,
+        forwarded_header: to.router.proxy.forwarded_header,
+        request_id: to.request_id,
+        upgrade,
+    };
+    let mut rsp = proxy::forward(to.group, req, how).await;
+    if let Some(cookie) = to.set_cookie {
+        rsp.headers_mut().append(header::SET_COOKIE, cookie);
     }
+    rsp
 }
 
 /// The authority the request names, port included: the URI's (HTTP/2, absolute form)
