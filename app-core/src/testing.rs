@@ -241,6 +241,8 @@ pub fn items(settings: &Settings, policy: Policy, hooks: Hooks) -> Items {
 #[derive(Debug, Default)]
 pub struct Pauses {
     armed: Mutex<HashMap<(Point, i64), Arc<Gate>>>,
+    /// How often each point was passed, by id.
+    passed: Mutex<HashMap<(Point, i64), usize>>,
 }
 
 /// One armed pause.
@@ -289,10 +291,22 @@ impl Pauses {
         self.armed.lock().expect("pauses lock").remove(&(point, id));
     }
 
-    /// Hooks that pause at the armed points.
+    /// How many operations have passed `point` for `id` (paused or not).
+    ///
+    /// # Panics
+    /// When a test panicked while holding the lock.
+    pub fn passed(&self, point: Point, id: i64) -> usize {
+        let passed = self.passed.lock().expect("pauses lock");
+        passed.get(&(point, id)).copied().unwrap_or(0)
+    }
+
+    /// Hooks that count every point passed and pause at the armed ones.
     pub fn hooks(self: &Arc<Self>) -> Hooks {
         let pauses = Arc::clone(self);
         Hooks::new(move |point, id| {
+            if let Ok(mut passed) = pauses.passed.lock() {
+                *passed.entry((point, id)).or_default() += 1;
+            }
             let gate = pauses
                 .armed
                 .lock()

@@ -16,7 +16,14 @@
 //!   one) once the L1 TTL (with its jitter) has passed since the commit, even when the
 //!   invalidation was lost.
 //!
-//! Checked against mutations: with the watermark check removed from `L1::is_current`, it
+//! - (first property) each instance reads a key from PostgreSQL at most once per time
+//!   Redis lost it (the keys are created through the cache, so Redis has them from the
+//!   start): CACHE.md's bound on fills per TTL window, the TTL being longer than the
+//!   test and refresh-ahead off.
+//!
+//! Checked against mutations: with the loader's Redis fill removed, the fills bound
+//! failed ("instance 1 read key 1 from PostgreSQL 2 times; at most 1 expected"). With
+//! the watermark check removed from `L1::is_current`, it
 //! finds a stale read within the 48 cases. With the Lua fence's version comparison
 //! removed it did not (a later write to the key usually repairs Redis before the
 //! quiescence check); R1 in `races.rs` pins that guard.
@@ -164,6 +171,8 @@ struct World {
     commits: Vec<Vec<(i64, Instant)>>,
     /// Whether reads are held to [`STALENESS_BOUND`].
     time_bound: bool,
+    /// Per key, how often Redis lost it (`EvictL2`, and each `Race`).
+    evictions: Vec<usize>,
 }
 
 /// The L1 TTL of the time-bound property; the other property's never runs out.
@@ -214,6 +223,28 @@ impl World {
             known: vec![vec![1; KEYS]; INSTANCES],
             commits: vec![vec![(1, Instant::now())]; KEYS],
             time_bound: ttl == SHORT_TTL,
+            evictions: vec![0; KEYS],
+        }
+    }
+
+    /// CACHE.md's bound on fills: with an L1 TTL longer than the test, each instance
+    /// reads a key from PostgreSQL at most once each time Redis lost the key (creates
+    /// and writes fence it into Redis). Invalidations, flushes and writes cost no
+    /// PostgreSQL read: the next L1 miss finds the new version in Redis.
+    fn check_fills(&self) {
+        if self.time_bound {
+            return;
+        }
+        for (key, id) in self.ids.iter().enumerate() {
+            for (instance, pauses) in self.pauses.iter().enumerate() {
+                let reads = pauses.passed(Point::AfterDbRead, id.get());
+                let allowed = self.evictions[key];
+                assert!(
+                    reads <= allowed,
+                    "instance {instance} read key {key} from PostgreSQL {reads} times; at most {allowed} expected (Redis lost it {} times)",
+                    self.evictions[key]
+                );
+            }
         }
     }
 
@@ -397,6 +428,7 @@ impl World {
                 self.lost[instance] = false;
             }
             Op::EvictL2 { key } => {
+                self.evictions[key] += 1;
                 let l2 = self.instances[0].l2();
                 let _: i64 = self.redis.del(l2.key(self.ids[key].get())).await.unwrap();
             }
@@ -492,6 +524,7 @@ proptest! {
                 world.apply(op).await;
             }
             world.quiesce_and_check(&db).await;
+            world.check_fills();
         });
     }
 }
