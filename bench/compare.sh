@@ -14,8 +14,9 @@
 #    counts (SIGUSR1 before and after the row): the share of upstream requests that
 #    went over an already open connection. "vs nginx" compares req/s and CPU/request.
 # 3. TLS termination with one ECDSA P-256 certificate (openssl, made per run): Tiergate
-#    and nginx on a fixed small body (/livez), keep-alive HTTP/1.1 and a new connection
-#    with a full handshake for every request (loadgen --tls, no session resumption).
+#    and nginx on a fixed small body (/livez): keep-alive HTTP/1.1; h2 by ALPN (4
+#    connections x 8 streams); and HTTP/1.1 with a new connection and a full handshake
+#    for every request (loadgen --tls, no session resumption).
 #
 # Server CPU per request is utime + stime of the server's processes (from /proc, before
 # and after the row) over the requests answered; for the proxies it leaves out the
@@ -178,7 +179,7 @@ http {
     location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
   server {
-    listen 127.0.0.1:$nginx_tls_port ssl;
+    listen 127.0.0.1:$nginx_tls_port ssl http2;
     ssl_certificate $tmp/cert.pem;
     ssl_certificate_key $tmp/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3;
@@ -264,14 +265,14 @@ failed() { # label reason -> a row file
   log "failed: $1: $2"
 }
 # One measurement: label pid url [loadgen args...]; the row's file name on stdout.
-# UPSTREAM=1 adds the upstream's connection counts.
+# UPSTREAM=1 adds the upstream's connection counts; ROW_CONNS overrides CONNECTIONS.
 measure() {
   local label=$1 pid=$2 url=$3
   shift 3
   local before after c0=0 r0=0 c1=0 r1=0
   [[ ${UPSTREAM:-0} == 1 ]] && read -r c0 r0 < <(upstream_counts)
   before=$(ticks "$pid")
-  if ! taskset -c "$client_cpu" "$bin/loadgen" "$url" -c "$conns" -t 1 -d "$duration" -q \
+  if ! taskset -c "$client_cpu" "$bin/loadgen" "$url" -c "${ROW_CONNS:-$conns}" -t 1 -d "$duration" -q \
     --label "$label" --json "$tmp/$label.json" "$@" >/dev/null 2>"$tmp/$label.err"; then
     failed "$label" "loadgen: $(why "$tmp/$label.err")"
     echo "$tmp/$label.row.json"
@@ -325,12 +326,14 @@ tiergate_tls=https://127.0.0.1:$tiergate_tls_port/livez
 nginx_tls=https://127.0.0.1:$nginx_tls_port/livez
 if up "$tiergate_pid" "$tiergate_tls"; then
   tls_rows+=("$(measure tiergate-tls "$tiergate_pid" "$tiergate_tls" "${tls[@]}")")
+  tls_rows+=("$(ROW_CONNS=4 measure tiergate-tls-h2 "$tiergate_pid" "$tiergate_tls" "${tls[@]}" --http2 --streams 8)")
   tls_rows+=("$(measure tiergate-tls-handshake "$tiergate_pid" "$tiergate_tls" "${tls[@]}" --new-conn)")
 else
   tls_rows+=("$(failed tiergate-tls "no HTTPS answer: $(why "$tmp/tiergate.log")" && echo "$tmp/tiergate-tls.row.json")")
 fi
 if ((nginx_ok)) && up "$nginx_pid" "$nginx_tls"; then
   tls_rows+=("$(measure nginx-tls "$nginx_pid" "$nginx_tls" "${tls[@]}")")
+  tls_rows+=("$(ROW_CONNS=4 measure nginx-tls-h2 "$nginx_pid" "$nginx_tls" "${tls[@]}" --http2 --streams 8)")
   tls_rows+=("$(measure nginx-tls-handshake "$nginx_pid" "$nginx_tls" "${tls[@]}" --new-conn)")
 else
   tls_rows+=("$(failed nginx-tls "no HTTPS answer: $(why "$tmp/nginx-error.log")" && echo "$tmp/nginx-tls.row.json")")
@@ -341,7 +344,7 @@ if [[ -n ${COMPARE_JSON:-} ]]; then
 fi
 
 r2='def r2: (. * 100 | round) / 100;'
-echo "loadgen: $conns connections, HTTP/1.1, closed loop, $duration per row, server on core $server_cpu, loadgen on core $client_cpu"
+echo "loadgen: $conns connections (TLS h2 rows: 4 x 8 streams), HTTP/1.1 unless marked, closed loop, $duration per row, server on core $server_cpu, loadgen on core $client_cpu"
 echo
 echo "| app | req/s | vs limit | p50 ms | p99 ms | p99.9 ms | server CPU µs/req | errors | non-2xx |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -357,10 +360,10 @@ jq -rs "$r2"' (map(select(.label == "nginx-proxy" and (.failed | not))) | first)
   "| \(.label) | \(.requests_per_sec | floor) | \(if $ref then .requests_per_sec / $ref.requests_per_sec | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(if $ref and $ref.cpu_us_per_req > 0 then .cpu_us_per_req / $ref.cpu_us_per_req | r2 else "n/a" end) | \(.upstream_conns) | \(if .upstream_reqs > 0 then ((1 - .upstream_conns / .upstream_reqs) * 100 | if . < 0 then 0 else . end | r2 | tostring) + " %" else "n/a" end) | \(.errors) |" end' \
   "${proxy_rows[@]}"
 echo
-echo "| TLS (ECDSA P-256, /livez) | new conn per request | req/s | req/s vs nginx | p50 ms | p99 ms | p99.9 ms | server CPU µs/req | TLS full handshakes | errors |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| TLS (ECDSA P-256, /livez) | proto | new conn per request | req/s | req/s vs nginx | p50 ms | p99 ms | p99.9 ms | server CPU µs/req | TLS full handshakes | errors |"
+echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 jq -rs "$r2"' (map(select((.label | startswith("nginx")) and (.failed | not))) | map({key: (.label | sub("^nginx"; "")), value: .}) | from_entries) as $ref | .[] |
-  if .failed then "| \(.label) | failed: \(.failed) | | | | | | | | |" else
+  if .failed then "| \(.label) | failed: \(.failed) | | | | | | | | | |" else
   (.label | sub("^[a-z]+"; "")) as $k |
-  "| \(.label) | \(if ($k | endswith("handshake")) then "yes" else "no" end) | \(.requests_per_sec | floor) | \(if $ref[$k] then .requests_per_sec / $ref[$k].requests_per_sec | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(.tls_handshakes) | \(.errors) |" end' \
+  "| \(.label) | \(if .protocol == "http2" then "h2" else "h1" end) \(.connections)×\(if .protocol == "http2" then 8 else 1 end) | \(if ($k | endswith("handshake")) then "yes" else "no" end) | \(.requests_per_sec | floor) | \(if $ref[$k] then .requests_per_sec / $ref[$k].requests_per_sec | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(.tls_handshakes) | \(.errors) |" end' \
   "${tls_rows[@]}"
