@@ -10,6 +10,7 @@
 //! Performance section; `gateway_hot_read/get_item_l1_hit` = 1.98 µs per request (goal ≤ 1 µs: not met).
 
 use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use app_core::App;
@@ -17,6 +18,7 @@ use app_core::health::BuildInfo;
 use app_core::testing::{TestDb, TestRedis, settings};
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
+use gateway::listener::Peer;
 use gateway::router::Router;
 use gateway::service::Gateway;
 use http::{Method, Request, StatusCode};
@@ -33,8 +35,15 @@ fn get(id: &str) -> Request<Full<Bytes>> {
     req
 }
 
+/// The client as the listener would describe it.
+const PEER: Peer = Peer {
+    addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000),
+    tls: false,
+    local_port: 8080,
+};
+
 async fn body(gateway: &Gateway, req: Request<Full<Bytes>>) -> (StatusCode, Bytes) {
-    let rsp = gateway.handle(req).await;
+    let rsp = gateway.handle(req, PEER).await;
     let status = rsp.status();
     let bytes = rsp.into_body().collect().await.map(|b| b.to_bytes());
     (status, bytes.unwrap_or_default())
@@ -56,7 +65,10 @@ fn hot_read(c: &mut Criterion) {
     let Ok(app) = App::new(&settings, BUILD) else {
         panic!("build the app");
     };
-    let gateway = Gateway::new(Router::new(), app.clone(), &settings.http);
+    let Ok(router) = Router::new(&settings, None) else {
+        panic!("the default route table");
+    };
+    let gateway = Gateway::new(router, app.clone(), &settings.http);
     let id = runtime.block_on(async {
         app.start();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -74,7 +86,7 @@ fn hot_read(c: &mut Criterion) {
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
-        let rsp = gateway.handle(create).await;
+        let rsp = gateway.handle(create, PEER).await;
         assert_eq!(rsp.status(), StatusCode::CREATED);
         let location = rsp
             .headers()

@@ -27,12 +27,14 @@
 //! # Layout
 //!
 //! - `settings.rs`: [`Settings`] and its sections, with their defaults.
+//! - `routes.rs`: the reverse proxy's routes, upstream groups and admin access.
 //! - `secret.rs`: [`Secret`] and its redaction.
 //! - `source.rs`: [`Source`], [`ProcessEnv`].
 //! - `load.rs`: [`load()`]: merging the layers, reading variables, typing.
 //! - `validate.rs`: range and format checks.
 
 mod load;
+mod routes;
 mod secret;
 mod settings;
 mod source;
@@ -41,6 +43,10 @@ mod validate;
 use std::fmt;
 
 pub use load::load;
+pub use routes::{
+    AdminSettings, Balance, HealthCheckSettings, HostHeader, OutlierSettings, ProxySettings,
+    RouteSettings, TargetSettings, UpstreamProtocol, UpstreamSettings,
+};
 pub use secret::Secret;
 pub use settings::{
     CacheSettings, CertificateSettings, DatabaseSettings, DeploymentSettings, HealthSettings,

@@ -456,6 +456,10 @@ impl Loader {
             deployment: self.section(&mut tree, "deployment", &mut failed),
             log: self.section(&mut tree, "log", &mut failed),
             shutdown: self.section(&mut tree, "shutdown", &mut failed),
+            admin: self.section(&mut tree, "admin", &mut failed),
+            proxy: self.section(&mut tree, "proxy", &mut failed),
+            routes: self.section(&mut tree, "routes", &mut failed),
+            upstreams: self.section(&mut tree, "upstreams", &mut failed),
         };
         (settings, failed)
     }
@@ -703,6 +707,116 @@ mod tests {
         let problems = problems(result);
         assert_eq!(problems.len(), 1, "{problems:#?}");
         assert!(problems[0].contains(needle), "{problems:#?}");
+    }
+
+    const BLUE_GREEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blue-green.toml");
+
+    #[test]
+    fn blue_green_example_loads_with_a_token_from_the_environment() {
+        let token = "a-token-of-twenty-chars";
+        let s = load(
+            Some(Path::new(BLUE_GREEN)),
+            &env(&[("TIERGATE_ADMIN__TOKEN", token)]),
+        )
+        .unwrap();
+        assert_eq!(s.admin.token.as_ref().map(Secret::expose), Some(token));
+        let names: Vec<&str> = s.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["items", "health", "web"]);
+        let split = s.routes[2].split.as_ref().unwrap();
+        assert_eq!(split.get("blue"), Some(&100));
+        assert_eq!(split.get("green"), Some(&0));
+        let blue = &s.upstreams[0];
+        assert_eq!(blue.targets[1].address(), "127.0.0.1:19002");
+        let check = blue.health_check.as_ref().unwrap();
+        assert_eq!(
+            (check.path.as_str(), check.interval),
+            ("/", Duration::from_secs(1))
+        );
+        assert_eq!(s.upstreams[1].targets[0].address(), "127.0.0.1:19003");
+        assert!(!s.to_redacted_toml().contains(token));
+    }
+
+    #[test]
+    fn routes_default_to_the_app_and_a_file_replaces_them() {
+        let s = load_env(&[]).unwrap();
+        let names: Vec<&str> = s.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["items", "health"]);
+        let s = load_file(
+            r#"
+[[routes]]
+name = "api"
+host = "*.example.com"
+path = "/api"
+rewrite_prefix = "/"
+upstream = "api"
+
+[[upstreams]]
+name = "api"
+targets = ["api.internal:8080", { address = "10.0.0.2:8080", weight = 3 }]
+balance = "weighted"
+"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.upstreams[0].targets[1].weight(), 3);
+        assert_eq!(s.upstreams[0].balance, crate::Balance::Weighted);
+    }
+
+    #[test]
+    fn route_problems_name_the_route_and_are_all_listed() {
+        let problems = problems(load_file(
+            r#"
+[admin]
+token = "short"
+
+[[routes]]
+name = "Bad Name"
+path = "items"
+app = true
+upstream = "nowhere"
+
+[[routes]]
+name = "web"
+split = { blue = 0 }
+sticky_cookie = "a b"
+
+[[upstreams]]
+name = "blue"
+targets = ["127.0.0.1:0", "host-without-port", "ok.internal:80", "ok.internal:80"]
+response_timeout = "2m"
+"#,
+            &[],
+        ));
+        let all = problems.join("\n");
+        for needle in [
+            "admin.token: must be at least 16 characters",
+            "[0] (Bad Name): name must be",
+            "[0] (Bad Name): path must start with /",
+            "[0] (Bad Name): needs exactly one of",
+            "upstream \"nowhere\" is not the name of any",
+            "[1] (web): split weights must have a positive sum",
+            "sticky_cookie \"a b\"",
+            "target \"127.0.0.1:0\": port must not be 0",
+            "target \"host-without-port\": must be host:port",
+            "target \"ok.internal:80\" is listed twice",
+            "response_timeout (2m) must not exceed request_timeout (1m)",
+        ] {
+            assert!(all.contains(needle), "{needle} not in:\n{all}");
+        }
+        assert!(!all.contains("short"), "the token leaked:\n{all}");
+    }
+
+    #[test]
+    fn a_malformed_target_says_what_a_target_looks_like() {
+        let problems = problems(load_file(
+            "[[upstreams]]\nname = \"a\"\ntargets = [42]\n",
+            &[],
+        ));
+        assert!(
+            problems[0].contains("a \"host:port\" string or a table"),
+            "{problems:#?}"
+        );
     }
 
     #[test]

@@ -11,11 +11,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::Secret;
+use crate::routes::{AdminSettings, ProxySettings, RouteSettings, UpstreamSettings};
 
 const MIB: u64 = 1024 * 1024;
 
 /// Everything the binary can be configured with; see the crate docs for how it is loaded.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Addresses to bind.
@@ -38,6 +39,36 @@ pub struct Settings {
     pub log: LogSettings,
     /// What happens between SIGTERM and exit.
     pub shutdown: ShutdownSettings,
+    /// Access to the admin API.
+    pub admin: AdminSettings,
+    /// How requests are forwarded to upstream groups.
+    pub proxy: ProxySettings,
+    /// The route table, most specific match first (see [`RouteSettings`]). Default:
+    /// `/items` and `/health` to the app.
+    pub routes: Vec<RouteSettings>,
+    /// Upstream groups the routes forward to. Default none.
+    pub upstreams: Vec<UpstreamSettings>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: ListenSettings::default(),
+            tls: TlsSettings::default(),
+            database: DatabaseSettings::default(),
+            redis: RedisSettings::default(),
+            cache: CacheSettings::default(),
+            http: HttpSettings::default(),
+            health: HealthSettings::default(),
+            deployment: DeploymentSettings::default(),
+            log: LogSettings::default(),
+            shutdown: ShutdownSettings::default(),
+            admin: AdminSettings::default(),
+            proxy: ProxySettings::default(),
+            routes: RouteSettings::defaults(),
+            upstreams: Vec::new(),
+        }
+    }
 }
 
 /// Addresses to bind.
@@ -421,6 +452,9 @@ impl Settings {
             out.push(("database.reader_url", reader));
         }
         out.push(("redis.url", &self.redis.url));
+        if let Some(token) = &self.admin.token {
+            out.push(("admin.token", token));
+        }
         out
     }
 
@@ -435,6 +469,7 @@ impl Settings {
         settings.tls.cert = Some(PathBuf::new());
         settings.tls.key = Some(PathBuf::new());
         settings.deployment.color = Some(String::new());
+        settings.admin.token = Some(Secret::new(""));
         settings
     }
 }
@@ -465,6 +500,6 @@ mod tests {
         // JSON writes `null`, so any null here is an Option the loader would not know.
         let json = serde_json::to_string(&Settings::every_key()).unwrap();
         assert!(!json.contains("null"), "{json}");
-        assert_eq!(Settings::every_key().secrets().len(), 3);
+        assert_eq!(Settings::every_key().secrets().len(), 4);
     }
 }

@@ -1,6 +1,7 @@
 //! Checks that types alone can't express. Each failure names its key path; none quotes a
 //! secret.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -316,7 +317,228 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
         );
     }
 
+    if let Some(token) = &s.admin.token {
+        if token.expose().chars().count() < 16 {
+            fail(
+                &["admin.token"],
+                "must be at least 16 characters: it guards the routing of all traffic".to_owned(),
+            );
+        }
+    }
+    if s.proxy.max_attempts < 1 {
+        fail(
+            &["proxy.max_attempts"],
+            "must be at least 1, got 0".to_owned(),
+        );
+    }
+    for message in check_routes(s) {
+        fail(&["routes"], message);
+    }
+    for message in check_upstreams(s) {
+        fail(&["upstreams"], message);
+    }
+
     out
+}
+
+/// The route table's problems, each naming the route by index and name.
+fn check_routes(s: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    let groups: HashSet<&str> = s.upstreams.iter().map(|u| u.name.as_str()).collect();
+    let mut seen_names = HashSet::new();
+    let mut seen_matches = HashSet::new();
+    for (i, route) in s.routes.iter().enumerate() {
+        let mut fail = |message: String| out.push(format!("[{i}] ({}): {message}", route.name));
+        if !valid_label(&route.name) {
+            fail("name must be 1 to 64 of a-z, 0-9, - and _".to_owned());
+        } else if !seen_names.insert(route.name.as_str()) {
+            fail("name is used by an earlier route".to_owned());
+        }
+        if let Some(host) = &route.host {
+            if !valid_server_name(host) {
+                fail(format!(
+                    "host {host:?} is not a host name or a `*.` wildcard of one (no port)"
+                ));
+            }
+        }
+        if !route.path.starts_with('/') {
+            fail(format!("path must start with /, got {:?}", route.path));
+        } else if !seen_matches.insert((
+            route.host.as_deref().map(str::to_ascii_lowercase),
+            route.path.trim_end_matches('/').to_owned(),
+            route.exact,
+        )) {
+            fail("an earlier route matches the same host and path".to_owned());
+        }
+        let targets = [
+            route.app,
+            route.upstream.is_some(),
+            route.split.is_some(),
+            route.redirect.is_some(),
+        ];
+        if targets.iter().filter(|t| **t).count() != 1 {
+            fail("needs exactly one of app = true, upstream, split and redirect".to_owned());
+        }
+        if let Some(group) = &route.upstream {
+            if !groups.contains(group.as_str()) {
+                fail(format!(
+                    "upstream {group:?} is not the name of any [[upstreams]]"
+                ));
+            }
+        }
+        if let Some(split) = &route.split {
+            for group in split.keys().filter(|g| !groups.contains(g.as_str())) {
+                fail(format!(
+                    "split names {group:?}, which is not the name of any [[upstreams]]"
+                ));
+            }
+            if split.values().map(|w| u64::from(*w)).sum::<u64>() == 0 {
+                fail("split weights must have a positive sum".to_owned());
+            }
+        }
+        if let Some(cookie) = &route.sticky_cookie {
+            if route.split.is_none() {
+                fail("sticky_cookie needs a split".to_owned());
+            }
+            if cookie.is_empty()
+                || !cookie
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            {
+                fail(format!(
+                    "sticky_cookie {cookie:?} must be 1 or more of A-Z, a-z, 0-9, -, _ and ."
+                ));
+            }
+        }
+        if let Some(url) = &route.redirect {
+            if !has_scheme(url, &["http", "https"]) || url.chars().any(char::is_whitespace) {
+                fail(format!(
+                    "redirect must be an http:// or https:// URL, got {url:?}"
+                ));
+            }
+        }
+        if let Some(prefix) = &route.rewrite_prefix {
+            if !prefix.starts_with('/') {
+                fail(format!("rewrite_prefix must start with /, got {prefix:?}"));
+            }
+            if route.upstream.is_none() && route.split.is_none() {
+                fail("rewrite_prefix applies only to upstream and split routes".to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The upstream groups' problems, each naming the group by index and name.
+fn check_upstreams(s: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, group) in s.upstreams.iter().enumerate() {
+        let mut fail = |message: String| out.push(format!("[{i}] ({}): {message}", group.name));
+        if !valid_label(&group.name) {
+            fail("name must be 1 to 64 of a-z, 0-9, - and _".to_owned());
+        } else if !seen.insert(group.name.as_str()) {
+            fail("name is used by an earlier group".to_owned());
+        }
+        if group.targets.is_empty() {
+            fail("targets must list at least one host:port".to_owned());
+        }
+        let mut addresses = HashSet::new();
+        for target in &group.targets {
+            let address = target.address();
+            if let Err(why) = check_address(address) {
+                fail(format!("target {address:?}: {why}"));
+            } else if !addresses.insert(address) {
+                fail(format!("target {address:?} is listed twice"));
+            }
+            if target.weight() == 0 {
+                fail(format!("target {address:?}: weight must be at least 1"));
+            }
+        }
+        for (key, value) in [
+            ("connect_timeout", group.connect_timeout),
+            ("response_timeout", group.response_timeout),
+            ("request_timeout", group.request_timeout),
+            ("idle_timeout", group.idle_timeout),
+        ] {
+            if value.is_zero() {
+                fail(format!("{key} must be more than 0s"));
+            }
+        }
+        if group.response_timeout > group.request_timeout {
+            fail(format!(
+                "response_timeout ({}) must not exceed request_timeout ({})",
+                human(group.response_timeout),
+                human(group.request_timeout)
+            ));
+        }
+        if let Some(check) = &group.health_check {
+            if !check.path.starts_with('/') {
+                fail(format!(
+                    "health_check.path must start with /, got {:?}",
+                    check.path
+                ));
+            }
+            if check.interval < Duration::from_millis(100) {
+                fail(format!(
+                    "health_check.interval must be at least 100ms, got {}",
+                    human(check.interval)
+                ));
+            }
+            if check.timeout.is_zero() || check.timeout > check.interval {
+                fail(format!(
+                    "health_check.timeout must be more than 0s and at most the interval ({}), got {}",
+                    human(check.interval),
+                    human(check.timeout)
+                ));
+            }
+            if check.healthy_threshold < 1 || check.unhealthy_threshold < 1 {
+                fail("health_check thresholds must be at least 1".to_owned());
+            }
+        }
+        let outlier = &group.outlier;
+        if outlier.consecutive_failures > 0
+            && (outlier.base_ejection.is_zero() || outlier.base_ejection > outlier.max_ejection)
+        {
+            fail(format!(
+                "outlier.base_ejection must be more than 0s and at most outlier.max_ejection ({}), got {}",
+                human(outlier.max_ejection),
+                human(outlier.base_ejection)
+            ));
+        }
+    }
+    out
+}
+
+/// `host:port` with a non-zero port and a host that is a name, an IPv4 address or a
+/// bracketed IPv6 address.
+fn check_address(address: &str) -> Result<(), &'static str> {
+    if address.parse::<SocketAddr>().is_ok() {
+        return if address.ends_with(":0") {
+            Err("port must not be 0")
+        } else {
+            Ok(())
+        };
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err("must be host:port");
+    };
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err("port must be 1 to 65535"),
+        Ok(_) => {}
+    }
+    if host.starts_with('*') || !valid_server_name(host) {
+        return Err("host must be a DNS name or an IP address");
+    }
+    Ok(())
+}
+
+/// A name for routes and groups: bounded, and safe as a metric label and in a URL.
+fn valid_label(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
 }
 
 /// Two listeners collide when they share a port and either address covers the other; an

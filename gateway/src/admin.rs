@@ -1,37 +1,283 @@
-//! The admin listener: `/metrics`, `/livez`, `/readyz`. It binds to loopback by default
-//! and must never face the public: metrics reveal internals.
+//! The admin listener: `/metrics`, `/livez`, `/readyz`, and the runtime controls under
+//! `/admin/`. It binds to loopback by default and must never face the public: metrics
+//! reveal internals, and the controls move traffic.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /admin/routes` | the routes, splits, groups, targets and their health |
+//! | `PUT /admin/routes/{name}/split` `{"blue":0,"green":100}` | new weights, in force at once |
+//! | `POST /admin/reload` | reload the configuration (as SIGHUP), or say why not |
+//!
+//! The mutating endpoints need `Authorization: Bearer <admin.token>`; without a
+//! configured token they are off (403).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use app_core::App;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, Limited};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{Value, json};
+use tiergate_config::Secret;
 
-use crate::service::{json, not_found, probe};
+use crate::proxy::{Group, SplitError};
+use crate::reload::{ReloadError, Reloader};
+use crate::router::{Handler, Router};
+use crate::service::{Gateway, ResponseBody, json as json_response, not_found, probe};
 
-/// Answers one admin request.
-pub(crate) fn handle<B>(
-    req: &Request<B>,
-    app: &App,
-    metrics: &PrometheusHandle,
-) -> Response<Full<Bytes>> {
-    match req.uri().path() {
-        "/metrics" => {
-            app.record_gauges();
-            let mut rsp = Response::new(Full::new(Bytes::from(metrics.render())));
-            rsp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            rsp
-        }
-        "/livez" => probe(true),
-        "/readyz" => probe(app.is_ready()),
-        "/" => json(
-            StatusCode::OK,
-            Bytes::from_static(br#"{"endpoints":["/metrics","/livez","/readyz"]}"#),
-        ),
-        _ => not_found(),
+/// Largest admin request body read.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the admin endpoints act on.
+#[derive(Debug)]
+pub(crate) struct Admin {
+    pub(crate) app: App,
+    pub(crate) gateway: Gateway,
+    pub(crate) metrics: PrometheusHandle,
+    /// SHA-256 of `admin.token`: compared digest to digest, so the comparison's time
+    /// says nothing about the token.
+    pub(crate) token: Option<ring::digest::Digest>,
+    pub(crate) reloader: Arc<Reloader>,
+}
+
+impl Admin {
+    pub(crate) fn token_digest(token: Option<&Secret>) -> Option<ring::digest::Digest> {
+        token.map(|t| ring::digest::digest(&ring::digest::SHA256, t.expose().as_bytes()))
     }
+
+    /// Answers one admin request.
+    pub(crate) async fn handle<B>(&self, req: Request<B>) -> Response<ResponseBody>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["metrics"]) => {
+                self.app.record_gauges();
+                self.gateway.router().record_gauges();
+                let mut rsp = Response::new(Either::Left(Full::new(Bytes::from(
+                    self.metrics.render(),
+                ))));
+                rsp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                rsp
+            }
+            (&Method::GET, ["livez"]) => probe(true),
+            (&Method::GET, ["readyz"]) => probe(self.app.is_ready()),
+            (&Method::GET, [""]) => json_response(
+                StatusCode::OK,
+                Bytes::from_static(
+                    br#"{"endpoints":["/metrics","/livez","/readyz","/admin/routes","/admin/routes/{name}/split","/admin/reload"]}"#,
+                ),
+            ),
+            (&Method::GET, ["admin", "routes"]) => {
+                reply(StatusCode::OK, &describe(&self.gateway.router()))
+            }
+            (&Method::PUT, ["admin", "routes", name, "split"]) => {
+                if let Some(denied) = self.deny(&req) {
+                    return denied;
+                }
+                let name = (*name).to_owned();
+                match read_json::<BTreeMap<String, u32>, _>(req).await {
+                    Ok(weights) => self.set_split(&name, &weights),
+                    Err(why) => error(StatusCode::BAD_REQUEST, "bad_request", &why),
+                }
+            }
+            (&Method::POST, ["admin", "reload"]) => {
+                if let Some(denied) = self.deny(&req) {
+                    return denied;
+                }
+                match self.reloader.reload("admin API") {
+                    Ok(reloaded) => reply(StatusCode::OK, &json!({ "status": "reloaded", "reloaded": reloaded })),
+                    Err(ReloadError::Invalid(e)) => reply(
+                        StatusCode::BAD_REQUEST,
+                        &json!({
+                            "error": "invalid_config",
+                            "message": "the configuration was refused; the running one keeps serving",
+                            "problems": e.problems,
+                        }),
+                    ),
+                    Err(ReloadError::Table(e)) => error(StatusCode::BAD_REQUEST, "invalid_config", &e.to_string()),
+                }
+            }
+            (_, ["metrics" | "livez" | "readyz"] | ["admin", "routes"]) => method_not_allowed("GET"),
+            (_, ["admin", "routes", _, "split"]) => method_not_allowed("PUT"),
+            (_, ["admin", "reload"]) => method_not_allowed("POST"),
+            _ => not_found(),
+        }
+    }
+
+    /// The answer to a request that does not bear the configured token; `None` for one
+    /// that does.
+    fn deny<B>(&self, req: &Request<B>) -> Option<Response<ResponseBody>> {
+        let Some(expected) = &self.token else {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "admin.token is not set: the mutating admin endpoints are off",
+            ));
+        };
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| ring::digest::digest(&ring::digest::SHA256, t.trim().as_bytes()));
+        match presented {
+            Some(digest) if digest.as_ref() == expected.as_ref() => None,
+            _ => {
+                let mut rsp = error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this endpoint needs Authorization: Bearer <admin.token>",
+                );
+                rsp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                Some(rsp)
+            }
+        }
+    }
+
+    fn set_split(&self, name: &str, weights: &BTreeMap<String, u32>) -> Response<ResponseBody> {
+        let router = self.gateway.router();
+        let split = match router.route_named(name).map(|r| &r.handler) {
+            Some(Handler::Split(split)) => split,
+            Some(_) => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    &format!("route {name} has no split"),
+                );
+            }
+            None => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    &format!("no route named {name}"),
+                );
+            }
+        };
+        match split.set_weights(weights) {
+            Ok(()) => {
+                let now = split.weights();
+                tracing::info!(route = name, weights = ?now, "Split weights changed through the admin API.");
+                reply(StatusCode::OK, &json!({ "route": name, "split": now }))
+            }
+            Err(e @ SplitError::UnknownGroup(..)) => {
+                error(StatusCode::NOT_FOUND, "not_found", &e.to_string())
+            }
+            Err(e @ SplitError::ZeroSum) => {
+                error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())
+            }
+        }
+    }
+}
+
+/// The route table as the admin API shows it.
+fn describe(router: &Router) -> Value {
+    let routes: Vec<Value> = router
+        .routes()
+        .map(|route| {
+            let target = match &route.handler {
+                Handler::App => json!({ "app": true }),
+                Handler::Upstream(group) => json!({ "upstream": group.name }),
+                Handler::Split(split) => json!({ "split": split.weights() }),
+                Handler::Redirect(url) => json!({ "redirect": url }),
+                Handler::Livez | Handler::Readyz | Handler::NotFound => json!({ "builtin": true }),
+            };
+            let settings = route.settings.as_ref();
+            json!({
+                "name": route.name,
+                "host": settings.and_then(|s| s.host.clone()),
+                "path": settings.map(|s| s.path.clone()),
+                "exact": settings.is_some_and(|s| s.exact),
+                "rewrite_prefix": route.rewrite,
+                "target": target,
+            })
+        })
+        .collect();
+    let groups: Vec<Value> = router
+        .groups()
+        .values()
+        .map(|g| describe_group(g))
+        .collect();
+    json!({ "routes": routes, "groups": groups })
+}
+
+fn describe_group(group: &Group) -> Value {
+    let targets: Vec<Value> = group
+        .targets
+        .iter()
+        .map(|t| {
+            json!({
+                "address": t.address,
+                "weight": t.weight,
+                "healthy": t.healthy(),
+                "ejected": t.ejected(),
+                "available": t.available(),
+                "in_flight": t.in_flight(),
+            })
+        })
+        .collect();
+    json!({
+        "name": group.name,
+        "balance": group.settings.balance,
+        "protocol": group.settings.protocol,
+        "health_check": group.settings.health_check.as_ref().map(|c| json!({
+            "path": c.path,
+            "interval_ms": c.interval.as_millis(),
+            "timeout_ms": c.timeout.as_millis(),
+        })),
+        "fail_open": group.settings.fail_open,
+        "targets": targets,
+    })
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes, or says why not.
+async fn read_json<T, B>(req: Request<B>) -> Result<T, String>
+where
+    T: serde::de::DeserializeOwned,
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return Err(format!(
+                "cannot read the body (at most {MAX_BODY} bytes): {e}"
+            ));
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        format!(
+            "the body must be a JSON object of group names to non-negative integer weights: {e}"
+        )
+    })
+}
+
+fn reply(status: StatusCode, body: &Value) -> Response<ResponseBody> {
+    json_response(status, Bytes::from(body.to_string()))
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
+    reply(status, &json!({ "error": code, "message": message }))
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<ResponseBody> {
+    let mut rsp = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("this endpoint answers {allow} only"),
+    );
+    rsp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    rsp
 }

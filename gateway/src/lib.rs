@@ -7,9 +7,12 @@
 //! - [`listener`]: accept loops, hyper connections, connection limits and timeouts,
 //!   draining.
 //! - [`tls`]: certificates for the HTTPS listener, SNI, hot reload.
-//! - [`router`]: the route table (path → target, with a bounded route name).
+//! - [`router`]: the route table (host + path → app, upstream group, split or
+//!   redirect, with a bounded route name).
 //! - [`service`]: the request path as named steps (id, route, answer, record).
-//! - [`admin`]: `/metrics`, `/livez`, `/readyz` on the admin listener.
+//! - [`proxy`]: upstream groups, balancing, health, splits, forwarding.
+//! - [`reload`]: configuration reload on SIGHUP and through the admin API.
+//! - [`admin`]: `/metrics`, `/livez`, `/readyz` and `/admin/*` on the admin listener.
 //! - [`metrics`]: the Prometheus recorder and per-route handles.
 //! - [`shutdown`]: signal handling.
 //! - [`healthcheck`]: the `tiergate healthcheck` probe client.
@@ -18,6 +21,8 @@ pub mod admin;
 pub mod healthcheck;
 pub mod listener;
 pub mod metrics;
+pub mod proxy;
+pub mod reload;
 pub mod router;
 pub mod service;
 pub mod shutdown;
@@ -36,7 +41,9 @@ use tiergate_config::{Settings, ShutdownSettings};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+use crate::admin::Admin;
 use crate::listener::{DrainControl, Limits, Phase, Transport};
+use crate::reload::{ConfigSource, Reloader};
 use crate::router::Router;
 use crate::service::Gateway;
 use crate::tls::CertStore;
@@ -65,6 +72,8 @@ pub struct Server {
     app: App,
     metrics: PrometheusHandle,
     shutdown: ShutdownSettings,
+    settings: Settings,
+    config_source: ConfigSource,
 }
 
 /// The HTTPS listener and what it serves with.
@@ -118,7 +127,9 @@ impl Server {
             _ => None,
         };
         let app = App::new(settings, BUILD)?;
-        let gateway = Gateway::new(Router::new(), app.clone(), &settings.http);
+        let router = Router::new(settings, None)?;
+        let gateway = Gateway::new(router, app.clone(), &settings.http);
+        let fixed = settings.clone();
         Ok(Self {
             http,
             admin,
@@ -129,7 +140,22 @@ impl Server {
             app,
             metrics,
             shutdown: settings.shutdown.clone(),
+            settings: settings.clone(),
+            config_source: ConfigSource::new(move || Ok(fixed.clone())),
         })
+    }
+
+    /// Where reloads (SIGHUP, `POST /admin/reload`) read the configuration; without
+    /// one, a reload puts the start-up settings in force again.
+    #[must_use]
+    pub fn with_config_source(mut self, source: ConfigSource) -> Self {
+        self.config_source = source;
+        self
+    }
+
+    /// The gateway serving the public listeners (its route table, for tests).
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
     }
 
     /// The bound public address.
@@ -182,6 +208,8 @@ impl Server {
             app,
             metrics,
             shutdown: budget,
+            settings,
+            config_source,
         } = self;
         let https_addr = https
             .as_ref()
@@ -196,20 +224,34 @@ impl Server {
             "Listening."
         );
         app.start();
+        gateway.router().start_checks();
+        let reloader = Arc::new(Reloader::new(
+            config_source,
+            gateway.clone(),
+            settings.clone(),
+        ));
+        let hangup = tokio::spawn(reload_on_hangup(reloader.clone())?);
+        let admin_service = Arc::new(Admin {
+            app: app.clone(),
+            gateway: gateway.clone(),
+            metrics,
+            token: Admin::token_digest(settings.admin.token.as_ref()),
+            reloader,
+        });
         let (control, drain) = DrainControl::new();
 
-        let public_handler = move |req| {
+        let public_handler = move |req, peer| {
             let gateway = gateway.clone();
-            async move { gateway.handle(req).await }
+            async move { gateway.handle(req, peer).await }
         };
         let https_handler = public_handler.clone();
-        let plain_handler = move |req: http::Request<hyper::body::Incoming>| {
+        let plain_handler = move |req: http::Request<hyper::body::Incoming>, peer| {
             let redirect = redirect_to.and_then(|port| service::redirect_to_https(&req, port));
             let handler = public_handler.clone();
             async move {
                 match redirect {
                     Some(rsp) => rsp,
-                    None => handler(req).await,
+                    None => handler(req, peer).await,
                 }
             }
         };
@@ -239,15 +281,14 @@ impl Server {
             plain_handler,
             drain.clone(),
         ));
-        let admin_app = app.clone();
         let admin = tokio::spawn(listener::serve(
             "admin",
             admin,
             Transport::Plain,
             limits,
-            move |req| {
-                let rsp = admin::handle(&req, &admin_app, &metrics);
-                async move { rsp }
+            move |req, _peer| {
+                let admin = admin_service.clone();
+                async move { admin.handle(req).await }
             },
             drain,
         ));
@@ -268,6 +309,7 @@ impl Server {
             let _ = serve.await;
             watcher.abort();
         }
+        hangup.abort();
         if tokio::time::timeout(CLOSE_LIMIT, app.close())
             .await
             .is_err()
@@ -277,4 +319,21 @@ impl Server {
         tracing::info!("Stopped.");
         Ok(())
     }
+}
+
+/// Reloads the configuration on every SIGHUP. Installed whether or not there is anything
+/// to reload: SIGHUP's default action would end the process.
+///
+/// # Errors
+/// The SIGHUP handler cannot be installed.
+fn reload_on_hangup(
+    reloader: Arc<Reloader>,
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    Ok(async move {
+        while hangup.recv().await.is_some() {
+            // Refusals are logged by the reloader.
+            let _ = reloader.reload("SIGHUP");
+        }
+    })
 }

@@ -37,6 +37,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -47,7 +48,6 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -58,6 +58,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
+
+use crate::service::ResponseBody;
 
 /// How long to pause after a failed `accept` (EMFILE and the like): long enough not to
 /// spin on a full descriptor table, short enough to recover quickly.
@@ -152,6 +154,17 @@ impl Limits {
     }
 }
 
+/// The client end of a connection, as the request path needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The client's address (the load balancer's, behind one).
+    pub addr: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The listener's port.
+    pub local_port: u16,
+}
+
 /// Plain TCP, or TLS with a handshake deadline.
 #[derive(Clone)]
 pub(crate) enum Transport {
@@ -172,8 +185,8 @@ pub(crate) async fn serve<H, Fut>(
     handler: H,
     drain: Drain,
 ) where
-    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -195,11 +208,18 @@ pub(crate) async fn serve<H, Fut>(
     // Each connection task holds a sender; `recv` yields `None` once all have ended.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     // Serves one accepted connection in a task of its own.
-    let spawn = |stream: TcpStream, permit: Option<OwnedSemaphorePermit>| {
+    let local_port = listener.local_addr().map_or(0, |a| a.port());
+    let tls = matches!(transport, Transport::Tls { .. });
+    let spawn = |stream: TcpStream, addr: SocketAddr, permit: Option<OwnedSemaphorePermit>| {
         // Responses are small and written whole: send them without waiting for more.
         let _ = stream.set_nodelay(true);
         let connection = Connection {
             name,
+            peer: Peer {
+                addr,
+                tls,
+                local_port,
+            },
             builder: builder.clone(),
             limits: limits.clone(),
             handler: handler.clone(),
@@ -244,7 +264,7 @@ pub(crate) async fn serve<H, Fut>(
             changed = phase.wait_for(closing) => break closing_deadline(changed.as_deref()),
         };
         match accepted {
-            Ok((stream, _peer)) => spawn(stream, Some(permit)),
+            Ok((stream, addr)) => spawn(stream, addr, Some(permit)),
             Err(error) => {
                 tracing::warn!(listener = name, %error, "Accept failed; backing off.");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -255,10 +275,9 @@ pub(crate) async fn serve<H, Fut>(
     // Connections the kernel has completed but we have not accepted would be reset when
     // the socket closes, requests and all: take them in first (past the cap, briefly).
     // A zero timeout still polls `accept` once.
-    while let Ok(Ok((stream, _peer))) =
-        tokio::time::timeout(Duration::ZERO, listener.accept()).await
+    while let Ok(Ok((stream, addr))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await
     {
-        spawn(stream, None);
+        spawn(stream, addr, None);
     }
     drop(listener);
     tracing::info!(listener = name, "Stopped accepting.");
@@ -280,6 +299,7 @@ fn closing_deadline(phase: Result<&Phase, &watch::error::RecvError>) -> Instant 
 /// One accepted connection, before its protocol is known.
 struct Connection<H> {
     name: &'static str,
+    peer: Peer,
     builder: Arc<auto::Builder<TokioExecutor>>,
     limits: Limits,
     handler: H,
@@ -288,8 +308,8 @@ struct Connection<H> {
 
 impl<H, Fut> Connection<H>
 where
-    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     async fn run(self, stream: TcpStream, transport: Transport) {
         match transport {
@@ -337,6 +357,7 @@ where
         let name = self.name;
         let state = Arc::new(ConnState::default());
         let io = Guarded::new(io, state.clone(), &self.limits, h2, name);
+        let peer = self.peer;
         let service = {
             let handler = self.handler;
             let state = state.clone();
@@ -348,7 +369,7 @@ where
                     state.spoke_h2.store(true, Ordering::Relaxed);
                 }
                 let (request, ambiguous) = state.request_started();
-                let response = (!ambiguous).then(|| handler(req));
+                let response = (!ambiguous).then(|| handler(req, peer));
                 let state = state.clone();
                 let draining = draining.clone();
                 async move {
@@ -372,7 +393,7 @@ where
         };
         let connection = self
             .builder
-            .serve_connection(TokioIo::new(io), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let mut phase = self.drain.phase.clone();
         let mut connection = pin!(connection);
@@ -425,7 +446,7 @@ where
 /// 400 for a request whose body length is ambiguous; `Connection: close` makes hyper
 /// close the connection after it, so nothing the client sent after that head is read as
 /// a request.
-fn ambiguous_framing() -> Response<Full<Bytes>> {
+fn ambiguous_framing() -> Response<ResponseBody> {
     let mut rsp = crate::service::json(
         http::StatusCode::BAD_REQUEST,
         Bytes::from_static(

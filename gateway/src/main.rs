@@ -102,7 +102,7 @@ fn main() -> ExitCode {
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS
         }
-        Command::Serve => run_async(&settings, serve),
+        Command::Serve => run_async(&settings, |s| serve(s, cli.config.clone())),
         Command::Migrate { timeout } => run_async(&settings, |s| migrate(s, timeout)),
     }
 }
@@ -173,10 +173,16 @@ where
     }
 }
 
-async fn serve(settings: &Settings) -> anyhow::Result<()> {
+/// Serves until SIGTERM; SIGHUP reloads the routes from `config` (and the environment).
+async fn serve(settings: &Settings, config: Option<PathBuf>) -> anyhow::Result<()> {
     // Signals first: a SIGTERM during start-up must not be lost.
     let signals = Signals::install()?;
-    let server = gateway::Server::bind(settings).await?;
+    let source = gateway::reload::ConfigSource::new(move || {
+        tiergate_config::load(config.as_deref(), &ProcessEnv)
+    });
+    let server = gateway::Server::bind(settings)
+        .await?
+        .with_config_source(source);
     server.run(signals.first()).await
 }
 

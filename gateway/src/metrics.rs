@@ -74,8 +74,8 @@ pub struct RouteMetrics {
 
 impl RouteMetrics {
     /// Handles for the route named `route` (a bounded label: never the raw path).
-    pub fn new(route: &'static str) -> Self {
-        let class = |c: &'static str| metrics::counter!("tiergate_http_requests_total", "route" => route, "status" => c);
+    pub fn new(route: String) -> Self {
+        let class = |c: &'static str| metrics::counter!("tiergate_http_requests_total", "route" => route.clone(), "status" => c);
         Self {
             requests: [
                 class("1xx"),
@@ -84,7 +84,7 @@ impl RouteMetrics {
                 class("4xx"),
                 class("5xx"),
             ],
-            duration: metrics::histogram!("tiergate_http_request_duration_seconds", "route" => route),
+            duration: metrics::histogram!("tiergate_http_request_duration_seconds", "route" => route.clone()),
         }
     }
 

@@ -1,31 +1,36 @@
 //! The gateway's request path: one request, start to finish, as named steps.
 //!
 //! 1. identify: keep a safe incoming `X-Request-Id` or make one;
-//! 2. route: pick the target from the compiled table;
-//! 3. answer: the app in process, a probe, or a JSON 404;
+//! 2. route: pick the route from the table in force (host and path);
+//! 3. answer: the app in process, an upstream group (the proxy), a redirect, a probe, or
+//!    a JSON 404;
 //! 4. record: metrics by route and one access log line.
 //!
-//! Every failure has become a response by step 3 (the app answers errors as JSON), so
-//! the service never fails and hyper never sees an error from it.
+//! Every failure has become a response by step 3 (the app and the proxy answer errors
+//! as JSON), so the service never fails and hyper never sees an error from it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use app_core::App;
 use app_core::api::X_CACHE;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use metrics::Counter;
 use tiergate_config::HttpSettings;
 use tokio::sync::Semaphore;
 
-use crate::router::{Router, Target};
+use crate::listener::Peer;
+use crate::proxy::{self, ClientSide, Forwarding, UpstreamBody};
+use crate::router::{Handler, Route, Router};
 
-/// The body of every response the gateway makes.
-pub type ResponseBody = Full<Bytes>;
+/// The body of every response the gateway makes: whole (the app, errors, probes) or
+/// streamed from an upstream.
+pub type ResponseBody = Either<Full<Bytes>, UpstreamBody>;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
@@ -41,10 +46,13 @@ pub struct Gateway {
 
 #[derive(Debug)]
 struct Inner {
-    router: Router,
+    /// The table in force; a reload swaps it, and each request keeps the one it began
+    /// with.
+    router: ArcSwap<Router>,
     app: App,
-    /// The deadline of one request (`http.request_timeout`): past it the client gets a
-    /// 503 instead of waiting on a stuck dependency.
+    /// The deadline of one request to the app (`http.request_timeout`): past it the
+    /// client gets a 503 instead of waiting on a stuck dependency. Upstream groups have
+    /// their own limits.
     request_timeout: Duration,
     /// One permit per request in flight on shed-able routes (`http.max_in_flight`). A
     /// request that finds none is answered 503 at once: queueing it would only add
@@ -62,7 +70,7 @@ impl Gateway {
             .min(Semaphore::MAX_PERMITS);
         Self {
             inner: Arc::new(Inner {
-                router,
+                router: ArcSwap::from_pointee(router),
                 app,
                 request_timeout: http.request_timeout,
                 in_flight: Semaphore::new(permits),
@@ -71,11 +79,23 @@ impl Gateway {
         }
     }
 
-    /// Answers one request. Generic over the body so benches and tests can call it
-    /// without a socket.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<ResponseBody>
+    /// The route table in force.
+    pub fn router(&self) -> Arc<Router> {
+        self.inner.router.load_full()
+    }
+
+    /// Puts `router` in force for every request that starts from now on.
+    pub fn swap_router(&self, router: Router) {
+        let router = Arc::new(router);
+        router.start_checks();
+        self.inner.router.store(router);
+    }
+
+    /// Answers one request from `peer`. Generic over the body so benches and tests can
+    /// call it without a socket.
+    pub async fn handle<B>(&self, mut req: Request<B>, peer: Peer) -> Response<ResponseBody>
     where
-        B: Body<Data = Bytes>,
+        B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let started = Instant::now();
@@ -83,9 +103,15 @@ impl Gateway {
         let trace_id = req.headers().get(&X_AMZN_TRACE_ID).cloned();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let route = self.inner.router.route(&path);
+        let router = self.inner.router.load_full();
+        // The host is looked at only when some route matches on it.
+        let host = router
+            .matches_hosts()
+            .then(|| request_host(&req).map(str::to_ascii_lowercase))
+            .flatten();
+        let route = router.route(host.as_deref(), &path);
 
-        // Held until the response is built (bodies are whole), so it bounds the work.
+        // Held until the response head is ready, so it bounds the work in progress.
         let permit = if route.shed {
             match self.inner.in_flight.try_acquire() {
                 Ok(permit) => Some(permit),
@@ -97,20 +123,39 @@ impl Gateway {
         } else {
             None
         };
-        let mut rsp = match route.target {
+        let mut rsp = match &route.handler {
             _ if route.shed && permit.is_none() => overloaded(),
             // Boxed: the app's future is several KiB, and hyper moves the service's
             // future a few times per request; unboxed, those copies were 15 % of the CPU
             // of a keep-alive benchmark, paid by every route.
-            Target::App => Box::pin(tokio::time::timeout(
+            Handler::App => Box::pin(tokio::time::timeout(
                 self.inner.request_timeout,
                 self.inner.app.handle(req),
             ))
             .await
-            .unwrap_or_else(|_| timed_out(self.inner.request_timeout)),
-            Target::Livez => probe(true),
-            Target::Readyz => probe(self.inner.app.is_ready()),
-            Target::NotFound => not_found(),
+            .map_or_else(
+                |_| timed_out(self.inner.request_timeout),
+                |rsp| rsp.map(Either::Left),
+            ),
+            Handler::Upstream(group) => {
+                let host = request_host(&req).map(str::to_owned);
+                let how = forwarding(&mut req, peer, host.as_deref(), &router, route, &request_id);
+                Box::pin(proxy::forward(group, req, how)).await
+            }
+            Handler::Split(split) => {
+                let (group, set_cookie) = split.pick(req.headers());
+                let host = request_host(&req).map(str::to_owned);
+                let how = forwarding(&mut req, peer, host.as_deref(), &router, route, &request_id);
+                let mut rsp = Box::pin(proxy::forward(group, req, how)).await;
+                if let Some(cookie) = set_cookie {
+                    rsp.headers_mut().append(header::SET_COOKIE, cookie);
+                }
+                rsp
+            }
+            Handler::Redirect(base) => redirect(base, &req),
+            Handler::Livez => probe(true),
+            Handler::Readyz => probe(self.inner.app.is_ready()),
+            Handler::NotFound => not_found(),
         };
 
         drop(permit);
@@ -129,6 +174,67 @@ impl Gateway {
         );
         rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         rsp
+    }
+}
+
+/// What the proxy needs to know besides the request; takes the client connection's
+/// upgrade when the request asks for one.
+fn forwarding<'a, B>(
+    req: &mut Request<B>,
+    peer: Peer,
+    host: Option<&'a str>,
+    router: &Router,
+    route: &'a Route,
+    request_id: &'a HeaderValue,
+) -> Forwarding<'a> {
+    Forwarding {
+        client: ClientSide {
+            peer: peer.addr,
+            tls: peer.tls,
+            local_port: peer.local_port,
+            host,
+        },
+        rewrite: route.rewrite(),
+        trusted_hops: router.proxy.trusted_hops,
+        forwarded_header: router.proxy.forwarded_header,
+        request_id,
+        upgrade: proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(req)),
+    }
+}
+
+/// The host the request names, without port: the URI's authority (HTTP/2, absolute
+/// form) or the `Host` header.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    let raw = match req.uri().authority() {
+        Some(authority) => authority.as_str(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    };
+    let host = match raw.rsplit_once(':') {
+        // `[::1]:8080` or `name:8080`; a bare IPv6 literal has no port to strip.
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => {
+            host
+        }
+        _ => raw,
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+/// A 308 to `base` followed by the request's path and query.
+fn redirect<B>(base: &str, req: &Request<B>) -> Response<ResponseBody> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut rsp = json(
+        StatusCode::PERMANENT_REDIRECT,
+        Bytes::from_static(br#"{"error":"moved","message":"this resource has moved"}"#),
+    );
+    match HeaderValue::try_from(format!("{base}{path}")) {
+        Ok(location) => {
+            rsp.headers_mut().insert(header::LOCATION, location);
+            rsp
+        }
+        Err(_) => json(
+            StatusCode::BAD_REQUEST,
+            Bytes::from_static(br#"{"error":"bad_request","message":"cannot redirect this URL"}"#),
+        ),
     }
 }
 
@@ -245,7 +351,7 @@ pub(crate) fn not_found() -> Response<ResponseBody> {
 }
 
 pub(crate) fn json(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
-    let mut rsp = Response::new(Full::new(body));
+    let mut rsp = Response::new(Either::Left(Full::new(body)));
     *rsp.status_mut() = status;
     rsp.headers_mut().insert(
         header::CONTENT_TYPE,

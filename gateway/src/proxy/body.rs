@@ -1,0 +1,170 @@
+//! The bodies the proxy streams: the client's request body on its way up, which a retry
+//! can take back while no byte of it was read, and the upstream's response body on its
+//! way down, under the group's request deadline.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use super::target::InFlight;
+
+/// Any body error, boxed.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A client's request body, boxed: one type for the pool whatever the listener's body.
+pub(crate) type ClientBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The request body of one attempt. The client's body sits in a shared slot until the
+/// connection polls it; if the attempt fails before that (a failed connect), the next
+/// attempt finds it still there and sends it to another target. Once polled, it is gone
+/// and the request cannot be retried.
+#[derive(Debug)]
+pub(crate) struct AttemptBody {
+    slot: Option<Arc<Mutex<Option<ClientBody>>>>,
+    taken: Option<ClientBody>,
+    hint: SizeHint,
+}
+
+/// The client's body, shared by the attempts of one request.
+#[derive(Debug, Clone)]
+pub(crate) struct BodySlot {
+    slot: Option<Arc<Mutex<Option<ClientBody>>>>,
+    hint: SizeHint,
+}
+
+impl BodySlot {
+    /// Holds the client's body; a request without one needs no slot (nor a box): every
+    /// attempt then sends an empty body.
+    pub(crate) fn new<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let hint = body.size_hint();
+        let slot = (!body.is_end_stream())
+            .then(|| Arc::new(Mutex::new(Some(body.map_err(Into::into).boxed_unsync()))));
+        Self { slot, hint }
+    }
+
+    /// Whether an attempt can still send the whole body: it has none, or no attempt has
+    /// started reading it.
+    pub(crate) fn replayable(&self) -> bool {
+        self.slot.as_ref().is_none_or(|slot| {
+            slot.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some()
+        })
+    }
+
+    /// Whether the request has a body at all.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slot.is_none()
+    }
+
+    pub(crate) fn attempt(&self) -> AttemptBody {
+        AttemptBody {
+            slot: self.slot.clone(),
+            taken: None,
+            hint: self.hint,
+        }
+    }
+}
+
+impl Body for AttemptBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.taken.is_none() {
+            let Some(slot) = self.slot.take() else {
+                return Poll::Ready(None);
+            };
+            let body = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            match body {
+                Some(body) => self.taken = Some(body),
+                None => {
+                    return Poll::Ready(Some(Err(
+                        "the request body was taken by an earlier attempt".into(),
+                    )));
+                }
+            }
+        }
+        match &mut self.taken {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.taken {
+            Some(body) => body.is_end_stream(),
+            None => self.slot.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.taken {
+            Some(body) => body.size_hint(),
+            None => self.hint,
+        }
+    }
+}
+
+/// An upstream's response body on its way to the client. It counts as a request in
+/// flight to its target until it ends, and ends with an error at the group's request
+/// deadline (the client sees a cut response: its head was already sent).
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    deadline: Pin<Box<Sleep>>,
+    _in_flight: InFlight,
+}
+
+impl UpstreamBody {
+    pub(crate) fn new(inner: Incoming, deadline: Pin<Box<Sleep>>, in_flight: InFlight) -> Self {
+        Self {
+            inner,
+            deadline,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(
+                "the upstream's response body passed the group's request_timeout".into(),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

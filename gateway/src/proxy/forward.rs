@@ -1,0 +1,334 @@
+//! Forwarding one request to an upstream group, as named steps:
+//!
+//! 1. prepare: strip hop-by-hop headers, set `X-Forwarded-*`, `Via`, `Host`, the
+//!    request id, and rewrite the path;
+//! 2. attempt: pick a target, send through the group's pool, wait for the response head
+//!    within the group's limits;
+//! 3. judge: a failed connect is retried on another target; a broken exchange is
+//!    retried only for an idempotent request without a body; an answer (any status) is
+//!    never retried, and every retry is paid from the group's retry budget;
+//! 4. answer: stream the upstream's response down (or tunnel an upgrade after its real
+//!    `101`), or say as JSON which side failed and which limit was hit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{Either, Full};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tiergate_config::{HostHeader, UpstreamProtocol};
+use tokio::time::Instant;
+
+use super::body::{BodySlot, BoxError, UpstreamBody};
+use super::group::Group;
+use super::headers::{self, ClientSide};
+use crate::service::{ResponseBody, json};
+
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// What the route says about the request, beyond the group.
+#[derive(Debug)]
+pub(crate) struct Forwarding<'a> {
+    /// The client's connection.
+    pub(crate) client: ClientSide<'a>,
+    /// The path prefix the route matched, and what replaces it upstream.
+    pub(crate) rewrite: Option<(&'a str, &'a str)>,
+    /// `proxy.trusted_hops`.
+    pub(crate) trusted_hops: u32,
+    /// `proxy.forwarded_header`.
+    pub(crate) forwarded_header: bool,
+    /// The request id the gateway settled on.
+    pub(crate) request_id: &'a HeaderValue,
+    /// The client connection's upgrade, when the request asks for one.
+    pub(crate) upgrade: Option<OnUpgrade>,
+}
+
+/// Forwards `req` to `group` and answers with what it said, or with a JSON error naming
+/// the failure.
+pub(crate) async fn forward<B>(
+    group: &Arc<Group>,
+    req: Request<B>,
+    how: Forwarding<'_>,
+) -> Response<ResponseBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let started = Instant::now();
+    let deadline = started + group.settings.request_timeout;
+    let (mut parts, body) = req.into_parts();
+
+    // 1. prepare
+    let upgrade = how.upgrade.filter(|_| {
+        headers::wants_upgrade(&parts.headers) && group.settings.protocol == UpstreamProtocol::Http1
+    });
+    let client_version = parts.version;
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    headers::set_forwarding(
+        &mut parts.headers,
+        how.client,
+        how.trusted_hops,
+        how.forwarded_header,
+    );
+    headers::append_via(&mut parts.headers, client_version);
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), how.request_id.clone());
+    let preserved_host = match group.settings.host_header {
+        HostHeader::Preserve => how.client.host.and_then(|h| HeaderValue::from_str(h).ok()),
+        HostHeader::Target => None,
+    };
+    let path = match upstream_path(&parts.uri, how.rewrite) {
+        Ok(path) => path,
+        Err(()) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the rewritten path is not a valid URI path".to_owned(),
+            );
+        }
+    };
+    let body = BodySlot::new(body);
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    let version = match group.settings.protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2 => Version::HTTP_2,
+    };
+    group.metrics.requests.increment(1);
+    group.budget.deposit();
+
+    let mut tried: Vec<usize> = Vec::new();
+    let max_attempts = group.proxy.max_attempts.max(1);
+    loop {
+        // 2. attempt
+        let Some(index) = group.pick(&tried) else {
+            group.metrics.no_target.increment(1);
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_upstream",
+                format!(
+                    "no target of upstream group {} is healthy (fail_open is off)",
+                    group.name
+                ),
+            );
+        };
+        let target = &group.targets[index];
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(target.authority.clone())
+            .path_and_query(path.clone())
+            .build();
+        let Ok(uri) = uri else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the request's path cannot be forwarded".to_owned(),
+            );
+        };
+        let mut attempt = Request::new(body.attempt());
+        *attempt.method_mut() = parts.method.clone();
+        *attempt.uri_mut() = uri;
+        *attempt.version_mut() = version;
+        *attempt.headers_mut() = parts.headers.clone();
+        let host = preserved_host
+            .clone()
+            .or_else(|| HeaderValue::from_str(&target.address).ok());
+        if let Some(host) = host {
+            attempt.headers_mut().insert(header::HOST, host);
+        }
+        let in_flight = target.start_request();
+        let sent = Instant::now();
+        let head_by = deadline.min(sent + group.settings.response_timeout);
+        let result = tokio::time::timeout_at(head_by, group.client.request(attempt)).await;
+
+        // 3. judge
+        let failure = match result {
+            Ok(Ok(mut rsp)) => {
+                let status = rsp.status();
+                target
+                    .metrics
+                    .response(status, sent.elapsed().as_secs_f64());
+                if status.is_server_error() {
+                    target.record_failure(&group.settings.outlier);
+                } else {
+                    target.record_success();
+                }
+                // 4. answer
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client) = upgrade {
+                        let upstream = hyper::upgrade::on(&mut rsp);
+                        tokio::spawn(tunnel(client, upstream, in_flight));
+                        let (mut head, _) = rsp.into_parts();
+                        headers::append_via(&mut head.headers, Version::HTTP_11);
+                        return Response::from_parts(head, Either::Left(Full::new(Bytes::new())));
+                    }
+                }
+                let (mut head, incoming) = rsp.into_parts();
+                headers::strip_hop_by_hop(&mut head.headers, false);
+                headers::append_via(&mut head.headers, version);
+                let deadline = Box::pin(tokio::time::sleep_until(deadline));
+                return Response::from_parts(
+                    head,
+                    Either::Right(UpstreamBody::new(incoming, deadline, in_flight)),
+                );
+            }
+            Ok(Err(err)) => {
+                target.record_failure(&group.settings.outlier);
+                if err.is_connect() {
+                    target.metrics.connect_errors.increment(1);
+                    Failure::Connect
+                } else {
+                    target.metrics.exchange_errors.increment(1);
+                    Failure::Exchange
+                }
+                .logged(group, &target.address, &err)
+            }
+            Err(_) => {
+                target.metrics.timeouts.increment(1);
+                target.record_failure(&group.settings.outlier);
+                let (limit, key) = if head_by == deadline {
+                    (group.settings.request_timeout, "request_timeout")
+                } else {
+                    (group.settings.response_timeout, "response_timeout")
+                };
+                tracing::warn!(
+                    group = group.name,
+                    target = target.address,
+                    limit_ms = limit.as_millis(),
+                    "Upstream sent no response head in time."
+                );
+                return timed_out(&group.name, limit, key);
+            }
+        };
+        drop(in_flight);
+
+        let retryable = match failure {
+            // Nothing reached the target; the body, if any, is still in its slot.
+            Failure::Connect => body.replayable(),
+            // The target may have acted on it: only a request that is safe to repeat and
+            // has no body to lose.
+            Failure::Exchange => idempotent && body.is_empty() && upgrade.is_none(),
+        };
+        let attempts_left = tried.len() + 1 < usize::try_from(max_attempts).unwrap_or(1);
+        if retryable && attempts_left && Instant::now() < deadline {
+            if group.budget.withdraw() {
+                group.metrics.retries.increment(1);
+                tried.push(index);
+                continue;
+            }
+            group.metrics.retries_refused.increment(1);
+        }
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            match failure {
+                Failure::Connect => format!("cannot connect to upstream group {}", group.name),
+                Failure::Exchange => {
+                    format!("upstream group {} broke off the exchange", group.name)
+                }
+            },
+        );
+    }
+}
+
+/// Why an attempt got no response.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// No connection to the target.
+    Connect,
+    /// The connection failed while sending or before the response head.
+    Exchange,
+}
+
+impl Failure {
+    fn logged(self, group: &Group, target: &str, err: &dyn std::error::Error) -> Self {
+        let cause = std::error::Error::source(err).map(ToString::to_string);
+        tracing::warn!(
+            group = group.name,
+            target,
+            kind = ?self,
+            error = %err,
+            cause,
+            "Upstream attempt failed."
+        );
+        self
+    }
+}
+
+/// The path and query sent up: the route's prefix replaced when it rewrites.
+fn upstream_path(uri: &Uri, rewrite: Option<(&str, &str)>) -> Result<PathAndQuery, ()> {
+    let original = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let Some((prefix, replacement)) = rewrite else {
+        return original.parse().map_err(|_| ());
+    };
+    let rest = original.strip_prefix(prefix).unwrap_or(original);
+    let base = replacement.trim_end_matches('/');
+    let joined = if rest.is_empty() || rest.starts_with('?') {
+        format!("{base}/{rest}")
+    } else {
+        format!("{base}{rest}")
+    };
+    joined.parse().map_err(|_| ())
+}
+
+/// Copies bytes both ways between the client and the upstream once both sides have
+/// switched protocols; the target counts it as in flight until it ends.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, in_flight: super::target::InFlight) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(%error, target = in_flight.target().address, "Upgraded connection ended with an error.");
+            }
+        }
+        Err(error) => {
+            tracing::debug!(%error, target = in_flight.target().address, "Upgrade failed.");
+        }
+    }
+}
+
+fn timed_out(group: &str, limit: Duration, key: &str) -> Response<ResponseBody> {
+    error(
+        StatusCode::GATEWAY_TIMEOUT,
+        "upstream_timeout",
+        format!(
+            "upstream group {group} sent no response head within {} ms (upstreams.{key})",
+            limit.as_millis()
+        ),
+    )
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response<ResponseBody> {
+    let body = serde_json::json!({ "error": code, "message": message });
+    json(status, Bytes::from(body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(uri: &str, rewrite: Option<(&str, &str)>) -> String {
+        upstream_path(&uri.parse().unwrap(), rewrite)
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn rewrites_replace_the_matched_prefix() {
+        assert_eq!(path("/api/v1/x?a=1", None), "/api/v1/x?a=1");
+        assert_eq!(path("/api/v1/x?a=1", Some(("/api", "/"))), "/v1/x?a=1");
+        assert_eq!(path("/api", Some(("/api", "/"))), "/");
+        assert_eq!(path("/api?q", Some(("/api", "/"))), "/?q");
+        assert_eq!(path("/api/x", Some(("/api", "/v2"))), "/v2/x");
+        assert_eq!(path("/x", Some(("", "/root"))), "/root/x");
+    }
+}

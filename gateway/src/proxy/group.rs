@@ -1,0 +1,296 @@
+//! An upstream group: its targets, the balancer that picks one per request, the pool of
+//! keep-alive connections to them, and the active health checks.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use http::{Request, Uri};
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use metrics::Counter;
+use tiergate_config::{Balance, ProxySettings, UpstreamProtocol, UpstreamSettings};
+
+use super::body::AttemptBody;
+use super::budget::RetryBudget;
+use super::connector::CountingConnector;
+use super::target::Target;
+
+/// A group of interchangeable targets.
+#[derive(Debug)]
+pub struct Group {
+    /// The group's name (routes, splits, metrics, admin API).
+    pub name: String,
+    /// As configured; a reload keeps the running group (pool, health) when it is equal.
+    pub(crate) settings: UpstreamSettings,
+    /// The `proxy` settings it was built with (retry budget); part of the same test.
+    pub(crate) proxy: ProxySettings,
+    pub(crate) targets: Vec<Arc<Target>>,
+    next: AtomicUsize,
+    pub(crate) client: Client<CountingConnector, AttemptBody>,
+    /// Health checks go through a pool of their own, so they never wait behind (or
+    /// hold) a connection real traffic wants.
+    checker: Client<CountingConnector, Empty<Bytes>>,
+    pub(crate) budget: RetryBudget,
+    checks_started: AtomicBool,
+    pub(crate) metrics: GroupMetrics,
+}
+
+#[derive(Debug)]
+pub(crate) struct GroupMetrics {
+    pub(crate) requests: Counter,
+    pub(crate) retries: Counter,
+    pub(crate) retries_refused: Counter,
+    pub(crate) no_target: Counter,
+}
+
+impl Group {
+    /// Builds the group (no connection is made until a request needs one).
+    ///
+    /// # Errors
+    /// A target address is not a valid URI authority (validation rules that out).
+    pub fn new(settings: &UpstreamSettings, proxy: &ProxySettings) -> Result<Self, http::Error> {
+        let name = settings.name.as_str();
+        let targets = settings
+            .targets
+            .iter()
+            .map(|t| Target::new(name, t.address(), t.weight()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let addresses = || settings.targets.iter().map(|t| t.address());
+        let connector = CountingConnector::new(name, addresses(), settings.connect_timeout);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(settings.idle_timeout)
+            .pool_max_idle_per_host(settings.max_idle_per_target)
+            // The proxy sets `Host` itself, as `host_header` says.
+            .set_host(false)
+            .http2_only(settings.protocol == UpstreamProtocol::H2);
+        let client = builder.build(connector);
+        let checker = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .http2_only(settings.protocol == UpstreamProtocol::H2)
+            .build(CountingConnector::new(
+                name,
+                std::iter::empty(),
+                settings.connect_timeout,
+            ));
+        let label = |metric: &'static str| metrics::counter!(metric, "group" => name.to_owned());
+        Ok(Self {
+            name: name.to_owned(),
+            settings: settings.clone(),
+            proxy: proxy.clone(),
+            targets,
+            next: AtomicUsize::new(0),
+            client,
+            checker,
+            budget: RetryBudget::new(proxy),
+            checks_started: AtomicBool::new(false),
+            metrics: GroupMetrics {
+                requests: label("tiergate_upstream_requests_total"),
+                retries: label("tiergate_upstream_retries_total"),
+                retries_refused: label("tiergate_upstream_retries_refused_total"),
+                no_target: label("tiergate_upstream_no_target_total"),
+            },
+        })
+    }
+
+    /// Picks a target for one attempt, skipping those in `tried` (by index) while others
+    /// remain. Only available targets (healthy, not ejected) are candidates; when none
+    /// is, all are with `fail_open`, else there is no pick.
+    pub(crate) fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let fresh = |i: &usize| !tried.contains(i);
+        let available = |i: &usize| fresh(i) && self.targets[*i].available();
+        if let Some(pick) = self.choose(available) {
+            return Some(pick);
+        }
+        let any_available = self.targets.iter().any(|t| t.available());
+        if any_available {
+            // Every available target was tried: try them again rather than an
+            // unavailable one.
+            return self.choose(|i| self.targets[*i].available());
+        }
+        if self.settings.fail_open {
+            self.choose(fresh).or_else(|| self.choose(|_| true))
+        } else {
+            None
+        }
+    }
+
+    /// The balancer's choice among the targets `candidate` admits.
+    fn choose(&self, candidate: impl Fn(&usize) -> bool) -> Option<usize> {
+        let n = (0..self.targets.len()).filter(&candidate).count();
+        let nth = |k: usize| (0..self.targets.len()).filter(&candidate).nth(k);
+        match n {
+            0 => None,
+            1 => nth(0),
+            _ => match self.settings.balance {
+                Balance::RoundRobin => nth(self.next.fetch_add(1, Ordering::Relaxed) % n),
+                Balance::Weighted => {
+                    let total: u64 = (0..self.targets.len())
+                        .filter(&candidate)
+                        .map(|i| u64::from(self.targets[i].weight))
+                        .sum();
+                    let mut ticket = (self.next.fetch_add(1, Ordering::Relaxed) as u64) % total;
+                    (0..self.targets.len()).filter(&candidate).find(|i| {
+                        let w = u64::from(self.targets[*i].weight);
+                        if ticket < w {
+                            true
+                        } else {
+                            ticket -= w;
+                            false
+                        }
+                    })
+                }
+                Balance::LeastOutstanding => {
+                    let a = fastrand::usize(..n);
+                    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                    let (a, b) = (nth(a)?, nth(b)?);
+                    let load = |i: usize| self.targets[i].in_flight();
+                    Some(if load(b) < load(a) { b } else { a })
+                }
+            },
+        }
+    }
+
+    /// Starts the active health checks (once; without `health_check`, none). They stop
+    /// by themselves when the group is dropped, after a reload replaced it.
+    pub fn start_checks(self: &Arc<Self>) {
+        let Some(check) = self.settings.health_check.clone() else {
+            return;
+        };
+        if self.checks_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let group: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(check.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(group) = group.upgrade() else {
+                    return;
+                };
+                let checks = group.targets.iter().map(|target| {
+                    let group = &group;
+                    let check = &check;
+                    async move {
+                        let passed = group.check_once(target, &check.path, check.timeout).await;
+                        target.record_check(
+                            passed,
+                            check.healthy_threshold,
+                            check.unhealthy_threshold,
+                        );
+                    }
+                });
+                futures_util::future::join_all(checks).await;
+            }
+        });
+    }
+
+    /// One `GET path` to `target`: a 2xx or 3xx within `timeout` passes.
+    async fn check_once(&self, target: &Target, path: &str, timeout: std::time::Duration) -> bool {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(target.authority.clone())
+            .path_and_query(path)
+            .build();
+        let Ok(uri) = uri else {
+            return false;
+        };
+        let mut req = Request::new(Empty::new());
+        *req.uri_mut() = uri;
+        if let Ok(host) = http::HeaderValue::from_str(&target.address) {
+            req.headers_mut().insert(http::header::HOST, host);
+        }
+        req.headers_mut().insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("tiergate-health-check"),
+        );
+        match tokio::time::timeout(timeout, self.checker.request(req)).await {
+            Ok(Ok(rsp)) => rsp.status().is_success() || rsp.status().is_redirection(),
+            _ => false,
+        }
+    }
+
+    /// Sets the gauges kept off the request path.
+    pub(crate) fn record_gauges(&self) {
+        for target in &self.targets {
+            #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+            target.metrics.in_flight.set(target.in_flight() as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tiergate_config::TargetSettings;
+
+    fn group(balance: Balance, targets: &[(&str, u32)]) -> Group {
+        let mut settings = UpstreamSettings::new("g", &[]);
+        settings.balance = balance;
+        settings.targets = targets
+            .iter()
+            .map(|(a, w)| TargetSettings::Weighted {
+                address: (*a).to_owned(),
+                weight: *w,
+            })
+            .collect();
+        Group::new(&settings, &ProxySettings::default()).unwrap()
+    }
+
+    fn spread(g: &Group, n: usize) -> Vec<usize> {
+        let mut counts = vec![0; g.targets.len()];
+        for _ in 0..n {
+            counts[g.pick(&[]).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let g = group(Balance::RoundRobin, &[("a:1", 1), ("b:1", 1), ("c:1", 1)]);
+        assert_eq!(spread(&g, 300), [100, 100, 100]);
+    }
+
+    #[test]
+    fn weighted_follows_the_weights() {
+        let g = group(Balance::Weighted, &[("a:1", 3), ("b:1", 1)]);
+        assert_eq!(spread(&g, 400), [300, 100]);
+    }
+
+    #[test]
+    fn least_outstanding_avoids_the_busy_target() {
+        let g = group(Balance::LeastOutstanding, &[("a:1", 1), ("b:1", 1)]);
+        let _busy = g.targets[0].start_request();
+        assert_eq!(spread(&g, 100), [0, 100]);
+    }
+
+    #[test]
+    fn a_retry_goes_elsewhere_and_unavailable_targets_are_skipped() {
+        let g = group(Balance::RoundRobin, &[("a:1", 1), ("b:1", 1)]);
+        for _ in 0..10 {
+            let first = g.pick(&[]).unwrap();
+            assert_ne!(g.pick(&[first]), Some(first));
+        }
+        for _ in 0..2 {
+            g.targets[0].record_check(false, 1, 1);
+        }
+        assert_eq!(spread(&g, 10), [0, 10]);
+        assert_eq!(g.pick(&[1]), Some(1), "only b is available: try it again");
+    }
+
+    #[test]
+    fn all_unhealthy_fails_open_or_not_as_configured() {
+        let mut g = group(Balance::RoundRobin, &[("a:1", 1), ("b:1", 1)]);
+        for t in &g.targets {
+            t.record_check(false, 1, 1);
+        }
+        assert!(g.pick(&[]).is_some());
+        g.settings.fail_open = false;
+        assert_eq!(g.pick(&[]), None);
+    }
+}

@@ -1,0 +1,262 @@
+//! The headers a proxy owes both sides: hop-by-hop headers stripped (they describe one
+//! connection, not the message), `X-Forwarded-*` and `Forwarded` telling the upstream
+//! who the client is, and `Via`.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::HeaderMap;
+use http::header::{self, HeaderName, HeaderValue};
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// RFC 9110 §7.6.1's hop-by-hop headers, plus the non-standard ones still seen.
+fn hop_by_hop() -> [&'static HeaderName; 8] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+    ]
+}
+
+/// Whether the request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
+pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_lists(headers, "upgrade")
+}
+
+fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes the hop-by-hop headers and those the `Connection` header names. With
+/// `upgrade`, `Upgrade` and `Connection: upgrade` are kept: they are the message.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Names listed in `Connection` first, while it is still there.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| !(upgrade && name == header::UPGRADE))
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in hop_by_hop() {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// What the proxy knows of the client's connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientSide<'a> {
+    pub(crate) peer: SocketAddr,
+    pub(crate) tls: bool,
+    pub(crate) local_port: u16,
+    /// The host the client asked for (`Host` or the URI's authority), if any.
+    pub(crate) host: Option<&'a str>,
+}
+
+/// Sets `X-Forwarded-For/Proto/Host/Port` (and `Forwarded` when asked). Of an incoming
+/// `X-Forwarded-For`, only the `trusted_hops` rightmost entries survive — those the
+/// trusted proxies in front (an ALB: 1) appended; anything left of them is whatever the
+/// client chose to send. The other `X-Forwarded-*` are believed only with a trusted hop.
+pub(crate) fn set_forwarding(
+    headers: &mut HeaderMap,
+    client: ClientSide<'_>,
+    trusted_hops: u32,
+    forwarded: bool,
+) {
+    let trusted = usize::try_from(trusted_hops).unwrap_or(usize::MAX);
+    let incoming: Vec<String> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let keep = &incoming[incoming.len().saturating_sub(trusted)..];
+    let peer_ip = client.peer.ip();
+    let mut xff = keep.join(", ");
+    if !xff.is_empty() {
+        xff.push_str(", ");
+    }
+    xff.push_str(&peer_ip.to_string());
+    set(headers, &X_FORWARDED_FOR, xff);
+
+    let proto = if client.tls { "https" } else { "http" };
+    let from_trusted = |headers: &HeaderMap, name: &HeaderName| {
+        (trusted > 0).then(|| headers.get(name).cloned()).flatten()
+    };
+    let proto_value =
+        from_trusted(headers, &X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_PROTO.clone(), proto_value);
+    match (from_trusted(headers, &X_FORWARDED_HOST), client.host) {
+        (Some(v), _) => {
+            headers.insert(X_FORWARDED_HOST.clone(), v);
+        }
+        (None, Some(host)) => set(headers, &X_FORWARDED_HOST, host.to_owned()),
+        (None, None) => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
+    match from_trusted(headers, &X_FORWARDED_PORT) {
+        Some(v) => {
+            headers.insert(X_FORWARDED_PORT.clone(), v);
+        }
+        None => set(headers, &X_FORWARDED_PORT, client.local_port.to_string()),
+    }
+
+    if forwarded {
+        let node = match peer_ip {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("\"[{ip}]\""),
+        };
+        let mut element = format!("for={node};proto={proto}");
+        if let Some(host) = client
+            .host
+            .filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
+        {
+            element.push_str(&format!(";host=\"{host}\""));
+        }
+        let value = match from_trusted(headers, &FORWARDED)
+            .and_then(|v| v.to_str().ok().map(str::to_owned))
+        {
+            Some(before) => format!("{before}, {element}"),
+            None => element,
+        };
+        set(headers, &FORWARDED, value);
+    } else if trusted == 0 {
+        // Not ours to pass on: a client could claim any address in it.
+        headers.remove(&FORWARDED);
+    }
+}
+
+/// Appends this proxy to `Via` (`1.1 tiergate`, or `2 tiergate` for HTTP/2).
+pub(crate) fn append_via(headers: &mut HeaderMap, version: http::Version) {
+    let hop = if version == http::Version::HTTP_2 {
+        HeaderValue::from_static("2 tiergate")
+    } else if version == http::Version::HTTP_10 {
+        HeaderValue::from_static("1.0 tiergate")
+    } else {
+        HeaderValue::from_static("1.1 tiergate")
+    };
+    headers.append(header::VIA, hop);
+}
+
+/// Sets a header from a string we built; a value that is not a valid header (it cannot
+/// be, from the parts above) removes it rather than sending something malformed.
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
+    match HeaderValue::try_from(value) {
+        Ok(v) => {
+            headers.insert(name.clone(), v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(host: Option<&str>) -> ClientSide<'_> {
+        ClientSide {
+            peer: "10.1.2.3:5555".parse().unwrap(),
+            tls: true,
+            local_port: 8443,
+            host,
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_upgrade_and_connection_upgrade() {
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn untrusted_forwarding_headers_are_replaced() {
+        let mut h = headers(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "gopher"),
+            ("forwarded", "for=6.6.6.6"),
+        ]);
+        set_forwarding(&mut h, client(Some("api.example.com")), 0, false);
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(h["x-forwarded-port"], "8443");
+        assert!(!h.contains_key("forwarded"));
+    }
+
+    #[test]
+    fn trusted_hops_keep_that_many_entries_from_the_right() {
+        let mut h = headers(&[
+            ("x-forwarded-for", "6.6.6.6, 1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarding(&mut h, client(None), 1, true);
+        assert_eq!(h["x-forwarded-for"], "2.2.2.2, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["forwarded"], "for=10.1.2.3;proto=https");
+        let mut h = headers(&[("x-forwarded-for", "6.6.6.6, 1.1.1.1, 2.2.2.2")]);
+        set_forwarding(&mut h, client(None), 2, false);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
+    }
+}

@@ -1,0 +1,31 @@
+//! The reverse proxy: routes that target an upstream group (or a weighted split between
+//! groups) are forwarded here.
+//!
+//! # Layout
+//! - [`group`]: a group's targets, balancer (round robin, weighted, least outstanding by
+//!   power of two choices), keep-alive pool and active health checks.
+//! - [`target`]: one target's state: requests in flight, health verdict, passive
+//!   ejection.
+//! - [`split`]: weighted splits between groups (blue/green, canary), swapped atomically.
+//! - `forward`: one request's way up and its answer's way down, as named steps.
+//! - `headers`: hop-by-hop stripping, `X-Forwarded-*`, `Forwarded`, `Via`.
+//! - `body`: streamed bodies: the request body a retry can take back, the response body
+//!   under the request deadline.
+//! - `budget`: the retry budget.
+//! - `connector`: the pools' TCP connector, counting connections per target.
+
+mod body;
+mod budget;
+mod connector;
+mod forward;
+pub mod group;
+mod headers;
+pub mod split;
+pub mod target;
+
+pub use body::UpstreamBody;
+pub(crate) use forward::{Forwarding, forward};
+pub use group::Group;
+pub(crate) use headers::{ClientSide, wants_upgrade};
+pub use split::{Split, SplitError};
+pub use target::Target;

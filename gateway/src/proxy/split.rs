@@ -1,0 +1,235 @@
+//! Traffic splits: one route's requests shared among groups by weight — blue/green
+//! (100/0, then 0/100) and canaries (95/5). The weights are swapped atomically at
+//! runtime; a request sees either the old or the new weights, never a mix.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderMap;
+use http::header::{self, HeaderValue};
+
+use super::group::Group;
+
+/// One route's split.
+#[derive(Debug)]
+pub struct Split {
+    /// The groups, by name (sorted), with the weights in the same order.
+    groups: Vec<Arc<Group>>,
+    weights: ArcSwap<Vec<u32>>,
+    /// The weights the configuration file gave. A reload keeps runtime weights while the
+    /// file's stay the same, so an operator's switch is not undone by an unrelated edit.
+    pub(crate) file_weights: Vec<u32>,
+    sticky_cookie: Option<String>,
+}
+
+/// A change of weights that cannot be applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SplitError {
+    /// The new weights name a group this split does not have.
+    #[error("the split has no group {0:?}; its groups are: {1}")]
+    UnknownGroup(String, String),
+    /// Every weight is zero.
+    #[error("the weights must have a positive sum")]
+    ZeroSum,
+}
+
+impl Split {
+    /// A split over `groups` (name → group) at `weights` (name → weight); both have the
+    /// same names.
+    pub(crate) fn new(
+        weights: &BTreeMap<String, u32>,
+        groups: &BTreeMap<String, Arc<Group>>,
+        sticky_cookie: Option<String>,
+    ) -> Option<Self> {
+        let mut members = Vec::new();
+        let mut values = Vec::new();
+        for (name, weight) in weights {
+            members.push(groups.get(name)?.clone());
+            values.push(*weight);
+        }
+        Some(Self {
+            groups: members,
+            weights: ArcSwap::from_pointee(values.clone()),
+            file_weights: values,
+            sticky_cookie,
+        })
+    }
+
+    /// The group for one request: the one the sticky cookie names if it still gets
+    /// traffic, else one drawn by weight. The second value is the `Set-Cookie` to send
+    /// when the client should be pinned to a group it was not pinned to.
+    pub(crate) fn pick(&self, headers: &HeaderMap) -> (&Arc<Group>, Option<HeaderValue>) {
+        let weights = self.weights.load();
+        if let Some(cookie) = &self.sticky_cookie {
+            if let Some(pinned) = cookie_value(headers, cookie)
+                .and_then(|v| self.groups.iter().position(|g| g.name == v))
+                .filter(|i| weights[*i] > 0)
+            {
+                return (&self.groups[pinned], None);
+            }
+        }
+        let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+        let mut ticket = fastrand::u64(..total.max(1));
+        let mut chosen = self.groups.len() - 1;
+        for (i, w) in weights.iter().enumerate() {
+            if ticket < u64::from(*w) {
+                chosen = i;
+                break;
+            }
+            ticket -= u64::from(*w);
+        }
+        let group = &self.groups[chosen];
+        let set_cookie = self.sticky_cookie.as_ref().and_then(|cookie| {
+            HeaderValue::try_from(format!("{cookie}={}; Path=/; HttpOnly", group.name)).ok()
+        });
+        (group, set_cookie)
+    }
+
+    /// The weights now, by group name.
+    pub fn weights(&self) -> BTreeMap<String, u32> {
+        let weights = self.weights.load();
+        self.groups
+            .iter()
+            .zip(weights.iter())
+            .map(|(g, w)| (g.name.clone(), *w))
+            .collect()
+    }
+
+    /// The groups, by name.
+    pub fn groups(&self) -> impl Iterator<Item = &Arc<Group>> {
+        self.groups.iter()
+    }
+
+    /// Replaces the weights: the body names groups of this split; those it does not
+    /// name get 0 (the body is the whole new split).
+    ///
+    /// # Errors
+    /// A name that is not one of this split's groups, or weights that sum to zero.
+    pub fn set_weights(&self, new: &BTreeMap<String, u32>) -> Result<(), SplitError> {
+        if let Some(unknown) = new
+            .keys()
+            .find(|n| !self.groups.iter().any(|g| &g.name == *n))
+        {
+            let names: Vec<&str> = self.groups.iter().map(|g| g.name.as_str()).collect();
+            return Err(SplitError::UnknownGroup(unknown.clone(), names.join(", ")));
+        }
+        let values: Vec<u32> = self
+            .groups
+            .iter()
+            .map(|g| new.get(&g.name).copied().unwrap_or(0))
+            .collect();
+        if values.iter().all(|w| *w == 0) {
+            return Err(SplitError::ZeroSum);
+        }
+        self.weights.store(Arc::new(values));
+        Ok(())
+    }
+
+    /// Takes over the runtime weights of the split this one replaces, when the file did
+    /// not change them.
+    pub(crate) fn carry_over(&self, old: &Self) {
+        let same_groups = self.groups.len() == old.groups.len()
+            && self
+                .groups
+                .iter()
+                .zip(&old.groups)
+                .all(|(a, b)| a.name == b.name);
+        if same_groups && self.file_weights == old.file_weights {
+            self.weights.store(old.weights.load_full());
+        }
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v.trim())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tiergate_config::{ProxySettings, UpstreamSettings};
+
+    fn split(weights: &[(&str, u32)], sticky: Option<&str>) -> Split {
+        let groups: BTreeMap<String, Arc<Group>> = weights
+            .iter()
+            .map(|(name, _)| {
+                let g = Group::new(
+                    &UpstreamSettings::new(name, &["127.0.0.1:1"]),
+                    &ProxySettings::default(),
+                )
+                .unwrap();
+                ((*name).to_owned(), Arc::new(g))
+            })
+            .collect();
+        let weights = weights.iter().map(|(n, w)| ((*n).to_owned(), *w)).collect();
+        Split::new(&weights, &groups, sticky.map(str::to_owned)).unwrap()
+    }
+
+    fn share_of_blue(s: &Split, headers: &HeaderMap) -> usize {
+        (0..1000)
+            .filter(|_| s.pick(headers).0.name == "blue")
+            .count()
+    }
+
+    #[test]
+    fn weights_decide_and_a_switch_is_total() {
+        let s = split(&[("blue", 100), ("green", 0)], None);
+        let none = HeaderMap::new();
+        assert_eq!(share_of_blue(&s, &none), 1000);
+        s.set_weights(&BTreeMap::from([("green".to_owned(), 100)]))
+            .unwrap();
+        assert_eq!(share_of_blue(&s, &none), 0);
+        assert_eq!(s.weights()["blue"], 0);
+    }
+
+    #[test]
+    fn bad_weights_are_refused_and_change_nothing() {
+        let s = split(&[("blue", 100), ("green", 0)], None);
+        let err = s
+            .set_weights(&BTreeMap::from([("purple".to_owned(), 1)]))
+            .unwrap_err();
+        assert!(matches!(err, SplitError::UnknownGroup(ref g, _) if g == "purple"));
+        assert_eq!(
+            s.set_weights(&BTreeMap::from([("blue".to_owned(), 0)])),
+            Err(SplitError::ZeroSum)
+        );
+        assert_eq!(s.weights()["blue"], 100);
+    }
+
+    #[test]
+    fn a_sticky_cookie_pins_while_its_group_gets_traffic() {
+        let s = split(&[("blue", 50), ("green", 50)], Some("tg"));
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; tg=green"));
+        assert_eq!(share_of_blue(&s, &h), 0);
+        assert!(s.pick(&h).1.is_none());
+        s.set_weights(&BTreeMap::from([("blue".to_owned(), 1)]))
+            .unwrap();
+        let (group, cookie) = s.pick(&h);
+        assert_eq!(group.name, "blue");
+        assert_eq!(cookie.unwrap(), "tg=blue; Path=/; HttpOnly");
+    }
+
+    #[test]
+    fn a_reload_keeps_runtime_weights_unless_the_file_changed_them() {
+        let old = split(&[("blue", 100), ("green", 0)], None);
+        old.set_weights(&BTreeMap::from([("green".to_owned(), 100)]))
+            .unwrap();
+        let same_file = split(&[("blue", 100), ("green", 0)], None);
+        same_file.carry_over(&old);
+        assert_eq!(same_file.weights()["green"], 100);
+        let new_file = split(&[("blue", 50), ("green", 50)], None);
+        new_file.carry_over(&old);
+        assert_eq!(new_file.weights()["green"], 50);
+    }
+}
