@@ -60,6 +60,7 @@ have openssl || missing+=(openssl)
 have curl || missing+=(curl)
 have psql || missing+=(postgresql-client)
 have taskset || missing+=(util-linux)
+have ss || missing+=(iproute2)
 if ((${#missing[@]})); then
   log "installing with apt-get: ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
@@ -99,7 +100,8 @@ trap cleanup EXIT
 up() {
   local pid=$1 url=$2 i
   for ((i = 0; i < 300; i++)); do
-    if curl -kfsS -o /dev/null "$url" 2>/dev/null; then return 0; fi
+    # Alive too: a port taken by someone else's server must not pass for ours.
+    if curl -kfsS -o /dev/null "$url" 2>/dev/null; then kill -0 "$pid" 2>/dev/null && return 0; fi
     kill -0 "$pid" 2>/dev/null || { log "process $pid exited before $url answered"; return 1; }
     sleep 0.1
   done
@@ -109,8 +111,32 @@ up() {
 # The first lines of a log, on one line, for a table cell.
 why() { head -c 200 "$1" 2>/dev/null | tr '\n|' '  '; }
 
-limit_port=18090 upstream_port=18091 tiergate_port=18080 admin_port=18081 nginx_port=18082
-haproxy_port=18083 proxy_port=18084 proxy_admin_port=18085 tiergate_tls_port=18443 nginx_tls_port=18444
+# Ports nothing listens on (others may run servers on this box: never assume a fixed
+# one). free_port sets $port; not called in $(...), so `taken` grows in this shell.
+taken=" " port=
+free_port() {
+  local i
+  for ((i = 0; i < 200; i++)); do
+    # Below Linux's ephemeral range (32768 and up), where clients' own ports live.
+    port=$((20000 + RANDOM % 12000))
+    [[ $taken == *" $port "* ]] && continue
+    if [[ -z $(ss -Htan "( sport = :$port )" 2>/dev/null) ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      taken+="$port "
+      return 0
+    fi
+  done
+  die "found no free port"
+}
+free_port && limit_port=$port
+free_port && upstream_port=$port
+free_port && tiergate_port=$port
+free_port && admin_port=$port
+free_port && tiergate_tls_port=$port
+free_port && proxy_port=$port
+free_port && proxy_admin_port=$port
+free_port && nginx_port=$port
+free_port && nginx_tls_port=$port
+free_port && haproxy_port=$port
 
 # A self-signed leaf (not a CA: rustls refuses a CA certificate as a server's own).
 cat >"$tmp/cert.cnf" <<CONF
