@@ -31,7 +31,10 @@
 # when they are not up; stops everything it started on exit.
 #
 # Usage: bench/compare.sh [DURATION (default 5s)] [CONNECTIONS (default 16)]
-# Environment: DATABASE_URL (default postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench,
+# Environment: ROUNDS=N runs every row N times, in turn (all rows, then all again …), and
+#              reports for each the round with the median req/s: on a shared box this
+#              keeps one burst of someone else's work from deciding a ratio. Default 1.
+#              DATABASE_URL (default postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench,
 #              created when missing), REDIS_URL (default redis://127.0.0.1:6379),
 #              COMPARE_JSON=FILE (also write every row as JSON there).
 set -euo pipefail
@@ -46,6 +49,8 @@ case $duration in
   *) secs=x ;;
 esac
 [[ $secs =~ ^[0-9]+$ && $secs -gt 0 ]] || { echo "compare: DURATION must look like 5s, 500ms or 1m, got '$duration'" >&2; exit 2; }
+rounds=${ROUNDS:-1}
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "compare: ROUNDS must be a positive whole number, got '$rounds'" >&2; exit 2; }
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 log() { printf '[compare] %s\n' "$*" >&2; }
@@ -254,7 +259,7 @@ seed() { # n -> first id of n new items
     "WITH made AS (INSERT INTO items (name) SELECT 'compare ' || g FROM generate_series(1, $1) g RETURNING id) SELECT min(id) FROM made"
 }
 zipf_first=$(seed "$zipf_items") || die "could not insert items with psql"
-cold_first=$(seed "$cold_items") || die "could not insert items with psql"
+cold_first=$(seed $((cold_items * rounds))) || die "could not insert items with psql"
 
 # CPU ticks (utime + stime) of a process and its children.
 ticks() {
@@ -286,11 +291,14 @@ upstream_counts() {
 }
 
 app_rows=() proxy_rows=() tls_rows=()
-failed() { # label reason -> a row file
-  jq -n --arg name "$1" --arg why "$2" '{"label": $name, "failed": $why}' >"$tmp/$1.row.json"
+mkdir "$tmp/rows"
+# A row that could not be measured: label reason; the label on stdout.
+failed() {
+  jq -n --arg name "$1" --arg why "$2" '{"label": $name, "failed": $why}' >"$tmp/rows/$1.r$round.json"
   log "failed: $1: $2"
+  echo "$1"
 }
-# One measurement: label pid url [loadgen args...]; the row's file name on stdout.
+# One measurement: label pid url [loadgen args...]; the label on stdout.
 # UPSTREAM=1 adds the upstream's connection counts; ROW_CONNS overrides CONNECTIONS.
 measure() {
   local label=$1 pid=$2 url=$3
@@ -301,7 +309,6 @@ measure() {
   if ! taskset -c "$client_cpu" "$bin/loadgen" "$url" -c "${ROW_CONNS:-$conns}" -t 1 -d "$duration" -q \
     --label "$label" --json "$tmp/$label.json" "$@" >/dev/null 2>"$tmp/$label.err"; then
     failed "$label" "loadgen: $(why "$tmp/$label.err")"
-    echo "$tmp/$label.row.json"
     return
   fi
   after=$(ticks "$pid")
@@ -310,67 +317,85 @@ measure() {
     --argjson up_conns $((c1 - c0)) --argjson up_reqs $((r1 - r0)) --argjson up "${UPSTREAM:-0}" \
     '. + {cpu_us_per_req: (if .requests > 0 then $cpu / $hz * 1e6 / .requests else 0 end)}
        + (if $up == 1 then {upstream_conns: $up_conns, upstream_reqs: $up_reqs} else {} end)' \
-    "$tmp/$label.json" >"$tmp/$label.row.json"
-  log "done: $label"
-  echo "$tmp/$label.row.json"
+    "$tmp/$label.json" >"$tmp/rows/$label.r$round.json"
+  log "done: $label (round $round of $rounds)"
+  echo "$label"
 }
 
 tg=http://127.0.0.1:$tiergate_port
-app_rows+=("$(measure limit-server "$limit_pid" "http://127.0.0.1:$limit_port/items/1")")
-app_rows+=("$(measure tiergate-l1-hit "$tiergate_pid" "$tg/" --scenario hot --id "$id")")
-# Zipf and mix: one unmeasured second first, so the hot ids are in L1 as in steady state.
-taskset -c "$client_cpu" "$bin/loadgen" "$tg/" -c "$conns" -t 1 -d 1s -q \
-  --scenario zipf --items "$zipf_items" --first-id "$zipf_first" >/dev/null 2>&1 || true
-app_rows+=("$(measure tiergate-zipf "$tiergate_pid" "$tg/" --scenario zipf --items "$zipf_items" --first-id "$zipf_first")")
-app_rows+=("$(measure tiergate-mix "$tiergate_pid" "$tg/" --scenario mix --items "$zipf_items" --first-id "$zipf_first" --write-ratio 0.1)")
-app_rows+=("$(measure tiergate-cold "$tiergate_pid" "$tg/" --scenario cold --first-id "$cold_first")")
-if ((nginx_ok)); then
-  app_rows+=("$(measure nginx-static "$nginx_pid" "http://127.0.0.1:$nginx_port/static")")
-else
-  app_rows+=("$(failed nginx-static "did not start: $(why "$tmp/nginx.log") $(why "$tmp/nginx-error.log")" && echo "$tmp/nginx-static.row.json")")
-fi
-
-proxy_rows+=("$(UPSTREAM=1 measure upstream-direct "$upstream_pid" "http://127.0.0.1:$upstream_port/")")
-if ((proxy_ok)); then
-  proxy_rows+=("$(UPSTREAM=1 measure tiergate-proxy "$proxy_pid" "http://127.0.0.1:$proxy_port/")")
-else
-  proxy_rows+=("$(failed tiergate-proxy "did not start: $(why "$tmp/tiergate-proxy.log")" && echo "$tmp/tiergate-proxy.row.json")")
-fi
-if ((nginx_ok)); then
-  proxy_rows+=("$(UPSTREAM=1 measure nginx-proxy "$nginx_pid" "http://127.0.0.1:$nginx_port/")")
-else
-  proxy_rows+=("$(failed nginx-proxy "did not start" && echo "$tmp/nginx-proxy.row.json")")
-fi
-if ((haproxy_ok)); then
-  proxy_rows+=("$(UPSTREAM=1 measure haproxy-proxy "$haproxy_pid" "http://127.0.0.1:$haproxy_port/")")
-else
-  proxy_rows+=("$(failed haproxy-proxy "did not start: $(why "$tmp/haproxy.log")" && echo "$tmp/haproxy-proxy.row.json")")
-fi
-
 tls=(--ca "$tmp/cert.pem")
 tiergate_tls=https://127.0.0.1:$tiergate_tls_port/livez
 nginx_tls=https://127.0.0.1:$nginx_tls_port/livez
-if up "$tiergate_pid" "$tiergate_tls"; then
-  tls_rows+=("$(measure tiergate-tls "$tiergate_pid" "$tiergate_tls" "${tls[@]}")")
-  tls_rows+=("$(ROW_CONNS=4 measure tiergate-tls-h2 "$tiergate_pid" "$tiergate_tls" "${tls[@]}" --http2 --streams 8)")
-  tls_rows+=("$(measure tiergate-tls-handshake "$tiergate_pid" "$tiergate_tls" "${tls[@]}" --new-conn)")
-else
-  tls_rows+=("$(failed tiergate-tls "no HTTPS answer: $(why "$tmp/tiergate.log")" && echo "$tmp/tiergate-tls.row.json")")
-fi
-if ((nginx_ok)) && up "$nginx_pid" "$nginx_tls"; then
-  tls_rows+=("$(measure nginx-tls "$nginx_pid" "$nginx_tls" "${tls[@]}")")
-  tls_rows+=("$(ROW_CONNS=4 measure nginx-tls-h2 "$nginx_pid" "$nginx_tls" "${tls[@]}" --http2 --streams 8)")
-  tls_rows+=("$(measure nginx-tls-handshake "$nginx_pid" "$nginx_tls" "${tls[@]}" --new-conn)")
-else
-  tls_rows+=("$(failed nginx-tls "no HTTPS answer: $(why "$tmp/nginx-error.log")" && echo "$tmp/nginx-tls.row.json")")
-fi
+for ((round = 1; round <= rounds; round++)); do
+  cold_round=$((cold_first + (round - 1) * cold_items))
+  app_rows+=("$(measure limit-server "$limit_pid" "http://127.0.0.1:$limit_port/items/1")")
+  app_rows+=("$(measure tiergate-l1-hit "$tiergate_pid" "$tg/" --scenario hot --id "$id")")
+  # Zipf and mix: one unmeasured second first, so the hot ids are in L1 as in steady state.
+  taskset -c "$client_cpu" "$bin/loadgen" "$tg/" -c "$conns" -t 1 -d 1s -q \
+    --scenario zipf --items "$zipf_items" --first-id "$zipf_first" >/dev/null 2>&1 || true
+  app_rows+=("$(measure tiergate-zipf "$tiergate_pid" "$tg/" --scenario zipf --items "$zipf_items" --first-id "$zipf_first")")
+  app_rows+=("$(measure tiergate-mix "$tiergate_pid" "$tg/" --scenario mix --items "$zipf_items" --first-id "$zipf_first" --write-ratio 0.1)")
+  app_rows+=("$(measure tiergate-cold "$tiergate_pid" "$tg/" --scenario cold --first-id "$cold_round")")
+  if ((nginx_ok)); then
+    app_rows+=("$(measure nginx-static "$nginx_pid" "http://127.0.0.1:$nginx_port/static")")
+  else
+    app_rows+=("$(failed nginx-static "did not start: $(why "$tmp/nginx.log") $(why "$tmp/nginx-error.log")")")
+  fi
+
+  proxy_rows+=("$(UPSTREAM=1 measure upstream-direct "$upstream_pid" "http://127.0.0.1:$upstream_port/")")
+  if ((proxy_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure tiergate-proxy "$proxy_pid" "http://127.0.0.1:$proxy_port/")")
+  else
+    proxy_rows+=("$(failed tiergate-proxy "did not start: $(why "$tmp/tiergate-proxy.log")")")
+  fi
+  if ((nginx_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure nginx-proxy "$nginx_pid" "http://127.0.0.1:$nginx_port/")")
+  else
+    proxy_rows+=("$(failed nginx-proxy "did not start")")
+  fi
+  if ((haproxy_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure haproxy-proxy "$haproxy_pid" "http://127.0.0.1:$haproxy_port/")")
+  else
+    proxy_rows+=("$(failed haproxy-proxy "did not start: $(why "$tmp/haproxy.log")")")
+  fi
+
+  if up "$tiergate_pid" "$tiergate_tls"; then
+    tls_rows+=("$(measure tiergate-tls "$tiergate_pid" "$tiergate_tls" "${tls[@]}")")
+    tls_rows+=("$(ROW_CONNS=4 measure tiergate-tls-h2 "$tiergate_pid" "$tiergate_tls" "${tls[@]}" --http2 --streams 8)")
+    tls_rows+=("$(measure tiergate-tls-handshake "$tiergate_pid" "$tiergate_tls" "${tls[@]}" --new-conn)")
+  else
+    tls_rows+=("$(failed tiergate-tls "no HTTPS answer: $(why "$tmp/tiergate.log")")")
+  fi
+  if ((nginx_ok)) && up "$nginx_pid" "$nginx_tls"; then
+    tls_rows+=("$(measure nginx-tls "$nginx_pid" "$nginx_tls" "${tls[@]}")")
+    tls_rows+=("$(ROW_CONNS=4 measure nginx-tls-h2 "$nginx_pid" "$nginx_tls" "${tls[@]}" --http2 --streams 8)")
+    tls_rows+=("$(measure nginx-tls-handshake "$nginx_pid" "$nginx_tls" "${tls[@]}" --new-conn)")
+  else
+    tls_rows+=("$(failed nginx-tls "no HTTPS answer: $(why "$tmp/nginx-error.log")")")
+  fi
+done
+
+# One row per label: the round with the median req/s (the lower of the two middle ones
+# for an even count), so its latencies and CPU come from the same measurement.
+pick() {
+  local label
+  while read -r label; do
+    jq -s 'map(select(.failed | not)) as $ok
+      | if ($ok | length) > 0 then ($ok | sort_by(.requests_per_sec) | .[(length - 1) / 2 | floor]) + {rounds: ($ok | length)} else .[0] end' \
+      "$tmp/rows/$label".r*.json >"$tmp/$label.row.json"
+    echo "$tmp/$label.row.json"
+  done
+}
+mapfile -t app_rows < <(printf '%s\n' "${app_rows[@]}" | awk '!seen[$0]++' | pick)
+mapfile -t proxy_rows < <(printf '%s\n' "${proxy_rows[@]}" | awk '!seen[$0]++' | pick)
+mapfile -t tls_rows < <(printf '%s\n' "${tls_rows[@]}" | awk '!seen[$0]++' | pick)
 
 if [[ -n ${COMPARE_JSON:-} ]]; then
   jq -s . "${app_rows[@]}" "${proxy_rows[@]}" "${tls_rows[@]}" >"$COMPARE_JSON"
 fi
 
 r2='def r2: (. * 100 | round) / 100;'
-echo "loadgen: $conns connections (TLS h2 rows: 4 x 8 streams), HTTP/1.1 unless marked, closed loop, $duration per row, server on core $server_cpu, loadgen on core $client_cpu"
+echo "loadgen: $conns connections (TLS h2 rows: 4 x 8 streams), HTTP/1.1 unless marked, closed loop, $duration per row, median of $rounds round(s), server on core $server_cpu, loadgen on core $client_cpu"
 echo
 echo "| app | req/s | vs limit | p50 ms | p99 ms | p99.9 ms | server CPU µs/req | errors | non-2xx |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
