@@ -13,6 +13,9 @@
 #    http-reuse always) in front of it. Upstream reuse comes from limit-server's own
 #    counts (SIGUSR1 before and after the row): the share of upstream requests that
 #    went over an already open connection. "vs nginx" compares req/s and CPU/request.
+#    Then the three proxies once more in open loop at a fixed rate all of them sustain
+#    (PROXY_RATE, default 5000 req/s, latency from the intended send time): at
+#    saturation p99 is mostly queueing, here it is the proxy's own.
 # 3. TLS termination with one ECDSA P-256 certificate (openssl, made per run): Tiergate
 #    and nginx on a fixed small body (/livez): keep-alive HTTP/1.1; h2 by ALPN (4
 #    connections x 8 streams); and HTTP/1.1 with a new connection and a full handshake
@@ -34,6 +37,7 @@
 # Environment: ROUNDS=N runs every row N times, in turn (all rows, then all again …), and
 #              reports for each the round with the median req/s: on a shared box this
 #              keeps one burst of someone else's work from deciding a ratio. Default 1.
+#              PROXY_RATE=N for the open-loop proxy rows (req/s; default 5000).
 #              DATABASE_URL (default postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench,
 #              created when missing), REDIS_URL (default redis://127.0.0.1:6379),
 #              COMPARE_JSON=FILE (also write every row as JSON there).
@@ -51,6 +55,8 @@ esac
 [[ $secs =~ ^[0-9]+$ && $secs -gt 0 ]] || { echo "compare: DURATION must look like 5s, 500ms or 1m, got '$duration'" >&2; exit 2; }
 rounds=${ROUNDS:-1}
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "compare: ROUNDS must be a positive whole number, got '$rounds'" >&2; exit 2; }
+proxy_rate=${PROXY_RATE:-5000}
+[[ $proxy_rate =~ ^[1-9][0-9]*$ ]] || { echo "compare: PROXY_RATE must be a positive whole number, got '$proxy_rate'" >&2; exit 2; }
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 log() { printf '[compare] %s\n' "$*" >&2; }
@@ -358,6 +364,16 @@ for ((round = 1; round <= rounds; round++)); do
   else
     proxy_rows+=("$(failed haproxy-proxy "did not start: $(why "$tmp/haproxy.log")")")
   fi
+  open=(--rate "$proxy_rate")
+  if ((proxy_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure "tiergate-proxy-at-$proxy_rate" "$proxy_pid" "http://127.0.0.1:$proxy_port/" "${open[@]}")")
+  fi
+  if ((nginx_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure "nginx-proxy-at-$proxy_rate" "$nginx_pid" "http://127.0.0.1:$nginx_port/" "${open[@]}")")
+  fi
+  if ((haproxy_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure "haproxy-proxy-at-$proxy_rate" "$haproxy_pid" "http://127.0.0.1:$haproxy_port/" "${open[@]}")")
+  fi
 
   if up "$tiergate_pid" "$tiergate_tls"; then
     tls_rows+=("$(measure tiergate-tls "$tiergate_pid" "$tiergate_tls" "${tls[@]}")")
@@ -395,7 +411,7 @@ if [[ -n ${COMPARE_JSON:-} ]]; then
 fi
 
 r2='def r2: (. * 100 | round) / 100;'
-echo "loadgen: $conns connections (TLS h2 rows: 4 x 8 streams), HTTP/1.1 unless marked, closed loop, $duration per row, median of $rounds round(s), server on core $server_cpu, loadgen on core $client_cpu"
+echo "loadgen: $conns connections (TLS h2 rows: 4 x 8 streams), HTTP/1.1 unless marked, closed loop (rows ending -at-N: open loop at N req/s), $duration per row, median of $rounds round(s), server on core $server_cpu, loadgen on core $client_cpu"
 echo
 echo "| app | req/s | vs limit | p50 ms | p99 ms | p99.9 ms | server CPU µs/req | errors | non-2xx |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -406,8 +422,9 @@ jq -rs "$r2"' (.[0].requests_per_sec // 0) as $top | .[] |
 echo
 echo "| proxy, 1 KiB body | req/s | req/s vs nginx | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | CPU vs nginx | upstream conns opened | upstream reuse | errors |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-jq -rs "$r2"' (map(select(.label == "nginx-proxy" and (.failed | not))) | first) as $ref | .[] |
+jq -rs "$r2"' (map(select((.label | startswith("nginx")) and (.failed | not))) | map({key: (.label | sub("^nginx"; "")), value: .}) | from_entries) as $refs | .[] |
   if .failed then "| \(.label) | failed: \(.failed) | | | | | | | | | |" else
+  $refs[.label | sub("^[a-z]+"; "")] as $ref |
   "| \(.label) | \(.requests_per_sec | floor) | \(if $ref then .requests_per_sec / $ref.requests_per_sec | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(if $ref and $ref.cpu_us_per_req > 0 then .cpu_us_per_req / $ref.cpu_us_per_req | r2 else "n/a" end) | \(.upstream_conns) | \(if .upstream_reqs > 0 then ((1 - .upstream_conns / .upstream_reqs) * 100 | if . < 0 then 0 else . end | r2 | tostring) + " %" else "n/a" end) | \(.errors) |" end' \
   "${proxy_rows[@]}"
 echo
