@@ -80,7 +80,7 @@ where
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     let result = match ApiRoute::parse(req.method(), req.uri().path()) {
-        Ok(ApiRoute::Health) => Ok(health(app).await),
+        Ok(ApiRoute::Health) => Ok(Box::pin(health(app)).await),
         Ok(_) if !app.serves_items() => Err(ApiError::unavailable(
             "the service is starting: the database is not ready yet",
         )),
@@ -90,6 +90,9 @@ where
     result.unwrap_or_else(ApiError::into_response)
 }
 
+/// Every branch but the hot one (`Get`, whose miss path `Items::get` boxes itself)
+/// awaits a boxed future: a future is as big as its biggest branch, and the gateway
+/// copies this one into a box per request.
 async fn dispatch<B>(
     app: &App,
     route: ApiRoute,
@@ -130,8 +133,7 @@ where
         }
         ApiRoute::List => {
             let (after, limit) = page_params(req.uri().query().unwrap_or(""))?;
-            let page = items
-                .list(after, limit)
+            let page = Box::pin(items.list(after, limit))
                 .await
                 .map_err(|e| ApiError::from_service(&e))?;
             let mut rsp = json_response(StatusCode::OK, page.body);
@@ -140,9 +142,8 @@ where
             Ok(rsp)
         }
         ApiRoute::Create => {
-            let name = read_input(req, app.max_body_bytes()).await?;
-            let (id, entry) = items
-                .create(&name)
+            let name = Box::pin(read_input(req, app.max_body_bytes())).await?;
+            let (id, entry) = Box::pin(items.create(&name))
                 .await
                 .map_err(|e| ApiError::from_service(&e))?;
             let location = format!("/items/{id}");
@@ -159,11 +160,11 @@ where
                 .headers()
                 .get(header::IF_MATCH)
                 .map(|v| if_match_versions(v.as_bytes()));
-            let name = read_input(req, app.max_body_bytes()).await?;
-            let outcome = items
-                .update(id, &name, expected.as_ref().and_then(|e| e.as_deref()))
-                .await
-                .map_err(|e| ApiError::from_service(&e))?;
+            let name = Box::pin(read_input(req, app.max_body_bytes())).await?;
+            let outcome =
+                Box::pin(items.update(id, &name, expected.as_ref().and_then(|e| e.as_deref())))
+                    .await
+                    .map_err(|e| ApiError::from_service(&e))?;
             match outcome {
                 Updated::Done(entry) => {
                     let mut rsp = json_response(StatusCode::OK, written_body(&entry.item_json()));
@@ -185,15 +186,14 @@ where
                 }
             }
         }
-        ApiRoute::Delete(id) => match items
-            .delete(id)
+        ApiRoute::Delete(id) => match Box::pin(items.delete(id))
             .await
             .map_err(|e| ApiError::from_service(&e))?
         {
             true => Ok(json_response(StatusCode::NO_CONTENT, Bytes::new())),
             false => Err(ApiError::not_found(format!("item {id} does not exist"))),
         },
-        ApiRoute::Health => Ok(health(app).await),
+        ApiRoute::Health => Ok(Box::pin(health(app)).await),
     }
 }
 

@@ -154,8 +154,23 @@ impl Items {
                 });
             }
             // Past fresh: reload through the flight, keeping this copy as the fallback.
-            self.l1.invalidate(key).await;
             stale = Some(entry);
+        }
+        // Boxed: the miss path (single flight, Redis, PostgreSQL) is a future of several
+        // KiB, and an inline one would make every caller's future that big — the hit
+        // path above would pay for copying it on each request.
+        Box::pin(self.get_missed(id, stale)).await
+    }
+
+    /// The rest of [`Self::get`] after an L1 miss (or a stale hit, kept as `stale`).
+    async fn get_missed(
+        &self,
+        id: ItemId,
+        stale: Option<Arc<Entry>>,
+    ) -> Result<Lookup, Arc<ServiceError>> {
+        let key = id.get();
+        if stale.is_some() {
+            self.l1.invalidate(key).await;
         }
         self.metrics.l1_miss.increment(1);
         let mut retried = false;

@@ -372,6 +372,113 @@ impl RedisServer {
     }
 }
 
+/// A Redis cluster of three masters on loopback, for the cluster-mode paths (sharded
+/// pub/sub). Stopped, and its node files removed, on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<std::process::Child>,
+    ports: Vec<u16>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, joins them into a cluster and waits until it serves.
+    ///
+    /// # Panics
+    /// When `redis-server` or `redis-cli` is missing or the cluster is not up in 20 s.
+    pub fn start() -> Self {
+        let ports: Vec<u16> = (0..3)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("a free port")
+                    .port()
+            })
+            .collect();
+        let nodes = ports
+            .iter()
+            .map(|port| {
+                std::process::Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args([
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--cluster-enabled",
+                        "yes",
+                    ])
+                    .args(["--cluster-config-file", &Self::node_file(*port)])
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("start redis-server")
+            })
+            .collect();
+        let cluster = Self { nodes, ports };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in &cluster.ports {
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let addresses: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run redis-cli --cluster create");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        loop {
+            let info = std::process::Command::new("redis-cli")
+                .args(["-p", &cluster.ports[0].to_string(), "cluster", "info"])
+                .output()
+                .expect("run redis-cli cluster info");
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    fn node_file(port: u16) -> String {
+        std::env::temp_dir()
+            .join(format!("tiergate-cluster-{port}.conf"))
+            .display()
+            .to_string()
+    }
+
+    /// `redis-cluster://` with every node, as `redis.url` takes it.
+    pub fn url(&self) -> String {
+        let first = self.ports[0];
+        let others: Vec<String> = self.ports[1..]
+            .iter()
+            .map(|p| format!("node=127.0.0.1:{p}"))
+            .collect();
+        format!("redis-cluster://127.0.0.1:{first}?{}", others.join("&"))
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+        for port in &self.ports {
+            let _ = std::fs::remove_file(Self::node_file(*port));
+        }
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();

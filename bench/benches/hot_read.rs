@@ -6,8 +6,11 @@
 //! handler, L1 hit with the watermark check, metrics into the Prometheus recorder, the
 //! access-log event) to the response body's bytes. No sockets. Goal: ≤ 1 µs.
 //!
-//! Last results (2-core VM shared with other builds, 2026-11-22): see the README's
-//! Performance section; `gateway_hot_read/get_item_l1_hit` = 1.98 µs per request (goal ≤ 1 µs: not met).
+//! Last results (2-core VM shared with another engineer's benchmarks, 2026-11-22):
+//! `gateway_hot_read/get_item_l1_hit` = 1.14 µs and 1.24 µs per request in two runs (goal
+//! ≤ 1 µs: not met). It was 2.55 µs on the same box that day before the app's cold
+//! branches were boxed (the whole future was copied into a box per request) and before
+//! the request deadline was armed only for a request not ready at its first poll.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -133,9 +133,13 @@ pub struct UpstreamSettings {
     /// of `a-z`, `0-9`, `-`, `_`. Unique.
     pub name: String,
     /// `"host:port"`, or `{ address = "host:port", weight = 3 }`. Names are resolved
-    /// when a connection is made, so a changed DNS record is picked up by the next new
-    /// connection (idle connections live at most `idle_timeout`). At least one.
+    /// when a connection is made, and again every `resolve_interval`. At least one.
     pub targets: Vec<TargetSettings>,
+    /// How often target names are resolved again. When an address changed, requests
+    /// move to a fresh pool, so kept-alive connections to the old address are not used
+    /// again (those in use finish). `0s`: only when connecting. Default 30s.
+    #[serde(default = "default_resolve_interval", with = "humantime_serde")]
+    pub resolve_interval: Duration,
     /// How a target is picked. Default `least_outstanding`.
     #[serde(default)]
     pub balance: Balance,
@@ -190,6 +194,9 @@ fn default_request_timeout() -> Duration {
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_resolve_interval() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_max_idle() -> usize {
     256
 }
@@ -214,6 +221,7 @@ impl UpstreamSettings {
             request_timeout: default_request_timeout(),
             idle_timeout: default_idle_timeout(),
             max_idle_per_target: default_max_idle(),
+            resolve_interval: default_resolve_interval(),
             health_check: None,
             outlier: OutlierSettings::default(),
             fail_open: true,

@@ -154,10 +154,13 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
     }
 
     let redis = &s.redis;
-    if !has_scheme(redis.url.expose(), &["redis", "rediss"]) {
+    if !has_scheme(
+        redis.url.expose(),
+        &["redis", "rediss", "redis-cluster", "rediss-cluster"],
+    ) {
         fail(
             &["redis.url"],
-            "must start with redis:// or rediss://".to_owned(),
+            "must start with redis://, rediss://, redis-cluster:// or rediss-cluster://".to_owned(),
         );
     }
     if redis.key_prefix.is_empty() {

@@ -37,7 +37,7 @@ use anyhow::Context;
 use app_core::App;
 use app_core::health::BuildInfo;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tiergate_config::{Settings, ShutdownSettings};
+use tiergate_config::Settings;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
@@ -71,7 +71,8 @@ pub struct Server {
     gateway: Gateway,
     app: App,
     metrics: PrometheusHandle,
-    shutdown: ShutdownSettings,
+    /// As started: the shutdown budget, the admin token, and what a reload compares
+    /// against.
     settings: Settings,
     config_source: ConfigSource,
 }
@@ -139,7 +140,6 @@ impl Server {
             gateway,
             app,
             metrics,
-            shutdown: settings.shutdown.clone(),
             settings: settings.clone(),
             config_source: ConfigSource::new(move || Ok(fixed.clone())),
         })
@@ -207,7 +207,6 @@ impl Server {
             gateway,
             app,
             metrics,
-            shutdown: budget,
             settings,
             config_source,
         } = self;
@@ -224,7 +223,8 @@ impl Server {
             "Listening."
         );
         app.start();
-        gateway.router().start_checks();
+        gateway.router().start_groups();
+        let budget = settings.shutdown.clone();
         let reloader = Arc::new(Reloader::new(
             config_source,
             gateway.clone(),

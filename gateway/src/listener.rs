@@ -689,10 +689,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         let Some((deadline, header)) = this.deadline() else {
             return Poll::Pending;
         };
-        if this.sleep.deadline() != deadline {
+        // The timer is moved earlier at once, but later only when it fires: the idle
+        // deadline moves on with every request, and re-arming a timer per request
+        // costs more than waking once per idle period to find the deadline has moved.
+        if deadline < this.sleep.deadline() {
             this.sleep.as_mut().reset(deadline);
         }
-        ready!(this.sleep.as_mut().poll(cx));
+        loop {
+            ready!(this.sleep.as_mut().poll(cx));
+            if Instant::now() >= deadline {
+                break;
+            }
+            this.sleep.as_mut().reset(deadline);
+        }
         if header {
             metrics::counter!("tiergate_connections_rejected_total", "listener" => this.listener, "reason" => "header_timeout").increment(1);
             tracing::debug!(

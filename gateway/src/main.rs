@@ -9,6 +9,9 @@
 //! Invalid configuration exits with 78 (`EX_CONFIG`) after listing every problem, so a
 //! deployment circuit breaker trips at once instead of crash-looping.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;

@@ -50,6 +50,55 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time from request head to response head, by route."
     );
+    metrics::describe_counter!(
+        "tiergate_upstream_requests_total",
+        "Requests forwarded to an upstream group (retries not counted again)."
+    );
+    metrics::describe_counter!(
+        "tiergate_upstream_responses_total",
+        "Upstream responses by group, target and status class."
+    );
+    metrics::describe_histogram!(
+        "tiergate_upstream_response_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from sending to an upstream target to its response head."
+    );
+    metrics::describe_counter!(
+        "tiergate_upstream_errors_total",
+        "Failed upstream attempts by group, target and kind (connect, exchange, timeout)."
+    );
+    metrics::describe_counter!(
+        "tiergate_upstream_retries_total",
+        "Attempts repeated on another target, by group."
+    );
+    metrics::describe_counter!(
+        "tiergate_upstream_retries_refused_total",
+        "Retries the retry budget refused, by group."
+    );
+    metrics::describe_counter!(
+        "tiergate_upstream_no_target_total",
+        "Requests answered 503 because no target was healthy and fail_open is off."
+    );
+    metrics::describe_counter!(
+        "tiergate_upstream_ejections_total",
+        "Passive ejections of a target after consecutive failures."
+    );
+    metrics::describe_gauge!(
+        "tiergate_upstream_target_healthy",
+        "1 while the active health checks find a target healthy, else 0."
+    );
+    metrics::describe_gauge!(
+        "tiergate_upstream_requests_in_flight",
+        "Requests in flight to a target (connections in use, for HTTP/1.1), at scrape time."
+    );
+    metrics::describe_counter!(
+        "tiergate_upstream_connections_created_total",
+        "Connections opened to a target; with the requests, the pool's reuse ratio."
+    );
+    metrics::describe_gauge!(
+        "tiergate_upstream_connections_open",
+        "Connections open to a target (in use and idle)."
+    );
     metrics::describe_gauge!(
         "tiergate_db_pool_connections",
         "PostgreSQL pool connections by pool and state."

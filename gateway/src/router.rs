@@ -260,10 +260,10 @@ impl Router {
         &self.groups
     }
 
-    /// Starts the groups' active health checks (groups taken over from the previous
-    /// table keep theirs running).
-    pub fn start_checks(&self) {
-        self.groups.values().for_each(Group::start_checks);
+    /// Starts the groups' background work (health checks, name resolution); groups
+    /// taken over from the previous table keep theirs running.
+    pub fn start_groups(&self) {
+        self.groups.values().for_each(Group::start);
     }
 
     /// Sets the gauges kept off the request path.

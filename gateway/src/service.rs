@@ -9,7 +9,9 @@
 //! Every failure has become a response by step 3 (the app and the proxy answer errors
 //! as JSON), so the service never fails and hyper never sees an error from it.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use app_core::App;
@@ -25,7 +27,7 @@ use tiergate_config::HttpSettings;
 use tokio::sync::Semaphore;
 
 use crate::listener::Peer;
-use crate::proxy::{self, ClientSide, Forwarding, UpstreamBody};
+use crate::proxy::{self, ClientSide, Forwarding, Group, UpstreamBody};
 use crate::router::{Handler, Route, Router};
 
 /// The body of every response the gateway makes: whole (the app, errors, probes) or
@@ -87,13 +89,13 @@ impl Gateway {
     /// Puts `router` in force for every request that starts from now on.
     pub fn swap_router(&self, router: Router) {
         let router = Arc::new(router);
-        router.start_checks();
+        router.start_groups();
         self.inner.router.store(router);
     }
 
     /// Answers one request from `peer`. Generic over the body so benches and tests can
     /// call it without a socket.
-    pub async fn handle<B>(&self, mut req: Request<B>, peer: Peer) -> Response<ResponseBody>
+    pub async fn handle<B>(&self, req: Request<B>, peer: Peer) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -125,32 +127,44 @@ impl Gateway {
         };
         let mut rsp = match &route.handler {
             _ if route.shed && permit.is_none() => overloaded(),
-            // Boxed: the app's future is several KiB, and hyper moves the service's
-            // future a few times per request; unboxed, those copies were 15 % of the CPU
-            // of a keep-alive benchmark, paid by every route.
-            Handler::App => Box::pin(tokio::time::timeout(
-                self.inner.request_timeout,
-                self.inner.app.handle(req),
-            ))
-            .await
-            .map_or_else(
-                |_| timed_out(self.inner.request_timeout),
-                |rsp| rsp.map(Either::Left),
-            ),
+            Handler::App => {
+                // Boxed: hyper moves the service's future a few times per request, and
+                // the app's would make it big. Polled once before any deadline is set:
+                // an L1 hit is ready at once and never needs the timer.
+                let mut app = Box::pin(self.inner.app.handle(req));
+                let first = std::future::poll_fn(|cx| Poll::Ready(app.as_mut().poll(cx))).await;
+                let rsp = match first {
+                    Poll::Ready(rsp) => Ok(rsp),
+                    Poll::Pending => {
+                        let deadline = started + self.inner.request_timeout;
+                        tokio::time::timeout_at(deadline.into(), app).await
+                    }
+                };
+                rsp.map_or_else(
+                    |_| timed_out(self.inner.request_timeout),
+                    |rsp| rsp.map(Either::Left),
+                )
+            }
             Handler::Upstream(group) => {
-                let host = request_host(&req).map(str::to_owned);
-                let how = forwarding(&mut req, peer, host.as_deref(), &router, route, &request_id);
-                Box::pin(proxy::forward(group, req, how)).await
+                let to = Upstream {
+                    group,
+                    set_cookie: None,
+                    router: &router,
+                    route,
+                    request_id: &request_id,
+                };
+                Box::pin(proxied(to, req, peer)).await
             }
             Handler::Split(split) => {
                 let (group, set_cookie) = split.pick(req.headers());
-                let host = request_host(&req).map(str::to_owned);
-                let how = forwarding(&mut req, peer, host.as_deref(), &router, route, &request_id);
-                let mut rsp = Box::pin(proxy::forward(group, req, how)).await;
-                if let Some(cookie) = set_cookie {
-                    rsp.headers_mut().append(header::SET_COOKIE, cookie);
-                }
-                rsp
+                let to = Upstream {
+                    group,
+                    set_cookie,
+                    router: &router,
+                    route,
+                    request_id: &request_id,
+                };
+                Box::pin(proxied(to, req, peer)).await
             }
             Handler::Redirect(base) => redirect(base, &req),
             Handler::Livez => probe(true),
@@ -177,38 +191,57 @@ impl Gateway {
     }
 }
 
-/// What the proxy needs to know besides the request; takes the client connection's
-/// upgrade when the request asks for one.
-fn forwarding<'a, B>(
-    req: &mut Request<B>,
-    peer: Peer,
-    host: Option<&'a str>,
-    router: &Router,
+/// Where a proxied request goes, and what the route says about it.
+struct Upstream<'a> {
+    group: &'a Arc<Group>,
+    /// The split's sticky cookie, when the client is to be pinned to `group`.
+    set_cookie: Option<HeaderValue>,
+    router: &'a Router,
     route: &'a Route,
     request_id: &'a HeaderValue,
-) -> Forwarding<'a> {
-    Forwarding {
+}
+
+/// Forwards `req` to its upstream group (taking the client connection's upgrade when
+/// the request asks for one) and answers with what came back.
+async fn proxied<B>(to: Upstream<'_>, mut req: Request<B>, peer: Peer) -> Response<ResponseBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let host = request_authority(&req).map(str::to_owned);
+    let upgrade = proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let how = Forwarding {
         client: ClientSide {
             peer: peer.addr,
             tls: peer.tls,
             local_port: peer.local_port,
-            host,
+            host: host.as_deref(),
         },
-        rewrite: route.rewrite(),
-        trusted_hops: router.proxy.trusted_hops,
-        forwarded_header: router.proxy.forwarded_header,
-        request_id,
-        upgrade: proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(req)),
+        rewrite: to.route.rewrite(),
+        trusted_hops: to.router.proxy.trusted_hops,
+        forwarded_header: to.router.proxy.forwarded_header,
+        request_id: to.request_id,
+        upgrade,
+    };
+    let mut rsp = proxy::forward(to.group, req, how).await;
+    if let Some(cookie) = to.set_cookie {
+        rsp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    rsp
+}
+
+/// The authority the request names, port included: the URI's (HTTP/2, absolute form)
+/// or the `Host` header.
+fn request_authority<B>(req: &Request<B>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => req.headers().get(header::HOST)?.to_str().ok(),
     }
 }
 
-/// The host the request names, without port: the URI's authority (HTTP/2, absolute
-/// form) or the `Host` header.
+/// The host the request names, without port.
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    let raw = match req.uri().authority() {
-        Some(authority) => authority.as_str(),
-        None => req.headers().get(header::HOST)?.to_str().ok()?,
-    };
+    let raw = request_authority(req)?;
     let host = match raw.rsplit_once(':') {
         // `[::1]:8080` or `name:8080`; a bare IPv6 literal has no port to strip.
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => {
@@ -299,8 +332,13 @@ fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
     if let Some(id) = incoming.filter(safe) {
         return id.clone();
     }
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("unknown"))
+    let mut id = [0u8; 32];
+    let random = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+    for (i, digit) in id.iter_mut().enumerate() {
+        let nibble = (random >> (124 - 4 * i)) & 0xf;
+        *digit = b"0123456789abcdef"[usize::try_from(nibble).unwrap_or(0)];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// A probe answer: 200 or 503 with a one-word JSON body.

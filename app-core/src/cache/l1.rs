@@ -117,7 +117,9 @@ impl L1 {
         if self.is_current(id, &entry) {
             return Some(entry);
         }
-        self.entries.invalidate(&id).await;
+        // Boxed: moka's invalidation future is large, and the hit path above would carry
+        // its size (copied on every request) for nothing.
+        Box::pin(self.entries.invalidate(&id)).await;
         None
     }
 

@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use super::target::InFlight;
 
@@ -78,6 +78,18 @@ impl BodySlot {
     }
 }
 
+impl AttemptBody {
+    /// No body.
+    #[cfg(test)]
+    pub(crate) fn empty() -> Self {
+        Self {
+            slot: None,
+            taken: None,
+            hint: SizeHint::with_exact(0),
+        }
+    }
+}
+
 impl Body for AttemptBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -127,15 +139,19 @@ impl Body for AttemptBody {
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Instant,
+    /// Armed the first time the body has to wait: a small answer usually arrives with
+    /// its head and never needs a timer.
+    timer: Option<Pin<Box<Sleep>>>,
     _in_flight: InFlight,
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(inner: Incoming, deadline: Pin<Box<Sleep>>, in_flight: InFlight) -> Self {
+    pub(crate) fn new(inner: Incoming, deadline: Instant, in_flight: InFlight) -> Self {
         Self {
             inner,
             deadline,
+            timer: None,
             _in_flight: in_flight,
         }
     }
@@ -152,7 +168,11 @@ impl Body for UpstreamBody {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        match self.deadline.as_mut().poll(cx) {
+        let deadline = self.deadline;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(
                 "the upstream's response body passed the group's request_timeout".into(),
             ))),

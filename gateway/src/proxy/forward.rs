@@ -147,7 +147,7 @@ where
         let in_flight = target.start_request();
         let sent = Instant::now();
         let head_by = deadline.min(sent + group.settings.response_timeout);
-        let result = tokio::time::timeout_at(head_by, group.client.request(attempt)).await;
+        let result = tokio::time::timeout_at(head_by, group.client().request(attempt)).await;
 
         // 3. judge
         let failure = match result {
@@ -174,7 +174,6 @@ where
                 let (mut head, incoming) = rsp.into_parts();
                 headers::strip_hop_by_hop(&mut head.headers, false);
                 headers::append_via(&mut head.headers, version);
-                let deadline = Box::pin(tokio::time::sleep_until(deadline));
                 return Response::from_parts(
                     head,
                     Either::Right(UpstreamBody::new(incoming, deadline, in_flight)),

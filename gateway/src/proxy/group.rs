@@ -1,8 +1,13 @@
 //! An upstream group: its targets, the balancer that picks one per request, the pool of
-//! keep-alive connections to them, and the active health checks.
+//! keep-alive connections to them, and its background work: active health checks and
+//! resolving the targets' names again.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 use http::{Request, Uri};
@@ -28,12 +33,14 @@ pub struct Group {
     pub(crate) proxy: ProxySettings,
     pub(crate) targets: Vec<Arc<Target>>,
     next: AtomicUsize,
-    pub(crate) client: Client<CountingConnector, AttemptBody>,
-    /// Health checks go through a pool of their own, so they never wait behind (or
-    /// hold) a connection real traffic wants.
+    /// The pool in use; replaced by a fresh one when a target's address changes.
+    client: ArcSwap<Client<CountingConnector, AttemptBody>>,
+    /// Health checks go through a client of their own, so they never wait behind (or
+    /// hold) a connection real traffic wants. It keeps no connection: each check
+    /// connects anew, as an ALB's does, and so follows a changed DNS record at once.
     checker: Client<CountingConnector, Empty<Bytes>>,
     pub(crate) budget: RetryBudget,
-    checks_started: AtomicBool,
+    started: AtomicBool,
     pub(crate) metrics: GroupMetrics,
 }
 
@@ -57,20 +64,9 @@ impl Group {
             .iter()
             .map(|t| Target::new(name, t.address(), t.weight()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let addresses = || settings.targets.iter().map(|t| t.address());
-        let connector = CountingConnector::new(name, addresses(), settings.connect_timeout);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.idle_timeout)
-            .pool_max_idle_per_host(settings.max_idle_per_target)
-            // The proxy sets `Host` itself, as `host_header` says.
-            .set_host(false)
-            .http2_only(settings.protocol == UpstreamProtocol::H2);
-        let client = builder.build(connector);
+        let client = ArcSwap::from_pointee(pool(settings));
         let checker = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1)
+            .pool_max_idle_per_host(0)
             .http2_only(settings.protocol == UpstreamProtocol::H2)
             .build(CountingConnector::new(
                 name,
@@ -87,7 +83,7 @@ impl Group {
             client,
             checker,
             budget: RetryBudget::new(proxy),
-            checks_started: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             metrics: GroupMetrics {
                 requests: label("tiergate_upstream_requests_total"),
                 retries: label("tiergate_upstream_retries_total"),
@@ -95,6 +91,11 @@ impl Group {
                 no_target: label("tiergate_upstream_no_target_total"),
             },
         })
+    }
+
+    /// The pool in use now.
+    pub(crate) fn client(&self) -> arc_swap::Guard<Arc<Client<CountingConnector, AttemptBody>>> {
+        self.client.load()
     }
 
     /// Picks a target for one attempt, skipping those in `tried` (by index) while others
@@ -155,15 +156,66 @@ impl Group {
         }
     }
 
-    /// Starts the active health checks (once; without `health_check`, none). They stop
-    /// by themselves when the group is dropped, after a reload replaced it.
-    pub fn start_checks(self: &Arc<Self>) {
+    /// Starts the group's background work, once: the active health checks (with
+    /// `health_check`) and resolving the targets' names again (with `resolve_interval`).
+    /// Both stop by themselves when the group is dropped, after a reload replaced it.
+    pub fn start(self: &Arc<Self>) {
+        if self.started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.start_checks();
+        self.start_resolving();
+    }
+
+    fn start_resolving(self: &Arc<Self>) {
+        let interval = self.settings.resolve_interval;
+        let names: Vec<String> = self
+            .targets
+            .iter()
+            .filter(|t| t.authority.host().parse::<std::net::IpAddr>().is_err())
+            .map(|t| t.address.clone())
+            .collect();
+        if interval.is_zero() || names.is_empty() {
+            return;
+        }
+        let group: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut known = resolve(&names).await;
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let now = resolve(&names).await;
+                let Some(group) = group.upgrade() else {
+                    return;
+                };
+                // A name that does not resolve now keeps its old addresses: a DNS blip
+                // is no reason to drop good connections.
+                let changed: Vec<&String> = now
+                    .iter()
+                    .filter(|(name, addrs)| known.get(*name).is_some_and(|old| old != *addrs))
+                    .map(|(name, _)| name)
+                    .collect();
+                if !changed.is_empty() {
+                    tracing::info!(group = group.name, targets = ?changed, "Target addresses changed; new requests use a fresh pool.");
+                    group.renew_pool();
+                }
+                known.extend(now);
+            }
+        });
+    }
+
+    /// Puts a fresh pool in force: requests from now on connect anew; connections of the
+    /// old pool close once the requests using them end.
+    pub(crate) fn renew_pool(&self) {
+        self.client.store(Arc::new(pool(&self.settings)));
+    }
+
+    fn start_checks(self: &Arc<Self>) {
         let Some(check) = self.settings.health_check.clone() else {
             return;
         };
-        if self.checks_started.swap(true, Ordering::Relaxed) {
-            return;
-        }
         let group: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(check.interval);
@@ -224,6 +276,35 @@ impl Group {
     }
 }
 
+/// A keep-alive pool for the group's targets.
+fn pool(settings: &UpstreamSettings) -> Client<CountingConnector, AttemptBody> {
+    let addresses = settings.targets.iter().map(|t| t.address());
+    let connector = CountingConnector::new(&settings.name, addresses, settings.connect_timeout);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(settings.idle_timeout)
+        .pool_max_idle_per_host(settings.max_idle_per_target)
+        // The proxy sets `Host` itself, as `host_header` says.
+        .set_host(false)
+        .http2_only(settings.protocol == UpstreamProtocol::H2)
+        .build(connector)
+}
+
+/// The addresses each name resolves to now (sorted); names that do not resolve are
+/// left out.
+async fn resolve(names: &[String]) -> HashMap<String, Vec<SocketAddr>> {
+    let mut out = HashMap::new();
+    for name in names {
+        if let Ok(addrs) = tokio::net::lookup_host(name.as_str()).await {
+            let mut addrs: Vec<SocketAddr> = addrs.collect();
+            addrs.sort();
+            out.insert(name.clone(), addrs);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +362,54 @@ mod tests {
         }
         assert_eq!(spread(&g, 10), [0, 10]);
         assert_eq!(g.pick(&[1]), Some(1), "only b is available: try it again");
+    }
+
+    #[tokio::test]
+    async fn a_renewed_pool_connects_anew() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A minimal HTTP/1.1 upstream that counts the connections it accepts.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                });
+            }
+        });
+        let group = group(Balance::RoundRobin, &[(&addr, 1)]);
+        let get = || {
+            let mut req = Request::new(AttemptBody::empty());
+            *req.uri_mut() = format!("http://{addr}/").parse().unwrap();
+            let rsp = group.client().request(req);
+            async move {
+                let rsp = rsp.await.unwrap();
+                http_body_util::BodyExt::collect(rsp.into_body())
+                    .await
+                    .unwrap();
+            }
+        };
+        get().await;
+        get().await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "kept alive");
+        group.renew_pool();
+        get().await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the fresh pool connected"
+        );
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub(crate) struct ClientSide<'a> {
     pub(crate) peer: SocketAddr,
     pub(crate) tls: bool,
     pub(crate) local_port: u16,
-    /// The host the client asked for (`Host` or the URI's authority), if any.
+    /// The authority the client asked for (`Host` or the URI's), port included.
     pub(crate) host: Option<&'a str>,
 }
 
@@ -88,22 +88,26 @@ pub(crate) fn set_forwarding(
     trusted_hops: u32,
     forwarded: bool,
 ) {
+    use std::fmt::Write as _;
+
     let trusted = usize::try_from(trusted_hops).unwrap_or(usize::MAX);
-    let incoming: Vec<String> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|e| e.trim().to_owned())
-        .filter(|e| !e.is_empty())
-        .collect();
-    let keep = &incoming[incoming.len().saturating_sub(trusted)..];
     let peer_ip = client.peer.ip();
-    let mut xff = keep.join(", ");
-    if !xff.is_empty() {
-        xff.push_str(", ");
+    let mut xff = String::with_capacity(48);
+    if trusted > 0 {
+        let incoming: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect();
+        for entry in &incoming[incoming.len().saturating_sub(trusted)..] {
+            xff.push_str(entry);
+            xff.push_str(", ");
+        }
     }
-    xff.push_str(&peer_ip.to_string());
+    let _ = write!(xff, "{peer_ip}");
     set(headers, &X_FORWARDED_FOR, xff);
 
     let proto = if client.tls { "https" } else { "http" };
@@ -126,7 +130,12 @@ pub(crate) fn set_forwarding(
         Some(v) => {
             headers.insert(X_FORWARDED_PORT.clone(), v);
         }
-        None => set(headers, &X_FORWARDED_PORT, client.local_port.to_string()),
+        None => {
+            headers.insert(
+                X_FORWARDED_PORT.clone(),
+                HeaderValue::from(client.local_port),
+            );
+        }
     }
 
     if forwarded {

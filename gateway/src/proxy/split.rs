@@ -96,11 +96,6 @@ impl Split {
             .collect()
     }
 
-    /// The groups, by name.
-    pub fn groups(&self) -> impl Iterator<Item = &Arc<Group>> {
-        self.groups.iter()
-    }
-
     /// Replaces the weights: the body names groups of this split; those it does not
     /// name get 0 (the body is the whole new split).
     ///

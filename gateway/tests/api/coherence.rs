@@ -227,3 +227,48 @@ async fn a_redis_outage_under_load_loses_nothing_and_converges() {
         app.stop().await;
     }
 }
+
+/// In cluster mode the invalidations go by sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`):
+/// two instances on a three-node Redis cluster, L1 lifetime a minute; a write through
+/// one is read through the other at once, which only a delivered invalidation explains.
+/// Checked against a subscriber that used plain `SUBSCRIBE` in cluster mode: the reader
+/// kept the old version and the test failed.
+#[tokio::test]
+async fn in_cluster_mode_invalidations_go_by_sharded_pub_sub() {
+    let backends = Backends::new().await;
+    let cluster = app_core::testing::RedisCluster::start();
+    let mut settings = backends.settings();
+    settings.redis.url = Secret::new(cluster.url());
+    settings.cache.l1_ttl = Duration::from_secs(60);
+    settings.cache.refresh_after = Duration::ZERO;
+    settings.database.migrate_on_start = true;
+    let writer = TestApp::start(settings.clone()).await;
+    let reader = TestApp::start(settings).await;
+    let client = reqwest::Client::new();
+
+    let id = writer.create("sharded").await["id"].as_i64().unwrap();
+    let url = reader.url(&format!("/items/{id}"));
+    assert_eq!(version_at(&client, &url).await, 1);
+    for expected in 2..=5 {
+        let rsp = client
+            .put(writer.url(&format!("/items/{id}")))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"name":"v{expected}"}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while version_at(&client, &url).await < expected {
+            assert!(
+                Instant::now() < deadline,
+                "the reader still serves an old version 2 s after the write"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let health = json_body(reader.get("/health").await).await;
+    assert_eq!(health["services"]["cache"]["connected"], true, "{health}");
+    reader.stop().await;
+    writer.stop().await;
+}

@@ -67,7 +67,7 @@ async fn config_print_shows_settings_without_secrets() {
 
 #[tokio::test]
 async fn config_check_accepts_the_examples() {
-    for example in ["dev.toml", "fargate.toml"] {
+    for example in ["dev.toml", "fargate.toml", "blue-green.toml"] {
         let path = format!(
             "{}/../config/examples/{example}",
             env!("CARGO_MANIFEST_DIR")

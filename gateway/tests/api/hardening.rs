@@ -336,3 +336,73 @@ async fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
     );
     app.stop().await;
 }
+
+/// CPU time (user + system) the process `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    let after_name = stat.rsplit_once(')').expect("a stat line").1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Checked against a listener without the backoff (`yield_now` instead of the sleep): it
+/// used 129 ticks of CPU in the second and the test failed.
+#[tokio::test]
+async fn out_of_file_descriptors_the_listener_backs_off_instead_of_spinning() {
+    use crate::startup::{lines, wait_for_log};
+    let backends = crate::helpers::Backends::new().await;
+    let env = [
+        ("DATABASE_URL", backends.db.url.clone()),
+        ("REDIS_URL", crate::helpers::redis_url()),
+        ("TIERGATE_REDIS__KEY_PREFIX", backends.redis.prefix.clone()),
+        ("TIERGATE_LISTEN__HTTP", "127.0.0.1:0".into()),
+        ("TIERGATE_LISTEN__ADMIN", "127.0.0.1:0".into()),
+        ("RUST_LOG", "info,access=off".into()),
+    ];
+    // A file-descriptor limit the test can reach: bash lowers it, then becomes tiergate.
+    let mut child = tokio::process::Command::new("bash")
+        .args([
+            "-c",
+            "ulimit -n 96 && exec \"$0\"",
+            env!("CARGO_BIN_EXE_tiergate"),
+        ])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tiergate");
+    let pid = child.id().expect("a pid");
+    let mut log = lines(&mut child);
+    let listening = wait_for_log(&mut log, "Listening.").await;
+    let addr: SocketAddr = listening["http"].as_str().unwrap().parse().unwrap();
+
+    // More connections than descriptors left: accept starts failing with EMFILE.
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        if let Ok(stream) = TcpStream::connect(addr).await {
+            held.push(stream);
+        }
+    }
+    wait_for_log(&mut log, "Accept failed; backing off.").await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    // A spinning accept loop would use the whole second (100 ticks).
+    assert!(
+        used < 30,
+        "{used} ticks of CPU in one second while out of descriptors"
+    );
+
+    drop(held);
+    let rsp = reqwest::get(format!("http://{addr}/livez"))
+        .await
+        .expect("served again");
+    assert_eq!(rsp.status(), 200);
+    assert!(
+        child.try_wait().expect("child state").is_none(),
+        "still running"
+    );
+}

@@ -2,8 +2,11 @@
 //! port 0 in process (or the real binary, for process-level behaviour).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use gateway::reload::ConfigSource;
 use tiergate_config::Settings;
 use tokio::sync::oneshot;
 
@@ -56,11 +59,27 @@ impl TestApp {
         app
     }
 
+    /// Starts a server that reloads its configuration from `source`, and waits until
+    /// it is ready.
+    pub async fn start_with_source(settings: Settings, source: ConfigSource) -> Self {
+        let server = gateway::Server::bind(&settings)
+            .await
+            .expect("bind the server")
+            .with_config_source(source);
+        let app = Self::run(server);
+        app.wait_ready().await;
+        app
+    }
+
     /// Starts a server without waiting for readiness.
     pub async fn start_unready(settings: Settings) -> Self {
         let server = gateway::Server::bind(&settings)
             .await
             .expect("bind the server");
+        Self::run(server)
+    }
+
+    fn run(server: gateway::Server) -> Self {
         let addr = server.http_addr().expect("http addr");
         let admin = server.admin_addr().expect("admin addr");
         let https = server.https_addr().expect("https addr");
@@ -170,4 +189,77 @@ pub async fn assert_error(rsp: reqwest::Response, status: u16, code: &str) -> se
         "a message in {body}"
     );
     body
+}
+
+/// Waits until `counter` has grown by `n` from now; fails the test after 10 s.
+pub async fn wait_for_more(counter: &AtomicU64, n: u64) {
+    let target = counter.load(Ordering::Relaxed) + n;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter.load(Ordering::Relaxed) < target {
+        assert!(Instant::now() < deadline, "the load stalled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// GET load in the background: `workers` loops requesting one URL until stopped,
+/// counting the 200s and everything else.
+pub struct GetLoad {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl GetLoad {
+    pub fn start(client: &reqwest::Client, url: &str, workers: usize) -> Self {
+        let load = Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            answered: Arc::new(AtomicU64::new(0)),
+            failed: Arc::new(AtomicU64::new(0)),
+            workers: Vec::new(),
+        };
+        let workers = (0..workers)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.to_owned());
+                let (stop, answered, failed) = (
+                    load.stop.clone(),
+                    load.answered.clone(),
+                    load.failed.clone(),
+                );
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match client.get(&url).send().await {
+                            Ok(rsp) if rsp.status() == 200 => {
+                                answered.fetch_add(1, Ordering::Relaxed)
+                            }
+                            _ => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self { workers, ..load }
+    }
+
+    /// Waits until `n` more requests were answered.
+    pub async fn more(&self, n: u64) {
+        wait_for_more(&self.answered, n).await;
+    }
+
+    /// Requests that did not get a 200 so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Stops the workers; returns (answered, failed).
+    pub async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for worker in self.workers {
+            worker.await.expect("a load worker");
+        }
+        (
+            self.answered.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
 }

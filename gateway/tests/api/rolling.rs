@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use crate::helpers::{Backends, closed_port};
+use crate::helpers::{Backends, closed_port, wait_for_more};
 use crate::shutdown::Task;
 use crate::startup::wait_for_log_where;
 
@@ -257,18 +257,7 @@ async fn rolling_deploy_behind_a_proxy_loses_no_request() {
             failures
         }));
     }
-    let wait_for_more = |n: u64| {
-        let ok = ok.clone();
-        async move {
-            let target = ok.load(Ordering::Relaxed) + n;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while ok.load(Ordering::Relaxed) < target {
-                assert!(Instant::now() < deadline, "the load stalled");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-    wait_for_more(200).await;
+    wait_for_more(&ok, 200).await;
 
     // Replace the tasks one at a time: start the new one, wait until it is ready, then
     // SIGTERM the old one and wait for it to exit cleanly, all under load.
@@ -287,7 +276,7 @@ async fn rolling_deploy_behind_a_proxy_loses_no_request() {
         .await;
         let status = retiring.exit_within(Duration::from_secs(15)).await;
         assert_eq!(status.code(), Some(0), "old task {i} exits 0");
-        wait_for_more(200).await;
+        wait_for_more(&ok, 200).await;
     }
 
     running.store(false, Ordering::Relaxed);
