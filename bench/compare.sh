@@ -1,23 +1,62 @@
 #!/usr/bin/env bash
-# bench/compare.sh — Tiergate next to its peers on loopback, one table.
+# bench/compare.sh — Tiergate next to its peers on loopback, three tables.
 #
-# Starts, each pinned to core 0 (taskset): limit-server (a minimal hyper server, the
-# upper limit), Tiergate (release build, against the local PostgreSQL and Redis),
-# nginx (static answer; reverse proxy to limit-server) and HAProxy (reverse proxy
-# to limit-server). loadgen runs pinned to core 1, one scenario per server, and the
-# table gives requests/s, p50/p99/p99.9, the server's CPU time per request (utime +
-# stime of its processes from /proc, before and after) and req/s relative to
-# limit-server. Installs nginx, haproxy and jq with apt-get when missing. Everything
-# it starts is stopped on exit.
+# Every server runs pinned to core 0 (taskset), loadgen to core 1, one row at a time:
+#
+# 1. The app. limit-server (a minimal hyper server with a fixed answer: the upper
+#    limit), Tiergate's items API (L1 hit; Zipf reads over 10,000 items; the same with
+#    10 % PUTs; a cold miss storm over ids never read) and nginx answering a fixed
+#    string. "vs limit" is req/s relative to limit-server.
+# 2. Proxy pass-through of a 1 KiB body served by limit-server (--body-bytes 1024):
+#    the upstream alone, then Tiergate (route → upstream group, round robin), nginx
+#    (upstream block with keepalive, HTTP/1.1, one worker) and HAProxy (one thread,
+#    http-reuse always) in front of it. Upstream reuse comes from limit-server's own
+#    counts (SIGUSR1 before and after the row): the share of upstream requests that
+#    went over an already open connection. "vs nginx" compares req/s and CPU/request.
+#    Then the three proxies once more in open loop at a fixed rate all of them sustain
+#    (PROXY_RATE, default 5000 req/s, latency from the intended send time): at
+#    saturation p99 is mostly queueing, here it is the proxy's own.
+# 3. TLS termination with one ECDSA P-256 certificate (openssl, made per run): Tiergate
+#    and nginx on a fixed small body (/livez): keep-alive HTTP/1.1; h2 by ALPN (4
+#    connections x 8 streams); and HTTP/1.1 with a new connection and a full handshake
+#    for every request (loadgen --tls, no session resumption).
+#
+# Server CPU per request is utime + stime of the server's processes (from /proc, before
+# and after the row) over the requests answered; for the proxies it leaves out the
+# upstream, which shares core 0 with them. Access logs are off everywhere: nginx
+# `access_log off`, HAProxy logs nothing without a `log` line, Tiergate `RUST_LOG=warn`
+# (its access lines are at info).
+#
+# A server that does not start, or a row that answers nothing, is reported as failed
+# and the others still run (e.g. Tiergate's proxy row, before the proxy is built, fails
+# with "unknown field `routes`"). Installs nginx, haproxy, jq, openssl, curl, psql and
+# taskset with apt-get when missing; starts PostgreSQL and Redis with scripts/services
+# when they are not up; stops everything it started on exit.
 #
 # Usage: bench/compare.sh [DURATION (default 5s)] [CONNECTIONS (default 16)]
-# Environment: DATABASE_URL (default postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench,
-#              created when missing), REDIS_URL (default redis://127.0.0.1:6379).
+# Environment: ROUNDS=N runs every row N times, in turn (all rows, then all again …), and
+#              reports for each the round with the median req/s: on a shared box this
+#              keeps one burst of someone else's work from deciding a ratio. Default 1.
+#              PROXY_RATE=N for the open-loop proxy rows (req/s; default 5000).
+#              DATABASE_URL (default postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench,
+#              created when missing), REDIS_URL (default redis://127.0.0.1:6379),
+#              COMPARE_JSON=FILE (also write every row as JSON there).
 set -euo pipefail
 
 duration=${1:-5s}
 conns=${2:-16}
 [[ $conns =~ ^[0-9]+$ && $conns -gt 0 ]] || { echo "compare: CONNECTIONS must be a positive whole number, got '$conns'" >&2; exit 2; }
+case $duration in
+  *ms) secs=1 ;;
+  *s) secs=${duration%s} ;;
+  *m) secs=$((${duration%m} * 60)) ;;
+  *) secs=x ;;
+esac
+[[ $secs =~ ^[0-9]+$ && $secs -gt 0 ]] || { echo "compare: DURATION must look like 5s, 500ms or 1m, got '$duration'" >&2; exit 2; }
+rounds=${ROUNDS:-1}
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "compare: ROUNDS must be a positive whole number, got '$rounds'" >&2; exit 2; }
+proxy_rate=${PROXY_RATE:-5000}
+[[ $proxy_rate =~ ^[1-9][0-9]*$ ]] || { echo "compare: PROXY_RATE must be a positive whole number, got '$proxy_rate'" >&2; exit 2; }
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 log() { printf '[compare] %s\n' "$*" >&2; }
@@ -28,7 +67,11 @@ missing=()
 have nginx || missing+=(nginx)
 have haproxy || missing+=(haproxy)
 have jq || missing+=(jq)
+have openssl || missing+=(openssl)
+have curl || missing+=(curl)
+have psql || missing+=(postgresql-client)
 have taskset || missing+=(util-linux)
+have ss || missing+=(iproute2)
 if ((${#missing[@]})); then
   log "installing with apt-get: ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
@@ -43,9 +86,11 @@ log "building release binaries (tiergate, loadgen, limit-server)"
 cargo build --release -q -p gateway -p bench --bins
 bin=$root/target/release
 
+scripts/services >&2 || die "PostgreSQL and Redis are not up and scripts/services could not start them"
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 db=${DATABASE_URL##*/}
+db=${db%%\?*}
 if [[ $db =~ ^[a-z_][a-z0-9_]*$ ]]; then
   PGPASSWORD=postgres psql -X -q -h 127.0.0.1 -U postgres -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 ||
     PGPASSWORD=postgres psql -X -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $db" >/dev/null ||
@@ -62,25 +107,96 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Waits until $1 answers 200 (at most 30 s).
-wait_for() {
-  local i
+# Waits until $2 answers 200 while process $1 lives (at most 30 s); says why not.
+up() {
+  local pid=$1 url=$2 i
   for ((i = 0; i < 300; i++)); do
-    if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+    # Alive too: a port taken by someone else's server must not pass for ours.
+    if curl -kfsS -o /dev/null "$url" 2>/dev/null; then kill -0 "$pid" 2>/dev/null && return 0; fi
+    kill -0 "$pid" 2>/dev/null || { log "process $pid exited before $url answered"; return 1; }
     sleep 0.1
   done
-  die "$1 did not answer within 30 s (logs in $tmp)"
+  log "$url did not answer within 30 s"
+  return 1
 }
+# The first lines of a log, on one line, for a table cell.
+why() { head -c 200 "$1" 2>/dev/null | tr '\n|' '  '; }
 
-limit_port=18090 tiergate_port=18080 admin_port=18081 nginx_port=18082 haproxy_port=18083
+# Ports nothing listens on (others may run servers on this box: never assume a fixed
+# one). free_port sets $port; not called in $(...), so `taken` grows in this shell.
+taken=" " port=
+free_port() {
+  local i
+  for ((i = 0; i < 200; i++)); do
+    # Below Linux's ephemeral range (32768 and up), where clients' own ports live.
+    port=$((20000 + RANDOM % 12000))
+    [[ $taken == *" $port "* ]] && continue
+    if [[ -z $(ss -Htan "( sport = :$port )" 2>/dev/null) ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      taken+="$port "
+      return 0
+    fi
+  done
+  die "found no free port"
+}
+free_port && limit_port=$port
+free_port && upstream_port=$port
+free_port && tiergate_port=$port
+free_port && admin_port=$port
+free_port && tiergate_tls_port=$port
+free_port && proxy_port=$port
+free_port && proxy_admin_port=$port
+free_port && nginx_port=$port
+free_port && nginx_tls_port=$port
+free_port && haproxy_port=$port
+
+# A self-signed leaf (not a CA: rustls refuses a CA certificate as a server's own).
+cat >"$tmp/cert.cnf" <<CONF
+[req]
+distinguished_name = dn
+x509_extensions = leaf
+prompt = no
+[dn]
+CN = localhost
+[leaf]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost, IP:127.0.0.1
+CONF
+openssl req -x509 -config "$tmp/cert.cnf" -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -keyout "$tmp/key.pem" -out "$tmp/cert.pem" 2>"$tmp/openssl.log" || die "openssl could not make a certificate: $(why "$tmp/openssl.log")"
 
 taskset -c "$server_cpu" "$bin/limit-server" "127.0.0.1:$limit_port" --threads 1 >"$tmp/limit.log" 2>&1 &
 pids+=($!) && limit_pid=$!
+taskset -c "$server_cpu" "$bin/limit-server" "127.0.0.1:$upstream_port" --threads 1 --body-bytes 1024 \
+  >"$tmp/upstream.out" 2>"$tmp/upstream.log" &
+pids+=($!) && upstream_pid=$!
 
 TIERGATE_LISTEN__HTTP=127.0.0.1:$tiergate_port TIERGATE_LISTEN__ADMIN=127.0.0.1:$admin_port \
+  TIERGATE_LISTEN__HTTPS=127.0.0.1:$tiergate_tls_port TIERGATE_TLS__CERT=$tmp/cert.pem TIERGATE_TLS__KEY=$tmp/key.pem \
   TIERGATE_REDIS__KEY_PREFIX=bench-compare RUST_LOG=warn \
   taskset -c "$server_cpu" "$bin/tiergate" serve >"$tmp/tiergate.log" 2>&1 &
 pids+=($!) && tiergate_pid=$!
+
+# Tiergate as a reverse proxy only: every path to the upstream group.
+cat >"$tmp/tiergate-proxy.toml" <<CONF
+[listen]
+http = "127.0.0.1:$proxy_port"
+admin = "127.0.0.1:$proxy_admin_port"
+[log]
+format = "json"
+[[routes]]
+name = "pass"
+path = "/"
+upstream = "origin"
+[[upstreams]]
+name = "origin"
+targets = ["127.0.0.1:$upstream_port"]
+balance = "round_robin"
+CONF
+TIERGATE_REDIS__KEY_PREFIX=bench-compare-proxy RUST_LOG=warn \
+  taskset -c "$server_cpu" "$bin/tiergate" --config "$tmp/tiergate-proxy.toml" serve >"$tmp/tiergate-proxy.log" 2>&1 &
+pids+=($!) && proxy_pid=$!
 
 cat >"$tmp/nginx.conf" <<CONF
 worker_processes 1;
@@ -90,13 +206,21 @@ error_log $tmp/nginx-error.log warn;
 events { worker_connections 1024; }
 http {
   access_log off;
+  keepalive_requests 1000000;
   client_body_temp_path $tmp; proxy_temp_path $tmp; fastcgi_temp_path $tmp;
   uwsgi_temp_path $tmp; scgi_temp_path $tmp;
-  upstream limit { server 127.0.0.1:$limit_port; keepalive 64; }
+  upstream origin { server 127.0.0.1:$upstream_port; keepalive 64; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$nginx_port;
     location = /static { default_type application/json; return 200 '{"source":"cache"}'; }
-    location / { proxy_pass http://limit; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+  server {
+    listen 127.0.0.1:$nginx_tls_port ssl http2;
+    ssl_certificate $tmp/cert.pem;
+    ssl_certificate_key $tmp/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location = /livez { default_type application/json; return 200 '{"status":"ok"}'; }
   }
 }
 CONF
@@ -108,25 +232,40 @@ global
   nbthread 1
 defaults
   mode http
+  http-reuse always
   timeout connect 5s
   timeout client 30s
   timeout server 30s
 frontend fe
   bind 127.0.0.1:$haproxy_port
-  default_backend limit
-backend limit
-  server s1 127.0.0.1:$limit_port
+  default_backend origin
+backend origin
+  server s1 127.0.0.1:$upstream_port
 CONF
 taskset -c "$server_cpu" haproxy -db -f "$tmp/haproxy.cfg" >"$tmp/haproxy.log" 2>&1 &
 pids+=($!) && haproxy_pid=$!
 
-wait_for "http://127.0.0.1:$limit_port/"
-wait_for "http://127.0.0.1:$admin_port/readyz"
-wait_for "http://127.0.0.1:$nginx_port/static"
-wait_for "http://127.0.0.1:$haproxy_port/"
+up "$limit_pid" "http://127.0.0.1:$limit_port/" || die "limit-server did not start: $(why "$tmp/limit.log")"
+up "$upstream_pid" "http://127.0.0.1:$upstream_port/" || die "limit-server (upstream) did not start: $(why "$tmp/upstream.log")"
+up "$tiergate_pid" "http://127.0.0.1:$admin_port/readyz" || die "Tiergate did not start: $(why "$tmp/tiergate.log")"
+nginx_ok=1 haproxy_ok=1 proxy_ok=1
+up "$nginx_pid" "http://127.0.0.1:$nginx_port/static" || nginx_ok=0
+up "$haproxy_pid" "http://127.0.0.1:$haproxy_port/" || haproxy_ok=0
+{ up "$proxy_pid" "http://127.0.0.1:$proxy_admin_port/readyz" && up "$proxy_pid" "http://127.0.0.1:$proxy_port/"; } || proxy_ok=0
+
 id=$(curl -fsS -H 'content-type: application/json' -d '{"name":"compare"}' "http://127.0.0.1:$tiergate_port/items" | jq -r .item.id) ||
   die "could not create an item (log: $tmp/tiergate.log)"
 curl -fsS -o /dev/null "http://127.0.0.1:$tiergate_port/items/$id"
+
+# Items for the Zipf and mix rows, and ids never read for the cold storm (more than a
+# miss storm gets through in the run; past them it would meet 404s).
+zipf_items=10000 cold_items=$((40000 * secs))
+seed() { # n -> first id of n new items
+  psql -X -q -t -A "$DATABASE_URL" -c \
+    "WITH made AS (INSERT INTO items (name) SELECT 'compare ' || g FROM generate_series(1, $1) g RETURNING id) SELECT min(id) FROM made"
+}
+zipf_first=$(seed "$zipf_items") || die "could not insert items with psql"
+cold_first=$(seed $((cold_items * rounds))) || die "could not insert items with psql"
 
 # CPU ticks (utime + stime) of a process and its children.
 ticks() {
@@ -144,31 +283,155 @@ ticks() {
 }
 hz=$(getconf CLK_TCK)
 
-rows=()
-run() { # label pid url [loadgen args...]
-  local label=$1 pid=$2 url=$3
-  shift 3
-  local before after
-  before=$(ticks "$pid")
-  taskset -c "$client_cpu" "$bin/loadgen" "$url" -c "$conns" -t 1 -d "$duration" -q \
-    --label "$label" --json "$tmp/$label.json" "$@" >/dev/null
-  after=$(ticks "$pid")
-  jq --argjson cpu $((after - before)) --argjson hz "$hz" \
-    '. + {cpu_us_per_req: (if .requests > 0 then $cpu / $hz * 1e6 / .requests else 0 end)}' \
-    "$tmp/$label.json" >"$tmp/$label.row.json"
-  rows+=("$tmp/$label.row.json")
-  log "done: $label"
+# The upstream's "connections=N requests=M" now (SIGUSR1; it prints one line each).
+upstream_counts() {
+  local before after i
+  before=$(wc -l <"$tmp/upstream.out")
+  kill -USR1 "$upstream_pid"
+  for ((i = 0; i < 50; i++)); do
+    after=$(wc -l <"$tmp/upstream.out")
+    ((after > before)) && break
+    sleep 0.05
+  done
+  tail -n 1 "$tmp/upstream.out" | sed -n 's/^connections=\([0-9]*\) requests=\([0-9]*\)$/\1 \2/p'
 }
 
-run limit-server "$limit_pid" "http://127.0.0.1:$limit_port/items/1"
-run tiergate-l1-hit "$tiergate_pid" "http://127.0.0.1:$tiergate_port/" --scenario hot --id "$id"
-run nginx-static "$nginx_pid" "http://127.0.0.1:$nginx_port/static"
-run nginx-proxy "$nginx_pid" "http://127.0.0.1:$nginx_port/items/1"
-run haproxy-proxy "$haproxy_pid" "http://127.0.0.1:$haproxy_port/items/1"
+app_rows=() proxy_rows=() tls_rows=()
+mkdir "$tmp/rows"
+# A row that could not be measured: label reason; the label on stdout.
+failed() {
+  jq -n --arg name "$1" --arg why "$2" '{"label": $name, "failed": $why}' >"$tmp/rows/$1.r$round.json"
+  log "failed: $1: $2"
+  echo "$1"
+}
+# One measurement: label pid url [loadgen args...]; the label on stdout.
+# UPSTREAM=1 adds the upstream's connection counts; ROW_CONNS overrides CONNECTIONS.
+measure() {
+  local label=$1 pid=$2 url=$3
+  shift 3
+  local before after c0=0 r0=0 c1=0 r1=0
+  [[ ${UPSTREAM:-0} == 1 ]] && read -r c0 r0 < <(upstream_counts)
+  before=$(ticks "$pid")
+  if ! taskset -c "$client_cpu" "$bin/loadgen" "$url" -c "${ROW_CONNS:-$conns}" -t 1 -d "$duration" -q \
+    --label "$label" --json "$tmp/$label.json" "$@" >/dev/null 2>"$tmp/$label.err"; then
+    failed "$label" "loadgen: $(why "$tmp/$label.err")"
+    return
+  fi
+  after=$(ticks "$pid")
+  [[ ${UPSTREAM:-0} == 1 ]] && read -r c1 r1 < <(upstream_counts)
+  jq --argjson cpu $((after - before)) --argjson hz "$hz" \
+    --argjson up_conns $((c1 - c0)) --argjson up_reqs $((r1 - r0)) --argjson up "${UPSTREAM:-0}" \
+    '. + {cpu_us_per_req: (if .requests > 0 then $cpu / $hz * 1e6 / .requests else 0 end)}
+       + (if $up == 1 then {upstream_conns: $up_conns, upstream_reqs: $up_reqs} else {} end)' \
+    "$tmp/$label.json" >"$tmp/rows/$label.r$round.json"
+  log "done: $label (round $round of $rounds)"
+  echo "$label"
+}
 
-echo "loadgen: $conns connections, $duration each, server on core $server_cpu, loadgen on core $client_cpu"
+tg=http://127.0.0.1:$tiergate_port
+tls=(--ca "$tmp/cert.pem")
+tiergate_tls=https://127.0.0.1:$tiergate_tls_port/livez
+nginx_tls=https://127.0.0.1:$nginx_tls_port/livez
+for ((round = 1; round <= rounds; round++)); do
+  cold_round=$((cold_first + (round - 1) * cold_items))
+  app_rows+=("$(measure limit-server "$limit_pid" "http://127.0.0.1:$limit_port/items/1")")
+  app_rows+=("$(measure tiergate-l1-hit "$tiergate_pid" "$tg/" --scenario hot --id "$id")")
+  # Zipf and mix: one unmeasured second first, so the hot ids are in L1 as in steady state.
+  taskset -c "$client_cpu" "$bin/loadgen" "$tg/" -c "$conns" -t 1 -d 1s -q \
+    --scenario zipf --items "$zipf_items" --first-id "$zipf_first" >/dev/null 2>&1 || true
+  app_rows+=("$(measure tiergate-zipf "$tiergate_pid" "$tg/" --scenario zipf --items "$zipf_items" --first-id "$zipf_first")")
+  app_rows+=("$(measure tiergate-mix "$tiergate_pid" "$tg/" --scenario mix --items "$zipf_items" --first-id "$zipf_first" --write-ratio 0.1)")
+  app_rows+=("$(measure tiergate-cold "$tiergate_pid" "$tg/" --scenario cold --first-id "$cold_round")")
+  if ((nginx_ok)); then
+    app_rows+=("$(measure nginx-static "$nginx_pid" "http://127.0.0.1:$nginx_port/static")")
+  else
+    app_rows+=("$(failed nginx-static "did not start: $(why "$tmp/nginx.log") $(why "$tmp/nginx-error.log")")")
+  fi
+
+  proxy_rows+=("$(UPSTREAM=1 measure upstream-direct "$upstream_pid" "http://127.0.0.1:$upstream_port/")")
+  if ((proxy_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure tiergate-proxy "$proxy_pid" "http://127.0.0.1:$proxy_port/")")
+  else
+    proxy_rows+=("$(failed tiergate-proxy "did not start: $(why "$tmp/tiergate-proxy.log")")")
+  fi
+  if ((nginx_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure nginx-proxy "$nginx_pid" "http://127.0.0.1:$nginx_port/")")
+  else
+    proxy_rows+=("$(failed nginx-proxy "did not start")")
+  fi
+  if ((haproxy_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure haproxy-proxy "$haproxy_pid" "http://127.0.0.1:$haproxy_port/")")
+  else
+    proxy_rows+=("$(failed haproxy-proxy "did not start: $(why "$tmp/haproxy.log")")")
+  fi
+  open=(--rate "$proxy_rate")
+  if ((proxy_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure "tiergate-proxy-at-$proxy_rate" "$proxy_pid" "http://127.0.0.1:$proxy_port/" "${open[@]}")")
+  fi
+  if ((nginx_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure "nginx-proxy-at-$proxy_rate" "$nginx_pid" "http://127.0.0.1:$nginx_port/" "${open[@]}")")
+  fi
+  if ((haproxy_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure "haproxy-proxy-at-$proxy_rate" "$haproxy_pid" "http://127.0.0.1:$haproxy_port/" "${open[@]}")")
+  fi
+
+  if up "$tiergate_pid" "$tiergate_tls"; then
+    tls_rows+=("$(measure tiergate-tls "$tiergate_pid" "$tiergate_tls" "${tls[@]}")")
+    tls_rows+=("$(ROW_CONNS=4 measure tiergate-tls-h2 "$tiergate_pid" "$tiergate_tls" "${tls[@]}" --http2 --streams 8)")
+    tls_rows+=("$(measure tiergate-tls-handshake "$tiergate_pid" "$tiergate_tls" "${tls[@]}" --new-conn)")
+  else
+    tls_rows+=("$(failed tiergate-tls "no HTTPS answer: $(why "$tmp/tiergate.log")")")
+  fi
+  if ((nginx_ok)) && up "$nginx_pid" "$nginx_tls"; then
+    tls_rows+=("$(measure nginx-tls "$nginx_pid" "$nginx_tls" "${tls[@]}")")
+    tls_rows+=("$(ROW_CONNS=4 measure nginx-tls-h2 "$nginx_pid" "$nginx_tls" "${tls[@]}" --http2 --streams 8)")
+    tls_rows+=("$(measure nginx-tls-handshake "$nginx_pid" "$nginx_tls" "${tls[@]}" --new-conn)")
+  else
+    tls_rows+=("$(failed nginx-tls "no HTTPS answer: $(why "$tmp/nginx-error.log")")")
+  fi
+done
+
+# One row per label: the round with the median req/s (the lower of the two middle ones
+# for an even count), so its latencies and CPU come from the same measurement.
+pick() {
+  local label
+  while read -r label; do
+    jq -s 'map(select(.failed | not)) as $ok
+      | if ($ok | length) > 0 then ($ok | sort_by(.requests_per_sec) | .[(length - 1) / 2 | floor]) + {rounds: ($ok | length)} else .[0] end' \
+      "$tmp/rows/$label".r*.json >"$tmp/$label.row.json"
+    echo "$tmp/$label.row.json"
+  done
+}
+mapfile -t app_rows < <(printf '%s\n' "${app_rows[@]}" | awk '!seen[$0]++' | pick)
+mapfile -t proxy_rows < <(printf '%s\n' "${proxy_rows[@]}" | awk '!seen[$0]++' | pick)
+mapfile -t tls_rows < <(printf '%s\n' "${tls_rows[@]}" | awk '!seen[$0]++' | pick)
+
+if [[ -n ${COMPARE_JSON:-} ]]; then
+  jq -s . "${app_rows[@]}" "${proxy_rows[@]}" "${tls_rows[@]}" >"$COMPARE_JSON"
+fi
+
+r2='def r2: (. * 100 | round) / 100;'
+echo "loadgen: $conns connections (TLS h2 rows: 4 x 8 streams), HTTP/1.1 unless marked, closed loop (rows ending -at-N: open loop at N req/s), $duration per row, median of $rounds round(s), server on core $server_cpu, loadgen on core $client_cpu"
 echo
-echo "| server | req/s | vs limit | p50 ms | p99 ms | p99.9 ms | server CPU µs/req | errors |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-jq -rs '(.[0].requests_per_sec) as $top | .[] |
-  "| \(.label) | \(.requests_per_sec | floor) | \((.requests_per_sec / $top * 100 | floor) / 100) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \((.cpu_us_per_req * 100 | floor) / 100) | \(.errors) |"' "${rows[@]}"
+echo "| app | req/s | vs limit | p50 ms | p99 ms | p99.9 ms | server CPU µs/req | errors | non-2xx |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+jq -rs "$r2"' (.[0].requests_per_sec // 0) as $top | .[] |
+  if .failed then "| \(.label) | failed: \(.failed) | | | | | | | |" else
+  "| \(.label) | \(.requests_per_sec | floor) | \(if $top > 0 then .requests_per_sec / $top | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(.errors) | \(.non_success) |" end' \
+  "${app_rows[@]}"
+echo
+echo "| proxy, 1 KiB body | req/s | req/s vs nginx | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | CPU vs nginx | upstream conns opened | upstream reuse | errors |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+jq -rs "$r2"' (map(select((.label | startswith("nginx")) and (.failed | not))) | map({key: (.label | sub("^nginx"; "")), value: .}) | from_entries) as $refs | .[] |
+  if .failed then "| \(.label) | failed: \(.failed) | | | | | | | | | |" else
+  $refs[.label | sub("^[a-z]+"; "")] as $ref |
+  "| \(.label) | \(.requests_per_sec | floor) | \(if $ref then .requests_per_sec / $ref.requests_per_sec | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(if $ref and $ref.cpu_us_per_req > 0 then .cpu_us_per_req / $ref.cpu_us_per_req | r2 else "n/a" end) | \(.upstream_conns) | \(if .upstream_reqs > 0 then ((1 - .upstream_conns / .upstream_reqs) * 100 | if . < 0 then 0 else . end | r2 | tostring) + " %" else "n/a" end) | \(.errors) |" end' \
+  "${proxy_rows[@]}"
+echo
+echo "| TLS (ECDSA P-256, /livez) | proto | new conn per request | req/s | req/s vs nginx | p50 ms | p99 ms | p99.9 ms | server CPU µs/req | TLS full handshakes | errors |"
+echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+jq -rs "$r2"' (map(select((.label | startswith("nginx")) and (.failed | not))) | map({key: (.label | sub("^nginx"; "")), value: .}) | from_entries) as $ref | .[] |
+  if .failed then "| \(.label) | failed: \(.failed) | | | | | | | | | |" else
+  (.label | sub("^[a-z]+"; "")) as $k |
+  "| \(.label) | \(if .protocol == "http2" then "h2" else "h1" end) \(.connections)×\(if .protocol == "http2" then 8 else 1 end) | \(if ($k | endswith("handshake")) then "yes" else "no" end) | \(.requests_per_sec | floor) | \(if $ref[$k] then .requests_per_sec / $ref[$k].requests_per_sec | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(.tls_handshakes) | \(.errors) |" end' \
+  "${tls_rows[@]}"

@@ -1,5 +1,5 @@
-//! loadgen's HTTP/1.1 client: one request at a time on one connection, the request
-//! written from a reused buffer, the response head parsed with `httparse` and the body
+//! loadgen's HTTP/1.1 client: one request at a time on one connection (plain or TLS),
+//! the request written from a reused buffer, the response head parsed with `httparse` and the body
 //! skipped (content-length, chunked, or to the end of the connection).
 //!
 //! Why not hyper's client: its dispatch (a channel to the connection, a oneshot back,
@@ -10,7 +10,8 @@ use anyhow::{Context, bail};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderValue, Method, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::tls::Stream;
 
 /// Response heads with more headers than this are refused.
 const MAX_HEADERS: usize = 64;
@@ -20,7 +21,7 @@ const MAX_HEAD: usize = 64 << 10;
 /// One HTTP/1.1 connection.
 #[derive(Debug)]
 pub struct Connection {
-    tcp: TcpStream,
+    io: Stream,
     buf: BytesMut,
     out: Vec<u8>,
     /// The server said `Connection: close`, or the body ran to the end of the stream.
@@ -35,10 +36,10 @@ enum Framing {
 }
 
 impl Connection {
-    /// Wraps a connected socket.
-    pub fn new(tcp: TcpStream) -> Self {
+    /// Wraps a connected socket (TLS already handshaken).
+    pub fn new(io: Stream) -> Self {
         Self {
-            tcp,
+            io,
             buf: BytesMut::with_capacity(16 << 10),
             out: Vec::with_capacity(512),
             closed: false,
@@ -81,7 +82,9 @@ impl Connection {
         } else {
             out.extend_from_slice(b"\r\n");
         }
-        self.tcp.write_all(out).await.context("send the request")?;
+        self.io.write_all(out).await.context("send the request")?;
+        // TLS may keep records back until flushed; for TCP this does nothing.
+        self.io.flush().await.context("send the request")?;
 
         let (status, framing) = loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -126,7 +129,7 @@ impl Connection {
             Framing::Chunked => self.skip_chunks().await?,
             Framing::UntilClose => {
                 while self
-                    .tcp
+                    .io
                     .read_buf(&mut self.buf)
                     .await
                     .context("read the body")?
@@ -143,7 +146,7 @@ impl Connection {
     /// Reads more into the buffer; the peer closing here is an error.
     async fn fill(&mut self) -> anyhow::Result<()> {
         if self
-            .tcp
+            .io
             .read_buf(&mut self.buf)
             .await
             .context("read the response")?

@@ -6,6 +6,7 @@
 //! - [`scenario`]: which request comes next (hot id, Zipf, read/write mix, cold ids, a URL).
 //! - [`load`]: connections, closed- and open-loop drivers, latency histograms.
 //! - [`h1`]: loadgen's own HTTP/1.1 client (hyper's costs too much per request).
+//! - [`tls`]: the rustls client for `https` and the plain-or-TLS socket.
 //! - [`limit`]: the upper-limit server (a fixed answer), for tests and comparisons.
 //! - [`report`]: the markdown table, JSON and the SVG percentile plot.
 
@@ -14,3 +15,4 @@ pub mod limit;
 pub mod load;
 pub mod report;
 pub mod scenario;
+pub mod tls;

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::h1;
 use crate::scenario::Scenario;
+use crate::tls::{Handshake, Stream, Tls};
 
 /// Latencies are recorded in microseconds, up to an hour, with 3 significant digits.
 const MAX_LATENCY_US: u64 = 3_600_000_000;
@@ -41,7 +42,8 @@ const PUBLISH_EVERY: u64 = 64;
 pub enum Protocol {
     /// HTTP/1.1, one request at a time per connection.
     Http1,
-    /// HTTP/2 with prior knowledge (h2c), `streams` requests at a time per connection.
+    /// HTTP/2 (h2c with prior knowledge, or `h2` by ALPN over TLS), `streams` requests
+    /// at a time per connection.
     Http2,
 }
 
@@ -65,6 +67,8 @@ pub struct Plan {
     pub host: HeaderValue,
     /// The wire protocol.
     pub protocol: Protocol,
+    /// TLS over every connection (`https`), or plain TCP when `None`.
+    pub tls: Option<Tls>,
     /// TCP connections (ignored with `new_conn`: every request opens its own).
     pub connections: usize,
     /// Concurrent requests per connection (HTTP/2 only; HTTP/1.1 is always 1).
@@ -100,6 +104,12 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// The first transport error, for the report.
     pub first_error: Option<String>,
+    /// Connections opened (before the start and during the run).
+    pub connects: u64,
+    /// Full TLS handshakes completed.
+    pub tls_full: u64,
+    /// Resumed TLS handshakes completed.
+    pub tls_resumed: u64,
 }
 
 impl Outcome {
@@ -121,6 +131,9 @@ struct Shared {
     done: AtomicU64,
     errors: AtomicU64,
     first_error: Mutex<Option<String>>,
+    connects: AtomicU64,
+    tls_full: AtomicU64,
+    tls_resumed: AtomicU64,
 }
 
 /// Per-worker results, merged at the end.
@@ -167,15 +180,29 @@ enum Conn {
 }
 
 impl Conn {
-    async fn open(plan: &Plan) -> anyhow::Result<Self> {
+    /// Connects (and handshakes TLS), counting both in `shared`.
+    async fn open(plan: &Plan, shared: &Shared) -> anyhow::Result<Self> {
         let tcp = TcpStream::connect(plan.addr)
             .await
             .with_context(|| format!("connect to {}", plan.addr))?;
         tcp.set_nodelay(true).context("set TCP_NODELAY")?;
+        shared.connects.fetch_add(1, Ordering::Relaxed);
+        let io = match &plan.tls {
+            None => Stream::Tcp(tcp),
+            Some(tls) => {
+                let (io, kind) = tls.connect(tcp).await?;
+                let counter = match kind {
+                    Handshake::Full => &shared.tls_full,
+                    Handshake::Resumed => &shared.tls_resumed,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                io
+            }
+        };
         Ok(match plan.protocol {
-            Protocol::Http1 => Self::H1(h1::Connection::new(tcp)),
+            Protocol::Http1 => Self::H1(h1::Connection::new(io)),
             Protocol::Http2 => {
-                let (send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                let (send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                     .await
                     .context("HTTP/2 handshake")?;
                 tokio::spawn(async move {
@@ -286,6 +313,9 @@ pub fn run(plan: Plan) -> anyhow::Result<Outcome> {
         non_success: total.non_success,
         elapsed,
         first_error,
+        connects: shared.connects.load(Ordering::Relaxed),
+        tls_full: shared.tls_full.load(Ordering::Relaxed),
+        tls_resumed: shared.tls_resumed.load(Ordering::Relaxed),
     })
 }
 
@@ -314,7 +344,7 @@ fn thread_main(
                 conns.push(None);
                 continue;
             }
-            let first = Conn::open(plan).await.ok();
+            let first = Conn::open(plan, shared).await.ok();
             for _ in 1..streams(plan) {
                 conns.push(first.as_ref().and_then(Conn::share));
             }
@@ -400,7 +430,8 @@ async fn worker(
         }
         let sent = Instant::now();
         let from = intended.unwrap_or(sent);
-        let result = tokio::time::timeout(plan.timeout, call(plan, &mut rng, &mut conn)).await;
+        let result =
+            tokio::time::timeout(plan.timeout, call(plan, shared, &mut rng, &mut conn)).await;
         let latency = from.elapsed();
         let error = match result {
             Ok(Ok(status)) => {
@@ -447,12 +478,13 @@ fn note_error(shared: &Shared, message: String) {
 /// One request on `conn`, opening a connection first when there is none.
 async fn call(
     plan: &Plan,
+    shared: &Shared,
     rng: &mut fastrand::Rng,
     conn: &mut Option<Conn>,
 ) -> anyhow::Result<u16> {
     let c = match conn {
         Some(c) => c,
-        None => conn.insert(Conn::open(plan).await?),
+        None => conn.insert(Conn::open(plan, shared).await?),
     };
     let next = plan.scenario.next(rng);
     let send = match c {
@@ -470,7 +502,11 @@ async fn call(
     let mut req = Request::new(Full::new(next.body.clone().unwrap_or_default()));
     *req.method_mut() = next.method;
     let mut parts = next.path.into_parts();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.scheme = Some(if plan.tls.is_some() {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    });
     parts.authority = Some(plan.authority.clone());
     *req.uri_mut() = Uri::from_parts(parts).context("build the request URI")?;
     if next.body.is_some() {

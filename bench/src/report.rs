@@ -15,6 +15,8 @@ pub struct Summary {
     pub mode: String,
     /// The wire protocol.
     pub protocol: Protocol,
+    /// Over TLS (`https`).
+    pub tls: bool,
     /// Connections.
     pub connections: usize,
     /// Requests answered.
@@ -43,6 +45,12 @@ pub struct Summary {
     pub percentiles: Vec<(f64, f64)>,
     /// The first transport error, if any.
     pub first_error: Option<String>,
+    /// Connections opened, including those opened before the start.
+    pub connects: u64,
+    /// Full TLS handshakes (with `--new-conn` and no resumption: one per request).
+    pub tls_handshakes: u64,
+    /// Resumed TLS handshakes (only with `--resume`).
+    pub tls_resumed: u64,
 }
 
 /// The percentiles plotted and stored: dense towards the tail, like HdrHistogram's output.
@@ -56,6 +64,7 @@ impl Summary {
         label: &str,
         mode: String,
         protocol: Protocol,
+        tls: bool,
         connections: usize,
         o: &Outcome,
     ) -> Self {
@@ -65,6 +74,7 @@ impl Summary {
             label: label.to_owned(),
             mode,
             protocol,
+            tls,
             connections,
             requests: o.answered,
             requests_per_sec: o.rate(),
@@ -79,6 +89,9 @@ impl Summary {
             mean_ms: o.latency.mean() / 1e3,
             percentiles: PLOT_QUANTILES.iter().map(|&p| (p, at(p / 100.0))).collect(),
             first_error: o.first_error.clone(),
+            connects: o.connects,
+            tls_handshakes: o.tls_full,
+            tls_resumed: o.tls_resumed,
         }
     }
 }
@@ -86,17 +99,24 @@ impl Summary {
 /// A markdown table with one row per summary.
 pub fn markdown(rows: &[Summary]) -> String {
     let mut out = String::from(
-        "| run | mode | proto | conns | requests | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | non-2xx/3xx |\n\
-         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| run | mode | proto | conns | requests | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | non-2xx/3xx | connects | TLS full/resumed |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
-        let proto = match r.protocol {
-            Protocol::Http1 => "h1",
-            Protocol::Http2 => "h2c",
+        let proto = match (r.protocol, r.tls) {
+            (Protocol::Http1, false) => "h1",
+            (Protocol::Http1, true) => "h1+tls",
+            (Protocol::Http2, false) => "h2c",
+            (Protocol::Http2, true) => "h2",
+        };
+        let handshakes = if r.tls {
+            format!("{}/{}", r.tls_handshakes, r.tls_resumed)
+        } else {
+            "-".to_owned()
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |",
             r.label,
             r.mode,
             proto,
@@ -109,7 +129,9 @@ pub fn markdown(rows: &[Summary]) -> String {
             r.p999_ms,
             r.max_ms,
             r.errors,
-            r.non_success
+            r.non_success,
+            r.connects,
+            handshakes
         );
     }
     out

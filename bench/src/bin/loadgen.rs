@@ -8,6 +8,8 @@
 //! ```text
 //! loadgen http://127.0.0.1:8080/items/1 -c 32 -d 10s
 //! loadgen http://127.0.0.1:8080 --scenario zipf --items 10000 --rate 20000 --json out.json --svg out.svg
+//! loadgen https://127.0.0.1:8443/livez --ca cert.pem --http2 --streams 8
+//! loadgen https://127.0.0.1:8443/livez --insecure --new-conn   # a full handshake per request
 //! ```
 
 use std::io::IsTerminal;
@@ -22,6 +24,7 @@ use anyhow::{Context, bail};
 use bench::load::{self, Plan, Protocol, Stop};
 use bench::report::{self, Summary};
 use bench::scenario::{self, Scenario, ZipfTable};
+use bench::tls::{Tls, Trust};
 use clap::{Parser, ValueEnum};
 use http::{HeaderValue, Uri};
 
@@ -29,7 +32,8 @@ use http::{HeaderValue, Uri};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Target URL (http://host:port/path). With `--scenario url` its path is requested.
+    /// Target URL (http:// or https://host:port/path). With `--scenario url` its path is
+    /// requested.
     url: String,
     /// TCP connections.
     #[arg(short, long, default_value_t = 16)]
@@ -46,13 +50,27 @@ struct Args {
     /// Open loop: this many requests per second in total (coordinated-omission corrected).
     #[arg(short, long)]
     rate: Option<f64>,
-    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    /// HTTP/2 instead of HTTP/1.1: h2c with prior knowledge, or `h2` by ALPN with TLS.
     #[arg(long)]
     http2: bool,
+    /// TLS to the server (implied by an https:// URL). The server's certificate must be
+    /// for the URL's host and signed by `--ca`, or by the system's CA bundle.
+    #[arg(long)]
+    tls: bool,
+    /// Trust the certificates in this PEM file (e.g. a self-signed one) for `--tls`.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    ca: Option<PathBuf>,
+    /// Accept any server certificate for `--tls` (a self-signed one, any name).
+    #[arg(short = 'k', long)]
+    insecure: bool,
+    /// Allow TLS session resumption. Off by default, so `--new-conn` pays a full
+    /// handshake for every request.
+    #[arg(long)]
+    resume: bool,
     /// Concurrent streams per HTTP/2 connection.
     #[arg(long, default_value_t = 1)]
     streams: usize,
-    /// Open a new TCP connection for every request.
+    /// Open a new TCP connection (and TLS session) for every request.
     #[arg(long)]
     new_conn: bool,
     /// What to request.
@@ -124,9 +142,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         .label
         .clone()
         .unwrap_or_else(|| plan.scenario.name().to_owned());
-    let (protocol, connections) = (plan.protocol, plan.connections);
+    let (protocol, tls, connections) = (plan.protocol, plan.tls.is_some(), plan.connections);
     let outcome = load::run(plan)?;
-    let summary = Summary::new(&label, mode, protocol, connections, &outcome);
+    let summary = Summary::new(&label, mode, protocol, tls, connections, &outcome);
     print!("{}", report::markdown(std::slice::from_ref(&summary)));
     if let Some(e) = &summary.first_error {
         eprintln!("loadgen: first error: {e}");
@@ -152,15 +170,19 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         .url
         .parse()
         .with_context(|| format!("URL '{}' does not parse", args.url))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => bail!("https URLs are not supported yet (TLS is planned); use http://"),
-        _ => bail!("URL '{}' must start with http://", args.url),
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => bail!("URL '{}' must start with http:// or https://", args.url),
+    };
+    let tls = https || args.tls;
+    if !tls && (args.ca.is_some() || args.insecure || args.resume) {
+        bail!("--ca, --insecure and --resume need --tls or an https:// URL");
     }
     let Some(authority) = uri.authority() else {
         bail!("URL '{}' has no host", args.url);
     };
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addr = (authority.host(), port)
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {}", authority.host()))?
@@ -211,6 +233,17 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
             next: Arc::new(AtomicU64::new(args.first_id)),
         },
     };
+    let tls = if tls {
+        let trust = match (&args.ca, args.insecure) {
+            (Some(path), _) => Trust::Ca(path),
+            (None, true) => Trust::Insecure,
+            (None, false) => Trust::System,
+        };
+        let alpn: &'static [u8] = if args.http2 { b"h2" } else { b"http/1.1" };
+        Some(Tls::new(authority.host(), trust, alpn, args.resume)?)
+    } else {
+        None
+    };
     let threads = match args.threads {
         Some(0) => bail!("--threads must be at least 1"),
         Some(t) => t,
@@ -226,6 +259,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         } else {
             Protocol::Http1
         },
+        tls,
         connections: args.connections,
         streams: args.streams,
         threads,
