@@ -35,10 +35,11 @@ fn wrk_rate(addr: std::net::SocketAddr, connections: usize) -> f64 {
 fn closed_loop_is_within_ten_percent_of_wrk() {
     let server = Server::start();
     let connections = 16;
-    // Same connections and threads for both; best of two each, alternating, so one
-    // burst of noise on a shared box does not decide the result.
+    // Same connections and threads for both; best of three each, alternating, so a
+    // burst of noise on a shared box (PostgreSQL dropping the test databases of the
+    // crates tested before, say) does not decide the result.
     let (mut best_wrk, mut best_loadgen) = (0.0f64, 0.0f64);
-    for _ in 0..2 {
+    for _ in 0..3 {
         best_wrk = best_wrk.max(wrk_rate(server.addr, connections));
         let summary = loadgen(server.addr, &["-c", "16", "-t", "1", "-d", "2s"]);
         assert_eq!(summary["errors"], 0, "{summary}");
