@@ -449,18 +449,32 @@ impl RedisCluster {
             .status()
             .expect("run redis-cli --cluster create");
         assert!(created.success(), "redis-cli --cluster create failed");
-        loop {
-            let info = std::process::Command::new("redis-cli")
-                .args(["-p", &cluster.ports[0].to_string(), "cluster", "info"])
-                .output()
-                .expect("run redis-cli cluster info");
-            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
-                break;
-            }
+        // Up means every node says so and all agree on who owns which slots: while the
+        // nodes still gossip, a publisher and a subscriber may route the same channel to
+        // different nodes, and a sharded message stays on the node it was sent to.
+        while !cluster.converged() {
             assert!(Instant::now() < deadline, "the cluster did not come up");
             std::thread::sleep(Duration::from_millis(50));
         }
         cluster
+    }
+
+    fn converged(&self) -> bool {
+        let ask = |port: u16, what: &str| {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "cluster", what])
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let all_ok = self.ports.iter().all(|port| {
+            let info = ask(*port, "info");
+            info.contains("cluster_state:ok")
+                && info.contains("cluster_slots_ok:16384")
+                && info.contains(&format!("cluster_known_nodes:{}", self.ports.len()))
+        });
+        let maps: Vec<String> = self.ports.iter().map(|port| ask(*port, "slots")).collect();
+        all_ok && maps.iter().all(|map| !map.is_empty() && *map == maps[0])
     }
 
     fn node_file(port: u16) -> String {

@@ -315,7 +315,13 @@ impl L2 {
         {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 // First use on this server (or it restarted): load the script, then retry.
-                let _: () = client.script_load(FENCE_LUA).await?;
+                // A cluster keeps scripts per node: load it on every primary, or the key's
+                // node may still not know it.
+                if self.client.is_clustered() {
+                    let _: () = client.script_load_cluster(FENCE_LUA).await?;
+                } else {
+                    let _: () = client.script_load(FENCE_LUA).await?;
+                }
                 client
                     .evalsha(self.fence.sha1().clone(), self.key(id), args)
                     .await?

@@ -232,7 +232,9 @@ async fn a_redis_outage_under_load_loses_nothing_and_converges() {
 /// two instances on a three-node Redis cluster, L1 lifetime a minute; a write through
 /// one is read through the other at once, which only a delivered invalidation explains.
 /// Checked against a subscriber that used plain `SUBSCRIBE` in cluster mode: the reader
-/// kept the old version and the test failed.
+/// kept the old version and the test failed. It also found the fence's `SCRIPT LOAD`
+/// going to one node of the cluster, so the key's node answered `NOSCRIPT` and writes
+/// turned Redis untrusted (now loaded on every primary).
 #[tokio::test]
 async fn in_cluster_mode_invalidations_go_by_sharded_pub_sub() {
     let backends = Backends::new().await;
