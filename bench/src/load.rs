@@ -158,6 +158,17 @@ impl Tally {
         })
     }
 
+    /// Adds another task's counts to these.
+    fn merge(&mut self, other: &Self) -> anyhow::Result<()> {
+        self.latency
+            .add(&other.latency)
+            .context("merge latency histograms")?;
+        self.answered += other.answered;
+        self.errors += other.errors;
+        self.non_success += other.non_success;
+        Ok(())
+    }
+
     fn count(&mut self, shared: &Shared, error: bool) {
         self.unpublished += 1;
         if error {
@@ -292,13 +303,7 @@ pub fn run(plan: Plan) -> anyhow::Result<Outcome> {
     let mut total = Tally::new()?;
     let mut elapsed = Duration::ZERO;
     for (tally, took) in results {
-        total
-            .latency
-            .add(&tally.latency)
-            .context("merge latency histograms")?;
-        total.answered += tally.answered;
-        total.errors += tally.errors;
-        total.non_success += tally.non_success;
+        total.merge(&tally)?;
         elapsed = elapsed.max(took);
     }
     let first_error = shared
@@ -375,13 +380,7 @@ fn thread_main(
     let mut total = Tally::new()?;
     for tally in tallies {
         let tally = tally.context("a load task failed")??;
-        total
-            .latency
-            .add(&tally.latency)
-            .context("merge latency histograms")?;
-        total.answered += tally.answered;
-        total.errors += tally.errors;
-        total.non_success += tally.non_success;
+        total.merge(&tally)?;
     }
     Ok((total, took))
 }

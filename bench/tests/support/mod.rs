@@ -20,22 +20,24 @@ use rustls::HandshakeKind;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-/// `limit::serve` on 127.0.0.1:0, on a one-thread runtime of its own; stops when dropped.
-pub struct Server {
+/// A server future on 127.0.0.1:0, on a one-thread runtime in a thread of its own;
+/// stopped (and the thread joined) when dropped.
+pub struct Background {
     pub addr: SocketAddr,
-    pub stall: Stall,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Server {
-    pub fn start() -> Self {
+impl Background {
+    pub fn serve<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let stall = Stall::default();
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let serving = stall.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -44,27 +46,46 @@ impl Server {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 tokio::select! {
-                    () = limit::serve(listener, serving) => {}
+                    () = serve(listener) => {}
                     _ = stopped => {}
                 }
             });
         });
         Self {
             addr,
-            stall,
             stop: Some(stop),
             thread: Some(thread),
         }
     }
 }
 
-impl Drop for Server {
+impl Drop for Background {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// `limit::serve` in the background; stops when dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub stall: Stall,
+    _background: Background,
+}
+
+impl Server {
+    pub fn start() -> Self {
+        let stall = Stall::default();
+        let serving = stall.clone();
+        let background = Background::serve(move |listener| limit::serve(listener, serving));
+        Self {
+            addr: background.addr,
+            stall,
+            _background: background,
         }
     }
 }
@@ -125,8 +146,7 @@ pub struct TlsServer {
     /// The certificate, PEM, in a file of its own (for `--ca`).
     pub ca: PathBuf,
     pub counts: Arc<TlsCounts>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _background: Background,
 }
 
 impl TlsServer {
@@ -151,31 +171,14 @@ impl TlsServer {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
 
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let counts = Arc::new(TlsCounts::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel();
         let counting = counts.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                tokio::select! {
-                    () = serve_tls(listener, acceptor, counting) => {}
-                    _ = stopped => {}
-                }
-            });
-        });
+        let background = Background::serve(move |listener| serve_tls(listener, acceptor, counting));
         Self {
-            addr,
+            addr: background.addr,
             ca,
             counts,
-            stop: Some(stop),
-            thread: Some(thread),
+            _background: background,
         }
     }
 
@@ -198,12 +201,6 @@ impl TlsServer {
 
 impl Drop for TlsServer {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
         let _ = std::fs::remove_file(&self.ca);
     }
 }
