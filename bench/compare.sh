@@ -38,6 +38,8 @@
 #              reports for each the round with the median req/s: on a shared box this
 #              keeps one burst of someone else's work from deciding a ratio. Default 1.
 #              PROXY_RATE=N for the open-loop proxy rows (req/s; default 5000).
+#              TABLES=app,proxy,tls (default all three): the tables to measure, so one
+#              change can be checked against its peers in a shorter run.
 #              DATABASE_URL (default postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench,
 #              created when missing), REDIS_URL (default redis://127.0.0.1:6379),
 #              COMPARE_JSON=FILE (also write every row as JSON there).
@@ -57,6 +59,9 @@ rounds=${ROUNDS:-1}
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "compare: ROUNDS must be a positive whole number, got '$rounds'" >&2; exit 2; }
 proxy_rate=${PROXY_RATE:-5000}
 [[ $proxy_rate =~ ^[1-9][0-9]*$ ]] || { echo "compare: PROXY_RATE must be a positive whole number, got '$proxy_rate'" >&2; exit 2; }
+tables=${TABLES:-app,proxy,tls}
+[[ $tables =~ ^(app|proxy|tls)(,(app|proxy|tls))*$ ]] || { echo "compare: TABLES must list app, proxy and/or tls separated by commas, got '$tables'" >&2; exit 2; }
+want() { [[ ,$tables, == *,$1,* ]]; }
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 log() { printf '[compare] %s\n' "$*" >&2; }
@@ -334,6 +339,7 @@ tiergate_tls=https://127.0.0.1:$tiergate_tls_port/livez
 nginx_tls=https://127.0.0.1:$nginx_tls_port/livez
 for ((round = 1; round <= rounds; round++)); do
   cold_round=$((cold_first + (round - 1) * cold_items))
+  if want app; then
   app_rows+=("$(measure limit-server "$limit_pid" "http://127.0.0.1:$limit_port/items/1")")
   app_rows+=("$(measure tiergate-l1-hit "$tiergate_pid" "$tg/" --scenario hot --id "$id")")
   # Zipf and mix: one unmeasured second first, so the hot ids are in L1 as in steady state.
@@ -347,7 +353,9 @@ for ((round = 1; round <= rounds; round++)); do
   else
     app_rows+=("$(failed nginx-static "did not start: $(why "$tmp/nginx.log") $(why "$tmp/nginx-error.log")")")
   fi
+  fi
 
+  if want proxy; then
   proxy_rows+=("$(UPSTREAM=1 measure upstream-direct "$upstream_pid" "http://127.0.0.1:$upstream_port/")")
   if ((proxy_ok)); then
     proxy_rows+=("$(UPSTREAM=1 measure tiergate-proxy "$proxy_pid" "http://127.0.0.1:$proxy_port/")")
@@ -374,7 +382,9 @@ for ((round = 1; round <= rounds; round++)); do
   if ((haproxy_ok)); then
     proxy_rows+=("$(UPSTREAM=1 measure "haproxy-proxy-at-$proxy_rate" "$haproxy_pid" "http://127.0.0.1:$haproxy_port/" "${open[@]}")")
   fi
+  fi
 
+  want tls || continue
   if up "$tiergate_pid" "$tiergate_tls"; then
     tls_rows+=("$(measure tiergate-tls "$tiergate_pid" "$tiergate_tls" "${tls[@]}")")
     tls_rows+=("$(ROW_CONNS=4 measure tiergate-tls-h2 "$tiergate_pid" "$tiergate_tls" "${tls[@]}" --http2 --streams 8)")
@@ -402,9 +412,9 @@ pick() {
     echo "$tmp/$label.row.json"
   done
 }
-mapfile -t app_rows < <(printf '%s\n' "${app_rows[@]}" | awk '!seen[$0]++' | pick)
-mapfile -t proxy_rows < <(printf '%s\n' "${proxy_rows[@]}" | awk '!seen[$0]++' | pick)
-mapfile -t tls_rows < <(printf '%s\n' "${tls_rows[@]}" | awk '!seen[$0]++' | pick)
+if want app; then mapfile -t app_rows < <(printf '%s\n' "${app_rows[@]}" | awk '!seen[$0]++' | pick); fi
+if want proxy; then mapfile -t proxy_rows < <(printf '%s\n' "${proxy_rows[@]}" | awk '!seen[$0]++' | pick); fi
+if want tls; then mapfile -t tls_rows < <(printf '%s\n' "${tls_rows[@]}" | awk '!seen[$0]++' | pick); fi
 
 if [[ -n ${COMPARE_JSON:-} ]]; then
   jq -s . "${app_rows[@]}" "${proxy_rows[@]}" "${tls_rows[@]}" >"$COMPARE_JSON"
@@ -412,6 +422,7 @@ fi
 
 r2='def r2: (. * 100 | round) / 100;'
 echo "loadgen: $conns connections (TLS h2 rows: 4 x 8 streams), HTTP/1.1 unless marked, closed loop (rows ending -at-N: open loop at N req/s), $duration per row, median of $rounds round(s), server on core $server_cpu, loadgen on core $client_cpu"
+if want app; then
 echo
 echo "| app | req/s | vs limit | p50 ms | p99 ms | p99.9 ms | server CPU µs/req | errors | non-2xx |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -419,6 +430,8 @@ jq -rs "$r2"' (.[0].requests_per_sec // 0) as $top | .[] |
   if .failed then "| \(.label) | failed: \(.failed) | | | | | | | |" else
   "| \(.label) | \(.requests_per_sec | floor) | \(if $top > 0 then .requests_per_sec / $top | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(.errors) | \(.non_success) |" end' \
   "${app_rows[@]}"
+fi
+if want proxy; then
 echo
 echo "| proxy, 1 KiB body | req/s | req/s vs nginx | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | CPU vs nginx | upstream conns opened | upstream reuse | errors |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -427,6 +440,8 @@ jq -rs "$r2"' (map(select((.label | startswith("nginx")) and (.failed | not))) |
   $refs[.label | sub("^[a-z]+"; "")] as $ref |
   "| \(.label) | \(.requests_per_sec | floor) | \(if $ref then .requests_per_sec / $ref.requests_per_sec | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(if $ref and $ref.cpu_us_per_req > 0 then .cpu_us_per_req / $ref.cpu_us_per_req | r2 else "n/a" end) | \(.upstream_conns) | \(if .upstream_reqs > 0 then ((1 - .upstream_conns / .upstream_reqs) * 100 | if . < 0 then 0 else . end | r2 | tostring) + " %" else "n/a" end) | \(.errors) |" end' \
   "${proxy_rows[@]}"
+fi
+if want tls; then
 echo
 echo "| TLS (ECDSA P-256, /livez) | proto | new conn per request | req/s | req/s vs nginx | p50 ms | p99 ms | p99.9 ms | server CPU µs/req | TLS full handshakes | errors |"
 echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -435,3 +450,4 @@ jq -rs "$r2"' (map(select((.label | startswith("nginx")) and (.failed | not))) |
   (.label | sub("^[a-z]+"; "")) as $k |
   "| \(.label) | \(if .protocol == "http2" then "h2" else "h1" end) \(.connections)×\(if .protocol == "http2" then 8 else 1 end) | \(if ($k | endswith("handshake")) then "yes" else "no" end) | \(.requests_per_sec | floor) | \(if $ref[$k] then .requests_per_sec / $ref[$k].requests_per_sec | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(.tls_handshakes) | \(.errors) |" end' \
   "${tls_rows[@]}"
+fi
