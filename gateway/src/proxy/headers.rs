@@ -150,17 +150,60 @@ pub(crate) fn set_forwarding(
         {
             element.push_str(&format!(";host=\"{host}\""));
         }
-        let value = match from_trusted(headers, &FORWARDED)
-            .and_then(|v| v.to_str().ok().map(str::to_owned))
-        {
+        let value = match trusted_forwarded(headers, trusted) {
             Some(before) => format!("{before}, {element}"),
             None => element,
         };
         set(headers, &FORWARDED, value);
-    } else if trusted == 0 {
-        // Not ours to pass on: a client could claim any address in it.
-        headers.remove(&FORWARDED);
+    } else {
+        // Passed on as the trusted proxies wrote it, without what a client put left of
+        // their elements: it could claim any address there.
+        match trusted_forwarded(headers, trusted) {
+            Some(value) => set(headers, &FORWARDED, value),
+            None => {
+                headers.remove(&FORWARDED);
+            }
+        }
     }
+}
+
+/// The `trusted` rightmost elements of the incoming `Forwarded` (RFC 7239: one element
+/// per proxy, comma-separated, each proxy appending its own), joined as one value.
+fn trusted_forwarded(headers: &HeaderMap, trusted: usize) -> Option<String> {
+    if trusted == 0 {
+        return None;
+    }
+    let mut elements: Vec<&str> = Vec::new();
+    for value in headers.get_all(&FORWARDED) {
+        // A value that is not text cannot be split safely: none of it is believed.
+        let value = value.to_str().ok()?;
+        elements.extend(split_elements(value));
+    }
+    let kept = &elements[elements.len().saturating_sub(trusted)..];
+    (!kept.is_empty()).then(|| kept.join(", "))
+}
+
+/// Splits a `Forwarded` value into its elements at the commas outside quoted strings
+/// (a quoted value may hold a comma), dropping empty ones.
+fn split_elements(value: &str) -> impl Iterator<Item = &str> {
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut start = 0;
+    let mut cuts = Vec::new();
+    for (i, b) in value.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                cuts.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    cuts.push(&value[start..]);
+    cuts.into_iter().map(str::trim).filter(|e| !e.is_empty())
 }
 
 /// Appends this proxy to `Via` (`1.1 tiergate`, or `2 tiergate` for HTTP/2).
@@ -267,5 +310,33 @@ mod tests {
         let mut h = headers(&[("x-forwarded-for", "6.6.6.6, 1.1.1.1, 2.2.2.2")]);
         set_forwarding(&mut h, client(None), 2, false);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
+    }
+
+    #[test]
+    fn only_the_trusted_hops_of_forwarded_pass_whether_or_not_we_add_ours() {
+        // The client wrote the first element (with a quoted comma to confuse a naive
+        // split); the trusted proxy in front appended the second, in a header of its own.
+        let incoming = [
+            ("forwarded", r#"for=6.6.6.6;host="a,b", for=7.7.7.7"#),
+            ("forwarded", "for=1.1.1.1;proto=https"),
+        ];
+        let mut h = headers(&incoming);
+        set_forwarding(&mut h, client(None), 1, false);
+        assert_eq!(h["forwarded"], "for=1.1.1.1;proto=https");
+        let mut h = headers(&incoming);
+        set_forwarding(&mut h, client(None), 1, true);
+        assert_eq!(
+            h["forwarded"],
+            "for=1.1.1.1;proto=https, for=10.1.2.3;proto=https"
+        );
+        let mut h = headers(&incoming);
+        set_forwarding(&mut h, client(None), 2, false);
+        assert_eq!(h["forwarded"], "for=7.7.7.7, for=1.1.1.1;proto=https");
+        let mut h = headers(&incoming);
+        set_forwarding(&mut h, client(None), 3, false);
+        assert_eq!(
+            h["forwarded"],
+            r#"for=6.6.6.6;host="a,b", for=7.7.7.7, for=1.1.1.1;proto=https"#
+        );
     }
 }
