@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use app_core::App;
 use app_core::api::X_CACHE;
@@ -100,18 +100,22 @@ impl Gateway {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let started = Instant::now();
+        let started = quanta::Instant::now();
         let request_id = request_id(req.headers().get(&X_REQUEST_ID));
-        let trace_id = req.headers().get(&X_AMZN_TRACE_ID).cloned();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // What the access line needs after the request is gone; not gathered at all
+        // when the line would not be written (`RUST_LOG=warn`, benchmarks).
+        let logged = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| Logged {
+            trace_id: req.headers().get(&X_AMZN_TRACE_ID).cloned(),
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+        });
         let router = self.inner.router.load_full();
         // The host is looked at only when some route matches on it.
         let host = router
             .matches_hosts()
             .then(|| request_host(&req).map(str::to_ascii_lowercase))
             .flatten();
-        let route = router.route(host.as_deref(), &path);
+        let route = router.route(host.as_deref(), req.uri().path());
 
         // Held until the response head is ready, so it bounds the work in progress.
         let permit = if route.shed {
@@ -136,8 +140,8 @@ impl Gateway {
                 let rsp = match first {
                     Poll::Ready(rsp) => Ok(rsp),
                     Poll::Pending => {
-                        let deadline = started + self.inner.request_timeout;
-                        tokio::time::timeout_at(deadline.into(), app).await
+                        let left = self.inner.request_timeout.saturating_sub(started.elapsed());
+                        tokio::time::timeout(left, app).await
                     }
                 };
                 rsp.map_or_else(
@@ -175,20 +179,34 @@ impl Gateway {
         drop(permit);
         let elapsed = started.elapsed();
         route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
-        tracing::info!(
-            target: "access",
-            request_id = request_id.to_str().unwrap_or(""),
-            trace_id = trace_id.as_ref().and_then(|v| v.to_str().ok()),
-            method = %method,
+        if let Some(Logged {
+            trace_id,
+            method,
             path,
-            route = route.name,
-            status = rsp.status().as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
-        );
+        }) = logged
+        {
+            tracing::info!(
+                target: "access",
+                request_id = request_id.to_str().unwrap_or(""),
+                trace_id = trace_id.as_ref().and_then(|v| v.to_str().ok()),
+                method = %method,
+                path,
+                route = route.name,
+                status = rsp.status().as_u16(),
+                duration_ms = elapsed.as_secs_f64() * 1e3,
+                cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
+            );
+        }
         rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         rsp
     }
+}
+
+/// The request's part of its access line.
+struct Logged {
+    trace_id: Option<HeaderValue>,
+    method: http::Method,
+    path: String,
 }
 
 /// Where a proxied request goes, and what the route says about it.
