@@ -1,5 +1,5 @@
 //! Listener hardening, spoken over raw sockets: slowloris against idle keep-alive, head
-//! limits, ambiguous framing, the connection cap.
+//! limits, ambiguous framing, the connection cap, HTTP/2 rapid reset.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -405,4 +405,70 @@ async fn out_of_file_descriptors_the_listener_backs_off_instead_of_spinning() {
         child.try_wait().expect("child state").is_none(),
         "still running"
     );
+}
+
+/// One HTTP/2 frame: length, type, flags, stream id, payload (RFC 9113 §4.1).
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test]
+async fn an_http2_rapid_reset_flood_gets_goaway_enhance_your_calm() {
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const END_STREAM_AND_HEADERS: u8 = 0x5;
+    const CANCEL: u32 = 0x8;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    // `GET /` over http by HPACK's static table: :method GET, :scheme http, :path /.
+    const GET_SLASH: &[u8] = &[0x82, 0x86, 0x84];
+
+    let app = TestApp::start_unready(settings()).await;
+    let mut tcp = TcpStream::connect(app.addr).await.unwrap();
+    // CVE-2023-44487: each request cancelled as soon as it is sent, all in one write,
+    // so the server's stream count never grows while its work does.
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    for i in 0..1_000u32 {
+        let stream = 2 * i + 1;
+        flood.extend(h2_frame(HEADERS, END_STREAM_AND_HEADERS, stream, GET_SLASH));
+        flood.extend(h2_frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+    }
+    // The server may close while the flood is still being written.
+    let _ = tcp.write_all(&flood).await;
+
+    // Read frames until GOAWAY; the connection must then end.
+    let mut buf = Vec::new();
+    let goaway = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let frame: Vec<u8> = buf.drain(..9 + len).collect();
+                if frame[3] == GOAWAY {
+                    return u32::from_be_bytes(frame[13..17].try_into().unwrap());
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = tcp.read(&mut chunk).await.unwrap_or(0);
+            assert!(n > 0, "closed without GOAWAY");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("GOAWAY within 5 s");
+    assert_eq!(goaway, ENHANCE_YOUR_CALM, "GOAWAY's error code");
+    closed_within(&mut tcp, Duration::from_secs(5)).await;
+    // The listener still serves everyone else.
+    let (rsp, _) = exchange(app.addr, GET).await;
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    app.stop().await;
 }
