@@ -29,9 +29,10 @@
 #
 # A server that does not start, or a row that answers nothing, is reported as failed
 # and the others still run (e.g. Tiergate's proxy row, before the proxy is built, fails
-# with "unknown field `routes`"). Installs nginx, haproxy, jq, openssl, curl, psql and
+# with "unknown field `routes`"). Installs nginx, haproxy, jq, openssl, curl, psql, redis-cli and
 # taskset with apt-get when missing; starts PostgreSQL and Redis with scripts/services
-# when they are not up; stops everything it started on exit.
+# when they are not up; stops everything it started on exit, and drops the database it
+# created and the Redis keys Tiergate wrote.
 #
 # Usage: bench/compare.sh [DURATION (default 5s)] [CONNECTIONS (default 16)]
 # Environment: ROUNDS=N runs every row N times, in turn (all rows, then all again …), and
@@ -77,6 +78,7 @@ have curl || missing+=(curl)
 have psql || missing+=(postgresql-client)
 have taskset || missing+=(util-linux)
 have ss || missing+=(iproute2)
+have redis-cli || missing+=(redis-tools)
 if ((${#missing[@]})); then
   log "installing with apt-get: ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
@@ -96,10 +98,17 @@ export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 db=${DATABASE_URL##*/}
 db=${db%%\?*}
+# A database this run creates is dropped at exit; one that was there is left alone.
+created_db=
+pg() { PGPASSWORD=postgres psql -X -q -h 127.0.0.1 -U postgres -d postgres "$@"; }
 if [[ $db =~ ^[a-z_][a-z0-9_]*$ ]]; then
-  PGPASSWORD=postgres psql -X -q -h 127.0.0.1 -U postgres -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 ||
-    PGPASSWORD=postgres psql -X -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $db" >/dev/null ||
-    log "could not create database $db (Tiergate will say why)"
+  if ! pg -tc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+    if pg -c "CREATE DATABASE $db" >/dev/null; then
+      created_db=$db
+    else
+      log "could not create database $db (Tiergate will say why)"
+    fi
+  fi
 fi
 
 tmp=$(mktemp -d)
@@ -109,6 +118,11 @@ cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   rm -rf "$tmp"
+  # Tiergate's cache keys of this run (both instances' prefixes), and its database.
+  redis-cli -u "$REDIS_URL" --scan --pattern 'bench-compare*' 2>/dev/null |
+    xargs -r redis-cli -u "$REDIS_URL" DEL >/dev/null 2>&1 || true
+  [[ -n $created_db ]] && { pg -c "DROP DATABASE IF EXISTS $created_db WITH (FORCE)" >/dev/null 2>&1 || true; }
+  return 0
 }
 trap cleanup EXIT
 
