@@ -407,6 +407,9 @@ where
                 }
             };
             tokio::select! {
+                // The connection first, every time: it is what woke the task nearly
+                // always, and the drain signals can wait a poll.
+                biased;
                 result = connection.as_mut() => {
                     if let Err(error) = result {
                         tracing::debug!(listener = name, error = %error, "Connection ended with an error.");
