@@ -239,6 +239,7 @@ impl Server {
             reloader,
         });
         let (control, drain) = DrainControl::new();
+        let tunnels = gateway.tunnels().clone();
 
         let public_handler = move |req, peer| {
             let gateway = gateway.clone();
@@ -309,6 +310,7 @@ impl Server {
             let _ = serve.await;
             watcher.abort();
         }
+        tunnels.close_by(deadline).await;
         hangup.abort();
         if tokio::time::timeout(CLOSE_LIMIT, app.close())
             .await

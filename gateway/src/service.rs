@@ -62,6 +62,8 @@ struct Inner {
     in_flight: Semaphore,
     /// `tiergate_http_shed_total`.
     shed: Counter,
+    /// Upgraded connections tunnelled to upstreams.
+    tunnels: proxy::Tunnels,
 }
 
 impl Gateway {
@@ -77,8 +79,14 @@ impl Gateway {
                 request_timeout: http.request_timeout,
                 in_flight: Semaphore::new(permits),
                 shed: metrics::counter!("tiergate_http_shed_total"),
+                tunnels: proxy::Tunnels::default(),
             }),
         }
+    }
+
+    /// The tunnels of upgraded connections this gateway opened.
+    pub fn tunnels(&self) -> &proxy::Tunnels {
+        &self.inner.tunnels
     }
 
     /// The route table in force.
@@ -156,6 +164,7 @@ impl Gateway {
                     router: &router,
                     route,
                     request_id: &request_id,
+                    tunnels: &self.inner.tunnels,
                 };
                 Box::pin(proxied(to, req, peer)).await
             }
@@ -167,6 +176,7 @@ impl Gateway {
                     router: &router,
                     route,
                     request_id: &request_id,
+                    tunnels: &self.inner.tunnels,
                 };
                 Box::pin(proxied(to, req, peer)).await
             }
@@ -217,6 +227,7 @@ struct Upstream<'a> {
     router: &'a Router,
     route: &'a Route,
     request_id: &'a HeaderValue,
+    tunnels: &'a proxy::Tunnels,
 }
 
 /// Forwards `req` to its upstream group (taking the client connection's upgrade when
@@ -240,6 +251,7 @@ where
         forwarded_header: to.router.proxy.forwarded_header,
         request_id: to.request_id,
         upgrade,
+        tunnels: to.tunnels,
     };
     let mut rsp = proxy::forward(to.group, req, how).await;
     if let Some(cookie) = to.set_cookie {

@@ -46,6 +46,8 @@ pub(crate) struct Forwarding<'a> {
     pub(crate) request_id: &'a HeaderValue,
     /// The client connection's upgrade, when the request asks for one.
     pub(crate) upgrade: Option<OnUpgrade>,
+    /// Where an upgraded connection's tunnel runs.
+    pub(crate) tunnels: &'a super::Tunnels,
 }
 
 /// Forwards `req` to `group` and answers with what it said, or with a JSON error naming
@@ -165,7 +167,7 @@ where
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = upgrade {
                         let upstream = hyper::upgrade::on(&mut rsp);
-                        tokio::spawn(tunnel(client, upstream, in_flight));
+                        how.tunnels.spawn(tunnel(client, upstream, in_flight));
                         let (mut head, _) = rsp.into_parts();
                         headers::append_via(&mut head.headers, Version::HTTP_11);
                         return Response::from_parts(head, Either::Left(Full::new(Bytes::new())));

@@ -13,6 +13,8 @@
 //!   under the request deadline.
 //! - `budget`: the retry budget.
 //! - `connector`: the pools' TCP connector, counting connections per target.
+//! - [`tunnels`]: upgraded connections, tracked so shutdown can wait for them and then
+//!   cut them.
 
 mod body;
 mod budget;
@@ -22,6 +24,7 @@ pub mod group;
 mod headers;
 pub mod split;
 pub mod target;
+pub mod tunnels;
 
 pub use body::UpstreamBody;
 pub(crate) use forward::{Forwarding, forward};
@@ -29,3 +32,4 @@ pub use group::Group;
 pub(crate) use headers::{ClientSide, wants_upgrade};
 pub use split::{Split, SplitError};
 pub use target::Target;
+pub use tunnels::Tunnels;

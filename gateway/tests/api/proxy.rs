@@ -928,3 +928,51 @@ async fn a_body_still_streaming_at_the_request_timeout_is_cut() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_waits_for_an_open_websocket_until_its_deadline_then_cuts_it() {
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("ws").await;
+    let mut settings = proxied(&backends, &[&upstream], Balance::RoundRobin);
+    settings.shutdown.drain_delay = Duration::ZERO;
+    settings.shutdown.timeout = Duration::from_millis(1500);
+    let app = TestApp::start(settings).await;
+    let url = format!("ws://{}/ws", app.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let echo = async |ws: &mut tokio_tungstenite::WebSocketStream<_>, text: &str| {
+        ws.send(text.into()).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    };
+    echo(&mut ws, "before").await;
+
+    let stopping = Instant::now();
+    let mut stopped = tokio::spawn(app.stop());
+    // The HTTP side has drained at once (nothing else is open); the tunnel still works
+    // and the server is still waiting for it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echo(&mut ws, "while draining").await;
+    assert!(!stopped.is_finished(), "stopped while a WebSocket was open");
+
+    // Past the deadline the tunnel is cut and the server stops.
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(msg)) if msg.is_close() => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the tunnel was not cut within 5 s");
+    tokio::time::timeout(Duration::from_secs(5), &mut stopped)
+        .await
+        .expect("the server stopped after cutting the tunnel")
+        .unwrap();
+    let took = stopping.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
+        "stopped after {took:?}; the deadline was 1.5 s"
+    );
+}
