@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use super::body::{BodySlot, BoxError, UpstreamBody};
 use super::group::Group;
 use super::headers::{self, ClientSide};
+use super::pool::{Lease, SendError};
 use crate::service::{ResponseBody, json};
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -121,37 +122,21 @@ where
             );
         };
         let target = &group.targets[index];
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(target.authority.clone())
-            .path_and_query(path.clone())
-            .build();
-        let Ok(uri) = uri else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the request's path cannot be forwarded".to_owned(),
-            );
-        };
         let mut attempt = Request::new(body.attempt());
         *attempt.method_mut() = parts.method.clone();
-        *attempt.uri_mut() = uri;
+        *attempt.uri_mut() = Uri::from(path.clone());
         *attempt.version_mut() = version;
         *attempt.headers_mut() = parts.headers.clone();
-        let host = preserved_host
-            .clone()
-            .or_else(|| HeaderValue::from_str(&target.address).ok());
-        if let Some(host) = host {
-            attempt.headers_mut().insert(header::HOST, host);
-        }
+        let host = preserved_host.as_ref().unwrap_or(&target.host);
+        attempt.headers_mut().insert(header::HOST, host.clone());
         let in_flight = target.start_request();
         let sent = Instant::now();
         let head_by = deadline.min(sent + group.settings.response_timeout);
-        let result = tokio::time::timeout_at(head_by, group.client().request(attempt)).await;
+        let result = tokio::time::timeout_at(head_by, group.pool().send(index, attempt)).await;
 
         // 3. judge
         let failure = match result {
-            Ok(Ok(mut rsp)) => {
+            Ok(Ok((mut rsp, lease))) => {
                 let status = rsp.status();
                 target
                     .metrics
@@ -165,7 +150,7 @@ where
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = upgrade {
                         let upstream = hyper::upgrade::on(&mut rsp);
-                        tokio::spawn(tunnel(client, upstream, in_flight));
+                        tokio::spawn(tunnel(client, upstream, lease, in_flight));
                         let (mut head, _) = rsp.into_parts();
                         headers::append_via(&mut head.headers, Version::HTTP_11);
                         return Response::from_parts(head, Either::Left(Full::new(Bytes::new())));
@@ -176,17 +161,20 @@ where
                 headers::append_via(&mut head.headers, version);
                 return Response::from_parts(
                     head,
-                    Either::Right(UpstreamBody::new(incoming, deadline, in_flight)),
+                    Either::Right(UpstreamBody::new(incoming, lease, deadline, in_flight)),
                 );
             }
             Ok(Err(err)) => {
                 target.record_failure(&group.settings.outlier);
-                if err.is_connect() {
-                    target.metrics.connect_errors.increment(1);
-                    Failure::Connect
-                } else {
-                    target.metrics.exchange_errors.increment(1);
-                    Failure::Exchange
+                match err {
+                    SendError::Connect(_) => {
+                        target.metrics.connect_errors.increment(1);
+                        Failure::Connect
+                    }
+                    SendError::Exchange(_) => {
+                        target.metrics.exchange_errors.increment(1);
+                        Failure::Exchange
+                    }
                 }
                 .logged(group, &target.address, &err)
             }
@@ -279,9 +267,21 @@ fn upstream_path(uri: &Uri, rewrite: Option<(&str, &str)>) -> Result<PathAndQuer
 }
 
 /// Copies bytes both ways between the client and the upstream once both sides have
-/// switched protocols; the target counts it as in flight until it ends.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, in_flight: super::target::InFlight) {
-    match tokio::try_join!(client, upstream) {
+/// switched protocols; the target counts it as in flight until it ends. An HTTP/1.1
+/// connection hands itself to the upgrade only while it is driven.
+async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    lease: Option<Lease>,
+    in_flight: super::target::InFlight,
+) {
+    let handed_over = async {
+        if let Some(lease) = lease {
+            lease.run_out().await;
+        }
+    };
+    let (upgraded, ()) = tokio::join!(async { tokio::try_join!(client, upstream) }, handed_over);
+    match upgraded {
         Ok((client, upstream)) => {
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
