@@ -80,9 +80,9 @@ where
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), how.request_id.clone());
-    let preserved_host = match group.settings.host_header {
-        HostHeader::Preserve => how.client.host.and_then(|h| HeaderValue::from_str(h).ok()),
-        HostHeader::Target => None,
+    let client_host = match group.settings.host_header {
+        HostHeader::Preserve => preserve_host(&mut parts),
+        HostHeader::Target => false,
     };
     let path = match upstream_path(&parts.uri, how.rewrite) {
         Ok(path) => path,
@@ -127,8 +127,11 @@ where
         *attempt.uri_mut() = Uri::from(path.clone());
         *attempt.version_mut() = version;
         *attempt.headers_mut() = parts.headers.clone();
-        let host = preserved_host.as_ref().unwrap_or(&target.host);
-        attempt.headers_mut().insert(header::HOST, host.clone());
+        if !client_host {
+            attempt
+                .headers_mut()
+                .insert(header::HOST, target.host.clone());
+        }
         let in_flight = target.start_request();
         let sent = Instant::now();
         let head_by = deadline.min(sent + group.settings.response_timeout);
@@ -250,6 +253,22 @@ impl Failure {
     }
 }
 
+/// Keeps the client's host for the upstream: the authority its URI names (HTTP/2,
+/// absolute form) replaces its `Host`, else its `Host` stays as it came (no copy per
+/// request). `false` when the client named no usable host: the target's is sent.
+fn preserve_host(parts: &mut http::request::Parts) -> bool {
+    if let Some(authority) = parts.uri.authority() {
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(header::HOST, host);
+            return true;
+        }
+    }
+    parts
+        .headers
+        .get(header::HOST)
+        .is_some_and(|host| host.to_str().is_ok())
+}
+
 /// The path and query sent up: the route's prefix replaced when it rewrites.
 fn upstream_path(uri: &Uri, rewrite: Option<(&str, &str)>) -> Result<PathAndQuery, ()> {
     let original = uri.path_and_query().map_or("/", PathAndQuery::as_str);
@@ -329,5 +348,23 @@ mod tests {
         assert_eq!(path("/api?q", Some(("/api", "/"))), "/?q");
         assert_eq!(path("/api/x", Some(("/api", "/v2"))), "/v2/x");
         assert_eq!(path("/x", Some(("", "/root"))), "/root/x");
+    }
+
+    #[test]
+    fn the_client_host_is_its_uri_authority_else_its_host_header() {
+        let parts = |uri: &str, host: Option<&'static str>| {
+            let mut req = Request::builder().uri(uri);
+            if let Some(host) = host {
+                req = req.header(header::HOST, host);
+            }
+            req.body(()).unwrap().into_parts().0
+        };
+        let mut absolute = parts("http://named.example:8080/x", Some("other.example"));
+        assert!(preserve_host(&mut absolute));
+        assert_eq!(absolute.headers[header::HOST], "named.example:8080");
+        let mut origin = parts("/x", Some("shop.example"));
+        assert!(preserve_host(&mut origin));
+        assert_eq!(origin.headers[header::HOST], "shop.example");
+        assert!(!preserve_host(&mut parts("/x", None)), "the target's then");
     }
 }
