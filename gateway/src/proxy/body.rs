@@ -176,10 +176,17 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(lease) = &mut self.lease {
-            lease.drive(cx);
-        }
-        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+        let polled = match &mut self.lease {
+            Some(lease) => {
+                lease.drive(cx);
+                // The frames come from the connection driven just above, and nothing
+                // else: waiting for them needs no waker of its own (one would only make
+                // the task wake itself for nothing when the connection hands one over).
+                Pin::new(&mut self.inner).poll_frame(&mut Context::from_waker(Waker::noop()))
+            }
+            None => Pin::new(&mut self.inner).poll_frame(cx),
+        };
+        if let Poll::Ready(frame) = polled {
             // The server stops polling once `is_end_stream` says so, so the last frame
             // is the moment to give the connection back.
             let ended = match &frame {

@@ -191,7 +191,13 @@ impl Pool {
             let mut response = pin!(conn.sender.try_send_request(req));
             let answered = poll_fn(|cx| {
                 conn.drive(cx);
-                response.as_mut().poll(cx)
+                // Only the connection, driven just above, completes the response
+                // future (or drops it, ending the connection), so that future never has
+                // to wake this task: a real waker would only make the task wake itself
+                // and run once more for nothing.
+                response
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()))
             })
             .await;
             match answered {
