@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -14,6 +14,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::pool::Lease;
 use super::target::InFlight;
 
 /// Any body error, boxed.
@@ -136,9 +137,13 @@ impl Body for AttemptBody {
 /// An upstream's response body on its way to the client. It counts as a request in
 /// flight to its target until it ends, and ends with an error at the group's request
 /// deadline (the client sees a cut response: its head was already sent).
+///
+/// An HTTP/1.1 body drives its connection as it is read (see `pool`), and hands the
+/// connection back to the pool once it was read to the end.
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
+    lease: Option<Lease>,
     deadline: Instant,
     /// Armed the first time the body has to wait: a small answer usually arrives with
     /// its head and never needs a timer.
@@ -147,9 +152,15 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(inner: Incoming, deadline: Instant, in_flight: InFlight) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        lease: Option<Lease>,
+        deadline: Instant,
+        in_flight: InFlight,
+    ) -> Self {
         Self {
             inner,
+            lease,
             deadline,
             timer: None,
             _in_flight: in_flight,
@@ -165,7 +176,32 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+        let polled = match &mut self.lease {
+            Some(lease) => {
+                lease.drive(cx);
+                // The frames come from the connection driven just above, and nothing
+                // else: waiting for them needs no waker of its own (one would only make
+                // the task wake itself for nothing when the connection hands one over).
+                Pin::new(&mut self.inner).poll_frame(&mut Context::from_waker(Waker::noop()))
+            }
+            None => Pin::new(&mut self.inner).poll_frame(cx),
+        };
+        if let Poll::Ready(frame) = polled {
+            // The server stops polling once `is_end_stream` says so, so the last frame
+            // is the moment to give the connection back.
+            let ended = match &frame {
+                None => true,
+                Some(Ok(_)) => self.inner.is_end_stream(),
+                Some(Err(_)) => {
+                    self.lease = None;
+                    false
+                }
+            };
+            if ended {
+                if let Some(lease) = self.lease.take() {
+                    lease.release(cx);
+                }
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         let deadline = self.deadline;
@@ -186,5 +222,21 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    /// A body the server never polled because it had nothing to read (`HEAD`, `204`,
+    /// `304`, `Content-Length: 0`) still gives its connection back. A body dropped before
+    /// its end closes the connection: what is left of it would come before the next
+    /// response.
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            if self.inner.is_end_stream() {
+                // Nothing waits to be woken: the next request polls the connection
+                // again with its own waker.
+                lease.release(&mut Context::from_waker(Waker::noop()));
+            }
+        }
     }
 }

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use super::body::{BodySlot, BoxError, UpstreamBody};
 use super::group::Group;
 use super::headers::{self, ClientSide};
+use super::pool::{Lease, SendError};
 use crate::service::{ResponseBody, json};
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -81,9 +82,9 @@ where
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), how.request_id.clone());
-    let preserved_host = match group.settings.host_header {
-        HostHeader::Preserve => how.client.host.and_then(|h| HeaderValue::from_str(h).ok()),
-        HostHeader::Target => None,
+    let client_host = match group.settings.host_header {
+        HostHeader::Preserve => preserve_host(&mut parts),
+        HostHeader::Target => false,
     };
     let path = match upstream_path(&parts.uri, how.rewrite) {
         Ok(path) => path,
@@ -123,37 +124,24 @@ where
             );
         };
         let target = &group.targets[index];
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(target.authority.clone())
-            .path_and_query(path.clone())
-            .build();
-        let Ok(uri) = uri else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the request's path cannot be forwarded".to_owned(),
-            );
-        };
         let mut attempt = Request::new(body.attempt());
         *attempt.method_mut() = parts.method.clone();
-        *attempt.uri_mut() = uri;
+        *attempt.uri_mut() = Uri::from(path.clone());
         *attempt.version_mut() = version;
         *attempt.headers_mut() = parts.headers.clone();
-        let host = preserved_host
-            .clone()
-            .or_else(|| HeaderValue::from_str(&target.address).ok());
-        if let Some(host) = host {
-            attempt.headers_mut().insert(header::HOST, host);
+        if !client_host {
+            attempt
+                .headers_mut()
+                .insert(header::HOST, target.host.clone());
         }
         let in_flight = target.start_request();
         let sent = Instant::now();
         let head_by = deadline.min(sent + group.settings.response_timeout);
-        let result = tokio::time::timeout_at(head_by, group.client().request(attempt)).await;
+        let result = tokio::time::timeout_at(head_by, group.pool().send(index, attempt)).await;
 
         // 3. judge
         let failure = match result {
-            Ok(Ok(mut rsp)) => {
+            Ok(Ok((mut rsp, lease))) => {
                 let status = rsp.status();
                 target
                     .metrics
@@ -167,7 +155,8 @@ where
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = upgrade {
                         let upstream = hyper::upgrade::on(&mut rsp);
-                        how.tunnels.spawn(tunnel(client, upstream, in_flight));
+                        how.tunnels
+                            .spawn(tunnel(client, upstream, lease, in_flight));
                         let (mut head, _) = rsp.into_parts();
                         headers::append_via(&mut head.headers, Version::HTTP_11);
                         return Response::from_parts(head, Either::Left(Full::new(Bytes::new())));
@@ -178,17 +167,20 @@ where
                 headers::append_via(&mut head.headers, version);
                 return Response::from_parts(
                     head,
-                    Either::Right(UpstreamBody::new(incoming, deadline, in_flight)),
+                    Either::Right(UpstreamBody::new(incoming, lease, deadline, in_flight)),
                 );
             }
             Ok(Err(err)) => {
                 target.record_failure(&group.settings.outlier);
-                if err.is_connect() {
-                    target.metrics.connect_errors.increment(1);
-                    Failure::Connect
-                } else {
-                    target.metrics.exchange_errors.increment(1);
-                    Failure::Exchange
+                match err {
+                    SendError::Connect(_) => {
+                        target.metrics.connect_errors.increment(1);
+                        Failure::Connect
+                    }
+                    SendError::Exchange(_) => {
+                        target.metrics.exchange_errors.increment(1);
+                        Failure::Exchange
+                    }
                 }
                 .logged(group, &target.address, &err)
             }
@@ -264,6 +256,22 @@ impl Failure {
     }
 }
 
+/// Keeps the client's host for the upstream: the authority its URI names (HTTP/2,
+/// absolute form) replaces its `Host`, else its `Host` stays as it came (no copy per
+/// request). `false` when the client named no usable host: the target's is sent.
+fn preserve_host(parts: &mut http::request::Parts) -> bool {
+    if let Some(authority) = parts.uri.authority() {
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(header::HOST, host);
+            return true;
+        }
+    }
+    parts
+        .headers
+        .get(header::HOST)
+        .is_some_and(|host| host.to_str().is_ok())
+}
+
 /// The path and query sent up: the route's prefix replaced when it rewrites.
 fn upstream_path(uri: &Uri, rewrite: Option<(&str, &str)>) -> Result<PathAndQuery, ()> {
     let original = uri.path_and_query().map_or("/", PathAndQuery::as_str);
@@ -281,9 +289,21 @@ fn upstream_path(uri: &Uri, rewrite: Option<(&str, &str)>) -> Result<PathAndQuer
 }
 
 /// Copies bytes both ways between the client and the upstream once both sides have
-/// switched protocols; the target counts it as in flight until it ends.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, in_flight: super::target::InFlight) {
-    match tokio::try_join!(client, upstream) {
+/// switched protocols; the target counts it as in flight until it ends. An HTTP/1.1
+/// connection hands itself to the upgrade only while it is driven.
+async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    lease: Option<Lease>,
+    in_flight: super::target::InFlight,
+) {
+    let handed_over = async {
+        if let Some(lease) = lease {
+            lease.run_out().await;
+        }
+    };
+    let (upgraded, ()) = tokio::join!(async { tokio::try_join!(client, upstream) }, handed_over);
+    match upgraded {
         Ok((client, upstream)) => {
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
@@ -331,5 +351,23 @@ mod tests {
         assert_eq!(path("/api?q", Some(("/api", "/"))), "/?q");
         assert_eq!(path("/api/x", Some(("/api", "/v2"))), "/v2/x");
         assert_eq!(path("/x", Some(("", "/root"))), "/root/x");
+    }
+
+    #[test]
+    fn the_client_host_is_its_uri_authority_else_its_host_header() {
+        let parts = |uri: &str, host: Option<&'static str>| {
+            let mut req = Request::builder().uri(uri);
+            if let Some(host) = host {
+                req = req.header(header::HOST, host);
+            }
+            req.body(()).unwrap().into_parts().0
+        };
+        let mut absolute = parts("http://named.example:8080/x", Some("other.example"));
+        assert!(preserve_host(&mut absolute));
+        assert_eq!(absolute.headers[header::HOST], "named.example:8080");
+        let mut origin = parts("/x", Some("shop.example"));
+        assert!(preserve_host(&mut origin));
+        assert_eq!(origin.headers[header::HOST], "shop.example");
+        assert!(!preserve_host(&mut parts("/x", None)), "the target's then");
     }
 }

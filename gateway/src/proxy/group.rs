@@ -13,13 +13,13 @@ use bytes::Bytes;
 use http::{Request, Uri};
 use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use metrics::Counter;
 use tiergate_config::{Balance, ProxySettings, UpstreamProtocol, UpstreamSettings};
 
-use super::body::AttemptBody;
 use super::budget::RetryBudget;
 use super::connector::CountingConnector;
+use super::pool::Pool;
 use super::target::Target;
 
 /// A group of interchangeable targets.
@@ -34,7 +34,7 @@ pub struct Group {
     pub(crate) targets: Vec<Arc<Target>>,
     next: AtomicUsize,
     /// The pool in use; replaced by a fresh one when a target's address changes.
-    client: ArcSwap<Client<CountingConnector, AttemptBody>>,
+    pool: ArcSwap<Pool>,
     /// Health checks go through a client of their own, so they never wait behind (or
     /// hold) a connection real traffic wants. It keeps no connection: each check
     /// connects anew, as an ALB's does, and so follows a changed DNS record at once.
@@ -64,7 +64,7 @@ impl Group {
             .iter()
             .map(|t| Target::new(name, t.address(), t.weight()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let client = ArcSwap::from_pointee(pool(settings));
+        let pool = ArcSwap::from_pointee(Pool::new(settings)?);
         let checker = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .http2_only(settings.protocol == UpstreamProtocol::H2)
@@ -80,7 +80,7 @@ impl Group {
             proxy: proxy.clone(),
             targets,
             next: AtomicUsize::new(0),
-            client,
+            pool,
             checker,
             budget: RetryBudget::new(proxy),
             started: AtomicBool::new(false),
@@ -94,8 +94,8 @@ impl Group {
     }
 
     /// The pool in use now.
-    pub(crate) fn client(&self) -> arc_swap::Guard<Arc<Client<CountingConnector, AttemptBody>>> {
-        self.client.load()
+    pub(crate) fn pool(&self) -> arc_swap::Guard<Arc<Pool>> {
+        self.pool.load()
     }
 
     /// Picks a target for one attempt, skipping those in `tried` (by index) while others
@@ -157,14 +157,34 @@ impl Group {
     }
 
     /// Starts the group's background work, once: the active health checks (with
-    /// `health_check`) and resolving the targets' names again (with `resolve_interval`).
-    /// Both stop by themselves when the group is dropped, after a reload replaced it.
+    /// `health_check`), resolving the targets' names again (with `resolve_interval`) and
+    /// closing idle connections past `idle_timeout`. All stop by themselves when the
+    /// group is dropped, after a reload replaced it.
     pub fn start(self: &Arc<Self>) {
         if self.started.swap(true, Ordering::Relaxed) {
             return;
         }
         self.start_checks();
         self.start_resolving();
+        self.start_reaping();
+    }
+
+    fn start_reaping(self: &Arc<Self>) {
+        let Some(every) = self.pool().reap_every() else {
+            return;
+        };
+        let group: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(group) = group.upgrade() else {
+                    return;
+                };
+                group.pool().reap();
+            }
+        });
     }
 
     fn start_resolving(self: &Arc<Self>) {
@@ -209,7 +229,11 @@ impl Group {
     /// Puts a fresh pool in force: requests from now on connect anew; connections of the
     /// old pool close once the requests using them end.
     pub(crate) fn renew_pool(&self) {
-        self.client.store(Arc::new(pool(&self.settings)));
+        match Pool::new(&self.settings) {
+            Ok(pool) => self.pool.store(Arc::new(pool)),
+            // The same settings built the group's first pool.
+            Err(error) => tracing::error!(group = self.name, %error, "Cannot renew the pool."),
+        }
     }
 
     fn start_checks(self: &Arc<Self>) {
@@ -254,9 +278,8 @@ impl Group {
         };
         let mut req = Request::new(Empty::new());
         *req.uri_mut() = uri;
-        if let Ok(host) = http::HeaderValue::from_str(&target.address) {
-            req.headers_mut().insert(http::header::HOST, host);
-        }
+        req.headers_mut()
+            .insert(http::header::HOST, target.host.clone());
         req.headers_mut().insert(
             http::header::USER_AGENT,
             http::HeaderValue::from_static("tiergate-health-check"),
@@ -276,21 +299,6 @@ impl Group {
     }
 }
 
-/// A keep-alive pool for the group's targets.
-fn pool(settings: &UpstreamSettings) -> Client<CountingConnector, AttemptBody> {
-    let addresses = settings.targets.iter().map(|t| t.address());
-    let connector = CountingConnector::new(&settings.name, addresses, settings.connect_timeout);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(settings.idle_timeout)
-        .pool_max_idle_per_host(settings.max_idle_per_target)
-        // The proxy sets `Host` itself, as `host_header` says.
-        .set_host(false)
-        .http2_only(settings.protocol == UpstreamProtocol::H2)
-        .build(connector)
-}
-
 /// The addresses each name resolves to now (sorted); names that do not resolve are
 /// left out.
 async fn resolve(names: &[String]) -> HashMap<String, Vec<SocketAddr>> {
@@ -308,6 +316,8 @@ async fn resolve(names: &[String]) -> HashMap<String, Vec<SocketAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::UpstreamBody;
+    use crate::proxy::body::AttemptBody;
     use tiergate_config::TargetSettings;
 
     fn group(balance: Balance, targets: &[(&str, u32)]) -> Group {
@@ -389,16 +399,18 @@ mod tests {
             }
         });
         let group = group(Balance::RoundRobin, &[(&addr, 1)]);
-        let get = || {
+        let get = || async {
             let mut req = Request::new(AttemptBody::empty());
-            *req.uri_mut() = format!("http://{addr}/").parse().unwrap();
-            let rsp = group.client().request(req);
-            async move {
-                let rsp = rsp.await.unwrap();
-                http_body_util::BodyExt::collect(rsp.into_body())
-                    .await
-                    .unwrap();
-            }
+            *req.uri_mut() = Uri::from_static("/");
+            let (rsp, lease) = group.pool().send(0, req).await.unwrap();
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            let body = UpstreamBody::new(
+                rsp.into_body(),
+                lease,
+                deadline,
+                group.targets[0].start_request(),
+            );
+            http_body_util::BodyExt::collect(body).await.unwrap();
         };
         get().await;
         get().await;

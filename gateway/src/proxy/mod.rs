@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - [`group`]: a group's targets, balancer (round robin, weighted, least outstanding by
-//!   power of two choices), keep-alive pool and active health checks.
+//!   power of two choices) and active health checks.
+//! - `pool`: a group's keep-alive connections; HTTP/1.1 ones are driven by the request
+//!   using them, not by a task of their own.
 //! - [`target`]: one target's state: requests in flight, health verdict, passive
 //!   ejection.
 //! - [`split`]: weighted splits between groups (blue/green, canary), swapped atomically.
@@ -22,6 +24,7 @@ mod connector;
 mod forward;
 pub mod group;
 mod headers;
+mod pool;
 pub mod split;
 pub mod target;
 pub mod tunnels;

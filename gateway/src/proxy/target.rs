@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use http::HeaderValue;
 use http::uri::Authority;
 use metrics::{Counter, Gauge, Histogram};
 use tiergate_config::OutlierSettings;
@@ -16,6 +17,8 @@ pub struct Target {
     pub address: String,
     /// The same, as the authority of the URIs sent to it.
     pub(crate) authority: Authority,
+    /// The same, as the `Host` header `host_header = "target"` sends.
+    pub(crate) host: HeaderValue,
     /// Share of the traffic under `balance = "weighted"`.
     pub weight: u32,
     in_flight: AtomicUsize,
@@ -50,9 +53,11 @@ impl Drop for InFlight {
 impl Target {
     pub(crate) fn new(group: &str, address: &str, weight: u32) -> Result<Self, http::Error> {
         let authority: Authority = address.parse().map_err(http::Error::from)?;
+        let host = HeaderValue::from_str(address).map_err(http::Error::from)?;
         Ok(Self {
             address: address.to_owned(),
             authority,
+            host,
             weight,
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),

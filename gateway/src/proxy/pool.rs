@@ -1,0 +1,591 @@
+//! A group's pool of keep-alive connections to its targets.
+//!
+//! HTTP/1.1 groups use a pool of their own over `hyper::client::conn::http1`. A
+//! connection is a pair: the `SendRequest` that hands it a request, and the connection
+//! future that does the reading and writing. No task of its own drives that future: the
+//! request using the connection polls it, next to the response future while it waits for
+//! the head ([`Pool::send`]) and inside [`UpstreamBody`]'s `poll_frame` while the body
+//! streams. A request so costs no hop to another task and no wake-up of one; hyper-util's
+//! pooled client spent most of its time per request there (checkout future, a task per
+//! connection woken through a channel per request, a spawned idle return per request).
+//!
+//! What it takes:
+//! - a connection makes progress only while its request is polled: while the client
+//!   reads slowly, the upstream waits too (the backpressure a proxy wants anyway);
+//! - it goes back to the pool only when its response body was read to the end and it
+//!   is ready for the next request; otherwise it is closed (an upgrade is never back);
+//! - an idle connection is not watched: the pool polls it once when it is taken (a
+//!   target that closed it is seen then) and [`Pool::reap`] closes the expired and the
+//!   closed ones from time to time. A request a reused connection did not send (the
+//!   target closed it in the meantime) goes out again on another one.
+//!
+//! Per target, the idle connections are a stack of at most `max_idle_per_target`: the
+//! most recently used is taken first, so under light load the others age out.
+//!
+//! HTTP/2 groups keep hyper-util's client: one connection carries all the streams to a
+//! target, so a task of its own has to drive it.
+//!
+//! [`UpstreamBody`]: super::UpstreamBody
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tiergate_config::{UpstreamProtocol, UpstreamSettings};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::body::{AttemptBody, BoxError};
+use super::connector::CountingConnector;
+
+/// A group's connections to its targets, by target index (the group's order).
+#[derive(Debug)]
+pub(crate) struct Pool {
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Http1(Http1Pool),
+    H2 {
+        // Boxed: the client is six times the size of the HTTP/1.1 pool.
+        client: Box<Client<CountingConnector, AttemptBody>>,
+        authorities: Box<[Authority]>,
+    },
+}
+
+#[derive(Debug)]
+struct Http1Pool {
+    connector: CountingConnector,
+    targets: Box<[Slot]>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+/// One target's idle connections, oldest first.
+#[derive(Debug)]
+struct Slot {
+    /// `http://host:port`, what the connector resolves and connects to.
+    uri: Uri,
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    /// No connection to the target: nothing was sent.
+    #[error("cannot connect")]
+    Connect(#[source] BoxError),
+    /// The connection failed while sending the request or before the response head.
+    #[error("the exchange broke off")]
+    Exchange(#[source] BoxError),
+}
+
+impl Pool {
+    /// An empty pool for the group's targets (validated as URI authorities).
+    ///
+    /// # Errors
+    /// A target address is not a valid URI authority.
+    pub(crate) fn new(settings: &UpstreamSettings) -> Result<Self, http::Error> {
+        let addresses = settings.targets.iter().map(|t| t.address());
+        let connector = CountingConnector::new(&settings.name, addresses, settings.connect_timeout);
+        let authorities = settings
+            .targets
+            .iter()
+            .map(|t| t.address().parse::<Authority>())
+            .collect::<Result<Box<[_]>, _>>()?;
+        let kind = match settings.protocol {
+            UpstreamProtocol::Http1 => {
+                let targets = authorities
+                    .into_iter()
+                    .map(|authority| {
+                        let uri = Uri::builder()
+                            .scheme(Scheme::HTTP)
+                            .authority(authority)
+                            .path_and_query("/")
+                            .build()?;
+                        Ok(Slot {
+                            uri,
+                            idle: Mutex::new(VecDeque::new()),
+                        })
+                    })
+                    .collect::<Result<_, http::Error>>()?;
+                Kind::Http1(Http1Pool {
+                    connector,
+                    targets,
+                    max_idle: settings.max_idle_per_target,
+                    idle_timeout: settings.idle_timeout,
+                })
+            }
+            UpstreamProtocol::H2 => Kind::H2 {
+                client: Box::new(
+                    Client::builder(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .pool_timer(TokioTimer::new())
+                        .pool_idle_timeout(settings.idle_timeout)
+                        .pool_max_idle_per_host(settings.max_idle_per_target)
+                        // The proxy sets `Host` itself, as `host_header` says.
+                        .set_host(false)
+                        .http2_only(true)
+                        .build(connector),
+                ),
+                authorities,
+            },
+        };
+        Ok(Self { kind })
+    }
+
+    /// Sends `req` (its URI in origin form, `/path?query`) to target `index` on an idle
+    /// connection, or a new one. With the response comes the lease on its HTTP/1.1
+    /// connection, to be driven while the body is read (see the module docs).
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        index: usize,
+        mut req: Request<AttemptBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        let pool = match &self.kind {
+            Kind::Http1(pool) => pool,
+            Kind::H2 {
+                client,
+                authorities,
+            } => {
+                // hyper-util's client wants the absolute form: its pool is keyed by it.
+                let path = req.uri().path_and_query().cloned();
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(Scheme::HTTP);
+                parts.authority = authorities.get(index).cloned();
+                parts.path_and_query = path.or(Some(PathAndQuery::from_static("/")));
+                if let Ok(uri) = Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+                return match client.request(req).await {
+                    Ok(rsp) => Ok((rsp, None)),
+                    Err(err) if err.is_connect() => Err(SendError::Connect(err.into())),
+                    Err(err) => Err(SendError::Exchange(err.into())),
+                };
+            }
+        };
+        loop {
+            let taken = poll_fn(|cx| Poll::Ready(pool.checkout(index, cx))).await;
+            let reused = taken.is_some();
+            let mut conn = match taken {
+                Some(conn) => conn,
+                None => pool.connect(index).await?,
+            };
+            let mut response = pin!(conn.sender.try_send_request(req));
+            let answered = poll_fn(|cx| {
+                conn.drive(cx);
+                // Only the connection, driven just above, completes the response
+                // future (or drops it, ending the connection), so that future never has
+                // to wake this task: a real waker would only make the task wake itself
+                // and run once more for nothing.
+                response
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()))
+            })
+            .await;
+            match answered {
+                Ok(rsp) => {
+                    let lease = Lease {
+                        conn,
+                        pool: self.clone(),
+                        index,
+                    };
+                    return Ok((rsp, Some(lease)));
+                }
+                Err(mut err) => {
+                    // The target closed a reused connection just as it was taken; hyper
+                    // gives back a request it did not start to write, and that one goes
+                    // out again (a new connection gets no second chance: the failure is
+                    // the target's).
+                    if reused {
+                        if let Some(unsent) = err.take_message() {
+                            req = unsent;
+                            continue;
+                        }
+                    }
+                    return Err(SendError::Exchange(err.into_error().into()));
+                }
+            }
+        }
+    }
+
+    /// Closes the idle connections that expired or that their target closed: an idle
+    /// connection is not polled, so without this they would hold their sockets until the
+    /// next request to the target.
+    pub(crate) fn reap(&self) {
+        if let Kind::Http1(pool) = &self.kind {
+            for slot in &pool.targets {
+                let mut closing = Vec::new();
+                {
+                    let mut idle = slot.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                    while idle
+                        .front()
+                        .is_some_and(|i| i.since.elapsed() >= pool.idle_timeout)
+                    {
+                        closing.extend(idle.pop_front());
+                    }
+                    idle.retain_mut(|i| i.conn.drive(&mut Context::from_waker(Waker::noop())));
+                }
+                // Closing happens outside the lock: a close is a system call.
+                drop(closing);
+            }
+        }
+    }
+
+    /// How often [`Self::reap`] should run; `None`: never (nothing is kept idle).
+    pub(crate) fn reap_every(&self) -> Option<Duration> {
+        match &self.kind {
+            Kind::Http1(pool) if pool.max_idle > 0 => {
+                Some((pool.idle_timeout / 2).max(Duration::from_millis(100)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Idle connections to target `index` now.
+    #[cfg(test)]
+    pub(crate) fn idle(&self, index: usize) -> usize {
+        match &self.kind {
+            Kind::Http1(pool) => pool.targets[index]
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+            Kind::H2 { .. } => 0,
+        }
+    }
+
+    fn checkin(&self, index: usize, conn: Conn) {
+        let Kind::Http1(pool) = &self.kind else {
+            return;
+        };
+        let Some(slot) = pool.targets.get(index) else {
+            return;
+        };
+        let evicted = {
+            let mut idle = slot.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            idle.push_back(Idle {
+                conn,
+                since: Instant::now(),
+            });
+            (idle.len() > pool.max_idle).then(|| idle.pop_front())
+        };
+        // Closed outside the lock.
+        drop(evicted);
+    }
+}
+
+impl Http1Pool {
+    /// The most recently used idle connection to target `index` that is still open and
+    /// ready; the closed ones met on the way are dropped.
+    fn checkout(&self, index: usize, cx: &mut Context<'_>) -> Option<Conn> {
+        let slot = self.targets.get(index)?;
+        loop {
+            let entry = {
+                let mut idle = slot.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                let entry = idle.pop_back()?;
+                if entry.since.elapsed() >= self.idle_timeout {
+                    // The others are older still.
+                    let expired = std::mem::take(&mut *idle);
+                    drop(idle);
+                    drop(expired);
+                    return None;
+                }
+                entry
+            };
+            let mut conn = entry.conn;
+            // One poll reads what the target sent while the connection sat idle: an
+            // end of stream (it closed) ends the connection here, not the request.
+            if conn.ready(cx) {
+                return Some(conn);
+            }
+        }
+    }
+
+    async fn connect(&self, index: usize) -> Result<Conn, SendError> {
+        let slot = self
+            .targets
+            .get(index)
+            .ok_or_else(|| SendError::Connect("no such target".into()))?;
+        let io = self
+            .connector
+            .clone()
+            .call(slot.uri.clone())
+            .await
+            .map_err(|err| SendError::Connect(err.into()))?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|err| SendError::Connect(err.into()))?;
+        Ok(Conn {
+            sender,
+            driver: Some(Box::pin(connection.with_upgrades())),
+        })
+    }
+}
+
+/// The connection future; hyper does not name the type with upgrades.
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// One HTTP/1.1 connection: the sender and the future that drives it.
+struct Conn {
+    sender: SendRequest<AttemptBody>,
+    /// `None` once the connection ended (closed, failed or upgraded).
+    driver: Option<Driver>,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("open", &self.driver.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// Lets the connection read and write what it can; `false` once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(driver) = &mut self.driver {
+            if let Poll::Ready(ended) = driver.as_mut().poll(cx) {
+                if let Err(error) = ended {
+                    tracing::debug!(%error, "Upstream connection failed.");
+                }
+                self.driver = None;
+            }
+        }
+        self.driver.is_some()
+    }
+
+    /// Whether it can take the next request now.
+    fn ready(&mut self, cx: &mut Context<'_>) -> bool {
+        self.drive(cx) && self.sender.is_ready()
+    }
+}
+
+/// The HTTP/1.1 connection a response came on, for as long as its body is read.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    conn: Conn,
+    pool: Arc<Pool>,
+    index: usize,
+}
+
+impl Lease {
+    /// Drives the connection: the body comes only as far as the connection reads it.
+    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) {
+        self.conn.drive(cx);
+    }
+
+    /// The response body was read to the end: the connection goes back to its pool if
+    /// it is ready for the next request (it is not when the target asked to close, or
+    /// the request body is still being sent), else it is closed.
+    pub(crate) fn release(mut self, cx: &mut Context<'_>) {
+        if self.conn.ready(cx) {
+            self.pool.checkin(self.index, self.conn);
+        }
+    }
+
+    /// Drives the connection until it ends: after a `101`, that hands it to the upgrade.
+    pub(crate) async fn run_out(mut self) {
+        poll_fn(|cx| {
+            if self.conn.drive(cx) {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::proxy::{Target, UpstreamBody};
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    /// A raw HTTP/1.1 upstream that answers each request with `answer` and counts the
+    /// connections it accepted and those the other side closed.
+    struct Upstream {
+        addr: String,
+        accepted: Arc<AtomicUsize>,
+        closed_by_proxy: Arc<AtomicUsize>,
+    }
+
+    /// What the upstream does after an answer.
+    #[derive(Clone, Copy)]
+    enum Then {
+        KeepOpen,
+        /// Closes the connection this long after the answer, as a target whose
+        /// keep-alive timeout is shorter than the proxy's `idle_timeout`.
+        CloseAfter(Duration),
+    }
+
+    async fn upstream(answer: &'static [u8], then: Then) -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed_by_proxy = Arc::new(AtomicUsize::new(0));
+        let (a, c) = (accepted.clone(), closed_by_proxy.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => {
+                                c.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(_) => {}
+                        }
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        if let Then::CloseAfter(delay) = then {
+                            tokio::time::sleep(delay).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Upstream {
+            addr,
+            accepted,
+            closed_by_proxy,
+        }
+    }
+
+    fn pool(addr: &str, max_idle: usize) -> (Arc<Pool>, Arc<Target>) {
+        let mut settings = UpstreamSettings::new("g", &[addr]);
+        settings.max_idle_per_target = max_idle;
+        let pool = Arc::new(Pool::new(&settings).unwrap());
+        (pool, Arc::new(Target::new("g", addr, 1).unwrap()))
+    }
+
+    /// Sends a `GET /` and returns the response with its body as the proxy streams it.
+    async fn send(pool: &Arc<Pool>, target: &Arc<Target>) -> UpstreamBody {
+        let mut req = Request::new(AttemptBody::empty());
+        *req.uri_mut() = Uri::from_static("/");
+        let (rsp, lease) = pool.send(0, req).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        UpstreamBody::new(rsp.into_body(), lease, deadline, target.start_request())
+    }
+
+    async fn get(pool: &Arc<Pool>, target: &Arc<Target>) -> Bytes {
+        let body = send(pool, target).await;
+        body.collect().await.unwrap().to_bytes()
+    }
+
+    /// Waits until `counter` reaches `n`, for at most a second.
+    async fn reaches(counter: &AtomicUsize, n: usize) -> bool {
+        for _ in 0..100 {
+            if counter.load(Ordering::SeqCst) >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_target_closed_while_idle_costs_no_request() {
+        let up = upstream(OK, Then::CloseAfter(Duration::from_millis(50))).await;
+        let (pool, target) = pool(&up.addr, 8);
+        assert_eq!(get(&pool, &target).await, "ok");
+        assert_eq!(pool.idle(0), 1, "kept for the next request");
+        // The target closes it while it sits idle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(get(&pool, &target).await, "ok", "on a fresh connection");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_max_idle_per_target_are_closed() {
+        let up = upstream(OK, Then::KeepOpen).await;
+        let (pool, target) = pool(&up.addr, 1);
+        // Three requests at once need three connections.
+        let bodies = [
+            send(&pool, &target).await,
+            send(&pool, &target).await,
+            send(&pool, &target).await,
+        ];
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 3);
+        for body in bodies {
+            assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
+        }
+        assert_eq!(pool.idle(0), 1);
+        assert!(reaches(&up.closed_by_proxy, 2).await, "two were closed");
+        assert_eq!(get(&pool, &target).await, "ok");
+        assert_eq!(
+            up.accepted.load(Ordering::SeqCst),
+            3,
+            "the kept one is reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_body_was_not_read_to_the_end_is_closed() {
+        // Ten bytes of a megabyte, then nothing: the rest would come before the next
+        // response on that connection.
+        let partial = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n0123456789";
+        let up = upstream(partial, Then::KeepOpen).await;
+        let (pool, target) = pool(&up.addr, 8);
+        let mut body = send(&pool, &target).await;
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "0123456789");
+        drop(body);
+        assert_eq!(pool.idle(0), 0, "not kept");
+        assert!(reaches(&up.closed_by_proxy, 1).await, "closed");
+        drop(send(&pool, &target).await);
+        assert_eq!(
+            up.accepted.load(Ordering::SeqCst),
+            2,
+            "the next one connects anew"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_reaper_closes_expired_and_closed_connections() {
+        let up = upstream(OK, Then::KeepOpen).await;
+        let mut settings = UpstreamSettings::new("g", &[&up.addr]);
+        settings.idle_timeout = Duration::from_millis(100);
+        let pool = Arc::new(Pool::new(&settings).unwrap());
+        let target = Arc::new(Target::new("g", &up.addr, 1).unwrap());
+        assert_eq!(get(&pool, &target).await, "ok");
+        pool.reap();
+        assert_eq!(pool.idle(0), 1, "not expired yet");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        pool.reap();
+        assert_eq!(pool.idle(0), 0, "expired");
+        assert!(reaches(&up.closed_by_proxy, 1).await, "and closed");
+    }
+}
