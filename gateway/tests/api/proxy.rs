@@ -157,9 +157,10 @@ async fn each_balancing_mode_spreads_as_configured() {
     assert_eq!((seen["a"], seen["b"]), (300, 100), "{seen:?}");
     app.stop().await;
 
-    // Least outstanding: `slow` holds each request 20 ms, so under concurrent load it
-    // has more in flight and gets fewer of them.
-    let slow = Upstream::slow("slow", Duration::from_millis(20)).await;
+    // Least outstanding: `slow` holds each request 50 ms, so under concurrent load it
+    // has more in flight and gets fewer of them. (At 20 ms, a box busy with compiles
+    // slowed the fast target enough to bring the ratio under 3.)
+    let slow = Upstream::slow("slow", Duration::from_millis(50)).await;
     let app = TestApp::start(proxied(&backends, &[&slow, &a], Balance::LeastOutstanding)).await;
     let (seen, failed) = load(&app, "/lor", 600, 8).await;
     assert_eq!(failed, 0);
