@@ -50,7 +50,7 @@ pub use routes::{
 pub use secret::Secret;
 pub use settings::{
     CacheSettings, CertificateSettings, DatabaseSettings, DeploymentSettings, HealthSettings,
-    HttpSettings, ListenSettings, LogFormat, LogSettings, RedisSettings, Settings,
+    HttpSettings, ListenSettings, LogFormat, LogSettings, RedisSettings, RuntimeSettings, Settings,
     ShutdownSettings, TlsSettings, TlsVersion,
 };
 pub use source::{ProcessEnv, Source};

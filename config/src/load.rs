@@ -458,6 +458,7 @@ impl Loader {
             shutdown: self.section(&mut tree, "shutdown", &mut failed),
             admin: self.section(&mut tree, "admin", &mut failed),
             proxy: self.section(&mut tree, "proxy", &mut failed),
+            runtime: self.section(&mut tree, "runtime", &mut failed),
             routes: self.section(&mut tree, "routes", &mut failed),
             upstreams: self.section(&mut tree, "upstreams", &mut failed),
         };
@@ -1310,6 +1311,21 @@ server_names = ["bad name"]
         );
         let s = load_file("[shutdown]\ndrain_delay = \"0s\"\n", &[]).unwrap();
         assert_eq!(s.shutdown.timeout, std::time::Duration::from_secs(25));
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_cpu_and_are_bounded() {
+        assert_eq!(load_env(&[]).unwrap().runtime.worker_threads, 0);
+        let s = load_env(&[("TIERGATE_RUNTIME__WORKER_THREADS", "1")]).unwrap();
+        assert_eq!(s.runtime.worker_threads, 1);
+        let problems = problems(load_env(&[("TIERGATE_RUNTIME__WORKER_THREADS", "5000")]));
+        assert_eq!(
+            problems,
+            [
+                "runtime.worker_threads: must be at most 1024 (0: one per CPU), got 5000 \
+              (from TIERGATE_RUNTIME__WORKER_THREADS)"
+            ]
+        );
     }
 
     #[test]

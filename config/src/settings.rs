@@ -43,6 +43,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// How requests are forwarded to upstream groups.
     pub proxy: ProxySettings,
+    /// The threads that serve.
+    pub runtime: RuntimeSettings,
     /// The route table, most specific match first (see [`RouteSettings`]). Default:
     /// `/items` and `/health` to the app.
     pub routes: Vec<RouteSettings>,
@@ -65,10 +67,22 @@ impl Default for Settings {
             shutdown: ShutdownSettings::default(),
             admin: AdminSettings::default(),
             proxy: ProxySettings::default(),
+            runtime: RuntimeSettings::default(),
             routes: RouteSettings::defaults(),
             upstreams: Vec::new(),
         }
     }
+}
+
+/// The threads that serve.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSettings {
+    /// Threads that run the listeners, the app and the proxy; `0` (default): one per CPU
+    /// the process may use, its affinity mask and cgroup quota counted (a 1-vCPU Fargate
+    /// task gets one). With one thread the runtime is tokio's single-threaded scheduler,
+    /// which spares every request the work-stealing scheduler's bookkeeping.
+    pub worker_threads: usize,
 }
 
 /// Addresses to bind.

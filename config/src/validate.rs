@@ -8,6 +8,8 @@ use std::time::Duration;
 use crate::Settings;
 
 const MIB: u64 = 1024 * 1024;
+/// More threads than this is a typo, not a machine.
+const MAX_WORKER_THREADS: usize = 1024;
 
 /// One failed check.
 #[derive(Debug)]
@@ -316,6 +318,16 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
                  time to finish after the listeners close",
                 human(shutdown.timeout),
                 human(shutdown.drain_delay)
+            ),
+        );
+    }
+
+    if s.runtime.worker_threads > MAX_WORKER_THREADS {
+        fail(
+            &["runtime.worker_threads"],
+            format!(
+                "must be at most {MAX_WORKER_THREADS} (0: one per CPU), got {}",
+                s.runtime.worker_threads
             ),
         );
     }

@@ -218,6 +218,7 @@ impl Server {
             http = %http.local_addr()?,
             https = https_addr.map(|a| a.to_string()),
             admin = %admin.local_addr()?,
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             version = BUILD.version,
             commit = BUILD.commit,
             "Listening."

@@ -21,6 +21,8 @@ pub struct Task {
     pub log: mpsc::UnboundedReceiver<String>,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    /// The "Listening." log line.
+    pub listening: serde_json::Value,
 }
 
 impl Task {
@@ -47,6 +49,7 @@ impl Task {
         Self {
             http: addr("http"),
             admin: addr("admin"),
+            listening,
             child,
             log,
         }
@@ -143,15 +146,26 @@ async fn finish_slow_post(mut stream: TcpStream, body: &str, sent: usize) -> Str
 
 #[tokio::test]
 async fn sigterm_under_keep_alive_load_loses_no_request_and_exits_in_time() {
+    sigterm_under_keep_alive_load(None).await;
+}
+
+/// The same on tokio's single-threaded scheduler, where the signal, the listeners and
+/// the requests all take turns on one thread.
+#[tokio::test]
+async fn on_one_worker_thread_sigterm_under_load_loses_no_request_and_exits_in_time() {
+    let task = sigterm_under_keep_alive_load(Some("1")).await;
+    assert_eq!(task.listening["worker_threads"], 1);
+}
+
+/// Returns the exited task.
+async fn sigterm_under_keep_alive_load(worker_threads: Option<&str>) -> Task {
     let backends = Backends::new().await;
-    let mut task = Task::start(
-        &backends,
-        &[
-            ("TIERGATE_SHUTDOWN__DRAIN_DELAY", "2s"),
-            ("TIERGATE_SHUTDOWN__TIMEOUT", "6s"),
-        ],
-    )
-    .await;
+    let mut vars = vec![
+        ("TIERGATE_SHUTDOWN__DRAIN_DELAY", "2s"),
+        ("TIERGATE_SHUTDOWN__TIMEOUT", "6s"),
+    ];
+    vars.extend(worker_threads.map(|n| ("TIERGATE_RUNTIME__WORKER_THREADS", n)));
+    let mut task = Task::start(&backends, &vars).await;
     task.wait_ready().await;
     let client = reqwest::Client::new();
     let created = client
@@ -239,6 +253,7 @@ async fn sigterm_under_keep_alive_load_loses_no_request_and_exits_in_time() {
         took >= Duration::from_secs(2) && took < Duration::from_secs(6),
         "exit after the drain delay and before the deadline, took {took:?}"
     );
+    task
 }
 
 #[tokio::test]
