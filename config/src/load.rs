@@ -786,6 +786,7 @@ sticky_cookie = "a b"
 name = "blue"
 targets = ["127.0.0.1:0", "host-without-port", "ok.internal:80", "ok.internal:80"]
 response_timeout = "2m"
+max_connections_per_target = 2000000
 "#,
             &[],
         ));
@@ -802,6 +803,7 @@ response_timeout = "2m"
             "target \"host-without-port\": must be host:port",
             "target \"ok.internal:80\" is listed twice",
             "response_timeout (2m) must not exceed request_timeout (1m)",
+            "max_connections_per_target must be at most 1000000 (0: no limit), got 2000000",
         ] {
             assert!(all.contains(needle), "{needle} not in:\n{all}");
         }

@@ -170,6 +170,12 @@ pub struct UpstreamSettings {
     /// Most idle connections kept per target. Default 256.
     #[serde(default = "default_max_idle")]
     pub max_idle_per_target: usize,
+    /// Most connections open at once to one target (HTTP/1.1 groups), so a burst cannot
+    /// open more than the target can take. A request that finds them all busy waits up to
+    /// `connect_timeout` for one to come free, then tries another target or gets 503
+    /// `upstream_saturated`. `0` (default): no limit, as nginx's and HAProxy's defaults.
+    #[serde(default)]
+    pub max_connections_per_target: usize,
     /// Active health checks; none by default (then only passive ejection judges).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckSettings>,
@@ -221,6 +227,7 @@ impl UpstreamSettings {
             request_timeout: default_request_timeout(),
             idle_timeout: default_idle_timeout(),
             max_idle_per_target: default_max_idle(),
+            max_connections_per_target: 0,
             resolve_interval: default_resolve_interval(),
             health_check: None,
             outlier: OutlierSettings::default(),

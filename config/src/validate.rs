@@ -10,6 +10,8 @@ use crate::Settings;
 const MIB: u64 = 1024 * 1024;
 /// More threads than this is a typo, not a machine.
 const MAX_WORKER_THREADS: usize = 1024;
+/// More connections to one target than this is a typo (`0` is the way to say no limit).
+const MAX_CONNECTIONS_PER_TARGET: usize = 1_000_000;
 
 /// One failed check.
 #[derive(Debug)]
@@ -479,6 +481,13 @@ fn check_upstreams(s: &Settings) -> Vec<String> {
             if value.is_zero() {
                 fail(format!("{key} must be more than 0s"));
             }
+        }
+        if group.max_connections_per_target > MAX_CONNECTIONS_PER_TARGET {
+            fail(format!(
+                "max_connections_per_target must be at most {MAX_CONNECTIONS_PER_TARGET} \
+                 (0: no limit), got {}",
+                group.max_connections_per_target
+            ));
         }
         if group.response_timeout > group.request_timeout {
             fail(format!(

@@ -65,7 +65,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         "tiergate_upstream_errors_total",
-        "Failed upstream attempts by group, target and kind (connect, exchange, timeout)."
+        "Failed upstream attempts by group, target and kind (connect, exchange, timeout, saturated)."
     );
     metrics::describe_counter!(
         "tiergate_upstream_retries_total",

@@ -4,9 +4,10 @@
 //!    request id, and rewrite the path;
 //! 2. attempt: pick a target, send through the group's pool, wait for the response head
 //!    within the group's limits;
-//! 3. judge: a failed connect is retried on another target; a broken exchange is
-//!    retried only for an idempotent request without a body; an answer (any status) is
-//!    never retried, and every retry is paid from the group's retry budget;
+//! 3. judge: a failed connect, or a target whose connections are all busy, is retried
+//!    on another target; a broken exchange is retried only for an idempotent request
+//!    without a body; an answer (any status) is never retried, and every retry is paid
+//!    from the group's retry budget;
 //! 4. answer: stream the upstream's response down (or tunnel an upgrade after its real
 //!    `101`), or say as JSON which side failed and which limit was hit.
 
@@ -171,8 +172,7 @@ where
                 );
             }
             Ok(Err(err)) => {
-                target.record_failure(&group.settings.outlier);
-                match err {
+                let failure = match err {
                     SendError::Connect(_) => {
                         target.metrics.connect_errors.increment(1);
                         Failure::Connect
@@ -181,8 +181,16 @@ where
                         target.metrics.exchange_errors.increment(1);
                         Failure::Exchange
                     }
+                    SendError::Saturated => {
+                        target.metrics.saturated.increment(1);
+                        Failure::Saturated
+                    }
+                };
+                // Busy is not broken: no mark against the target's health.
+                if !matches!(failure, Failure::Saturated) {
+                    target.record_failure(&group.settings.outlier);
                 }
-                .logged(group, &target.address, &err)
+                failure.logged(group, &target.address, &err)
             }
             Err(_) => {
                 target.metrics.timeouts.increment(1);
@@ -206,6 +214,11 @@ where
         let retryable = match failure {
             // Nothing reached the target; the body, if any, is still in its slot.
             Failure::Connect => body.replayable(),
+            // It waited for the whole connect_timeout already: only another target helps.
+            Failure::Saturated => {
+                body.replayable()
+                    && (0..group.targets.len()).any(|i| i != index && !tried.contains(&i))
+            }
             // The target may have acted on it: only a request that is safe to repeat and
             // has no body to lose.
             Failure::Exchange => idempotent && body.is_empty() && upgrade.is_none(),
@@ -219,16 +232,28 @@ where
             }
             group.metrics.retries_refused.increment(1);
         }
-        return error(
-            StatusCode::BAD_GATEWAY,
-            "bad_gateway",
-            match failure {
-                Failure::Connect => format!("cannot connect to upstream group {}", group.name),
-                Failure::Exchange => {
-                    format!("upstream group {} broke off the exchange", group.name)
-                }
-            },
-        );
+        return match failure {
+            Failure::Connect => error(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!("cannot connect to upstream group {}", group.name),
+            ),
+            Failure::Exchange => error(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!("upstream group {} broke off the exchange", group.name),
+            ),
+            Failure::Saturated => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_saturated",
+                format!(
+                    "every connection to upstream group {} stayed busy for {} ms \
+                     (upstreams.max_connections_per_target, upstreams.connect_timeout)",
+                    group.name,
+                    group.settings.connect_timeout.as_millis()
+                ),
+            ),
+        };
     }
 }
 
@@ -239,6 +264,8 @@ enum Failure {
     Connect,
     /// The connection failed while sending or before the response head.
     Exchange,
+    /// Every connection the target may have was busy.
+    Saturated,
 }
 
 impl Failure {

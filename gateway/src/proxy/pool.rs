@@ -20,7 +20,10 @@
 //!   target closed it in the meantime) goes out again on another one.
 //!
 //! Per target, the idle connections are a stack of at most `max_idle_per_target`: the
-//! most recently used is taken first, so under light load the others age out.
+//! most recently used is taken first, so under light load the others age out. With
+//! `max_connections_per_target`, a connection holds a permit of its target's semaphore
+//! until it closes; a request that finds none left waits for an idle connection to come
+//! back or a permit to be released, whichever is first, up to `connect_timeout`.
 //!
 //! HTTP/2 groups keep hyper-util's client: one connection carries all the streams to a
 //! target, so a task of its own has to drive it.
@@ -42,6 +45,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tiergate_config::{UpstreamProtocol, UpstreamSettings};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -70,6 +74,8 @@ struct Http1Pool {
     targets: Box<[Slot]>,
     max_idle: usize,
     idle_timeout: Duration,
+    /// How long a request waits for room under `max_connections_per_target`.
+    connect_timeout: Duration,
 }
 
 /// One target's idle connections, oldest first.
@@ -78,6 +84,10 @@ struct Slot {
     /// `http://host:port`, what the connector resolves and connects to.
     uri: Uri,
     idle: Mutex<VecDeque<Idle>>,
+    /// Permits for `max_connections_per_target` connections; `None`: no limit.
+    limit: Option<Arc<Semaphore>>,
+    /// Told when a connection is checked in, for the requests waiting under `limit`.
+    returned: Notify,
 }
 
 #[derive(Debug)]
@@ -95,6 +105,10 @@ pub(crate) enum SendError {
     /// The connection failed while sending the request or before the response head.
     #[error("the exchange broke off")]
     Exchange(#[source] BoxError),
+    /// Every connection `max_connections_per_target` allows was busy for all of
+    /// `connect_timeout`: nothing was sent.
+    #[error("no connection came free within connect_timeout")]
+    Saturated,
 }
 
 impl Pool {
@@ -123,6 +137,10 @@ impl Pool {
                         Ok(Slot {
                             uri,
                             idle: Mutex::new(VecDeque::new()),
+                            limit: (settings.max_connections_per_target > 0).then(|| {
+                                Arc::new(Semaphore::new(settings.max_connections_per_target))
+                            }),
+                            returned: Notify::new(),
                         })
                     })
                     .collect::<Result<_, http::Error>>()?;
@@ -131,6 +149,7 @@ impl Pool {
                     targets,
                     max_idle: settings.max_idle_per_target,
                     idle_timeout: settings.idle_timeout,
+                    connect_timeout: settings.connect_timeout,
                 })
             }
             UpstreamProtocol::H2 => Kind::H2 {
@@ -182,12 +201,7 @@ impl Pool {
             }
         };
         loop {
-            let taken = poll_fn(|cx| Poll::Ready(pool.checkout(index, cx))).await;
-            let reused = taken.is_some();
-            let mut conn = match taken {
-                Some(conn) => conn,
-                None => pool.connect(index).await?,
-            };
+            let (mut conn, reused) = pool.take(index).await?;
             let mut response = pin!(conn.sender.try_send_request(req));
             let answered = poll_fn(|cx| {
                 conn.drive(cx);
@@ -287,16 +301,50 @@ impl Pool {
             });
             (idle.len() > pool.max_idle).then(|| idle.pop_front())
         };
+        if slot.limit.is_some() {
+            slot.returned.notify_one();
+        }
         // Closed outside the lock.
         drop(evicted);
     }
 }
 
 impl Http1Pool {
-    /// The most recently used idle connection to target `index` that is still open and
-    /// ready; the closed ones met on the way are dropped.
-    fn checkout(&self, index: usize, cx: &mut Context<'_>) -> Option<Conn> {
-        let slot = self.targets.get(index)?;
+    /// An idle connection to target `index` (`true`: reused) or a new one; under
+    /// `max_connections_per_target`, waits up to `connect_timeout` for one of the two.
+    async fn take(&self, index: usize) -> Result<(Conn, bool), SendError> {
+        let slot = self
+            .targets
+            .get(index)
+            .ok_or_else(|| SendError::Connect("no such target".into()))?;
+        let Some(limit) = &slot.limit else {
+            if let Some(conn) = poll_fn(|cx| Poll::Ready(self.checkout(slot, cx))).await {
+                return Ok((conn, true));
+            }
+            return Ok((self.connect(slot, None).await?, false));
+        };
+        let give_up = Instant::now() + self.connect_timeout;
+        loop {
+            // Listen before looking: a connection checked in between is not missed.
+            let mut returned = pin!(slot.returned.notified());
+            returned.as_mut().enable();
+            if let Some(conn) = poll_fn(|cx| Poll::Ready(self.checkout(slot, cx))).await {
+                return Ok((conn, true));
+            }
+            let room = tokio::select! {
+                room = limit.clone().acquire_owned() => room,
+                () = returned.as_mut() => continue,
+                () = tokio::time::sleep_until(give_up) => return Err(SendError::Saturated),
+            };
+            // The semaphore is never closed.
+            let room = room.map_err(|_| SendError::Saturated)?;
+            return Ok((self.connect(slot, Some(room)).await?, false));
+        }
+    }
+
+    /// The most recently used idle connection of `slot` that is still open and ready;
+    /// the closed ones met on the way are dropped.
+    fn checkout(&self, slot: &Slot, cx: &mut Context<'_>) -> Option<Conn> {
         loop {
             let entry = {
                 let mut idle = slot.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -319,11 +367,11 @@ impl Http1Pool {
         }
     }
 
-    async fn connect(&self, index: usize) -> Result<Conn, SendError> {
-        let slot = self
-            .targets
-            .get(index)
-            .ok_or_else(|| SendError::Connect("no such target".into()))?;
+    async fn connect(
+        &self,
+        slot: &Slot,
+        room: Option<OwnedSemaphorePermit>,
+    ) -> Result<Conn, SendError> {
         let io = self
             .connector
             .clone()
@@ -337,6 +385,7 @@ impl Http1Pool {
         Ok(Conn {
             sender,
             driver: Some(Box::pin(connection.with_upgrades())),
+            _room: room,
         })
     }
 }
@@ -349,6 +398,8 @@ struct Conn {
     sender: SendRequest<AttemptBody>,
     /// `None` once the connection ended (closed, failed or upgraded).
     driver: Option<Driver>,
+    /// Its place under `max_connections_per_target`, given back when it is dropped.
+    _room: Option<OwnedSemaphorePermit>,
 }
 
 impl fmt::Debug for Conn {
@@ -571,6 +622,56 @@ mod tests {
             2,
             "the next one connects anew"
         );
+    }
+
+    fn capped_pool(addr: &str, max_connections: usize) -> (Arc<Pool>, Arc<Target>) {
+        let mut settings = UpstreamSettings::new("g", &[addr]);
+        settings.max_connections_per_target = max_connections;
+        settings.connect_timeout = Duration::from_millis(300);
+        let pool = Arc::new(Pool::new(&settings).unwrap());
+        (pool, Arc::new(Target::new("g", addr, 1).unwrap()))
+    }
+
+    async fn try_get(pool: &Arc<Pool>) -> Result<(), SendError> {
+        let mut req = Request::new(AttemptBody::empty());
+        *req.uri_mut() = Uri::from_static("/");
+        pool.send(0, req).await.map(drop)
+    }
+
+    #[tokio::test]
+    async fn at_max_connections_per_target_a_request_waits_for_one_to_come_back() {
+        let up = upstream(OK, Then::KeepOpen).await;
+        let (pool, target) = capped_pool(&up.addr, 2);
+        // Two responses whose bodies are not read yet hold both connections.
+        let first = send(&pool, &target).await;
+        let second = send(&pool, &target).await;
+        let third = tokio::spawn({
+            let (pool, target) = (pool.clone(), target.clone());
+            async move { get(&pool, &target).await }
+        });
+        // On this single-threaded runtime the yield lets the third request run until it
+        // waits for room.
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished(), "it waits");
+        assert_eq!(first.collect().await.unwrap().to_bytes(), "ok");
+        assert_eq!(third.await.unwrap(), "ok", "on the connection given back");
+        assert_eq!(second.collect().await.unwrap().to_bytes(), "ok");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2, "never a third");
+    }
+
+    #[tokio::test]
+    async fn a_request_finding_every_connection_busy_until_connect_timeout_is_saturated() {
+        let up = upstream(OK, Then::KeepOpen).await;
+        let (pool, target) = capped_pool(&up.addr, 1);
+        let held = send(&pool, &target).await;
+        let started = Instant::now();
+        let busy = try_get(&pool).await;
+        assert!(matches!(busy, Err(SendError::Saturated)), "{busy:?}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // A body dropped unread closes its connection, and that frees its place.
+        drop(held);
+        assert_eq!(get(&pool, &target).await, "ok");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

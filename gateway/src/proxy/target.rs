@@ -188,6 +188,8 @@ pub(crate) struct TargetMetrics {
     pub(crate) connect_errors: Counter,
     pub(crate) exchange_errors: Counter,
     pub(crate) timeouts: Counter,
+    /// No connection came free under `max_connections_per_target`.
+    pub(crate) saturated: Counter,
     pub(crate) ejections: Counter,
     pub(crate) healthy: Gauge,
     /// Set from the counter when metrics are scraped, not per request.
@@ -221,6 +223,7 @@ impl TargetMetrics {
             connect_errors: error("connect"),
             exchange_errors: error("exchange"),
             timeouts: error("timeout"),
+            saturated: error("saturated"),
             ejections: metrics::counter!("tiergate_upstream_ejections_total", &labels),
             healthy,
             in_flight: metrics::gauge!("tiergate_upstream_requests_in_flight", &labels),

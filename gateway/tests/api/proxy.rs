@@ -675,6 +675,68 @@ async fn keep_alive_connections_to_the_upstream_are_reused() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn max_connections_per_target_caps_the_connections_and_the_rest_wait_or_get_503() {
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("capped").await;
+    let mut settings = proxied(&backends, &[&upstream], Balance::RoundRobin);
+    settings.upstreams[0].max_connections_per_target = 2;
+    let app = TestApp::start(settings).await;
+    // Eight at once, each held 200 ms by the target: two go up at a time, the others
+    // wait for a connection to come back and all are answered.
+    let answers = futures_util::future::join_all((0..8).map(|_| app.get("/slow/200"))).await;
+    for rsp in answers {
+        assert_eq!(rsp.status(), 200);
+    }
+    assert_eq!(upstream.peak_concurrency(), 2);
+    let created = metric_line(
+        &app.metrics().await,
+        &format!(
+            "tiergate_upstream_connections_created_total{{group=\"web\",target=\"{}\"}}",
+            upstream.target()
+        ),
+    );
+    assert_eq!(created, 2.0);
+    app.stop().await;
+
+    // One connection allowed, held for 2 s, and a 200 ms wait: the second request gets a
+    // 503 that names the limits, and the target is not marked down for being busy.
+    let upstream = Upstream::start("capped").await;
+    let mut settings = proxied(&backends, &[&upstream], Balance::RoundRobin);
+    settings.upstreams[0].max_connections_per_target = 1;
+    settings.upstreams[0].connect_timeout = Duration::from_millis(200);
+    let app = TestApp::start(settings).await;
+    let held = app.get("/slow/2000");
+    let busy = async {
+        while upstream.peak_concurrency() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        app.get("/busy").await
+    };
+    let (held, busy) = tokio::join!(held, busy);
+    assert_eq!(held.status(), 200);
+    let body = assert_error(busy, 503, "upstream_saturated").await;
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("200 ms") && message.contains("max_connections_per_target"),
+        "{message}"
+    );
+    let metrics = app.metrics().await;
+    let series = |kind: &str| {
+        format!(
+            "tiergate_upstream_errors_total{{group=\"web\",target=\"{}\",kind=\"{kind}\"}}",
+            upstream.target()
+        )
+    };
+    assert_eq!(
+        metric_line(&metrics, &series("saturated")),
+        1.0,
+        "one wait, not retried on the only target: {metrics}"
+    );
+    assert_eq!(who(&app, "/after").await, "capped", "still in rotation");
+    app.stop().await;
+}
+
 /// The value of the sample whose name and labels are exactly `series`; 0 when absent.
 fn metric_line(metrics: &str, series: &str) -> f64 {
     metrics
