@@ -583,10 +583,12 @@ impl HeadScan {
 
     /// Feeds head bytes; true once the head is known to be ambiguous.
     fn feed(&mut self, bytes: &[u8]) -> bool {
-        for &b in bytes {
+        let mut at = 0;
+        while let Some(&b) = bytes.get(at) {
             if self.done {
                 break;
             }
+            at += 1;
             match b {
                 b'\n' => {
                     if self.line_len == 0 {
@@ -615,6 +617,17 @@ impl HeadScan {
                 self.transfer_encoding = true;
             }
             self.line_len += 1;
+            // Neither name can match any more: skip to the line's end in one search
+            // rather than a byte at a time (cookies and user agents are most of a head).
+            if !self.cl && !self.te {
+                match bytes
+                    .get(at..)
+                    .and_then(|rest| rest.iter().position(|&c| c == b'\n'))
+                {
+                    Some(n) => at += n,
+                    None => break,
+                }
+            }
         }
         self.content_lengths > 1 || (self.content_lengths > 0 && self.transfer_encoding)
     }
@@ -875,6 +888,45 @@ mod tests {
     fn ambiguous(chunks: &[&str]) -> bool {
         let mut scan = HeadScan::default();
         chunks.iter().any(|c| scan.feed(c.as_bytes()))
+    }
+
+    #[test]
+    fn head_scan_finds_the_same_split_anywhere() {
+        let cookie = format!("Cookie: {}\r\n", "k=v; ".repeat(60));
+        let heads = [
+            (
+                format!(
+                    "POST / HTTP/1.1\r\n{cookie}Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                ),
+                true,
+            ),
+            (
+                format!(
+                    "POST / HTTP/1.1\r\nUser-Agent: x\r\n{cookie}content-length: 2\r\nCONTENT-LENGTH: 2\r\n\r\n"
+                ),
+                true,
+            ),
+            (
+                format!(
+                    "POST / HTTP/1.1\r\n{cookie}Content-Length: 3\r\nContent-Type: a/b\r\n\r\nContent-Length: 1\r\n"
+                ),
+                false,
+            ),
+            (
+                format!(
+                    "GET / HTTP/1.1\r\nX-Transfer-Encoding: chunked\r\n{cookie}Content-Length: 0\r\n\r\n"
+                ),
+                false,
+            ),
+        ];
+        for (head, expected) in &heads {
+            for split in 0..=head.len() {
+                let (a, b) = head.as_bytes().split_at(split);
+                let mut scan = HeadScan::default();
+                let found = scan.feed(a) | scan.feed(b);
+                assert_eq!(found, *expected, "split at {split} of {head:?}");
+            }
+        }
     }
 
     #[test]
