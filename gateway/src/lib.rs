@@ -242,18 +242,19 @@ impl Server {
         let (control, drain) = DrainControl::new();
         let tunnels = gateway.tunnels().clone();
 
-        let public_handler = move |req, peer| {
-            let gateway = gateway.clone();
+        // One clone of the gateway per request, and one async layer around its future.
+        let https_gateway = gateway.clone();
+        let https_handler = move |req, peer| {
+            let gateway = https_gateway.clone();
             async move { gateway.handle(req, peer).await }
         };
-        let https_handler = public_handler.clone();
         let plain_handler = move |req: http::Request<hyper::body::Incoming>, peer| {
             let redirect = redirect_to.and_then(|port| service::redirect_to_https(&req, port));
-            let handler = public_handler.clone();
+            let gateway = gateway.clone();
             async move {
                 match redirect {
                     Some(rsp) => rsp,
-                    None => handler(req, peer).await,
+                    None => gateway.handle(req, peer).await,
                 }
             }
         };

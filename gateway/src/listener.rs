@@ -96,6 +96,14 @@ pub(crate) struct DrainControl {
     draining: Arc<AtomicBool>,
 }
 
+impl Drop for DrainControl {
+    /// The server is gone: connections look at the phase watch, which now says so (they
+    /// poll it only while `draining`).
+    fn drop(&mut self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+}
+
 impl DrainControl {
     pub(crate) fn new() -> (Self, Drain) {
         let (tx, rx) = watch::channel(Phase::Serving);
@@ -355,13 +363,15 @@ where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let name = self.name;
-        let state = Arc::new(ConnState::default());
+        let state = Arc::new(ConnState {
+            draining: self.drain.draining.clone(),
+            ..ConnState::default()
+        });
         let io = Guarded::new(io, state.clone(), &self.limits, h2, name);
         let peer = self.peer;
         let service = {
             let handler = self.handler;
             let state = state.clone();
-            let draining = self.drain.draining.clone();
             service_fn(move |req: Request<Incoming>| {
                 let version = req.version();
                 state.used.store(true, Ordering::Relaxed);
@@ -370,15 +380,14 @@ where
                 }
                 let (request, ambiguous) = state.request_started();
                 let response = (!ambiguous).then(|| handler(req, peer));
-                let state = state.clone();
-                let draining = draining.clone();
                 async move {
                     let mut rsp = match response {
                         Some(response) => response.await,
                         None => ambiguous_framing(),
                     };
-                    drop(request);
-                    if draining.load(Ordering::Relaxed) {
+                    // The request's own hold on the state, not a clone per request.
+                    let state = &request.0;
+                    if state.draining.load(Ordering::Relaxed) {
                         if version == Version::HTTP_2 {
                             state.goaway.notify_one();
                         } else {
@@ -396,29 +405,62 @@ where
             .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let mut phase = self.drain.phase.clone();
+        let draining = &self.drain.draining;
         let mut connection = pin!(connection);
         let mut asked = false;
         let mut finish_at: Option<Instant> = None;
         loop {
-            let grace = async {
-                match finish_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
+            let signal = {
+                let grace = async {
+                    match finish_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let mut signals = pin!(async {
+                    tokio::select! {
+                        biased;
+                        () = state.goaway.notified() => None,
+                        () = grace => None,
+                        changed = phase.changed(), if finish_at.is_none() => Some(changed),
+                    }
+                });
+                // The waker the signals were last polled with.
+                let mut registered: Option<std::task::Waker> = None;
+                std::future::poll_fn(|cx| {
+                    // The connection first, every time: it is what woke the task nearly
+                    // always.
+                    if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                        return Poll::Ready(Err(result));
+                    }
+                    if asked {
+                        return Poll::Pending;
+                    }
+                    // No signal fires before a shutdown begins (`draining`, which the
+                    // control also raises when it is dropped), so until then they are
+                    // polled once to register the task's waker, not on every wake-up:
+                    // each poll takes the locks of two `Notify`s.
+                    let known = registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+                    if known && !draining.load(Ordering::Relaxed) {
+                        return Poll::Pending;
+                    }
+                    if !known {
+                        registered = Some(cx.waker().clone());
+                    }
+                    signals.as_mut().poll(cx).map(Ok)
+                })
+                .await
             };
-            tokio::select! {
-                // The connection first, every time: it is what woke the task nearly
-                // always, and the drain signals can wait a poll.
-                biased;
-                result = connection.as_mut() => {
+            match signal {
+                Err(result) => {
                     if let Err(error) = result {
                         tracing::debug!(listener = name, error = %error, "Connection ended with an error.");
                     }
                     return;
                 }
-                () = state.goaway.notified(), if !asked => {}
-                () = grace, if !asked => {}
-                changed = phase.changed(), if !asked && finish_at.is_none() => {
+                // GOAWAY asked for, or the first request's grace is over.
+                Ok(None) => {}
+                Ok(Some(changed)) => {
                     let now = *phase.borrow_and_update();
                     let h2 = state.spoke_h2.load(Ordering::Relaxed);
                     match (changed, now) {
@@ -472,6 +514,8 @@ struct ConnState {
     goaway: Notify,
     /// At least one request arrived on the connection.
     used: AtomicBool,
+    /// The drain's flag: a shutdown began (see [`Drain`]).
+    draining: Arc<AtomicBool>,
     /// Requests handed to the service and not answered yet.
     in_flight: AtomicUsize,
     /// Bytes of a request head arrived and the service has not seen that request yet.
@@ -482,6 +526,10 @@ struct ConnState {
     /// not read again after answering until the socket wakes it, so the end of the last
     /// request must wake it to start the idle clock.
     reader: AtomicWaker,
+    /// `poll_read` went pending without a clock because a request was in flight: only
+    /// then does the end of the last request wake the reader. Waking it always cost
+    /// every request a second poll of the whole connection.
+    unclocked: AtomicBool,
 }
 
 impl ConnState {
@@ -500,7 +548,11 @@ struct InFlight(Arc<ConnState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // SeqCst, paired with `Guarded::poll_read`: either the reader sees no request in
+        // flight and arms its clock, or this sees `unclocked` and wakes it.
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.unclocked.swap(false, Ordering::SeqCst)
+        {
             self.0.reader.wake();
         }
     }
@@ -531,10 +583,12 @@ impl HeadScan {
 
     /// Feeds head bytes; true once the head is known to be ambiguous.
     fn feed(&mut self, bytes: &[u8]) -> bool {
-        for &b in bytes {
+        let mut at = 0;
+        while let Some(&b) = bytes.get(at) {
             if self.done {
                 break;
             }
+            at += 1;
             match b {
                 b'\n' => {
                     if self.line_len == 0 {
@@ -563,6 +617,17 @@ impl HeadScan {
                 self.transfer_encoding = true;
             }
             self.line_len += 1;
+            // Neither name can match any more: skip to the line's end in one search
+            // rather than a byte at a time (cookies and user agents are most of a head).
+            if !self.cl && !self.te {
+                match bytes
+                    .get(at..)
+                    .and_then(|rest| rest.iter().position(|&c| c == b'\n'))
+                {
+                    Some(n) => at += n,
+                    None => break,
+                }
+            }
         }
         self.content_lengths > 1 || (self.content_lengths > 0 && self.transfer_encoding)
     }
@@ -578,10 +643,15 @@ struct Guarded<S> {
     state: Arc<ConnState>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
-    /// When the current head's first byte arrived plus the header timeout.
-    head_deadline: Instant,
+    /// When the current head's first byte arrived plus the header timeout; `None` until
+    /// it is stamped.
+    head_deadline: Option<Instant>,
     /// The last time bytes moved either way.
     last_activity: Instant,
+    /// Bytes arrived since `last_activity` was stamped. Reads are stamped when hyper next
+    /// waits for bytes, the only moment the clocks are looked at, so a head that arrives
+    /// whole costs no clock read.
+    read_unstamped: bool,
     sleep: Pin<Box<Sleep>>,
     /// Since when writing has made no progress (the client reads nothing: a full socket
     /// buffer), and the clock that ends it after `idle_timeout`.
@@ -614,8 +684,9 @@ impl<S> Guarded<S> {
             state,
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
-            head_deadline: now,
+            head_deadline: None,
             last_activity: now,
+            read_unstamped: false,
             sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
             write_stalled: None,
             write_sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
@@ -627,8 +698,7 @@ impl<S> Guarded<S> {
     }
 
     fn on_read(&mut self, bytes: &[u8]) {
-        let now = Instant::now();
-        self.last_activity = now;
+        self.read_unstamped = true;
         if self.h2.is_none() {
             // Undecided counts as HTTP/1.1, so a head trickled in byte by byte ("P", "O"…)
             // is timed from its first byte.
@@ -650,7 +720,7 @@ impl<S> Guarded<S> {
         if self.state.in_flight.load(Ordering::Acquire) == 0
             && !self.state.head_started.swap(true, Ordering::AcqRel)
         {
-            self.head_deadline = now + self.header_read_timeout;
+            self.head_deadline = None;
             self.scan = HeadScan::default();
         }
         if self.state.head_started.load(Ordering::Acquire)
@@ -662,14 +732,26 @@ impl<S> Guarded<S> {
     }
 
     /// The deadline that applies while hyper waits for bytes, and whether it is the
-    /// header one.
-    fn deadline(&self) -> Option<(Instant, bool)> {
-        if self.state.in_flight.load(Ordering::Acquire) > 0 {
-            None
-        } else if self.h2 != Some(true) && self.state.head_started.load(Ordering::Acquire) {
-            Some((self.head_deadline, true))
-        } else {
-            Some((self.last_activity + self.idle_timeout, false))
+    /// header one. Stamps the reads since the last wait: microseconds after the bytes
+    /// came, and the clocks only ever run from a wait.
+    fn deadline(&mut self) -> Option<(Instant, bool)> {
+        if self.state.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        if self.read_unstamped {
+            let now = Instant::now();
+            self.read_unstamped = false;
+            self.last_activity = now;
+            self.head_deadline
+                .get_or_insert(now + self.header_read_timeout);
+        }
+        match self.head_deadline {
+            Some(at)
+                if self.h2 != Some(true) && self.state.head_started.load(Ordering::Acquire) =>
+            {
+                Some((at, true))
+            }
+            _ => Some((self.last_activity + self.idle_timeout, false)),
         }
     }
 }
@@ -689,9 +771,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             return Poll::Ready(result);
         }
         this.state.reader.register(cx.waker());
+        // Raised before `deadline` looks at the requests in flight (see `InFlight`).
+        this.state.unclocked.store(true, Ordering::SeqCst);
         let Some((deadline, header)) = this.deadline() else {
             return Poll::Pending;
         };
+        this.state.unclocked.store(false, Ordering::Relaxed);
         // The timer is moved earlier at once, but later only when it fires: the idle
         // deadline moves on with every request, and re-arming a timer per request
         // costs more than waking once per idle period to find the deadline has moved.
@@ -803,6 +888,45 @@ mod tests {
     fn ambiguous(chunks: &[&str]) -> bool {
         let mut scan = HeadScan::default();
         chunks.iter().any(|c| scan.feed(c.as_bytes()))
+    }
+
+    #[test]
+    fn head_scan_finds_the_same_split_anywhere() {
+        let cookie = format!("Cookie: {}\r\n", "k=v; ".repeat(60));
+        let heads = [
+            (
+                format!(
+                    "POST / HTTP/1.1\r\n{cookie}Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                ),
+                true,
+            ),
+            (
+                format!(
+                    "POST / HTTP/1.1\r\nUser-Agent: x\r\n{cookie}content-length: 2\r\nCONTENT-LENGTH: 2\r\n\r\n"
+                ),
+                true,
+            ),
+            (
+                format!(
+                    "POST / HTTP/1.1\r\n{cookie}Content-Length: 3\r\nContent-Type: a/b\r\n\r\nContent-Length: 1\r\n"
+                ),
+                false,
+            ),
+            (
+                format!(
+                    "GET / HTTP/1.1\r\nX-Transfer-Encoding: chunked\r\n{cookie}Content-Length: 0\r\n\r\n"
+                ),
+                false,
+            ),
+        ];
+        for (head, expected) in &heads {
+            for split in 0..=head.len() {
+                let (a, b) = head.as_bytes().split_at(split);
+                let mut scan = HeadScan::default();
+                let found = scan.feed(a) | scan.feed(b);
+                assert_eq!(found, *expected, "split at {split} of {head:?}");
+            }
+        }
     }
 
     #[test]
