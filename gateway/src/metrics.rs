@@ -14,6 +14,9 @@ const DURATION_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// As the exporter's own upkeep task would, had it its own listener.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the global recorder on first call and returns the handle that renders it.
@@ -32,8 +35,24 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     if HANDLE.set(handle.clone()).is_ok() {
         metrics::set_global_recorder(recorder)?;
         describe();
+        spawn_upkeep(handle.clone())?;
     }
     Ok(HANDLE.get().cloned().unwrap_or(handle))
+}
+
+/// Folds the histograms' recorded samples into their buckets every few seconds. The
+/// recorder keeps every sample until then (or until a scrape): without this, an instance
+/// nobody scrapes grew by about 20 bytes per request.
+fn spawn_upkeep(handle: PrometheusHandle) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        })?;
+    Ok(())
 }
 
 fn describe() {
