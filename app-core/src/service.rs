@@ -23,7 +23,7 @@ use metrics::Counter;
 use tiergate_config::CacheSettings;
 
 use crate::cache::l1::L1;
-use crate::cache::l2::{Invalidation, L2, Stored, unix_micros};
+use crate::cache::l2::{Filler, Invalidation, L2, Stored, unix_micros};
 use crate::cache::pages::{Page, Pages};
 use crate::cache::{Entry, Kind, Tier};
 use crate::hooks::{Hooks, Point};
@@ -238,6 +238,9 @@ impl Items {
         let started = Instant::now();
         let key = id.get();
         let mut deleted_at = None;
+        // Taken at a miss: the fill below lands only if no writer, and no eviction of
+        // the writer's fence, came in between.
+        let mut lease = None;
         if self.l2.is_trusted() {
             match self.l2.get(key).await {
                 Ok(Some((version, Stored::Value(json)))) => {
@@ -258,7 +261,10 @@ impl Items {
                     self.metrics.l2_miss.increment(1);
                     deleted_at = Some(version);
                 }
-                Ok(None) => self.metrics.l2_miss.increment(1),
+                Ok(None) => {
+                    self.metrics.l2_miss.increment(1);
+                    lease = self.l2.lease(key).await.ok().flatten();
+                }
                 Err(error) => {
                     self.metrics.l2_error.increment(1);
                     tracing::debug!(%error, "L2 read failed; reading PostgreSQL.");
@@ -316,7 +322,8 @@ impl Items {
             }
         };
         self.hooks.at(Point::BeforeL2Fill, key).await;
-        self.fill_l2(key, entry.version, &stored, ttl).await;
+        self.fill_l2(key, entry.version, &stored, ttl, Filler::Reader(lease))
+            .await;
         self.hooks.at(Point::BeforeL1Insert, key).await;
         Ok(Arc::new(entry))
     }
@@ -445,7 +452,9 @@ impl Items {
             Kind::Value => Stored::Value(entry.item_json()),
             Kind::Absent => Stored::Tombstone,
         };
-        let fenced = self.fill_l2(key, entry.version, &stored, None).await;
+        let fenced = self
+            .fill_l2(key, entry.version, &stored, None, Filler::Writer)
+            .await;
         self.hooks.at(Point::BeforePublish, key).await;
         if fenced && self.publish(key, entry.version).await {
             // Not awaited: the client has its answer; a failure leaves the row to the relay.
@@ -473,7 +482,13 @@ impl Items {
             // A tombstone at the written version: whatever the write was, the next read
             // goes to PostgreSQL; a newer version already in L2 is left alone.
             let fenced = self
-                .fill_l2(row.item_id, row.version, &Stored::Tombstone, None)
+                .fill_l2(
+                    row.item_id,
+                    row.version,
+                    &Stored::Tombstone,
+                    None,
+                    Filler::Writer,
+                )
                 .await;
             if fenced && self.publish(row.item_id, row.version).await {
                 done.push(row.outbox);
@@ -497,8 +512,9 @@ impl Items {
         version: i64,
         stored: &Stored,
         ttl: Option<Duration>,
+        by: Filler,
     ) -> bool {
-        match self.l2.fill(key, version, stored, ttl).await {
+        match self.l2.fill(key, version, stored, ttl, by).await {
             Ok(true) => {
                 self.metrics.l2_written.increment(1);
                 true

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use app_core::cache::bus::Bus;
 use app_core::cache::l1::Policy;
-use app_core::cache::l2::Stored;
+use app_core::cache::l2::{Filler, Stored};
 use app_core::cache::{Kind, Tier};
 use app_core::hooks::{Hooks, Point};
 use app_core::model::ItemId;
@@ -238,7 +238,7 @@ async fn r5_a_lost_invalidation_is_made_good_by_the_flush_on_reconnect() {
         .unwrap();
     writer
         .l2()
-        .fill(id.get(), 2, &Stored::Tombstone, None)
+        .fill(id.get(), 2, &Stored::Tombstone, None, Filler::Writer)
         .await
         .unwrap();
     assert_eq!(

@@ -24,22 +24,50 @@ use tiergate_config::RedisSettings;
 
 use super::breaker::{self, Breaker};
 
-/// Writes `{ver, kind, data}` only if the key holds nothing, an older version, or a
-/// tombstone of the same version being replaced by what was read after the delete.
-/// Without it, a reader that loaded v1 could overwrite the v2 a writer just fenced
-/// (race R1 of CACHE.md). Returns 1 when written, 0 when fenced off.
+/// Writes `{ver, kind, data}` only if the key holds an older version, or a tombstone of
+/// the same version being replaced by what was read after the delete. Without it, a
+/// reader that loaded v1 could overwrite the v2 a writer just fenced (race R1 of
+/// CACHE.md). A key with no version takes a writer's entry (`ARGV[5]` empty), but a
+/// reader's only with the lease it took at its miss (`ARGV[5]`): the lease is gone when a
+/// writer fenced in between or Redis evicted the key, fence and all, and then the reader
+/// may hold an older version than PostgreSQL. Returns 1 when written, 0 when fenced off.
 const FENCE_LUA: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'ver', 'kind')
+local cur = redis.call('HMGET', KEYS[1], 'ver', 'kind', 'lease')
 local ver = tonumber(ARGV[1])
 if cur[1] then
   local cur_ver = tonumber(cur[1])
   if cur_ver > ver then return 0 end
   if cur_ver == ver and not (cur[2] == 't' and ARGV[2] ~= 't') then return 0 end
+elseif ARGV[5] ~= '' and cur[3] ~= ARGV[5] then
+  return 0
 end
+redis.call('HDEL', KEYS[1], 'lease')
 redis.call('HSET', KEYS[1], 'ver', ARGV[1], 'kind', ARGV[2], 'data', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
+
+/// A reader's lease on a missing key: created with only `lease` and a short TTL, so its
+/// fill can land unless a writer or an eviction came first. Returns 1 when taken.
+const LEASE_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'lease', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+/// Longer than a miss takes to read PostgreSQL (`statement_timeout` defaults to 5 s); a
+/// lease that expires first only costs that one fill.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Who writes through the fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filler {
+    /// A writer or the outbox relay: PostgreSQL committed this version.
+    Writer,
+    /// A reader filling what it read, with the lease it took at its miss, if any.
+    Reader(Option<u64>),
+}
 
 /// What L2 holds for an id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +94,7 @@ pub struct L2 {
     prefix: String,
     ttl: Duration,
     fence: Script,
+    lease: Script,
     /// Applied to every command: fail at once while disconnected, one attempt, a short
     /// timeout. The next tier answers instead.
     options: Options,
@@ -189,6 +218,7 @@ impl L2 {
             prefix: settings.key_prefix.clone(),
             ttl,
             fence: Script::from_lua(FENCE_LUA),
+            lease: Script::from_lua(LEASE_LUA),
             options,
             breaker: Arc::new(Breaker::new(
                 settings.breaker_failures,
@@ -281,12 +311,29 @@ impl L2 {
         version: i64,
         stored: &Stored,
         ttl: Option<Duration>,
+        by: Filler,
     ) -> Result<bool, Error> {
-        let result = self.guarded(self.fence(id, version, stored, ttl)).await;
+        let result = self.guarded(self.fence(id, version, stored, ttl, by)).await;
         if result.is_err() {
             self.distrust();
         }
         result
+    }
+
+    /// Takes a lease on the missing key `id` for the reader about to read PostgreSQL;
+    /// `None` when the key exists (another reader's lease, or a writer came first).
+    ///
+    /// # Errors
+    /// Redis unreachable or slow.
+    pub async fn lease(&self, id: i64) -> Result<Option<u64>, Error> {
+        // Never 0: a reader without a lease sends "0", which no lease matches.
+        let token = fastrand::u64(1..);
+        let ttl_ms = i64::try_from(LEASE_TTL.as_millis()).unwrap_or(i64::MAX);
+        let args: Vec<Value> = vec![token.to_string().into(), ttl_ms.into()];
+        let taken: i64 = self
+            .guarded(self.eval(&self.lease, LEASE_LUA, id, args))
+            .await?;
+        Ok((taken == 1).then_some(token))
     }
 
     async fn fence(
@@ -295,6 +342,7 @@ impl L2 {
         version: i64,
         stored: &Stored,
         ttl: Option<Duration>,
+        by: Filler,
     ) -> Result<bool, Error> {
         let data = match stored {
             Stored::Value(data) => data.clone(),
@@ -302,15 +350,32 @@ impl L2 {
         };
         let ttl = ttl.unwrap_or(self.ttl).mul_f64(0.9 + fastrand::f64() * 0.2);
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let lease = match by {
+            Filler::Writer => String::new(),
+            Filler::Reader(lease) => lease.unwrap_or(0).to_string(),
+        };
         let args: Vec<Value> = vec![
             version.into(),
             stored.code().into(),
             Value::Bytes(data),
             ttl_ms.into(),
+            lease.into(),
         ];
+        let written: i64 = self.eval(&self.fence, FENCE_LUA, id, args).await?;
+        Ok(written == 1)
+    }
+
+    /// Runs `script` on the key of `id`.
+    async fn eval(
+        &self,
+        script: &Script,
+        lua: &'static str,
+        id: i64,
+        args: Vec<Value>,
+    ) -> Result<i64, Error> {
         let client = self.client.with_options(&self.options);
-        let written: i64 = match client
-            .evalsha(self.fence.sha1().clone(), self.key(id), args.clone())
+        match client
+            .evalsha(script.sha1().clone(), self.key(id), args.clone())
             .await
         {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
@@ -318,17 +383,16 @@ impl L2 {
                 // A cluster keeps scripts per node: load it on every primary, or the key's
                 // node may still not know it.
                 if self.client.is_clustered() {
-                    let _: () = client.script_load_cluster(FENCE_LUA).await?;
+                    let _: () = client.script_load_cluster(lua).await?;
                 } else {
-                    let _: () = client.script_load(FENCE_LUA).await?;
+                    let _: () = client.script_load(lua).await?;
                 }
                 client
-                    .evalsha(self.fence.sha1().clone(), self.key(id), args)
-                    .await?
+                    .evalsha(script.sha1().clone(), self.key(id), args)
+                    .await
             }
-            other => other?,
-        };
-        Ok(written == 1)
+            other => other,
+        }
     }
 
     /// A new subscriber connection to the same server, for the invalidation bus: pub/sub
