@@ -175,21 +175,20 @@ where
                 let failure = match err {
                     SendError::Connect(_) => {
                         target.metrics.connect_errors.increment(1);
+                        target.record_failure(&group.settings.outlier);
                         Failure::Connect
                     }
                     SendError::Exchange(_) => {
                         target.metrics.exchange_errors.increment(1);
+                        target.record_failure(&group.settings.outlier);
                         Failure::Exchange
                     }
+                    // Busy is not broken: no mark against the target's health.
                     SendError::Saturated => {
                         target.metrics.saturated.increment(1);
                         Failure::Saturated
                     }
                 };
-                // Busy is not broken: no mark against the target's health.
-                if !matches!(failure, Failure::Saturated) {
-                    target.record_failure(&group.settings.outlier);
-                }
                 failure.logged(group, &target.address, &err)
             }
             Err(_) => {
