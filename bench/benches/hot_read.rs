@@ -27,6 +27,10 @@
 //! builds in turn on the same box: 0.81 µs before and 0.86 µs after in the quieter
 //! round, 1.25 and 1.51 µs in the next (builds running): time here is noise at this
 //! scale. Under 1 µs on today's box, then, but not shown on the slower one.
+//!
+//! 2026-12-06, later: L1's moka cache and watermark map hashed with foldhash (seeded)
+//! instead of std's SipHash: 5,558 → 5,289 instructions per request (−4.8 %; same
+//! callgrind run, 5 s profile, total over calls to `Gateway::handle`).
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

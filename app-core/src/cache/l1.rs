@@ -22,6 +22,11 @@ use moka::Expiry;
 
 use super::{Entry, Kind, Stamp, Tier};
 
+/// The hasher of L1's tables, looked up on every hit: seeded per process (ids come from
+/// clients, so collisions must not be chosen from outside), and a few instructions for an
+/// integer where std's SipHash costs ~100.
+type KeyHasher = foldhash::quality::RandomState;
+
 /// How many keys the watermark may remember. Past it, L1 is flushed and the marks
 /// forgotten together: with no older entry left, no mark is needed.
 const WATERMARK_CAPACITY: usize = 200_000;
@@ -39,7 +44,7 @@ pub struct Policy {
 /// The in-process tier. Cheap to clone: clones share the same caches.
 #[derive(Debug, Clone)]
 pub struct L1 {
-    entries: moka::future::Cache<i64, Arc<Entry>>,
+    entries: moka::future::Cache<i64, Arc<Entry>, KeyHasher>,
     watermark: Arc<Watermark>,
     state: Arc<State>,
     policy: Policy,
@@ -72,11 +77,11 @@ impl L1 {
             .expire_after(KeepUntilStale {
                 max_stale: policy.max_stale,
             })
-            .build();
+            .build_with_hasher(KeyHasher::default());
         // Marks outlive every entry (fresh + stale, jitter included) they guard against.
         let keep_for = (policy.ttl.mul_f64(1.1) + policy.max_stale).saturating_mul(2);
         let watermark = Arc::new(Watermark {
-            marks: DashMap::new(),
+            marks: DashMap::with_hasher(KeyHasher::default()),
             keep_for,
         });
         let state = Arc::new(State {
@@ -293,7 +298,7 @@ impl L1 {
 /// one shard under a brief read lock, never a global one.
 #[derive(Debug)]
 struct Watermark {
-    marks: DashMap<i64, (i64, Instant)>,
+    marks: DashMap<i64, (i64, Instant), KeyHasher>,
     /// A mark older than this guards nothing: every entry it could reject has expired.
     keep_for: Duration,
 }
