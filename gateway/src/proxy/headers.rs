@@ -46,6 +46,16 @@ fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
 /// Removes the hop-by-hop headers and those the `Connection` header names. With
 /// `upgrade`, `Upgrade` and `Connection: upgrade` are kept: they are the message.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one pass comparing names (an integer compare for
+    // the standard ones) spares the hashed removal of each of the nine, which was ~5 %
+    // of a proxied request's instructions. `Connection` is hop-by-hop, so an upgrade
+    // never takes this exit.
+    let any = headers
+        .keys()
+        .any(|name| name == header::UPGRADE || hop_by_hop().contains(&name));
+    if !any {
+        return;
+    }
     // Names listed in `Connection` first, while it is still there.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -88,8 +98,6 @@ pub(crate) fn set_forwarding(
     trusted_hops: u32,
     forwarded: bool,
 ) {
-    use std::fmt::Write as _;
-
     let trusted = usize::try_from(trusted_hops).unwrap_or(usize::MAX);
     let peer_ip = client.peer.ip();
     let mut xff = String::with_capacity(48);
@@ -107,7 +115,7 @@ pub(crate) fn set_forwarding(
             xff.push_str(", ");
         }
     }
-    let _ = write!(xff, "{peer_ip}");
+    push_ip(&mut xff, peer_ip);
     set(headers, &X_FORWARDED_FOR, xff);
 
     let proto = if client.tls { "https" } else { "http" };
@@ -163,6 +171,27 @@ pub(crate) fn set_forwarding(
             None => {
                 headers.remove(&FORWARDED);
             }
+        }
+    }
+}
+
+/// Appends `ip` as text. IPv4, the common case, goes digit by digit (itoa): `Display`
+/// through `fmt` cost ~950 instructions a request, as much as the rest of this function.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    use std::fmt::Write as _;
+
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
         }
     }
 }
@@ -270,6 +299,39 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_is_left_as_it_is() {
+        let pairs = [
+            ("host", "a"),
+            ("x-one", "1"),
+            ("accept", "*/*"),
+            ("x-one", "2"),
+        ];
+        let mut h = headers(&pairs);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, headers(&pairs));
+        // A lone `Upgrade` (no `Connection`) is still removed.
+        let mut h = headers(&[("upgrade", "websocket"), ("x-kept", "yes")]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn client_addresses_are_written_as_text() {
+        for ip in [
+            "0.0.0.0",
+            "10.1.2.3",
+            "192.168.100.255",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let mut out = String::new();
+            push_ip(&mut out, ip.parse().unwrap());
+            assert_eq!(out, ip);
+        }
     }
 
     #[test]
