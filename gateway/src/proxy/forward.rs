@@ -324,11 +324,14 @@ async fn tunnel(
     in_flight: super::target::InFlight,
 ) {
     let handed_over = async {
-        if let Some(lease) = lease {
-            lease.run_out().await;
+        match lease {
+            Some(lease) => lease.run_out().await,
+            None => None,
         }
     };
-    let (upgraded, ()) = tokio::join!(async { tokio::try_join!(client, upstream) }, handed_over);
+    // `_room`: the upstream connection's place under `max_connections_per_target`, held
+    // until the tunnel over it ends.
+    let (upgraded, _room) = tokio::join!(async { tokio::try_join!(client, upstream) }, handed_over);
     match upgraded {
         Ok((client, upstream)) => {
             let mut client = TokioIo::new(client);

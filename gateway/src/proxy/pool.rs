@@ -385,7 +385,7 @@ impl Http1Pool {
         Ok(Conn {
             sender,
             driver: Some(Box::pin(connection.with_upgrades())),
-            _room: room,
+            room,
         })
     }
 }
@@ -398,8 +398,9 @@ struct Conn {
     sender: SendRequest<AttemptBody>,
     /// `None` once the connection ended (closed, failed or upgraded).
     driver: Option<Driver>,
-    /// Its place under `max_connections_per_target`, given back when it is dropped.
-    _room: Option<OwnedSemaphorePermit>,
+    /// Its place under `max_connections_per_target`, given back when it is dropped (or,
+    /// after an upgrade, when the tunnel that took it over ends).
+    room: Option<OwnedSemaphorePermit>,
 }
 
 impl fmt::Debug for Conn {
@@ -454,7 +455,9 @@ impl Lease {
     }
 
     /// Drives the connection until it ends: after a `101`, that hands it to the upgrade.
-    pub(crate) async fn run_out(mut self) {
+    /// Returns the connection's place under `max_connections_per_target`, which the
+    /// upgraded connection still takes up: the caller holds it while the tunnel runs.
+    pub(crate) async fn run_out(mut self) -> Option<OwnedSemaphorePermit> {
         poll_fn(|cx| {
             if self.conn.drive(cx) {
                 Poll::Pending
@@ -463,6 +466,7 @@ impl Lease {
             }
         })
         .await;
+        self.conn.room.take()
     }
 }
 

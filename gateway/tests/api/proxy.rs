@@ -737,6 +737,48 @@ async fn max_connections_per_target_caps_the_connections_and_the_rest_wait_or_ge
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_websocket_tunnel_keeps_its_connection_under_the_cap_until_it_ends() {
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("ws").await;
+    let mut settings = proxied(&backends, &[&upstream], Balance::RoundRobin);
+    settings.upstreams[0].max_connections_per_target = 1;
+    settings.upstreams[0].connect_timeout = Duration::from_millis(200);
+    let app = TestApp::start(settings).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr))
+        .await
+        .expect("handshake through the proxy");
+    ws.send("open".into()).await.unwrap();
+    assert_eq!(
+        ws.next()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap()
+            .as_str(),
+        "open"
+    );
+
+    // The one connection the target may have is the tunnel's.
+    assert_error(app.get("/busy").await, 503, "upstream_saturated").await;
+
+    // Once the tunnel ends, its place is free again. Each try waits up to the 200 ms
+    // connect_timeout for it; the tunnel ends a moment after both sides closed.
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    drop(ws);
+    let mut status = 0;
+    for _ in 0..25 {
+        status = app.get("/after").await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+    }
+    assert_eq!(status, 200, "the tunnel's connection was given back");
+    app.stop().await;
+}
+
 /// The value of the sample whose name and labels are exactly `series`; 0 when absent.
 fn metric_line(metrics: &str, series: &str) -> f64 {
     metrics
