@@ -28,11 +28,12 @@
 //!    HTTP/2 connections get GOAWAY. Idle HTTP/1.1 connections are left open on purpose:
 //!    closing one races a request the client may be sending on it at that moment, which
 //!    is how an ALB ends up answering 502.
-//! 2. **Closing**: connections already in the accept backlog are taken in, then the
-//!    listening socket closes (new connections are refused). Every connection is asked to
-//!    finish: idle HTTP/1.1 closes now, a request in flight gets its response first, and
-//!    a connection that has sent nothing yet gets `FIRST_REQUEST_GRACE` (1 s) to send its
-//!    request. Connections still open at the deadline are dropped.
+//! 2. **Closing**: connections already in the accept backlog are taken in (by `accept`
+//!    on the socket itself, not by the runtime's readiness, which can lag the kernel),
+//!    then the listening socket closes (new connections are refused). Every connection
+//!    is asked to finish: idle HTTP/1.1 closes now, a request in flight gets its response
+//!    first, and a connection that has sent nothing yet gets `FIRST_REQUEST_GRACE` (1 s)
+//!    to send its request. Connections still open at the deadline are dropped.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -280,19 +281,67 @@ pub(crate) async fn serve<H, Fut>(
         }
     };
 
-    // Connections the kernel has completed but we have not accepted would be reset when
-    // the socket closes, requests and all: take them in first (past the cap, briefly).
-    // A zero timeout still polls `accept` once.
-    while let Ok(Ok((stream, addr))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await
-    {
-        spawn(stream, addr, None);
-    }
-    drop(listener);
+    #[cfg(test)]
+    tests::before_close();
+    close_after_backlog(listener, name, |stream, addr| spawn(stream, addr, None));
     tracing::info!(listener = name, "Stopped accepting.");
     drop(open_tx);
     tokio::select! {
         _ = open_rx.recv() => tracing::info!(listener = name, "All connections drained."),
         () = tokio::time::sleep_until(deadline) => tracing::warn!(listener = name, "Shutdown deadline passed; dropping open connections."),
+    }
+}
+
+/// Closes `listener` once `take` has every connection the kernel completed for it:
+/// those would be reset with the socket, requests and all (past the cap, briefly).
+///
+/// With `accept` itself, not `TcpListener::accept`: that one answers from the runtime's
+/// readiness, which learns of a new connection only at the IO driver's next turn, so it
+/// can find the backlog empty while the kernel holds connections. In the rolling-deploy
+/// test such a connection carried a POST that nginx had sent and would not retry; it came
+/// back as a reset, and the client got 502. A connection completed after the last
+/// `accept` is still reset; by then the load balancer, which has seen readiness fail
+/// since the drain began, has stopped sending.
+fn close_after_backlog(
+    listener: TcpListener,
+    name: &'static str,
+    mut take: impl FnMut(TcpStream, SocketAddr),
+) {
+    // Out of the runtime; `into_std` leaves it non-blocking, and `accept` must not block.
+    let listener = match listener
+        .into_std()
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+    {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::warn!(listener = name, %error, "Cannot take in the accept backlog; closing.");
+            return;
+        }
+    };
+    loop {
+        match listener.accept() {
+            Ok((stream, addr)) => {
+                match stream
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpStream::from_std(stream))
+                {
+                    Ok(stream) => take(stream, addr),
+                    Err(error) => {
+                        tracing::debug!(listener = name, %error, "Cannot serve a connection from the backlog.");
+                    }
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) => {}
+            Err(error) => {
+                tracing::warn!(listener = name, %error, "Accept failed while closing; closing.");
+                break;
+            }
+        }
     }
 }
 
@@ -952,5 +1001,76 @@ mod tests {
         assert!(!ambiguous(&[
             "POST / HTTP/1.1\r\nContent-Length: 19\r\n\r\nContent-Length: 1\r\n"
         ]));
+    }
+
+    /// Runs in `serve` once the accept loop stopped, just before the backlog is taken in
+    /// and the socket closed.
+    type Hook = Box<dyn FnOnce() + Send>;
+    static BEFORE_CLOSE: std::sync::Mutex<Option<Hook>> = std::sync::Mutex::new(None);
+
+    pub(super) fn before_close() {
+        let hook = BEFORE_CLOSE.lock().ok().and_then(|mut hook| hook.take());
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+
+    /// A client whose connection the kernel completed, with its request, after the
+    /// runtime last reported the listener readable: a closing listener must take it in
+    /// and answer it, not reset it (nginx does not retry a POST it has sent). The hook
+    /// connects from inside `serve`, just before the close, so no IO driver turn
+    /// can come between.
+    #[tokio::test]
+    async fn a_connection_the_runtime_has_not_reported_is_answered_at_close() {
+        use std::io::Write as _;
+        use tokio::io::AsyncReadExt as _;
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 16,
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            h2_max_concurrent_streams: 16,
+            h2_max_header_list_bytes: 16 * 1024,
+        };
+        let handler = |_req: Request<Incoming>, _peer: Peer| async {
+            crate::service::json(http::StatusCode::OK, Bytes::from_static(b"{}"))
+        };
+        let (client_tx, client_rx) = tokio::sync::oneshot::channel();
+        *BEFORE_CLOSE.lock().unwrap() = Some(Box::new(move || {
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            client
+                .write_all(b"POST /items HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+                .unwrap();
+            let _ = client_tx.send(client);
+        }));
+        let (control, drain) = DrainControl::new();
+        let server = tokio::spawn(serve(
+            "test",
+            listener,
+            Transport::Plain,
+            limits,
+            handler,
+            drain,
+        ));
+        control.enter(Phase::Closing {
+            deadline: Instant::now() + Duration::from_secs(5),
+        });
+
+        let client = client_rx.await.unwrap();
+        client.set_nonblocking(true).unwrap();
+        let mut client = TcpStream::from_std(client).unwrap();
+        let mut response = Vec::new();
+        let read = client.read_to_end(&mut response).await;
+        assert!(read.is_ok(), "the connection was reset: {read:?}");
+        assert!(
+            response.starts_with(b"HTTP/1.1 200 OK\r\n"),
+            "{}",
+            String::from_utf8_lossy(&response)
+        );
+        server.await.unwrap();
     }
 }

@@ -13,7 +13,9 @@
 //! every connection it accepted before it exits 0. nginx runs as a
 //! child process (`master_process off`) with its own config in a temporary directory,
 //! never as a system service. The test needs the `nginx` binary: `scripts/services
-//! --nginx` (run by `scripts/test`) installs it.
+//! --nginx` (run by `scripts/test`) installs it. Every port the test names (the slots,
+//! nginx's own) is held for the whole test by a [`Reserved`] socket: a port picked and
+//! let go could be handed to anyone else in between.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,9 +24,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::process::{Child, Command};
 
-use crate::helpers::{Backends, closed_port, wait_for_more};
+use crate::helpers::{Backends, wait_for_more};
 use crate::shutdown::Task;
 use crate::startup::wait_for_log_where;
 
@@ -48,18 +51,52 @@ fn nginx_binary() -> PathBuf {
     })
 }
 
+/// A loopback port held for the test: bound with `SO_REUSEADDR` but not listening.
+/// Connecting to it is refused, as to an empty load-balancer slot; the kernel hands it
+/// to no one else, neither to a `bind` to port 0 (another test's server, a new task's
+/// listener) nor as the local port of an outgoing connection; and a server that sets
+/// `SO_REUSEADDR` (Tiergate, nginx) can still bind and listen on it beside this socket.
+/// `closed_port` lets its port go at once instead, and in one run something else took
+/// an empty slot's port that way: `register` then failed with EADDRINUSE.
+struct Reserved {
+    addr: SocketAddr,
+    socket: TcpSocket,
+}
+
+impl Reserved {
+    fn new() -> Self {
+        let socket = TcpSocket::new_v4().expect("a socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind a port");
+        let addr = socket.local_addr().expect("the reserved address");
+        Self { addr, socket }
+    }
+
+    /// Starts listening on the port itself.
+    fn listen(self) -> TcpListener {
+        self.socket
+            .listen(1024)
+            .expect("listen on the reserved port")
+    }
+}
+
 /// nginx with a generated config, stopped and its directory removed on drop.
 struct Nginx {
     addr: SocketAddr,
     dir: PathBuf,
     _child: Child,
+    /// nginx's port, held while nginx runs.
+    _port: Reserved,
 }
 
 impl Nginx {
     async fn start(upstreams: &[SocketAddr]) -> Self {
         let dir = std::env::temp_dir().join(format!("tiergate-nginx-{:016x}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
-        let addr: SocketAddr = ([127, 0, 0, 1], closed_port()).into();
+        let port = Reserved::new();
+        let addr = port.addr;
         std::fs::write(dir.join("nginx.conf"), config(&dir, addr, upstreams)).unwrap();
         let child = Command::new(nginx_binary())
             .arg("-p")
@@ -77,6 +114,7 @@ impl Nginx {
             addr,
             dir,
             _child: child,
+            _port: port,
         }
     }
 
@@ -95,10 +133,8 @@ impl Drop for Nginx {
 /// "Registers" a ready task with the load balancer: forwards the slot nginx knows to the
 /// task's own port. A new task is thereby reachable only once it is ready, as an ALB
 /// routes to a target only once its health checks pass. Stops forwarding on drop.
-async fn register(slot: SocketAddr, task: SocketAddr) -> AbortOnDrop {
-    let listener = tokio::net::TcpListener::bind(slot)
-        .await
-        .expect("bind the slot");
+fn register(slot: Reserved, task: SocketAddr) -> AbortOnDrop {
+    let listener = slot.listen();
     AbortOnDrop(tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -162,9 +198,12 @@ http {{
 #[tokio::test]
 async fn rolling_deploy_behind_a_proxy_loses_no_request() {
     let backends = Backends::new().await;
-    let slots: Vec<SocketAddr> = (0..4)
-        .map(|_| SocketAddr::from(([127, 0, 0, 1], closed_port())))
-        .collect();
+    // The old tasks bind their slots beside the reservations, which are held to the end:
+    // a slot must go on refusing once its task is gone. The new tasks' slots are handed
+    // over as they register.
+    let mut reserved: Vec<Reserved> = (0..4).map(|_| Reserved::new()).collect();
+    let slots: Vec<SocketAddr> = reserved.iter().map(|r| r.addr).collect();
+    let mut empty_slots = reserved.split_off(2).into_iter();
     let start_task = |listen: SocketAddr, color: &'static str| {
         let backends = &backends;
         async move {
@@ -263,9 +302,10 @@ async fn rolling_deploy_behind_a_proxy_loses_no_request() {
     // SIGTERM the old one and wait for it to exit cleanly, all under load.
     let mut new = Vec::new();
     let mut registrations = Vec::new();
-    for (i, slot) in slots[2..].iter().enumerate() {
+    for i in 0..2 {
         let task = start_task(SocketAddr::from(([127, 0, 0, 1], 0)), "green").await;
-        registrations.push(register(*slot, task.http).await);
+        let slot = empty_slots.next().expect("a slot for each new task");
+        registrations.push(register(slot, task.http));
         new.push(task);
         let mut retiring = old.remove(0);
         retiring.signal("TERM");
@@ -313,8 +353,46 @@ async fn rolling_deploy_behind_a_proxy_loses_no_request() {
         count("reset by peer") + count("prematurely closed")
     );
     drop(registrations);
+    drop(reserved);
     for mut task in new {
         task.signal("TERM");
         task.exit_within(Duration::from_secs(15)).await;
     }
+}
+
+/// What the slots rely on, without nginx: a reserved port is held (a socket that binds
+/// it without `SO_REUSEADDR` is refused, where a port from `closed_port` is free for
+/// anyone), refuses connections while empty, can be served by a task that binds it
+/// beside the reservation, refuses again once that task is gone, and listens when
+/// registered.
+#[tokio::test]
+async fn a_reserved_slot_is_held_and_refuses_until_served() {
+    let squat = |addr: SocketAddr| {
+        let socket = TcpSocket::new_v4().expect("a socket");
+        socket.bind(addr).map(|()| socket)
+    };
+    let slot = Reserved::new();
+    let addr = slot.addr;
+    assert!(squat(addr).is_err(), "the reserved port is held");
+    let refused = |r: std::io::Result<tokio::net::TcpStream>| {
+        r.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    assert!(refused(tokio::net::TcpStream::connect(addr).await), "empty");
+
+    // A task binds the slot beside the reservation, as Tiergate's listener does.
+    let task = TcpListener::bind(addr)
+        .await
+        .expect("a task binds the slot");
+    let (_client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), task.accept());
+    accepted.expect("the task is reachable");
+    drop(task);
+    assert!(
+        refused(tokio::net::TcpStream::connect(addr).await),
+        "task gone"
+    );
+    assert!(squat(addr).is_err(), "still held");
+
+    let listener = slot.listen();
+    let (_client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    accepted.expect("registered");
 }
