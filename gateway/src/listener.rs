@@ -282,7 +282,7 @@ pub(crate) async fn serve<H, Fut>(
     };
 
     #[cfg(test)]
-    tests::before_close();
+    tests::before_close(name);
     close_after_backlog(listener, name, |stream, addr| spawn(stream, addr, None));
     tracing::info!(listener = name, "Stopped accepting.");
     drop(open_tx);
@@ -466,14 +466,17 @@ where
                         None => std::future::pending().await,
                     }
                 };
-                let mut signals = pin!(async {
+                // Unconstrained: they are polled to register the waker once, and a poll
+                // refused for a spent scheduling budget would register nothing, leaving
+                // the connection deaf to the drain.
+                let mut signals = pin!(tokio::task::unconstrained(async {
                     tokio::select! {
                         biased;
                         () = state.goaway.notified() => None,
                         () = grace => None,
                         changed = phase.changed(), if finish_at.is_none() => Some(changed),
                     }
-                });
+                }));
                 // The waker the signals were last polled with.
                 let mut registered: Option<std::task::Waker> = None;
                 std::future::poll_fn(|cx| {
@@ -1003,12 +1006,17 @@ mod tests {
         ]));
     }
 
-    /// Runs in `serve` once the accept loop stopped, just before the backlog is taken in
-    /// and the socket closed.
+    /// Runs in `serve` of the listener named [`BACKLOG_TEST`] once its accept loop
+    /// stopped, just before the backlog is taken in and the socket closed. Keyed by name:
+    /// other tests' listeners close in parallel and must not run it.
     type Hook = Box<dyn FnOnce() + Send>;
     static BEFORE_CLOSE: std::sync::Mutex<Option<Hook>> = std::sync::Mutex::new(None);
+    const BACKLOG_TEST: &str = "backlog-test";
 
-    pub(super) fn before_close() {
+    pub(super) fn before_close(listener: &str) {
+        if listener != BACKLOG_TEST {
+            return;
+        }
         let hook = BEFORE_CLOSE.lock().ok().and_then(|mut hook| hook.take());
         if let Some(hook) = hook {
             hook();
@@ -1049,7 +1057,7 @@ mod tests {
         }));
         let (control, drain) = DrainControl::new();
         let server = tokio::spawn(serve(
-            "test",
+            BACKLOG_TEST,
             listener,
             Transport::Plain,
             limits,
