@@ -30,7 +30,9 @@
 //!
 //! 2026-12-06, later: L1's moka cache and watermark map hashed with foldhash (seeded)
 //! instead of std's SipHash: 5,558 → 5,289 instructions per request (−4.8 %; same
-//! callgrind run, 5 s profile, total over calls to `Gateway::handle`).
+//! callgrind run, 5 s profile, total over calls to `Gateway::handle`). Criterion, quiet
+//! box, the two builds in turn twice: 847.7 and 852.2 ns before, 833.9 and 832.0 ns
+//! after. Goal ≤ 1 µs: met on this box, quiet.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
