@@ -171,6 +171,11 @@ impl App {
         }
     }
 
+    /// Whether a shutdown began (`/readyz` fails from then on).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
     /// Whether the schema is in place, so item requests can be served. Stays true while
     /// draining: the load balancer keeps routing here until it sees readiness fail, and
     /// those requests must still get their answers.

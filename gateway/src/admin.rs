@@ -71,7 +71,7 @@ impl Admin {
                 rsp
             }
             (&Method::GET, ["livez"]) => probe(true),
-            (&Method::GET, ["readyz"]) => probe(self.app.is_ready()),
+            (&Method::GET, ["readyz"]) => probe(self.gateway.is_ready()),
             (&Method::GET, [""]) => json_response(
                 StatusCode::OK,
                 Bytes::from_static(

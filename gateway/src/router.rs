@@ -85,6 +85,8 @@ pub struct Router {
     any_host: Vec<Route>,
     fallback: Route,
     groups: BTreeMap<String, Arc<Group>>,
+    /// Some route hands requests to the app (else the instance is a proxy only).
+    serves_app: bool,
     /// How requests are forwarded.
     pub proxy: ProxySettings,
 }
@@ -198,8 +200,14 @@ impl Router {
             any_host,
             fallback: builtin("unmatched", "", Handler::NotFound),
             groups,
+            serves_app: settings.routes.iter().any(|r| r.app),
             proxy: settings.proxy.clone(),
         })
+    }
+
+    /// Whether some route hands requests to the app.
+    pub fn serves_app(&self) -> bool {
+        self.serves_app
     }
 
     /// Whether any route matches on the host (else the host need not be looked at).

@@ -90,6 +90,17 @@ impl Gateway {
         &self.inner.tunnels
     }
 
+    /// What `/readyz` says: the app is ready, or no route needs it (a proxy-only table
+    /// must not wait for a database it never uses) and no shutdown began.
+    pub fn is_ready(&self) -> bool {
+        let app = &self.inner.app;
+        if self.inner.router.load().serves_app() {
+            app.is_ready()
+        } else {
+            !app.is_draining()
+        }
+    }
+
     /// The route table in force.
     pub fn router(&self) -> Arc<Router> {
         self.inner.router.load_full()
@@ -183,7 +194,7 @@ impl Gateway {
             }
             Handler::Redirect(base) => redirect(base, &req),
             Handler::Livez => probe(true),
-            Handler::Readyz => probe(self.inner.app.is_ready()),
+            Handler::Readyz => probe(self.is_ready()),
             Handler::NotFound => not_found(),
         };
 

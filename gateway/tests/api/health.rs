@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tiergate_config::Secret;
+use tiergate_config::{RouteSettings, Secret, UpstreamSettings};
 
 use crate::helpers::{Backends, TestApp, assert_error, closed_port, json_body};
 
@@ -69,6 +69,45 @@ async fn redis_down_is_unhealthy_when_the_cache_is_required() {
     let rsp = app.get("/health").await;
     assert_eq!(rsp.status(), 503);
     assert_eq!(json_body(rsp).await["status"], "unhealthy");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_proxy_only_table_is_ready_without_its_database_until_shutdown() {
+    let backends = Backends::new().await;
+    let mut settings = backends.settings();
+    settings.database.url = Secret::new(format!(
+        "postgres://postgres@127.0.0.1:{}/nowhere",
+        closed_port()
+    ));
+    settings.routes = vec![RouteSettings::upstream("site", "/", "web")];
+    settings.upstreams = vec![UpstreamSettings::new("web", &["127.0.0.1:9"])];
+    settings.shutdown.drain_delay = Duration::from_secs(2);
+    let mut app = TestApp::start_unready(settings).await;
+    let admin = |path: &str| app.client.get(format!("http://{}{path}", app.admin)).send();
+
+    // No route needs the app: the database it cannot reach does not hold readiness.
+    assert_eq!(admin("/readyz").await.unwrap().status(), 200);
+    assert_eq!(app.get("/readyz").await.status(), 200);
+
+    app.begin_stop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let status = app
+            .client
+            .get(format!("http://{}/readyz", app.admin))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 503 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {status} while draining"
+        );
+    }
     app.stop().await;
 }
 

@@ -155,6 +155,13 @@ impl TestApp {
         rsp.json::<serde_json::Value>().await.expect("json")["item"].clone()
     }
 
+    /// Signals the server to shut down, without waiting: it is draining from now on.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Stops the server and waits for it to drain.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
