@@ -72,34 +72,39 @@ async fn redis_down_is_unhealthy_when_the_cache_is_required() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_proxy_only_table_is_ready_without_its_database_until_shutdown() {
-    let backends = Backends::new().await;
+/// The backends' settings with a PostgreSQL address nothing listens on.
+fn unreachable_database(backends: &Backends) -> tiergate_config::Settings {
     let mut settings = backends.settings();
     settings.database.url = Secret::new(format!(
         "postgres://postgres@127.0.0.1:{}/nowhere",
         closed_port()
     ));
+    settings
+}
+
+/// The status of `path` on the admin listener.
+async fn admin_status(app: &TestApp, path: &str) -> reqwest::StatusCode {
+    let url = format!("http://{}{path}", app.admin);
+    app.client.get(url).send().await.unwrap().status()
+}
+
+#[tokio::test]
+async fn a_proxy_only_table_is_ready_without_its_database_until_shutdown() {
+    let backends = Backends::new().await;
+    let mut settings = unreachable_database(&backends);
     settings.routes = vec![RouteSettings::upstream("site", "/", "web")];
     settings.upstreams = vec![UpstreamSettings::new("web", &["127.0.0.1:9"])];
     settings.shutdown.drain_delay = Duration::from_secs(2);
     let mut app = TestApp::start_unready(settings).await;
-    let admin = |path: &str| app.client.get(format!("http://{}{path}", app.admin)).send();
 
     // No route needs the app: the database it cannot reach does not hold readiness.
-    assert_eq!(admin("/readyz").await.unwrap().status(), 200);
+    assert_eq!(admin_status(&app, "/readyz").await, 200);
     assert_eq!(app.get("/readyz").await.status(), 200);
 
     app.begin_stop();
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
     loop {
-        let status = app
-            .client
-            .get(format!("http://{}/readyz", app.admin))
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let status = admin_status(&app, "/readyz").await;
         if status == 503 {
             break;
         }
@@ -114,11 +119,7 @@ async fn a_proxy_only_table_is_ready_without_its_database_until_shutdown() {
 #[tokio::test]
 async fn postgres_unreachable_is_unhealthy_but_alive() {
     let backends = Backends::new().await;
-    let mut settings = backends.settings();
-    settings.database.url = Secret::new(format!(
-        "postgres://postgres@127.0.0.1:{}/nowhere",
-        closed_port()
-    ));
+    let mut settings = unreachable_database(&backends);
     settings.database.checkout_timeout = Duration::from_millis(200);
     let app = TestApp::start_unready(settings).await;
 
