@@ -6,6 +6,8 @@
 //! status, never a panic and never an internal cause in the body.
 
 use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -73,127 +75,171 @@ impl ApiRoute {
     }
 }
 
-/// Answers one request for the app.
-pub(crate) async fn handle<B>(app: &App, req: Request<B>) -> Response<ApiBody>
+/// The app's answer to one request, under way: boxed, and owning what it needs (the
+/// gateway's future around it stays small however big the work, and outlives no
+/// borrow of the app).
+pub type Answer = Pin<Box<dyn Future<Output = Response<ApiBody>> + Send>>;
+
+/// Starts answering one request for the app.
+///
+/// The route is decided here, before the first poll. A read takes from the request only
+/// its id and `If-None-Match`, and drops the rest at once: hyper reads ahead on the
+/// connection while the answer is pending, and a request still holding slices of its
+/// read buffer would make it allocate a new one for every request.
+pub(crate) fn handle<B>(app: &App, req: Request<B>) -> Answer
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let result = match ApiRoute::parse(req.method(), req.uri().path()) {
-        Ok(ApiRoute::Health) => Ok(Box::pin(health(app)).await),
-        Ok(_) if !app.serves_items() => Err(ApiError::unavailable(
-            "the service is starting: the database is not ready yet",
-        )),
-        Ok(route) => dispatch(app, route, req).await,
-        Err(e) => Err(e),
+    let route = match ApiRoute::parse(req.method(), req.uri().path()) {
+        Ok(route) => route,
+        Err(e) => return answered(e),
     };
+    if route != ApiRoute::Health && !app.serves_items() {
+        return answered(ApiError::unavailable(
+            "the service is starting: the database is not ready yet",
+        ));
+    }
+    let app = app.clone();
+    match route {
+        ApiRoute::Get(id) => {
+            let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
+            drop(req);
+            Box::pin(async move { answer(get(&app, id, if_none_match).await) })
+        }
+        ApiRoute::List => match page_params(req.uri().query().unwrap_or("")) {
+            Ok((after, limit)) => Box::pin(async move { answer(list(&app, after, limit).await) }),
+            Err(e) => answered(e),
+        },
+        ApiRoute::Create => Box::pin(async move { answer(create(&app, req).await) }),
+        ApiRoute::Update(id) => Box::pin(async move { answer(update(&app, id, req).await) }),
+        ApiRoute::Delete(id) => Box::pin(async move { answer(delete(&app, id).await) }),
+        ApiRoute::Health => Box::pin(async move { health(&app).await }),
+    }
+}
+
+fn answer(result: Result<Response<ApiBody>, ApiError>) -> Response<ApiBody> {
     result.unwrap_or_else(ApiError::into_response)
 }
 
-/// Every branch but the hot one (`Get`, whose miss path `Items::get` boxes itself)
-/// awaits a boxed future: a future is as big as its biggest branch, and the gateway
-/// copies this one into a box per request.
-async fn dispatch<B>(
+fn answered(error: ApiError) -> Answer {
+    Box::pin(std::future::ready(error.into_response()))
+}
+
+/// `GET /items/{id}`: the hot path.
+async fn get(
     app: &App,
-    route: ApiRoute,
-    req: Request<B>,
-) -> Result<Response<ApiBody>, ApiError>
+    id: ItemId,
+    if_none_match: Option<HeaderValue>,
+) -> Result<Response<ApiBody>, ApiError> {
+    let Lookup { entry, tier } = app
+        .items()
+        .get(id)
+        .await
+        .map_err(|e| ApiError::from_service(&e))?;
+    if entry.kind == Kind::Absent {
+        let mut rsp = ApiError::not_found(format!("item {id} does not exist")).into_response();
+        rsp.headers_mut()
+            .insert(&X_CACHE, HeaderValue::from_static(tier.header()));
+        return Ok(rsp);
+    }
+    let not_modified =
+        if_none_match.is_some_and(|v| self::if_none_match(v.as_bytes(), entry.etag().as_bytes()));
+    let (status, body) = if not_modified {
+        (StatusCode::NOT_MODIFIED, Bytes::new())
+    } else {
+        (StatusCode::OK, entry.body(tier))
+    };
+    let mut rsp = json_response(status, body);
+    let headers = rsp.headers_mut();
+    headers.insert(header::ETAG, entry.etag().clone());
+    headers.insert(&X_CACHE, HeaderValue::from_static(tier.header()));
+    Ok(rsp)
+}
+
+/// `GET /items?after=&limit=`.
+async fn list(app: &App, after: i64, limit: u16) -> Result<Response<ApiBody>, ApiError> {
+    let page = app
+        .items()
+        .list(after, limit)
+        .await
+        .map_err(|e| ApiError::from_service(&e))?;
+    let mut rsp = json_response(StatusCode::OK, page.body);
+    rsp.headers_mut()
+        .insert(&X_CACHE, HeaderValue::from_static(page.tier.header()));
+    Ok(rsp)
+}
+
+/// `POST /items`.
+async fn create<B>(app: &App, req: Request<B>) -> Result<Response<ApiBody>, ApiError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let items = app.items();
-    match route {
-        ApiRoute::Get(id) => {
-            let Lookup { entry, tier } = items
-                .get(id)
-                .await
-                .map_err(|e| ApiError::from_service(&e))?;
-            if entry.kind == Kind::Absent {
-                let mut rsp =
-                    ApiError::not_found(format!("item {id} does not exist")).into_response();
-                rsp.headers_mut()
-                    .insert(&X_CACHE, HeaderValue::from_static(tier.header()));
-                return Ok(rsp);
-            }
-            let not_modified = req
-                .headers()
-                .get(header::IF_NONE_MATCH)
-                .is_some_and(|v| if_none_match(v.as_bytes(), entry.etag().as_bytes()));
-            let (status, body) = if not_modified {
-                (StatusCode::NOT_MODIFIED, Bytes::new())
-            } else {
-                (StatusCode::OK, entry.body(tier))
-            };
-            let mut rsp = json_response(status, body);
-            let headers = rsp.headers_mut();
-            headers.insert(header::ETAG, entry.etag().clone());
-            headers.insert(&X_CACHE, HeaderValue::from_static(tier.header()));
+    let name = read_input(req, app.max_body_bytes()).await?;
+    let (id, entry) = app
+        .items()
+        .create(&name)
+        .await
+        .map_err(|e| ApiError::from_service(&e))?;
+    let location = format!("/items/{id}");
+    let mut rsp = json_response(StatusCode::CREATED, written_body(&entry.item_json()));
+    let headers = rsp.headers_mut();
+    headers.insert(header::ETAG, entry.etag().clone());
+    if let Ok(location) = HeaderValue::try_from(location) {
+        headers.insert(header::LOCATION, location);
+    }
+    Ok(rsp)
+}
+
+/// `PUT /items/{id}`, with an optional `If-Match`.
+async fn update<B>(app: &App, id: ItemId, req: Request<B>) -> Result<Response<ApiBody>, ApiError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let expected = req
+        .headers()
+        .get(header::IF_MATCH)
+        .map(|v| if_match_versions(v.as_bytes()));
+    let name = read_input(req, app.max_body_bytes()).await?;
+    let outcome = app
+        .items()
+        .update(id, &name, expected.as_ref().and_then(|e| e.as_deref()))
+        .await
+        .map_err(|e| ApiError::from_service(&e))?;
+    match outcome {
+        Updated::Done(entry) => {
+            let mut rsp = json_response(StatusCode::OK, written_body(&entry.item_json()));
+            rsp.headers_mut().insert(header::ETAG, entry.etag().clone());
             Ok(rsp)
         }
-        ApiRoute::List => {
-            let (after, limit) = page_params(req.uri().query().unwrap_or(""))?;
-            let page = Box::pin(items.list(after, limit))
-                .await
-                .map_err(|e| ApiError::from_service(&e))?;
-            let mut rsp = json_response(StatusCode::OK, page.body);
-            rsp.headers_mut()
-                .insert(&X_CACHE, HeaderValue::from_static(page.tier.header()));
+        // `If-Match: *` asks for any current version; with none, it fails (RFC 9110 13.1.1).
+        Updated::NotFound if matches!(expected, Some(None)) => Err(ApiError::precondition_failed(
+            format!("item {id} does not exist"),
+        )),
+        Updated::NotFound => Err(ApiError::not_found(format!("item {id} does not exist"))),
+        Updated::Conflict(version) => {
+            let mut rsp = ApiError::precondition_failed(format!(
+                "If-Match does not name the current version of item {id}, which is {version}"
+            ))
+            .into_response();
+            rsp.headers_mut().insert(header::ETAG, etag(version));
             Ok(rsp)
         }
-        ApiRoute::Create => {
-            let name = Box::pin(read_input(req, app.max_body_bytes())).await?;
-            let (id, entry) = Box::pin(items.create(&name))
-                .await
-                .map_err(|e| ApiError::from_service(&e))?;
-            let location = format!("/items/{id}");
-            let mut rsp = json_response(StatusCode::CREATED, written_body(&entry.item_json()));
-            let headers = rsp.headers_mut();
-            headers.insert(header::ETAG, entry.etag().clone());
-            if let Ok(location) = HeaderValue::try_from(location) {
-                headers.insert(header::LOCATION, location);
-            }
-            Ok(rsp)
-        }
-        ApiRoute::Update(id) => {
-            let expected = req
-                .headers()
-                .get(header::IF_MATCH)
-                .map(|v| if_match_versions(v.as_bytes()));
-            let name = Box::pin(read_input(req, app.max_body_bytes())).await?;
-            let outcome =
-                Box::pin(items.update(id, &name, expected.as_ref().and_then(|e| e.as_deref())))
-                    .await
-                    .map_err(|e| ApiError::from_service(&e))?;
-            match outcome {
-                Updated::Done(entry) => {
-                    let mut rsp = json_response(StatusCode::OK, written_body(&entry.item_json()));
-                    rsp.headers_mut().insert(header::ETAG, entry.etag().clone());
-                    Ok(rsp)
-                }
-                // `If-Match: *` asks for any current version; with none, it fails (RFC 9110 13.1.1).
-                Updated::NotFound if matches!(expected, Some(None)) => Err(
-                    ApiError::precondition_failed(format!("item {id} does not exist")),
-                ),
-                Updated::NotFound => Err(ApiError::not_found(format!("item {id} does not exist"))),
-                Updated::Conflict(version) => {
-                    let mut rsp = ApiError::precondition_failed(format!(
-                        "If-Match does not name the current version of item {id}, which is {version}"
-                    ))
-                    .into_response();
-                    rsp.headers_mut().insert(header::ETAG, etag(version));
-                    Ok(rsp)
-                }
-            }
-        }
-        ApiRoute::Delete(id) => match Box::pin(items.delete(id))
-            .await
-            .map_err(|e| ApiError::from_service(&e))?
-        {
-            true => Ok(json_response(StatusCode::NO_CONTENT, Bytes::new())),
-            false => Err(ApiError::not_found(format!("item {id} does not exist"))),
-        },
-        ApiRoute::Health => Ok(Box::pin(health(app)).await),
+    }
+}
+
+/// `DELETE /items/{id}`.
+async fn delete(app: &App, id: ItemId) -> Result<Response<ApiBody>, ApiError> {
+    match app
+        .items()
+        .delete(id)
+        .await
+        .map_err(|e| ApiError::from_service(&e))?
+    {
+        true => Ok(json_response(StatusCode::NO_CONTENT, Bytes::new())),
+        false => Err(ApiError::not_found(format!("item {id} does not exist"))),
     }
 }
 

@@ -31,11 +31,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use http_body::Body;
 use tiergate_config::Settings;
 
-use crate::api::ApiBody;
 use crate::cache::bus::Bus;
 use crate::cache::l1::{L1, Policy};
 use crate::cache::l2::{InvalidRedisUrl, L2};
@@ -146,13 +145,13 @@ impl App {
         });
     }
 
-    /// Answers one request for `/items*` or `/health`.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<ApiBody>
+    /// Starts answering one request for `/items*` or `/health` (see [`api::Answer`]).
+    pub fn handle<B>(&self, req: Request<B>) -> api::Answer
     where
-        B: Body<Data = Bytes>,
+        B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
-        api::handle(self, req).await
+        api::handle(self, req)
     }
 
     /// Whether the app can serve items: the schema is in place and no shutdown began.

@@ -36,6 +36,8 @@ use std::time::Duration;
 use anyhow::Context;
 use app_core::App;
 use app_core::health::BuildInfo;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tiergate_config::Settings;
 use tokio::net::TcpListener;
@@ -242,20 +244,15 @@ impl Server {
         let (control, drain) = DrainControl::new();
         let tunnels = gateway.tunnels().clone();
 
-        // One clone of the gateway per request, and one async layer around its future.
+        // `Gateway::handle` starts on the request at once and returns a future that owns
+        // what it needs: no async layer around it here.
         let https_gateway = gateway.clone();
-        let https_handler = move |req, peer| {
-            let gateway = https_gateway.clone();
-            async move { gateway.handle(req, peer).await }
-        };
+        let https_handler = move |req, peer| https_gateway.handle(req, peer);
         let plain_handler = move |req: http::Request<hyper::body::Incoming>, peer| {
-            let redirect = redirect_to.and_then(|port| service::redirect_to_https(&req, port));
-            let gateway = gateway.clone();
-            async move {
-                match redirect {
-                    Some(rsp) => rsp,
-                    None => gateway.handle(req, peer).await,
-                }
+            match redirect_to.and_then(|port| service::redirect_to_https(&req, port)) {
+                // Boxed, so the future hyper moves around stays the gateway's size.
+                Some(rsp) => Either::Left(std::future::ready(Box::new(rsp)).map(|rsp| *rsp)),
+                None => Either::Right(gateway.handle(req, peer)),
             }
         };
         let secure = match https {

@@ -78,12 +78,13 @@ impl Route {
 /// The compiled route table.
 #[derive(Debug)]
 pub struct Router {
-    probes: [Route; 2],
-    exact_hosts: HashMap<String, Vec<Route>>,
+    // Each route is shared: a request keeps the one it matched until it is answered.
+    probes: [Arc<Route>; 2],
+    exact_hosts: HashMap<String, Vec<Arc<Route>>>,
     /// `(".example.com", routes)`, longest suffix first.
-    wildcard_hosts: Vec<(String, Vec<Route>)>,
-    any_host: Vec<Route>,
-    fallback: Route,
+    wildcard_hosts: Vec<(String, Vec<Arc<Route>>)>,
+    any_host: Vec<Arc<Route>>,
+    fallback: Arc<Route>,
     groups: BTreeMap<String, Arc<Group>>,
     /// Some route hands requests to the app (else the instance is a proxy only).
     serves_app: bool,
@@ -126,8 +127,8 @@ impl Router {
                 .ok_or_else(|| RouterError(format!("no upstream group {name:?}")))
         };
 
-        let mut exact_hosts: HashMap<String, Vec<Route>> = HashMap::new();
-        let mut wildcard_hosts: BTreeMap<String, Vec<Route>> = BTreeMap::new();
+        let mut exact_hosts: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
+        let mut wildcard_hosts: BTreeMap<String, Vec<Arc<Route>>> = BTreeMap::new();
         let mut any_host = Vec::new();
         for r in &settings.routes {
             let handler = if r.app {
@@ -147,7 +148,7 @@ impl Router {
                 return Err(RouterError(format!("route {} has no target", r.name)));
             };
             let shed = !(r.app && r.path == "/health");
-            let route = Route {
+            let route = Arc::new(Route {
                 name: r.name.clone(),
                 metrics: RouteMetrics::new(r.name.clone()),
                 shed,
@@ -156,7 +157,7 @@ impl Router {
                 rewrite: r.rewrite_prefix.clone(),
                 handler,
                 settings: Some(r.clone()),
-            };
+            });
             match r.host.as_deref().map(str::to_ascii_lowercase) {
                 None => any_host.push(route),
                 Some(host) => match host.strip_prefix('*') {
@@ -168,27 +169,30 @@ impl Router {
                 },
             }
         }
-        let by_specificity = |routes: &mut Vec<Route>| {
+        let by_specificity = |routes: &mut Vec<Arc<Route>>| {
             // Longest prefix first; an exact route before a prefix route of the same path.
             routes.sort_by_key(|r| (std::cmp::Reverse(r.prefix.len()), r.exact.is_none()));
         };
         exact_hosts.values_mut().for_each(by_specificity);
-        let mut wildcard_hosts: Vec<(String, Vec<Route>)> = wildcard_hosts.into_iter().collect();
+        let mut wildcard_hosts: Vec<(String, Vec<Arc<Route>>)> =
+            wildcard_hosts.into_iter().collect();
         wildcard_hosts.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
         wildcard_hosts
             .iter_mut()
             .for_each(|(_, r)| by_specificity(r));
         by_specificity(&mut any_host);
 
-        let builtin = |name: &str, path: &str, handler| Route {
-            name: name.to_owned(),
-            handler,
-            metrics: RouteMetrics::new(name.to_owned()),
-            shed: false,
-            prefix: path.to_owned(),
-            exact: Some(path.to_owned()),
-            rewrite: None,
-            settings: None,
+        let builtin = |name: &str, path: &str, handler| {
+            Arc::new(Route {
+                name: name.to_owned(),
+                handler,
+                metrics: RouteMetrics::new(name.to_owned()),
+                shed: false,
+                prefix: path.to_owned(),
+                exact: Some(path.to_owned()),
+                rewrite: None,
+                settings: None,
+            })
         };
         Ok(Self {
             probes: [
@@ -217,11 +221,11 @@ impl Router {
 
     /// The route for a request to `host` (without port; `None` when the request named
     /// none) and `path`.
-    pub fn route<'a>(&'a self, host: Option<&str>, path: &str) -> &'a Route {
-        fn first<'r>(routes: &'r [Route], path: &str) -> Option<&'r Route> {
+    pub fn route<'a>(&'a self, host: Option<&str>, path: &str) -> &'a Arc<Route> {
+        fn first<'r>(routes: &'r [Arc<Route>], path: &str) -> Option<&'r Arc<Route>> {
             routes.iter().find(|r| r.matches(path))
         }
-        let find = |routes: &'a [Route]| first(routes, path);
+        let find = |routes: &'a [Arc<Route>]| first(routes, path);
         if let Some(probe) = find(&self.probes) {
             return probe;
         }
@@ -245,13 +249,14 @@ impl Router {
 
     /// The configured routes, in matching order: exact hosts, wildcards, any host.
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
-        let mut hosts: Vec<(&String, &Vec<Route>)> = self.exact_hosts.iter().collect();
+        let mut hosts: Vec<(&String, &Vec<Arc<Route>>)> = self.exact_hosts.iter().collect();
         hosts.sort_by_key(|(h, _)| *h);
         hosts
             .into_iter()
             .flat_map(|(_, r)| r.iter())
             .chain(self.wildcard_hosts.iter().flat_map(|(_, r)| r.iter()))
             .chain(self.any_host.iter())
+            .map(Arc::as_ref)
     }
 
     /// The route named `name`.

@@ -115,7 +115,15 @@ impl Gateway {
 
     /// Answers one request from `peer`. Generic over the body so benches and tests can
     /// call it without a socket.
-    pub async fn handle<B>(&self, req: Request<B>, peer: Peer) -> Response<ResponseBody>
+    ///
+    /// Steps 1 and 2, and the start of the app's answer, run here, before the first
+    /// poll; the future keeps only what the rest needs, and owns it: hyper moves it a
+    /// few times per request, and a request is bigger than all of that.
+    pub fn handle<B>(
+        &self,
+        req: Request<B>,
+        peer: Peer,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + use<B>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -124,10 +132,12 @@ impl Gateway {
         let request_id = request_id(req.headers().get(&X_REQUEST_ID));
         // What the access line needs after the request is gone; not gathered at all
         // when the line would not be written (`RUST_LOG=warn`, benchmarks).
-        let logged = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| Logged {
-            trace_id: req.headers().get(&X_AMZN_TRACE_ID).cloned(),
-            method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+        let logged = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
+            Box::new(Logged {
+                trace_id: req.headers().get(&X_AMZN_TRACE_ID).cloned(),
+                method: req.method().clone(),
+                path: req.uri().path().to_owned(),
+            })
         });
         let router = self.inner.router.load_full();
         // The host is looked at only when some route matches on it.
@@ -135,93 +145,106 @@ impl Gateway {
             .matches_hosts()
             .then(|| request_host(&req).map(str::to_ascii_lowercase))
             .flatten();
-        let route = router.route(host.as_deref(), req.uri().path());
-
-        // Held until the response head is ready, so it bounds the work in progress.
-        let permit = if route.shed {
-            let permit = self.inner.in_flight.try_acquire();
-            if permit.is_none() {
-                self.inner.shed.increment(1);
-            }
-            permit
-        } else {
-            None
+        let route = router.route(host.as_deref(), req.uri().path()).clone();
+        let answer = match route.handler {
+            Handler::App => Answer::App(self.inner.app.handle(req)),
+            // Boxed: a request is most of what the future would hold.
+            _ => Answer::Here(Box::new(req)),
         };
-        let mut rsp = match &route.handler {
-            _ if route.shed && permit.is_none() => overloaded(),
-            Handler::App => {
-                // Boxed: hyper moves the service's future a few times per request, and
-                // the app's would make it big. Polled once before any deadline is set:
-                // an L1 hit is ready at once and never needs the timer.
-                let mut app = Box::pin(self.inner.app.handle(req));
-                let first = std::future::poll_fn(|cx| Poll::Ready(app.as_mut().poll(cx))).await;
-                let rsp = match first {
-                    Poll::Ready(rsp) => Ok(rsp),
-                    Poll::Pending => {
-                        // Boxed too: the timer would make every request's future bigger,
-                        // and only a request that waits needs it.
-                        let left = self.inner.request_timeout.saturating_sub(started.elapsed());
+        let gateway = self.clone();
+        async move {
+            let inner = &gateway.inner;
+            // Held until the response head is ready, so it bounds the work in progress.
+            let permit = if route.shed {
+                let permit = inner.in_flight.try_acquire();
+                if permit.is_none() {
+                    inner.shed.increment(1);
+                }
+                permit
+            } else {
+                None
+            };
+            let mut rsp = match answer {
+                _ if route.shed && permit.is_none() => overloaded(),
+                Answer::App(mut app) => {
+                    // Polled once before any deadline is set: an L1 hit is ready at once
+                    // and never needs the timer. (An `if let`, so its answer is not kept
+                    // in the future across the wait below.)
+                    let rsp = 'answered: {
+                        if let Poll::Ready(rsp) =
+                            std::future::poll_fn(|cx| Poll::Ready(app.as_mut().poll(cx))).await
+                        {
+                            break 'answered Ok(rsp);
+                        }
+                        // Boxed: the timer would make every request's future bigger, and
+                        // only a request that waits needs it.
+                        let left = inner.request_timeout.saturating_sub(started.elapsed());
                         Box::pin(tokio::time::timeout(left, app)).await
+                    };
+                    rsp.map_or_else(
+                        |_| timed_out(inner.request_timeout),
+                        |rsp| rsp.map(Either::Left),
+                    )
+                }
+                Answer::Here(req) => {
+                    let upstream = |group, set_cookie| Upstream {
+                        group,
+                        set_cookie,
+                        router: &router,
+                        route: &route,
+                        request_id: &request_id,
+                        tunnels: &inner.tunnels,
+                    };
+                    match &route.handler {
+                        Handler::Upstream(group) => {
+                            Box::pin(proxied(upstream(group, None), *req, peer)).await
+                        }
+                        Handler::Split(split) => {
+                            let (group, set_cookie) = split.pick(req.headers());
+                            Box::pin(proxied(upstream(group, set_cookie), *req, peer)).await
+                        }
+                        Handler::Redirect(base) => redirect(base, &req),
+                        Handler::Livez => probe(true),
+                        Handler::Readyz => probe(gateway.is_ready()),
+                        // `Answer::App` took the app's requests.
+                        Handler::App | Handler::NotFound => not_found(),
                     }
-                };
-                rsp.map_or_else(
-                    |_| timed_out(self.inner.request_timeout),
-                    |rsp| rsp.map(Either::Left),
-                )
-            }
-            Handler::Upstream(group) => {
-                let to = Upstream {
-                    group,
-                    set_cookie: None,
-                    router: &router,
-                    route,
-                    request_id: &request_id,
-                    tunnels: &self.inner.tunnels,
-                };
-                Box::pin(proxied(to, req, peer)).await
-            }
-            Handler::Split(split) => {
-                let (group, set_cookie) = split.pick(req.headers());
-                let to = Upstream {
-                    group,
-                    set_cookie,
-                    router: &router,
-                    route,
-                    request_id: &request_id,
-                    tunnels: &self.inner.tunnels,
-                };
-                Box::pin(proxied(to, req, peer)).await
-            }
-            Handler::Redirect(base) => redirect(base, &req),
-            Handler::Livez => probe(true),
-            Handler::Readyz => probe(self.is_ready()),
-            Handler::NotFound => not_found(),
-        };
+                }
+            };
 
-        drop(permit);
-        let elapsed = started.elapsed();
-        route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
-        if let Some(Logged {
-            trace_id,
-            method,
-            path,
-        }) = logged
-        {
-            tracing::info!(
-                target: "access",
-                request_id = request_id.to_str().unwrap_or(""),
-                trace_id = trace_id.as_ref().and_then(|v| v.to_str().ok()),
-                method = %method,
-                path,
-                route = route.name,
-                status = rsp.status().as_u16(),
-                duration_ms = elapsed.as_secs_f64() * 1e3,
-                cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
-            );
+            drop(permit);
+            let elapsed = started.elapsed();
+            route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
+            if let Some(logged) = logged {
+                let Logged {
+                    trace_id,
+                    method,
+                    path,
+                } = *logged;
+                tracing::info!(
+                    target: "access",
+                    request_id = request_id.to_str().unwrap_or(""),
+                    trace_id = trace_id.as_ref().and_then(|v| v.to_str().ok()),
+                    method = %method,
+                    path,
+                    route = route.name,
+                    status = rsp.status().as_u16(),
+                    duration_ms = elapsed.as_secs_f64() * 1e3,
+                    cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
+                );
+            }
+            rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+            rsp
         }
-        rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-        rsp
     }
+}
+
+/// Step 3 as it stands when `handle` returns.
+enum Answer<B> {
+    /// The app's answer, started: the request went into it.
+    App(app_core::api::Answer),
+    /// Answered inside the future, from the request.
+    Here(Box<Request<B>>),
 }
 
 /// The load-shedding bound: a counter, not a semaphore. Nothing ever waits for a
