@@ -672,10 +672,7 @@ impl HeadScan {
             // Neither name can match any more: skip to the line's end in one search
             // rather than a byte at a time (cookies and user agents are most of a head).
             if !self.cl && !self.te {
-                match bytes
-                    .get(at..)
-                    .and_then(|rest| rest.iter().position(|&c| c == b'\n'))
-                {
+                match bytes.get(at..).and_then(|rest| memchr::memchr(b'\n', rest)) {
                     Some(n) => at += n,
                     None => break,
                 }
@@ -700,10 +697,11 @@ struct Guarded<S> {
     head_deadline: Option<Instant>,
     /// The last time bytes moved either way.
     last_activity: Instant,
-    /// Bytes arrived since `last_activity` was stamped. Reads are stamped when hyper next
-    /// waits for bytes, the only moment the clocks are looked at, so a head that arrives
-    /// whole costs no clock read.
+    /// Bytes arrived, or went out, since `last_activity` was stamped. Both are stamped
+    /// when hyper next waits for bytes, the only moment the clocks are looked at: a
+    /// request that arrives whole and is answered at once costs one clock read.
     read_unstamped: bool,
+    wrote_unstamped: bool,
     sleep: Pin<Box<Sleep>>,
     /// Since when writing has made no progress (the client reads nothing: a full socket
     /// buffer), and the clock that ends it after `idle_timeout`.
@@ -739,6 +737,7 @@ impl<S> Guarded<S> {
             head_deadline: None,
             last_activity: now,
             read_unstamped: false,
+            wrote_unstamped: false,
             sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
             write_stalled: None,
             write_sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
@@ -784,18 +783,21 @@ impl<S> Guarded<S> {
     }
 
     /// The deadline that applies while hyper waits for bytes, and whether it is the
-    /// header one. Stamps the reads since the last wait: microseconds after the bytes
-    /// came, and the clocks only ever run from a wait.
+    /// header one. Stamps the reads and writes since the last wait: microseconds after
+    /// the bytes moved, and the clocks only ever run from a wait.
     fn deadline(&mut self) -> Option<(Instant, bool)> {
         if self.state.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        if self.read_unstamped {
+        if self.read_unstamped || self.wrote_unstamped {
             let now = Instant::now();
-            self.read_unstamped = false;
             self.last_activity = now;
-            self.head_deadline
-                .get_or_insert(now + self.header_read_timeout);
+            if self.read_unstamped {
+                self.head_deadline
+                    .get_or_insert(now + self.header_read_timeout);
+            }
+            self.read_unstamped = false;
+            self.wrote_unstamped = false;
         }
         match self.head_deadline {
             Some(at)
@@ -875,7 +877,7 @@ impl<S> Guarded<S> {
                 // Only bytes count as activity: hyper and h2 flush on every poll, and
                 // a flush with nothing to send must not keep an idle connection alive.
                 if progress(&value) {
-                    self.last_activity = Instant::now();
+                    self.wrote_unstamped = true;
                 }
                 Poll::Ready(Ok(value))
             }
