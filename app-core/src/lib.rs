@@ -75,6 +75,8 @@ struct Inner {
     require_cache: bool,
     migrate_on_start: bool,
     redis_connect_timeout: Duration,
+    /// Set by the first [`App::start`].
+    started: AtomicBool,
     /// Set once the schema is in place; until then item requests get 503.
     ready: AtomicBool,
     /// Set when shutdown begins; `/health` turns 503 at once.
@@ -82,8 +84,8 @@ struct Inner {
 }
 
 impl App {
-    /// Builds the app without touching the network: pools connect on demand and Redis
-    /// connects in the background. Call [`App::start`] to prepare the database.
+    /// Builds the app without touching the network: pools connect on demand, Redis when
+    /// [`App::start`] runs (which also prepares the database).
     ///
     /// # Errors
     /// A database or Redis URL that does not parse.
@@ -97,7 +99,7 @@ impl App {
             refresh_after: cache.refresh_after,
         };
         let l1 = L1::new(cache.l1_max_bytes, policy);
-        let l2 = L2::connect(&settings.redis, cache.l2_ttl)?;
+        let l2 = L2::new(&settings.redis, cache.l2_ttl)?;
         let items = Items::new(db, l1.clone(), l2.clone(), cache, Hooks::default());
         let bus = Bus::new(&l2, l1, items.origin()).map_err(BuildError::Subscriber)?;
         let inner = Inner {
@@ -110,6 +112,7 @@ impl App {
             require_cache: settings.health.require_cache,
             migrate_on_start: settings.database.migrate_on_start,
             redis_connect_timeout: settings.redis.connect_timeout,
+            started: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         };
@@ -118,11 +121,15 @@ impl App {
         })
     }
 
-    /// Spawns the background work: the invalidation bus, preparing the database
-    /// (migrating, or waiting for someone else to) with backoff until it succeeds, and
-    /// once a second L1 housekeeping and the outbox relay. The tasks end when the app is
-    /// closed or its last clone dropped.
+    /// Spawns the background work: connecting Redis, the invalidation bus, preparing the
+    /// database (migrating, or waiting for someone else to) with backoff until it
+    /// succeeds, and once a second L1 housekeeping and the outbox relay. The tasks end
+    /// when the app is closed or its last clone dropped. Later calls do nothing.
     pub fn start(&self) {
+        if self.inner.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.inner.items.l2().start_connecting();
         let bus = self.inner.bus.lock().ok().and_then(|mut bus| bus.take());
         if let Some(bus) = bus {
             tokio::spawn(bus.run());
@@ -220,8 +227,11 @@ impl App {
     }
 
     /// Closes the Redis connections (which ends the bus); pools close when the last
-    /// clone is dropped.
+    /// clone is dropped. An app never started has none.
     pub async fn close(&self) {
+        if !self.inner.started.load(Ordering::Acquire) {
+            return;
+        }
         let _ = fred::interfaces::ClientLike::quit(&self.inner.subscriber).await;
         self.inner.items.l2().quit().await;
     }

@@ -225,8 +225,7 @@ impl Server {
             commit = BUILD.commit,
             "Listening."
         );
-        app.start();
-        gateway.router().start_groups();
+        gateway.start();
         let budget = settings.shutdown.clone();
         let reloader = Arc::new(Reloader::new(
             config_source,

@@ -109,8 +109,24 @@ impl Gateway {
     /// Puts `router` in force for every request that starts from now on.
     pub fn swap_router(&self, router: Router) {
         let router = Arc::new(router);
-        router.start_groups();
+        self.start_for(&router);
         self.inner.router.store(router);
+    }
+
+    /// Starts the background work the table in force needs (see [`Self::start_for`]).
+    pub fn start(&self) {
+        self.start_for(&self.router());
+    }
+
+    /// Starts what `router` needs: its groups' health checks and name resolution, and
+    /// the app's work (database, invalidations, housekeeping) only when a route leads to
+    /// it — a proxy-only instance never connects to a database it does not use, until a
+    /// reload routes to the app.
+    fn start_for(&self, router: &Router) {
+        router.start_groups();
+        if router.serves_app() {
+            self.inner.app.start();
+        }
     }
 
     /// Answers one request from `peer`. Generic over the body so benches and tests can

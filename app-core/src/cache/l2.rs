@@ -179,6 +179,16 @@ impl L2 {
     /// # Errors
     /// [`InvalidRedisUrl`] when the URL does not parse.
     pub fn connect(settings: &RedisSettings, ttl: Duration) -> Result<Self, InvalidRedisUrl> {
+        let l2 = Self::new(settings, ttl)?;
+        l2.start_connecting();
+        Ok(l2)
+    }
+
+    /// Builds the client without connecting it (see [`Self::start_connecting`]).
+    ///
+    /// # Errors
+    /// [`InvalidRedisUrl`] when the URL does not parse.
+    pub fn new(settings: &RedisSettings, ttl: Duration) -> Result<Self, InvalidRedisUrl> {
         let mut config =
             Config::from_url(settings.url.expose()).map_err(|_| InvalidRedisUrl::url())?;
         // `rediss://` turns TLS on with the system's roots; a CA file replaces them (a
@@ -206,7 +216,6 @@ impl L2 {
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build()
             .map_err(|_| InvalidRedisUrl::url())?;
-        client.connect();
         let options = Options {
             fail_fast: true,
             max_attempts: Some(1),
@@ -455,5 +464,10 @@ impl L2 {
     /// Closes the connection (on shutdown).
     pub async fn quit(&self) {
         let _ = self.client.quit().await;
+    }
+
+    /// Starts connecting in the background, reconnecting with backoff after that.
+    pub fn start_connecting(&self) {
+        self.client.connect();
     }
 }

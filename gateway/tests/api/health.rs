@@ -1,7 +1,9 @@
 //! `/health`, `/livez`, `/readyz` and metrics, with the backends up and down.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use gateway::reload::ConfigSource;
 use tiergate_config::{RouteSettings, Secret, UpstreamSettings};
 
 use crate::helpers::{Backends, TestApp, assert_error, closed_port, json_body};
@@ -113,6 +115,66 @@ async fn a_proxy_only_table_is_ready_without_its_database_until_shutdown() {
             "still {status} while draining"
         );
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_proxy_only_table_leaves_the_database_alone_until_a_reload_routes_to_the_app() {
+    const TOKEN: &str = "test-admin-token-0123456789";
+    let backends = Backends::new().await;
+    // Stand-ins for PostgreSQL and Redis: listeners that only show whether anyone
+    // connected (the kernel completes the handshake into the backlog; nothing answers).
+    let stand_in = || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        (listener, addr)
+    };
+    let ((database, database_addr), (redis, redis_addr)) = (stand_in(), stand_in());
+    let mut settings = backends.settings();
+    settings.database.url = Secret::new(format!("postgres://postgres@{database_addr}/nowhere"));
+    settings.redis.url = Secret::new(format!("redis://{redis_addr}"));
+    settings.admin.token = Some(TOKEN.into());
+    let with_app = settings.clone();
+    settings.routes = vec![RouteSettings::upstream("site", "/", "web")];
+    settings.upstreams = vec![UpstreamSettings::new("web", &["127.0.0.1:9"])];
+    let next = Arc::new(Mutex::new(settings.clone()));
+    let source = {
+        let next = next.clone();
+        ConfigSource::new(move || Ok(next.lock().unwrap().clone()))
+    };
+    let app = TestApp::start_with_source(settings, source).await;
+
+    // Served and ready, and the app's start-up never ran: it would have gone for the
+    // database at once (with the app started at boot, this saw a connection). Redis is
+    // not checked here: its client's first attempt comes too late to tell.
+    assert_eq!(admin_status(&app, "/readyz").await, 200);
+    let accepted = database.accept().map(|_| ()).map_err(|e| e.kind());
+    assert_eq!(accepted, Err(std::io::ErrorKind::WouldBlock));
+
+    // A reload that routes to the app starts it: it goes for both.
+    *next.lock().unwrap() = with_app;
+    let rsp = app
+        .client
+        .post(format!("http://{}/admin/reload", app.admin))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    for (name, listener) in [("database", database), ("redis", redis)] {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let connected = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await;
+        assert!(
+            connected.is_ok_and(|c| c.is_ok()),
+            "the app never reached {name}"
+        );
+    }
+    assert_eq!(
+        admin_status(&app, "/readyz").await,
+        503,
+        "the app is not ready"
+    );
     app.stop().await;
 }
 
