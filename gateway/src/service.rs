@@ -155,7 +155,9 @@ impl Gateway {
                 path: req.uri().path().to_owned(),
             })
         });
-        let router = self.inner.router.load_full();
+        // A guard, not a clone of the table's `Arc`: only the proxy needs the table
+        // after this (it holds the route, which is all the app path keeps).
+        let router = self.inner.router.load();
         // The host is looked at only when some route matches on it.
         let host = router
             .matches_hosts()
@@ -165,7 +167,7 @@ impl Gateway {
         let answer = match route.handler {
             Handler::App => Answer::App(self.inner.app.handle(req)),
             // Boxed: a request is most of what the future would hold.
-            _ => Answer::Here(Box::new(req)),
+            _ => Answer::Here(Box::new(req), arc_swap::Guard::into_inner(router)),
         };
         let gateway = self.clone();
         async move {
@@ -202,7 +204,7 @@ impl Gateway {
                         |rsp| rsp.map(Either::Left),
                     )
                 }
-                Answer::Here(req) => {
+                Answer::Here(req, router) => {
                     let upstream = |group, set_cookie| Upstream {
                         group,
                         set_cookie,
@@ -259,8 +261,8 @@ impl Gateway {
 enum Answer<B> {
     /// The app's answer, started: the request went into it.
     App(app_core::api::Answer),
-    /// Answered inside the future, from the request.
-    Here(Box<Request<B>>),
+    /// Answered inside the future, from the request, by the table it was routed with.
+    Here(Box<Request<B>>, Arc<Router>),
 }
 
 /// The load-shedding bound: a counter, not a semaphore. Nothing ever waits for a
