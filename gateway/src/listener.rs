@@ -203,6 +203,10 @@ pub(crate) async fn serve<H, Fut>(
         .timer(TokioTimer::new())
         // Replaced by `Guarded`, which does not cut idle keep-alive connections.
         .header_read_timeout(None)
+        // One flat write per response: small heads and bodies are copied together
+        // instead of queued as separate buffers for `writev` (measured: 2.8 % fewer
+        // instructions and ~6 % less CPU per L1-hit request).
+        .writev(false)
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
     builder
