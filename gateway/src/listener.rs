@@ -205,7 +205,7 @@ pub(crate) async fn serve<H, Fut>(
         .header_read_timeout(None)
         // One flat write per response: small heads and bodies are copied together
         // instead of queued as separate buffers for `writev` (measured: 2.8 % fewer
-        // instructions and ~6 % less CPU per L1-hit request).
+        // instructions and a median 6.6 % less CPU per L1-hit request in paired runs).
         .writev(false)
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
