@@ -6,7 +6,7 @@ use std::time::Duration;
 use gateway::reload::ConfigSource;
 use tiergate_config::{RouteSettings, Secret, UpstreamSettings};
 
-use crate::helpers::{Backends, TestApp, assert_error, closed_port, json_body};
+use crate::helpers::{ADMIN_TOKEN, Backends, TestApp, assert_error, closed_port, json_body};
 
 #[tokio::test]
 async fn health_is_healthy_with_both_backends_up() {
@@ -120,7 +120,6 @@ async fn a_proxy_only_table_is_ready_without_its_database_until_shutdown() {
 
 #[tokio::test]
 async fn a_proxy_only_table_leaves_the_database_alone_until_a_reload_routes_to_the_app() {
-    const TOKEN: &str = "test-admin-token-0123456789";
     let backends = Backends::new().await;
     // Stand-ins for PostgreSQL and Redis: listeners that only show whether anyone
     // connected (the kernel completes the handshake into the backlog; nothing answers).
@@ -134,7 +133,7 @@ async fn a_proxy_only_table_leaves_the_database_alone_until_a_reload_routes_to_t
     let mut settings = backends.settings();
     settings.database.url = Secret::new(format!("postgres://postgres@{database_addr}/nowhere"));
     settings.redis.url = Secret::new(format!("redis://{redis_addr}"));
-    settings.admin.token = Some(TOKEN.into());
+    settings.admin.token = Some(ADMIN_TOKEN.into());
     let with_app = settings.clone();
     settings.routes = vec![RouteSettings::upstream("site", "/", "web")];
     settings.upstreams = vec![UpstreamSettings::new("web", &["127.0.0.1:9"])];
@@ -154,14 +153,7 @@ async fn a_proxy_only_table_leaves_the_database_alone_until_a_reload_routes_to_t
 
     // A reload that routes to the app starts it: it goes for both.
     *next.lock().unwrap() = with_app;
-    let rsp = app
-        .client
-        .post(format!("http://{}/admin/reload", app.admin))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(rsp.status(), 200);
+    assert_eq!(app.reload().await.status(), 200);
     for (name, listener) in [("database", database), ("redis", redis)] {
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let connected = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await;

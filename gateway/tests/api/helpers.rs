@@ -12,6 +12,10 @@ use tokio::sync::oneshot;
 
 pub use app_core::testing::{TestDb, TestRedis, redis_url};
 
+/// The admin token of tests that call the mutating admin endpoints
+/// (`settings.admin.token = Some(ADMIN_TOKEN.into())`).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// A port on loopback where nothing listens (bound, then released).
 pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
@@ -153,6 +157,16 @@ impl TestApp {
             .await;
         assert_eq!(rsp.status(), 201);
         rsp.json::<serde_json::Value>().await.expect("json")["item"].clone()
+    }
+
+    /// `POST /admin/reload` with [`ADMIN_TOKEN`].
+    pub async fn reload(&self) -> reqwest::Response {
+        self.client
+            .post(format!("http://{}/admin/reload", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// Signals the server to shut down, without waiting: it is draining from now on.

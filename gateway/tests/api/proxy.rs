@@ -16,10 +16,10 @@ use tiergate_config::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{Backends, GetLoad, TestApp, assert_error, closed_port, json_body};
+use crate::helpers::{
+    ADMIN_TOKEN, Backends, GetLoad, TestApp, assert_error, closed_port, json_body,
+};
 use crate::upstream::Upstream;
-
-const TOKEN: &str = "test-admin-token-0123456789";
 
 /// Settings whose every path goes to the group `web` over `upstreams`.
 fn proxied(backends: &Backends, upstreams: &[&Upstream], balance: Balance) -> Settings {
@@ -33,7 +33,7 @@ fn proxied(backends: &Backends, upstreams: &[&Upstream], balance: Balance) -> Se
         RouteSettings::upstream("site", "/", "web"),
     ];
     settings.upstreams = vec![group];
-    settings.admin.token = Some(TOKEN.into());
+    settings.admin.token = Some(ADMIN_TOKEN.into());
     settings
 }
 
@@ -60,7 +60,7 @@ fn blue_green(
         UpstreamSettings::new("blue", &[&blue.target()]),
         UpstreamSettings::new("green", &[&green.target()]),
     ];
-    settings.admin.token = Some(TOKEN.into());
+    settings.admin.token = Some(ADMIN_TOKEN.into());
     settings
 }
 
@@ -226,7 +226,13 @@ async fn switching_blue_to_green_under_load_loses_no_request_and_rolls_back() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rsp = admin_put_split(&app, "web", r#"{"blue": 0, "green": 100}"#, Some(TOKEN)).await;
+    let rsp = admin_put_split(
+        &app,
+        "web",
+        r#"{"blue": 0, "green": 100}"#,
+        Some(ADMIN_TOKEN),
+    )
+    .await;
     assert_eq!(rsp.status(), 200);
     let body = json_body(rsp).await;
     assert_eq!(body["split"], json!({"blue": 0, "green": 100}));
@@ -260,7 +266,13 @@ async fn switching_blue_to_green_under_load_loses_no_request_and_rolls_back() {
     assert_eq!(who(&app, "/").await, "green");
 
     // Rollback is the same call.
-    let rsp = admin_put_split(&app, "web", r#"{"blue": 100, "green": 0}"#, Some(TOKEN)).await;
+    let rsp = admin_put_split(
+        &app,
+        "web",
+        r#"{"blue": 100, "green": 0}"#,
+        Some(ADMIN_TOKEN),
+    )
+    .await;
     assert_eq!(rsp.status(), 200);
     assert_eq!(who(&app, "/").await, "blue");
     app.stop().await;
@@ -528,14 +540,7 @@ async fn a_bad_reload_is_refused_while_traffic_continues() {
     let app = TestApp::start_with_source(settings.clone(), source).await;
     let load = GetLoad::start(&app.client, &app.url("/"), 1);
     load.more(20).await;
-    let reload = || async {
-        app.client
-            .post(format!("http://{}/admin/reload", app.admin))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-    };
+    let reload = || app.reload();
 
     // A split naming a group that does not exist: refused, with the problem listed.
     let mut bad = settings.clone();
@@ -606,28 +611,33 @@ async fn the_admin_api_shows_routes_and_guards_changes() {
         "unauthorized",
     )
     .await;
-    assert_error(put("not json", Some(TOKEN)).await, 400, "bad_request").await;
+    assert_error(put("not json", Some(ADMIN_TOKEN)).await, 400, "bad_request").await;
     assert_error(
-        put(r#"{"green": -1}"#, Some(TOKEN)).await,
+        put(r#"{"green": -1}"#, Some(ADMIN_TOKEN)).await,
         400,
         "bad_request",
     )
     .await;
     assert_error(
-        put(r#"{"green": 1.5}"#, Some(TOKEN)).await,
+        put(r#"{"green": 1.5}"#, Some(ADMIN_TOKEN)).await,
         400,
         "bad_request",
     )
     .await;
     assert_error(
-        put(r#"{"blue": 0, "green": 0}"#, Some(TOKEN)).await,
+        put(r#"{"blue": 0, "green": 0}"#, Some(ADMIN_TOKEN)).await,
         400,
         "bad_request",
     )
     .await;
-    assert_error(put(r#"{"purple": 1}"#, Some(TOKEN)).await, 404, "not_found").await;
     assert_error(
-        admin_put_split(&app, "nowhere", r#"{"green": 1}"#, Some(TOKEN)).await,
+        put(r#"{"purple": 1}"#, Some(ADMIN_TOKEN)).await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        admin_put_split(&app, "nowhere", r#"{"green": 1}"#, Some(ADMIN_TOKEN)).await,
         404,
         "not_found",
     )
@@ -644,7 +654,7 @@ async fn the_admin_api_shows_routes_and_guards_changes() {
     settings.admin.token = None;
     let app = TestApp::start(settings).await;
     assert_error(
-        admin_put_split(&app, "web", r#"{"green": 1}"#, Some(TOKEN)).await,
+        admin_put_split(&app, "web", r#"{"green": 1}"#, Some(ADMIN_TOKEN)).await,
         403,
         "forbidden",
     )
