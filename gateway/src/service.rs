@@ -319,14 +319,14 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let host = request_authority(&req).map(str::to_owned);
+    let host = authority_value(&req);
     let upgrade = proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let how = Forwarding {
         client: ClientSide {
             peer: peer.addr,
             tls: peer.tls,
             local_port: peer.local_port,
-            host: host.as_deref(),
+            host: host.as_ref(),
         },
         rewrite: to.route.rewrite(),
         trusted_hops: to.router.proxy.trusted_hops,
@@ -348,6 +348,19 @@ fn request_authority<B>(req: &Request<B>) -> Option<&str> {
     match req.uri().authority() {
         Some(authority) => Some(authority.as_str()),
         None => req.headers().get(header::HOST)?.to_str().ok(),
+    }
+}
+
+/// The authority the request names as a header value: the `Host` header's own (a
+/// clone shares its bytes), or one made from the URI's (HTTP/2, absolute form).
+fn authority_value<B>(req: &Request<B>) -> Option<HeaderValue> {
+    match req.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .filter(|host| host.to_str().is_ok())
+            .cloned(),
     }
 }
 
@@ -451,7 +464,10 @@ fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
         digits[0] = HEX[usize::from(byte >> 4)];
         digits[1] = HEX[usize::from(byte & 0xf)];
     }
-    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("unknown"))
+    // Owned by a shared buffer from the start: the proxy sends a clone upstream, and a
+    // clone of a plain copy would allocate again to share it.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(id))
+        .unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// A probe answer: 200 or 503 with a one-word JSON body.

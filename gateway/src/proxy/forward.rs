@@ -73,16 +73,6 @@ where
     });
     let client_version = parts.version;
     headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    headers::set_forwarding(
-        &mut parts.headers,
-        how.client,
-        how.trusted_hops,
-        how.forwarded_header,
-    );
-    headers::append_via(&mut parts.headers, client_version);
-    parts
-        .headers
-        .insert(X_REQUEST_ID.clone(), how.request_id.clone());
     let client_host = match group.settings.host_header {
         HostHeader::Preserve => preserve_host(&mut parts),
         HostHeader::Target => false,
@@ -109,8 +99,20 @@ where
     group.metrics.requests.increment(1);
     group.budget.deposit();
 
-    let mut tried: Vec<usize> = Vec::new();
     let max_attempts = group.proxy.max_attempts.max(1);
+    // The client's headers: the first attempt takes them, a retry a copy made now (a
+    // clone of what the client sent only shares its bytes). What this proxy adds is set
+    // on each attempt's own map: a value built here would need an allocation to be
+    // shared with a copy.
+    let mut first = Some(std::mem::take(&mut parts.headers));
+    let for_retries = (max_attempts > 1).then(|| first.clone()).flatten();
+    let ours = |headers: &mut http::HeaderMap| {
+        headers::set_forwarding(headers, how.client, how.trusted_hops, how.forwarded_header);
+        headers::append_via(headers, client_version);
+        headers.insert(X_REQUEST_ID.clone(), how.request_id.clone());
+    };
+
+    let mut tried: Vec<usize> = Vec::new();
     loop {
         // 2. attempt
         let Some(index) = group.pick(&tried) else {
@@ -129,7 +131,12 @@ where
         *attempt.method_mut() = parts.method.clone();
         *attempt.uri_mut() = Uri::from(path.clone());
         *attempt.version_mut() = version;
-        *attempt.headers_mut() = parts.headers.clone();
+        let headers = attempt.headers_mut();
+        *headers = first
+            .take()
+            .or_else(|| for_retries.clone())
+            .unwrap_or_default();
+        ours(headers);
         if !client_host {
             attempt
                 .headers_mut()
@@ -298,12 +305,16 @@ fn preserve_host(parts: &mut http::request::Parts) -> bool {
         .is_some_and(|host| host.to_str().is_ok())
 }
 
-/// The path and query sent up: the route's prefix replaced when it rewrites.
+/// The path and query sent up: the route's prefix replaced when it rewrites, else the
+/// client's own (a clone shares its bytes).
 fn upstream_path(uri: &Uri, rewrite: Option<(&str, &str)>) -> Result<PathAndQuery, ()> {
-    let original = uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let Some((prefix, replacement)) = rewrite else {
-        return original.parse().map_err(|_| ());
+        return Ok(uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")));
     };
+    let original = uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let rest = original.strip_prefix(prefix).unwrap_or(original);
     let base = replacement.trim_end_matches('/');
     let joined = if rest.is_empty() || rest.starts_with('?') {

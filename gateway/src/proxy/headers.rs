@@ -84,8 +84,9 @@ pub(crate) struct ClientSide<'a> {
     pub(crate) peer: SocketAddr,
     pub(crate) tls: bool,
     pub(crate) local_port: u16,
-    /// The authority the client asked for (`Host` or the URI's), port included.
-    pub(crate) host: Option<&'a str>,
+    /// The authority the client asked for (`Host` or the URI's), port included: the
+    /// `Host` header's own value, so passing it on copies nothing.
+    pub(crate) host: Option<&'a HeaderValue>,
 }
 
 /// Sets `X-Forwarded-For/Proto/Host/Port` (and `Forwarded` when asked). Of an incoming
@@ -129,7 +130,9 @@ pub(crate) fn set_forwarding(
         (Some(v), _) => {
             headers.insert(X_FORWARDED_HOST.clone(), v);
         }
-        (None, Some(host)) => set(headers, &X_FORWARDED_HOST, host.to_owned()),
+        (None, Some(host)) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
         (None, None) => {
             headers.remove(&X_FORWARDED_HOST);
         }
@@ -154,6 +157,7 @@ pub(crate) fn set_forwarding(
         let mut element = format!("for={node};proto={proto}");
         if let Some(host) = client
             .host
+            .and_then(|h| h.to_str().ok())
             .filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
         {
             element.push_str(&format!(";host=\"{host}\""));
@@ -264,7 +268,7 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
 mod tests {
     use super::*;
 
-    fn client(host: Option<&str>) -> ClientSide<'_> {
+    fn client(host: Option<&HeaderValue>) -> ClientSide<'_> {
         ClientSide {
             peer: "10.1.2.3:5555".parse().unwrap(),
             tls: true,
@@ -350,7 +354,8 @@ mod tests {
             ("x-forwarded-proto", "gopher"),
             ("forwarded", "for=6.6.6.6"),
         ]);
-        set_forwarding(&mut h, client(Some("api.example.com")), 0, false);
+        let host = HeaderValue::from_static("api.example.com");
+        set_forwarding(&mut h, client(Some(&host)), 0, false);
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
