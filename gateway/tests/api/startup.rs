@@ -81,19 +81,32 @@ pub async fn wait_for_log_where(
     message: &str,
     also: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    // The warnings and errors passed over, for the failure message: a process that
+    // ends before the line says why in them (a busy port, a database that refused it).
+    let mut passed = Vec::new();
     let wait = async {
         while let Some(line) = rx.recv().await {
             if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
                 if json["message"] == message && also(&json) {
                     return json;
                 }
+                if matches!(json["level"].as_str(), Some("WARN" | "ERROR")) {
+                    passed.push(line);
+                }
             }
         }
-        panic!("the process ended before logging {message:?}");
+        panic!(
+            "the process ended before logging {message:?}; its warnings and errors:\n{}",
+            passed.join("\n")
+        );
     };
-    tokio::time::timeout(Duration::from_secs(20), wait)
-        .await
-        .expect("log line within 20 s")
+    let found = tokio::time::timeout(Duration::from_secs(20), wait).await;
+    found.unwrap_or_else(|_| {
+        panic!(
+            "no {message:?} log line within 20 s; warnings and errors:\n{}",
+            passed.join("\n")
+        )
+    })
 }
 
 #[tokio::test]
