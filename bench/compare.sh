@@ -23,6 +23,11 @@
 #    the client's certificate check (--insecure; the server's work is the same): with
 #    it, loadgen's one core ran out before the servers did and the row measured loadgen.
 #
+# 4. The goals of issues 7, 5 and 4, each judged on its rows: the L1 hit at >= 0.9x
+#    limit-server's req/s and <= 1.2x its CPU per request; the proxy at >= 1.2x nginx's
+#    req/s with less CPU per request and no worse p99; each TLS row at >= 1.2x nginx's
+#    req/s with no worse p99.
+#
 # Server CPU per request is utime + stime of the server's processes (from /proc, before
 # and after the row) over the requests answered; for the proxies it leaves out the
 # upstream, which shares core 0 with them. Access logs are off everywhere: nginx
@@ -468,3 +473,33 @@ jq -rs "$r2"' (map(select((.label | startswith("nginx")) and (.failed | not))) |
   "| \(.label) | \(if .protocol == "http2" then "h2" else "h1" end) \(.connections)×\(if .protocol == "http2" then 8 else 1 end) | \(if ($k | endswith("handshake")) then "yes" else "no" end) | \(.requests_per_sec | floor) | \(if $ref[$k] then .requests_per_sec / $ref[$k].requests_per_sec | r2 else "n/a" end) | \(.p50_ms) | \(.p99_ms) | \(.p999_ms) | \(.cpu_us_per_req | r2) | \(.tls_handshakes) | \(.errors) |" end' \
   "${tls_rows[@]}"
 fi
+
+# The goals of the issues these tables answer (7: L1 against the limit, proxy and TLS
+# against nginx; 5: the proxy; 4: TLS), each judged on its rows above.
+echo
+echo "| goal | measured | met |"
+echo "|---|---|---|"
+jq -rs --arg tables "$tables" "$r2"' map(select(.failed | not)) | (map({key: .label, value: .}) | from_entries) as $r |
+($tables | split(",")) as $measured |
+def against($ours; $peer):
+  if $r[$ours] and $r[$peer] and $r[$peer].requests_per_sec > 0 and $r[$peer].cpu_us_per_req > 0 then
+    {rps: ($r[$ours].requests_per_sec / $r[$peer].requests_per_sec),
+     cpu: ($r[$ours].cpu_us_per_req / $r[$peer].cpu_us_per_req),
+     p99: $r[$ours].p99_ms, peer_p99: $r[$peer].p99_ms}
+  else null end;
+def goal($table; $name; $ours; $peer; measured; met):
+  if ($measured | index($table)) == null then empty
+  else against($ours; $peer) as $a
+    | if $a then ($a | "| \($name) | \(measured) | \(if met then "yes" else "**no**" end) |")
+      else "| \($name) | not measured (a row failed) | n/a |" end
+  end;
+goal("app"; "L1 hit vs limit-server: ≥ 0.9× req/s, ≤ 1.2× CPU per request";
+  "tiergate-l1-hit"; "limit-server";
+  "\(.rps | r2)× req/s, \(.cpu | r2)× CPU"; .rps >= 0.9 and .cpu <= 1.2),
+goal("proxy"; "proxy vs nginx: ≥ 1.2× req/s, less CPU per request, p99 no worse";
+  "tiergate-proxy"; "nginx-proxy";
+  "\(.rps | r2)× req/s, \(.cpu | r2)× CPU, p99 \(.p99) vs \(.peer_p99) ms"; .rps >= 1.2 and .cpu < 1 and .p99 <= .peer_p99),
+((["tls", "TLS h1 keep-alive"], ["tls-h2", "TLS h2"], ["tls-handshake", "TLS new handshakes"]) as [$row, $name]
+  | goal("tls"; "\($name) vs nginx: ≥ 1.2× req/s, p99 no worse"; "tiergate-\($row)"; "nginx-\($row)";
+    "\(.rps | r2)× req/s, p99 \(.p99) vs \(.peer_p99) ms"; .rps >= 1.2 and .p99 <= .peer_p99))' \
+  "${app_rows[@]}" "${proxy_rows[@]}" "${tls_rows[@]}"
