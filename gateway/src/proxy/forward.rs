@@ -145,11 +145,11 @@ where
         let in_flight = target.start_request();
         let sent = Instant::now();
         let head_by = deadline.min(sent + group.settings.response_timeout);
-        let result = tokio::time::timeout_at(head_by, group.pool().send(index, attempt)).await;
+        let result = group.pool().send(index, attempt, head_by).await;
 
         // 3. judge
         let failure = match result {
-            Ok(Ok((mut rsp, lease))) => {
+            Ok((mut rsp, lease)) => {
                 let status = rsp.status();
                 target
                     .metrics
@@ -178,7 +178,7 @@ where
                     Either::Right(UpstreamBody::new(incoming, lease, deadline, in_flight)),
                 );
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 let failure = match err {
                     SendError::Connect(_) => {
                         target.metrics.connect_errors.increment(1);
@@ -195,24 +195,24 @@ where
                         target.metrics.saturated.increment(1);
                         Failure::Saturated
                     }
+                    SendError::TimedOut => {
+                        target.metrics.timeouts.increment(1);
+                        target.record_failure(&group.settings.outlier);
+                        let (limit, key) = if head_by == deadline {
+                            (group.settings.request_timeout, "request_timeout")
+                        } else {
+                            (group.settings.response_timeout, "response_timeout")
+                        };
+                        tracing::warn!(
+                            group = group.name,
+                            target = target.address,
+                            limit_ms = limit.as_millis(),
+                            "Upstream sent no response head in time."
+                        );
+                        return timed_out(&group.name, limit, key);
+                    }
                 };
                 failure.logged(group, &target.address, &err)
-            }
-            Err(_) => {
-                target.metrics.timeouts.increment(1);
-                target.record_failure(&group.settings.outlier);
-                let (limit, key) = if head_by == deadline {
-                    (group.settings.request_timeout, "request_timeout")
-                } else {
-                    (group.settings.response_timeout, "response_timeout")
-                };
-                tracing::warn!(
-                    group = group.name,
-                    target = target.address,
-                    limit_ms = limit.as_millis(),
-                    "Upstream sent no response head in time."
-                );
-                return timed_out(&group.name, limit, key);
             }
         };
         drop(in_flight);

@@ -402,8 +402,8 @@ mod tests {
         let get = || async {
             let mut req = Request::new(AttemptBody::empty());
             *req.uri_mut() = Uri::from_static("/");
-            let (rsp, lease) = group.pool().send(0, req).await.unwrap();
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            let (rsp, lease) = group.pool().send(0, req, deadline).await.unwrap();
             let body = UpstreamBody::new(
                 rsp.into_body(),
                 lease,

@@ -46,7 +46,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tiergate_config::{UpstreamProtocol, UpstreamSettings};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::body::{AttemptBody, BoxError};
@@ -109,6 +109,9 @@ pub(crate) enum SendError {
     /// `connect_timeout`: nothing was sent.
     #[error("no connection came free within connect_timeout")]
     Saturated,
+    /// No response head by the deadline the caller gave.
+    #[error("no response head in time")]
+    TimedOut,
 }
 
 impl Pool {
@@ -171,12 +174,14 @@ impl Pool {
     }
 
     /// Sends `req` (its URI in origin form, `/path?query`) to target `index` on an idle
-    /// connection, or a new one. With the response comes the lease on its HTTP/1.1
-    /// connection, to be driven while the body is read (see the module docs).
+    /// connection, or a new one, and waits for the response head until `head_by`. With
+    /// the response comes the lease on its HTTP/1.1 connection, to be driven while the
+    /// body is read (see the module docs).
     pub(crate) async fn send(
         self: &Arc<Self>,
         index: usize,
         mut req: Request<AttemptBody>,
+        head_by: Instant,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         let pool = match &self.kind {
             Kind::Http1(pool) => pool,
@@ -193,15 +198,21 @@ impl Pool {
                 if let Ok(uri) = Uri::from_parts(parts) {
                     *req.uri_mut() = uri;
                 }
-                return match client.request(req).await {
-                    Ok(rsp) => Ok((rsp, None)),
-                    Err(err) if err.is_connect() => Err(SendError::Connect(err.into())),
-                    Err(err) => Err(SendError::Exchange(err.into())),
+                return match tokio::time::timeout_at(head_by, client.request(req)).await {
+                    Ok(Ok(rsp)) => Ok((rsp, None)),
+                    Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(err.into())),
+                    Ok(Err(err)) => Err(SendError::Exchange(err.into())),
+                    Err(_) => Err(SendError::TimedOut),
                 };
             }
         };
         loop {
-            let (mut conn, reused) = pool.take(index).await?;
+            // Taking an idle connection is done at the first poll, before this timer is
+            // ever registered; only a connect or a wait for room arms it.
+            let (mut conn, reused) = tokio::time::timeout_at(head_by, pool.take(index))
+                .await
+                .map_err(|_| SendError::TimedOut)??;
+            conn.arm(head_by);
             let mut response = pin!(conn.sender.try_send_request(req));
             let answered = poll_fn(|cx| {
                 conn.drive(cx);
@@ -209,11 +220,19 @@ impl Pool {
                 // future (or drops it, ending the connection), so that future never has
                 // to wake this task: a real waker would only make the task wake itself
                 // and run once more for nothing.
-                response
+                if let Poll::Ready(answered) = response
                     .as_mut()
                     .poll(&mut Context::from_waker(Waker::noop()))
+                {
+                    return Poll::Ready(Some(answered));
+                }
+                conn.head_clock.as_mut().poll(cx).map(|()| None)
             })
             .await;
+            // Dropping the connection closes it: what it would still bring is late.
+            let Some(answered) = answered else {
+                return Err(SendError::TimedOut);
+            };
             match answered {
                 Ok(rsp) => {
                     let lease = Lease {
@@ -386,6 +405,7 @@ impl Http1Pool {
             sender,
             driver: Some(Box::pin(connection.with_upgrades())),
             room,
+            head_clock: Box::pin(tokio::time::sleep_until(Instant::now())),
         })
     }
 }
@@ -401,6 +421,11 @@ struct Conn {
     /// Its place under `max_connections_per_target`, given back when it is dropped (or,
     /// after an upgrade, when the tunnel that took it over ends).
     room: Option<OwnedSemaphorePermit>,
+    /// The clock of the response head, kept with the connection and re-armed for each
+    /// request. A request's deadline is later than the one before it, and tokio moves a
+    /// registered timer later without touching its wheel; a new timer per request took
+    /// the wheel's lock to register and again to deregister it.
+    head_clock: Pin<Box<Sleep>>,
 }
 
 impl fmt::Debug for Conn {
@@ -428,6 +453,13 @@ impl Conn {
     /// Whether it can take the next request now.
     fn ready(&mut self, cx: &mut Context<'_>) -> bool {
         self.drive(cx) && self.sender.is_ready()
+    }
+
+    /// Sets the response head's deadline for the request about to go out.
+    fn arm(&mut self, head_by: Instant) {
+        if self.head_clock.deadline() != head_by {
+            self.head_clock.as_mut().reset(head_by);
+        }
     }
 }
 
@@ -549,9 +581,9 @@ mod tests {
     async fn send(pool: &Arc<Pool>, target: &Arc<Target>) -> UpstreamBody {
         let mut req = Request::new(AttemptBody::empty());
         *req.uri_mut() = Uri::from_static("/");
-        let (rsp, lease) = pool.send(0, req).await.unwrap();
-        assert_eq!(rsp.status(), 200);
         let deadline = Instant::now() + Duration::from_secs(5);
+        let (rsp, lease) = pool.send(0, req, deadline).await.unwrap();
+        assert_eq!(rsp.status(), 200);
         UpstreamBody::new(rsp.into_body(), lease, deadline, target.start_request())
     }
 
@@ -639,7 +671,44 @@ mod tests {
     async fn try_get(pool: &Arc<Pool>) -> Result<(), SendError> {
         let mut req = Request::new(AttemptBody::empty());
         *req.uri_mut() = Uri::from_static("/");
-        pool.send(0, req).await.map(drop)
+        pool.send(0, req, Instant::now() + Duration::from_secs(5))
+            .await
+            .map(drop)
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_still_times_out_its_response_head() {
+        // Answers the first request on a connection and never the second: the head
+        // clock kept with the connection, re-armed for the second request, must fire.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let mut answered = false;
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                if !answered {
+                    answered = true;
+                    stream.write_all(OK).await.unwrap();
+                }
+            }
+        });
+        let (pool, target) = pool(&addr, 8);
+        assert_eq!(get(&pool, &target).await, "ok");
+        assert_eq!(
+            pool.idle(0),
+            1,
+            "the connection is back for the second request"
+        );
+
+        let mut req = Request::new(AttemptBody::empty());
+        *req.uri_mut() = Uri::from_static("/");
+        let started = Instant::now();
+        let head_by = started + Duration::from_millis(200);
+        let second = pool.send(0, req, head_by).await;
+        assert!(matches!(second, Err(SendError::TimedOut)), "{second:?}");
+        assert!(Instant::now() >= head_by, "not before its deadline");
+        assert_eq!(pool.idle(0), 0, "the late connection is closed, not kept");
     }
 
     #[tokio::test]
