@@ -41,6 +41,11 @@
 //! buffer to free): its gains are in the server, where callgrind counts 15,737 → 13,831
 //! instructions per L1-hit request (README, Performance). Goal ≤ 1 µs: not shown on
 //! this box at this hour.
+//!
+//! 2026-12-06, next session, a slower and noisier VM (`limit-server` at 139,000 req/s
+//! where the previous one gave 193,000): 1.247 and 1.258 µs at 22:45, 1.617 µs at
+//! 23:01, with the L1 path's code unchanged (callgrind: 13,317 instructions per
+//! L1-hit request in the server, 13,316 before). Goal ≤ 1 µs: not shown on this VM.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
