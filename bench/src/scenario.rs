@@ -1,5 +1,5 @@
-//! Scenarios: what the next request is. Each worker holds its own [`Picker`] (its own
-//! random state); only the cold storm shares a counter, so no id is read twice.
+//! Scenarios: what the next request is. Each worker draws with its own random state
+//! ([`Scenario::next`]); only the cold storm shares a counter, so no id is read twice.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

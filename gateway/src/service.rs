@@ -113,7 +113,8 @@ impl Gateway {
         self.inner.router.store(router);
     }
 
-    /// Starts the background work the table in force needs (see [`Self::start_for`]).
+    /// Starts the background work the table in force needs: its groups' health checks and
+    /// name resolution, and the app's work only when a route leads to it.
     pub fn start(&self) {
         self.start_for(&self.router());
     }
