@@ -384,6 +384,48 @@ async fn retries_stay_within_the_budget_when_a_whole_group_is_down() {
 }
 
 #[tokio::test]
+async fn a_retried_request_carries_the_forwarding_headers_once() {
+    // The first target refuses every connection: each request picked for it is retried
+    // on the second. Each attempt gets the proxy's headers on its own copy of the
+    // client's, so the retry must carry them, and only once.
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("up").await;
+    let mut settings = backends.settings();
+    let targets = [format!("127.0.0.1:{}", closed_port()), upstream.target()];
+    settings.routes = vec![RouteSettings::upstream("site", "/", "web")];
+    settings.upstreams = vec![UpstreamSettings::new("web", &[&targets[0], &targets[1]])];
+    settings.upstreams[0].balance = Balance::RoundRobin;
+    settings.upstreams[0].outlier.consecutive_failures = 0;
+    let app = TestApp::start(settings).await;
+    for _ in 0..4 {
+        let rsp = app
+            .client
+            .get(app.url("/retried?q=1"))
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-request-id", "req-7")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+        let seen: Value = rsp.json().await.unwrap();
+        let h = &seen["headers"];
+        assert_eq!(h["x-forwarded-for"], json!(["127.0.0.1"]), "{h}");
+        assert_eq!(h["x-forwarded-port"], json!([app.addr.port().to_string()]));
+        assert_eq!(h["x-forwarded-host"], json!([app.addr.to_string()]));
+        assert_eq!(h["via"], json!(["1.1 tiergate"]), "{h}");
+        assert_eq!(h["x-request-id"], json!(["req-7"]), "{h}");
+        assert_eq!(seen["path"], json!("/retried?q=1"), "{seen}");
+    }
+    let metrics = app.metrics().await;
+    let retries = metric_line(&metrics, "tiergate_upstream_retries_total{group=\"web\"}");
+    assert!(
+        retries >= 2.0,
+        "round robin sent half to the closed target: {retries}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn websocket_echo_goes_through_the_proxy() {
     let backends = Backends::new().await;
     let upstream = Upstream::start("ws").await;
