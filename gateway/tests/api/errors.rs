@@ -139,3 +139,123 @@ async fn unknown_paths_are_404_json() {
     }
     app.stop().await;
 }
+
+/// Text PostgreSQL cannot store is refused with 400 on create and on update, and
+/// nothing is stored: a NUL character (`text` cannot hold one; it answered 500), an
+/// unpaired surrogate escape (no Unicode character at all), a name over the length limit.
+/// Checked against the code before the NUL check: POST and PUT answered 500 `internal`.
+#[tokio::test]
+async fn text_postgresql_cannot_store_is_refused_with_400_on_post_and_put() {
+    let backends = Backends::new().await;
+    let app = TestApp::start(backends.settings()).await;
+    let item = app.create("kept").await;
+    let path = format!("/items/{}", item["id"]);
+    let cases = [
+        (r#"{"name":"a\u0000b"}"#, "invalid_body", "NUL"),
+        (r#"{"name":"\u0000"}"#, "invalid_body", "NUL"),
+        (r#"{"name":"a\ud800b"}"#, "invalid_json", "hex escape"),
+        (r#"{"name":"\udfff"}"#, "invalid_json", "hex escape"),
+    ];
+    for (body, code, says) in cases {
+        let posted = assert_error(app.post_json("/items", body).await, 400, code).await;
+        let put = app
+            .client
+            .put(app.url(&path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let put = assert_error(put, 400, code).await;
+        for answer in [posted, put] {
+            let message = answer["message"].as_str().unwrap();
+            assert!(message.contains(says), "{body}: {message}");
+        }
+    }
+    let stored = json_body(app.get(&path).await).await;
+    assert_eq!(stored["item"], item, "the item is unchanged");
+    assert_eq!(
+        json_body(app.get("/items").await).await["count"],
+        1,
+        "nothing else was stored"
+    );
+    app.stop().await;
+}
+
+/// Words serde or Rust use that a client of a JSON API would not: type names and the
+/// data-model terms serde prints for JSON's arrays and objects.
+const NOT_FOR_CLIENTS: &[&str] = &[
+    "struct",
+    "ItemInput",
+    "sequence",
+    "map",
+    "enum",
+    "unit",
+    "::",
+    "newtype",
+];
+
+/// Every error the items API writes for a body is JSON `{"error","message"}` with a
+/// message in the terms of the API (JSON, its fields), never serde's or Rust's. Checked
+/// against the derived deserializer it replaced: `[]` answered "invalid type: sequence,
+/// expected struct ItemInput at line 1 column 1".
+#[tokio::test]
+async fn body_errors_are_told_in_the_api_s_terms() {
+    let backends = Backends::new().await;
+    let app = TestApp::start(backends.settings()).await;
+    let item = app.create("kept").await;
+    let path = format!("/items/{}", item["id"]);
+    let bodies = [
+        "[]",
+        "[1, 2]",
+        r#""name""#,
+        "42",
+        "-1.5",
+        "true",
+        "null",
+        "{}",
+        r#"{"name": null}"#,
+        r#"{"name": 42}"#,
+        r#"{"name": true}"#,
+        r#"{"name": ["a"]}"#,
+        r#"{"name": {"first": "a"}}"#,
+        r#"{"name": "a", "name": "b"}"#,
+        r#"{"nmae": "a"}"#,
+        r#"{"name": "a", "colour": "red"}"#,
+        "",
+        "{",
+        r#"{"name": "a"} trailing"#,
+    ];
+    for body in bodies {
+        for method in [reqwest::Method::POST, reqwest::Method::PUT] {
+            let url = app.url(if method == reqwest::Method::POST {
+                "/items"
+            } else {
+                &path
+            });
+            let rsp = app
+                .client
+                .request(method.clone(), url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(rsp.status(), 400, "{method} {body:?}");
+            let answer = json_body(rsp).await;
+            let fields: Vec<&String> = answer.as_object().unwrap().keys().collect();
+            assert_eq!(fields, ["error", "message"], "{method} {body:?}: {answer}");
+            let message = answer["message"].as_str().unwrap();
+            assert!(!message.is_empty(), "{method} {body:?}");
+            for word in NOT_FOR_CLIENTS {
+                assert!(
+                    !message.contains(word),
+                    "{method} {body:?}: {message:?} says {word:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(json_body(app.get(&path).await).await["item"], item);
+    assert_eq!(json_body(app.get("/items").await).await["count"], 1);
+    app.stop().await;
+}
