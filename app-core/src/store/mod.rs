@@ -7,7 +7,12 @@
 //!
 //! Queries go through `query_typed`: parameters carry their types, so each query is one
 //! round trip (parse, bind and execute together) instead of a prepare and an execute.
+//!
+//! Through a failover (see the `connection` module): errors that mean "the database is
+//! away" are [`StoreError::Unavailable`] (503), a broken connection leaves the pool, and
+//! reads — never writes — are sent once more on another connection.
 
+mod connection;
 mod migrate;
 
 use std::str::FromStr;
@@ -20,15 +25,15 @@ use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use self::connection::{Failure, Manager, Pool, ReadAttempts};
 use crate::model::{Item, ItemId};
 use crate::tls::{SslMode, Verify};
-
-type Pool = bb8::Pool<Manager>;
 
 /// Why a store call failed, split by who can do something about it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// No connection within the checkout timeout, or the connection broke: retry later.
+    /// No connection within the checkout timeout, the connection broke, or the server
+    /// is failing over or overloaded (see the `connection` module): retry later.
     #[error("database unavailable")]
     Unavailable(#[source] Option<tokio_postgres::Error>),
     /// The database answered with an error: a bug or a schema problem.
@@ -38,11 +43,9 @@ pub enum StoreError {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // An error without a SQLSTATE came from the connection, not from the server.
-        if e.code().is_none() {
-            Self::Unavailable(Some(e))
-        } else {
-            Self::Query(e)
+        match Failure::of(&e) {
+            Failure::Broken | Failure::Unavailable => Self::Unavailable(Some(e)),
+            Failure::Query => Self::Query(e),
         }
     }
 }
@@ -188,11 +191,11 @@ impl Database {
 
     async fn get_from(&self, pool: &Pool, id: ItemId) -> Result<Option<Item>, StoreError> {
         let sql = format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = $1");
-        let mut attempt = 0;
+        let mut attempts = ReadAttempts::default();
         loop {
             let conn = pool.get().await?;
             match conn.query_typed_opt(&sql, &[(&id.get(), Type::INT8)]).await {
-                Err(e) if retry_read(pool, &e, attempt) => attempt += 1,
+                Err(e) if attempts.again(pool, &e) => {}
                 row => return row?.as_ref().map(item_from_row).transpose(),
             }
         }
@@ -218,11 +221,11 @@ impl Database {
         let sql = format!("SELECT {ITEM_COLUMNS} FROM items WHERE id > $1 ORDER BY id LIMIT $2");
         let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
             [(&after, Type::INT8), (&limit, Type::INT8)];
-        let mut attempt = 0;
+        let mut attempts = ReadAttempts::default();
         loop {
             let conn = pool.get().await?;
             match conn.query_typed(&sql, &params).await {
-                Err(e) if retry_read(pool, &e, attempt) => attempt += 1,
+                Err(e) if attempts.again(pool, &e) => {}
                 rows => return rows?.iter().map(item_from_row).collect(),
             }
         }
@@ -386,14 +389,6 @@ impl Database {
     }
 }
 
-/// Whether a read that failed on a closed connection goes to the next one: after a
-/// server restart or failover every idle connection may be dead, and noticing it costs
-/// no round trip, so up to one attempt per pooled connection, plus a fresh one. Only
-/// reads: a write may have committed before its connection broke.
-fn retry_read(pool: &Pool, error: &tokio_postgres::Error, attempt: u32) -> bool {
-    error.is_closed() && attempt < pool.state().connections + 1
-}
-
 fn build_pool(
     settings: &DatabaseSettings,
     url: &str,
@@ -437,34 +432,6 @@ fn build_pool(
         .test_on_check_out(true)
         .error_sink(Box::new(LogErrors))
         .build_unchecked(manager))
-}
-
-/// bb8-postgres' manager with a check-out test that costs nothing: its own runs a query
-/// before every checkout (a round trip per request); without any test, a connection the
-/// server closed while it sat idle is handed out and fails its first query.
-#[derive(Debug)]
-struct Manager(PostgresConnectionManager<MakeRustlsConnect>);
-
-impl bb8::ManageConnection for Manager {
-    type Connection = tokio_postgres::Client;
-    type Error = tokio_postgres::Error;
-
-    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        self.0.connect().await
-    }
-
-    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
-        if conn.is_closed() {
-            // Fails at once with the "connection closed" error, without touching the network.
-            conn.simple_query("").await.map(drop)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
-        conn.is_closed()
-    }
 }
 
 /// bb8's sink for errors of background connection attempts: log them, they never

@@ -12,6 +12,7 @@ mod coherence;
 mod config;
 mod deploy;
 mod errors;
+mod fault;
 mod hardening;
 mod health;
 mod helpers;

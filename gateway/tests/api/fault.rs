@@ -1,0 +1,618 @@
+//! The fault suite: the real `tiergate` binary under load while its dependencies fail as
+//! they do in production, each test bounded in time and printing its figures.
+//!
+//! - Redis killed (`kill -9`) for 5 s under write load, then back: Redis is read again
+//!   within 5 s of its return, no acknowledged write is lost, no read answers 5xx.
+//! - The app's PostgreSQL backends terminated again and again under read/write load (what
+//!   an RDS or Aurora failover does to every connection): no 500, every read answers,
+//!   writes 503 at worst.
+//! - The list-page walk (20,000 items of 200 four-byte characters, 4 clients paging with
+//!   `limit=500` from every cursor): resident memory stays under `cache.l1_max_bytes` +
+//!   64 MiB.
+//!
+//! Each test runs the app as a PostgreSQL role without superuser rights, created here, as
+//! on RDS; Redis, when a test kills it, is a private `redis-server` on a port of its own.
+//! They are `#[ignore]`d in the parallel run and run alone by `scripts/test`, so their
+//! figures are not those of a machine busy with the other tests.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use app_core::testing::{RedisServer, TestDb, TestRedis, admin_database_url, connect, unique};
+use tokio::process::Child;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::startup::{lines, tiergate, wait_for_log};
+
+/// A database of its own, owned by a login role of its own without superuser rights;
+/// both are dropped at the end.
+struct AppDatabase {
+    db: Option<TestDb>,
+    role: String,
+    /// The app's URL: as the role, to the database.
+    url: String,
+}
+
+impl AppDatabase {
+    async fn create() -> Self {
+        let db = TestDb::create().await;
+        let role = unique("tiergate_app");
+        let password = unique("pw");
+        let admin = connect(&admin_database_url()).await;
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN PASSWORD '{password}' NOSUPERUSER NOCREATEDB NOCREATEROLE;
+                 ALTER DATABASE {} OWNER TO {role};",
+                db.name
+            ))
+            .await
+            .unwrap();
+        let (scheme, rest) = db.url.split_once("://").unwrap();
+        let host_and_path = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        let url = format!("{scheme}://{role}:{password}@{host_and_path}");
+        Self {
+            db: Some(db),
+            role,
+            url,
+        }
+    }
+
+    fn db(&self) -> &TestDb {
+        self.db.as_ref().unwrap()
+    }
+
+    /// Terminates every backend of the app's role; returns how many.
+    async fn terminate_app_backends(&self, admin: &tokio_postgres::Client) -> i64 {
+        admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
+                &[&self.role],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn outbox_rows(&self) -> i64 {
+        self.db()
+            .client()
+            .await
+            .query_one("SELECT count(*) FROM cache_outbox", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+impl Drop for AppDatabase {
+    fn drop(&mut self) {
+        drop(self.db.take()); // the database first: the role owns it
+        let role = self.role.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let admin = connect(&admin_database_url()).await;
+                let _ = admin
+                    .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// The binary, started with `vars` and waited for until ready.
+struct Process {
+    child: Child,
+    http: SocketAddr,
+    admin: SocketAddr,
+    client: reqwest::Client,
+    /// Kept so the log pipe is drained (a full pipe would block the app).
+    _log: mpsc::UnboundedReceiver<String>,
+}
+
+impl Process {
+    async fn start(db: &AppDatabase, redis_url: &str, prefix: &str, vars: &[(&str, &str)]) -> Self {
+        let mut env = vec![
+            ("DATABASE_URL", db.url.clone()),
+            ("REDIS_URL", redis_url.to_owned()),
+            ("TIERGATE_REDIS__KEY_PREFIX", prefix.to_owned()),
+            ("TIERGATE_LISTEN__HTTP", "127.0.0.1:0".to_owned()),
+            ("TIERGATE_LISTEN__ADMIN", "127.0.0.1:0".to_owned()),
+            ("TIERGATE_DATABASE__POOL_MAX_SIZE", "8".to_owned()),
+            ("RUST_LOG", "info,access=off".to_owned()),
+        ];
+        env.extend(vars.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let mut child = tiergate(&env)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start tiergate");
+        let mut log = lines(&mut child);
+        let listening = wait_for_log(&mut log, "Listening.").await;
+        let address =
+            |name: &str| -> SocketAddr { listening[name].as_str().unwrap().parse().unwrap() };
+        let process = Self {
+            http: address("http"),
+            admin: address("admin"),
+            child,
+            client: reqwest::Client::new(),
+            _log: log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = process
+                .client
+                .get(format!("http://{}/readyz", process.admin))
+                .send()
+                .await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return process;
+            }
+            assert!(Instant::now() < deadline, "not ready within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// Resident memory, from `/proc`.
+    fn rss_bytes(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+
+    async fn metrics(&self) -> String {
+        let rsp = self
+            .client
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap();
+        rsp.text().await.unwrap()
+    }
+}
+
+/// The sum of every sample of `name` whose labels include all of `labels`.
+fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let wanted = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            (rest.is_empty() || rest.starts_with('{'))
+                .then_some(())
+                .filter(|()| wanted)?;
+            value.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// Counts of answers by status, shared by load workers.
+#[derive(Default)]
+struct Statuses(std::sync::Mutex<HashMap<u16, u64>>);
+
+impl Statuses {
+    fn count(&self, status: u16) {
+        *self.0.lock().unwrap().entry(status).or_default() += 1;
+    }
+
+    fn of(&self, status: u16) -> u64 {
+        self.0.lock().unwrap().get(&status).copied().unwrap_or(0)
+    }
+
+    fn server_errors(&self) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(s, _)| **s >= 500)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn total(&self) -> u64 {
+        self.0.lock().unwrap().values().sum()
+    }
+
+    fn summary(&self) -> String {
+        let mut counts: Vec<_> = self.0.lock().unwrap().clone().into_iter().collect();
+        counts.sort_unstable();
+        format!("{counts:?}")
+    }
+}
+
+/// `workers` loops running `step` until `stop` is set.
+fn spawn_workers<F, Fut>(
+    workers: usize,
+    stop: &Arc<AtomicBool>,
+    step: F,
+) -> Vec<tokio::task::JoinHandle<()>>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    (0..workers)
+        .map(|worker| {
+            let (stop, step) = (stop.clone(), step.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    step(worker).await;
+                }
+            })
+        })
+        .collect()
+}
+
+async fn stop_workers(stop: &AtomicBool, workers: Vec<tokio::task::JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+}
+
+/// Inserts `n` items named `name` straight into PostgreSQL; returns their ids.
+async fn insert_items(db: &TestDb, n: i64, name: &str) -> Vec<i64> {
+    db.client()
+        .await
+        .query(
+            "INSERT INTO items (name) SELECT $2 FROM generate_series(1, $1::bigint) RETURNING id",
+            &[&n, &name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// (a) Redis `kill -9` for 5 s under write and read load, then back (empty).
+#[tokio::test]
+#[ignore = "fault suite: run alone by scripts/test"]
+async fn fault_redis_killed_for_5_s_under_write_load_is_read_again_within_5_s_of_its_return() {
+    const OUTAGE: Duration = Duration::from_secs(5);
+    let db = AppDatabase::create().await;
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let prefix = TestRedis::new();
+    let app = Arc::new(Process::start(&db, &redis.url(), &prefix.prefix, &[]).await);
+    let readable = Arc::new(insert_items(db.db(), 5_000, "read me").await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let writes = Arc::new(Statuses::default());
+    let reads = Arc::new(Statuses::default());
+    let mut workers = spawn_workers(8, &stop, {
+        let (app, acknowledged, writes) = (app.clone(), acknowledged.clone(), writes.clone());
+        move |worker| {
+            let (app, acknowledged, writes) = (app.clone(), acknowledged.clone(), writes.clone());
+            async move {
+                let rsp = app
+                    .client
+                    .post(app.url("/items"))
+                    .header("content-type", "application/json")
+                    .body(format!(r#"{{"name":"written by {worker}"}}"#))
+                    .send()
+                    .await;
+                let Ok(rsp) = rsp else { return writes.count(0) };
+                writes.count(rsp.status().as_u16());
+                if rsp.status() == 201 {
+                    let item: serde_json::Value = rsp.json().await.unwrap();
+                    let (id, version) = (
+                        item["item"]["id"].as_i64(),
+                        item["item"]["version"].as_i64(),
+                    );
+                    acknowledged
+                        .lock()
+                        .await
+                        .push((id.unwrap(), version.unwrap()));
+                }
+            }
+        }
+    });
+    workers.extend(spawn_workers(4, &stop, {
+        let (app, readable, reads) = (app.clone(), readable.clone(), reads.clone());
+        move |_| {
+            let (app, readable, reads) = (app.clone(), readable.clone(), reads.clone());
+            async move {
+                let id = readable[fastrand::usize(..readable.len())];
+                match app
+                    .client
+                    .get(app.url(&format!("/items/{id}")))
+                    .send()
+                    .await
+                {
+                    Ok(rsp) => reads.count(rsp.status().as_u16()),
+                    Err(_) => reads.count(0),
+                }
+            }
+        }
+    }));
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_outage = writes.of(201);
+    redis.stop(); // SIGKILL
+    tokio::time::sleep(OUTAGE).await;
+    let in_outage = writes.of(201) - before_outage;
+    let backlog = db.outbox_rows().await;
+    let redis = RedisServer::start_on(port);
+    let returned = Instant::now();
+    let lookups = |m: &str| {
+        metric(
+            m,
+            "tiergate_cache_requests_total",
+            &[("tier", "l2"), ("result", "hit")],
+        ) + metric(
+            m,
+            "tiergate_cache_requests_total",
+            &[("tier", "l2"), ("result", "miss")],
+        )
+    };
+    let at_return = lookups(&app.metrics().await);
+    let resumed = loop {
+        let now = lookups(&app.metrics().await);
+        if now > at_return {
+            break returned.elapsed();
+        }
+        assert!(
+            returned.elapsed() < Duration::from_secs(15),
+            "Redis not read within 15 s of its return"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A while more under load with Redis back, then the tallies.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics = app.metrics().await;
+    let skipped_after = metric(
+        &metrics,
+        "tiergate_cache_requests_total",
+        &[("tier", "l2"), ("result", "skipped")],
+    );
+    stop_workers(&stop, workers).await;
+
+    let acknowledged = acknowledged.lock().await.clone();
+    let mut lost = Vec::new();
+    for (id, version) in &acknowledged {
+        let rsp = app
+            .client
+            .get(app.url(&format!("/items/{id}")))
+            .send()
+            .await
+            .unwrap();
+        let served = if rsp.status() == 200 {
+            rsp.json::<serde_json::Value>().await.unwrap()["item"]["version"].as_i64()
+        } else {
+            None
+        };
+        if served.is_none_or(|v| v < *version) {
+            lost.push((*id, *version, served));
+        }
+    }
+    println!(
+        "redis kill -9 for {OUTAGE:?}: {in_outage} writes acknowledged during the outage, \
+         {backlog} outbox rows at its return; Redis read again {resumed:?} after its return; \
+         {} writes acknowledged in all, {} lost; reads {} (l2 lookups skipped in all: {skipped_after}); \
+         writes {}; outbox rows at the end: {}",
+        acknowledged.len(),
+        lost.len(),
+        reads.summary(),
+        writes.summary(),
+        db.outbox_rows().await,
+    );
+    assert!(in_outage > 0, "the outage was under write load");
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes not readable: {lost:?}"
+    );
+    assert_eq!(
+        reads.server_errors(),
+        0,
+        "reads answered 5xx: {}",
+        reads.summary()
+    );
+    assert!(
+        resumed <= Duration::from_secs(5),
+        "Redis read again only {resumed:?} after its return"
+    );
+    drop(redis);
+}
+
+/// (b) The app's backends terminated every 250 ms for 10 s under read and write load.
+#[tokio::test]
+#[ignore = "fault suite: run alone by scripts/test"]
+async fn fault_terminated_postgres_backends_never_answer_500_and_reads_succeed() {
+    let db = AppDatabase::create().await;
+    let prefix = TestRedis::new();
+    let app =
+        Arc::new(Process::start(&db, &crate::helpers::redis_url(), &prefix.prefix, &[]).await);
+    let ids = Arc::new(insert_items(db.db(), 2_000, "failover").await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(Statuses::default());
+    let writes = Arc::new(Statuses::default());
+    let statuses = |rsp: Result<reqwest::Response, reqwest::Error>, to: &Statuses| {
+        to.count(rsp.map_or(0, |r| r.status().as_u16()));
+    };
+    let mut workers = spawn_workers(4, &stop, {
+        let (app, ids, reads) = (app.clone(), ids.clone(), reads.clone());
+        move |worker| {
+            let (app, ids, reads) = (app.clone(), ids.clone(), reads.clone());
+            async move {
+                // Pages miss their cache after every write: they read PostgreSQL.
+                let id = ids[fastrand::usize(..ids.len())];
+                let path = if worker % 2 == 0 {
+                    format!("/items/{id}")
+                } else {
+                    format!("/items?limit=20&after={id}")
+                };
+                statuses(app.client.get(app.url(&path)).send().await, &reads);
+            }
+        }
+    });
+    workers.extend(spawn_workers(4, &stop, {
+        let (app, ids, writes) = (app.clone(), ids.clone(), writes.clone());
+        move |worker| {
+            let (app, ids, writes) = (app.clone(), ids.clone(), writes.clone());
+            async move {
+                let request = if worker % 2 == 0 {
+                    app.client.post(app.url("/items"))
+                } else {
+                    let id = ids[fastrand::usize(..ids.len())];
+                    app.client.put(app.url(&format!("/items/{id}")))
+                };
+                let rsp = request
+                    .header("content-type", "application/json")
+                    .body(r#"{"name":"through a failover"}"#)
+                    .send()
+                    .await;
+                statuses(rsp, &writes);
+            }
+        }
+    }));
+
+    let admin = db.db().client().await;
+    let started = Instant::now();
+    let mut terminated = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        terminated += db.terminate_app_backends(&admin).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop_workers(&stop, workers).await;
+    // Afterwards, both work at once.
+    let after = app
+        .client
+        .post(app.url("/items"))
+        .header("content-type", "application/json")
+        .body(r#"{"name":"after"}"#)
+        .send()
+        .await
+        .unwrap();
+    println!(
+        "pg_terminate_backend every 250 ms for 10 s: {terminated} backends terminated; \
+         reads {} ; writes {}",
+        reads.summary(),
+        writes.summary()
+    );
+    let mut app = Arc::try_unwrap(app).ok().unwrap();
+    while let Ok(line) = app._log.try_recv() {
+        if line.contains("unavailable") {
+            eprintln!("DEBUG {line}");
+        }
+    }
+    assert_eq!(after.status(), 201);
+    assert!(terminated > 0);
+    assert_eq!(reads.of(500) + writes.of(500), 0, "500s");
+    assert_eq!(reads.of(200), reads.total(), "every read answered 200");
+    let writes_ok = writes.of(200) + writes.of(201) + writes.of(503);
+    assert_eq!(writes_ok, writes.total(), "writes: 200, 201 or 503 only");
+    assert!(writes.of(200) + writes.of(201) > 0, "writes went through");
+}
+
+/// (c) The list-page walk of issue 21: 20,000 items of 200 four-byte characters, 4 clients
+/// paging with `limit=500` from every cursor (each page distinct, ~450 KB), for 10 s.
+#[tokio::test]
+#[ignore = "fault suite: run alone by scripts/test"]
+async fn fault_the_list_page_walk_stays_within_the_l1_budget_plus_64_mib() {
+    const L1_MAX_BYTES: u64 = 64 << 20;
+    const HEADROOM: u64 = 64 << 20;
+    let db = AppDatabase::create().await;
+    let prefix = TestRedis::new();
+    let budget = L1_MAX_BYTES.to_string();
+    let app = Arc::new(
+        Process::start(
+            &db,
+            &crate::helpers::redis_url(),
+            &prefix.prefix,
+            &[("TIERGATE_CACHE__L1_MAX_BYTES", &budget)],
+        )
+        .await,
+    );
+    insert_items(db.db(), 20_000, &"𝄞".repeat(200)).await;
+    let at_start = app.rss_bytes();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pages = Arc::new(AtomicU64::new(0));
+    let statuses = Arc::new(Statuses::default());
+    let next_cursor = Arc::new(AtomicU64::new(0));
+    let workers = spawn_workers(4, &stop, {
+        let (app, pages, statuses, next_cursor) = (
+            app.clone(),
+            pages.clone(),
+            statuses.clone(),
+            next_cursor.clone(),
+        );
+        move |_| {
+            let (app, pages, statuses, next_cursor) = (
+                app.clone(),
+                pages.clone(),
+                statuses.clone(),
+                next_cursor.clone(),
+            );
+            async move {
+                let after = next_cursor.fetch_add(1, Ordering::Relaxed) % 20_000;
+                let url = app.url(&format!("/items?limit=500&after={after}"));
+                match app.client.get(url).send().await {
+                    Ok(rsp) => {
+                        statuses.count(rsp.status().as_u16());
+                        let _ = rsp.bytes().await;
+                        pages.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => statuses.count(0),
+                }
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut peak = at_start;
+    while started.elapsed() < Duration::from_secs(10) && peak < L1_MAX_BYTES + HEADROOM {
+        peak = peak.max(app.rss_bytes());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_workers(&stop, workers).await;
+    peak = peak.max(app.rss_bytes());
+    let l1_bytes = metric(&app.metrics().await, "tiergate_cache_l1_bytes", &[]);
+    let mib = |b: u64| b / (1 << 20);
+    println!(
+        "list-page walk: {} pages of ~450 KB in {:?}, answers {}; resident {} MiB at start, \
+         peak {} MiB (bound {} MiB); tiergate_cache_l1_bytes {l1_bytes}",
+        pages.load(Ordering::Relaxed),
+        started.elapsed(),
+        statuses.summary(),
+        mib(at_start),
+        mib(peak),
+        mib(L1_MAX_BYTES + HEADROOM),
+    );
+    assert_eq!(
+        statuses.of(200),
+        statuses.total(),
+        "every page answered 200"
+    );
+    assert!(
+        peak < L1_MAX_BYTES + HEADROOM,
+        "resident memory reached {} MiB",
+        mib(peak)
+    );
+    #[allow(clippy::cast_precision_loss)]
+    let within = l1_bytes > 0.0 && l1_bytes <= L1_MAX_BYTES as f64;
+    assert!(within, "tiergate_cache_l1_bytes is {l1_bytes}");
+}
