@@ -24,14 +24,12 @@ use tiergate_config::CacheSettings;
 
 use crate::cache::l1::L1;
 use crate::cache::l2::{Filler, Invalidation, L2, Stored, unix_micros};
-use crate::cache::pages::{Page, Pages};
+use crate::cache::pages::Page;
 use crate::cache::{Entry, Kind, Tier};
 use crate::hooks::{Hooks, Point};
 use crate::model::{Item, ItemId};
 use crate::store::{Database, OutboxId, StoreError, UpdateOutcome};
 
-/// List pages kept in process (each a few KiB at the default limit).
-const PAGE_CAPACITY: u64 = 10_000;
 /// Outbox rows one relay pass handles.
 const OUTBOX_BATCH: i64 = 100;
 
@@ -67,6 +65,14 @@ struct PageJson<'a> {
     next_after: Option<i64>,
 }
 
+/// Enough bytes for the JSON of a page of `items`, unless names need escaping: per item
+/// its name and, generously, its other fields (id, two RFC 3339 times, version, keys).
+fn page_capacity(items: &[Item]) -> usize {
+    const PER_ITEM: usize = 160;
+    const ENVELOPE: usize = 96;
+    ENVELOPE + items.iter().map(|i| i.name.len() + PER_ITEM).sum::<usize>()
+}
+
 /// The outcome of an update.
 #[derive(Debug)]
 pub enum Updated {
@@ -89,7 +95,6 @@ pub struct Items {
     recent_write_window: Duration,
     /// Keys with a background refresh in flight: one per key.
     refreshing: Arc<DashMap<i64, ()>>,
-    pages: Pages,
     metrics: CacheMetrics,
 }
 
@@ -105,7 +110,6 @@ impl Items {
             negative_ttl: settings.negative_ttl,
             recent_write_window: settings.recent_write_window,
             refreshing: Arc::new(DashMap::new()),
-            pages: Pages::new(PAGE_CAPACITY, settings.l1_ttl),
             metrics: CacheMetrics::new(),
         }
     }
@@ -353,7 +357,8 @@ impl Items {
     pub async fn list(&self, after: i64, limit: u16) -> Result<PageAnswer, ServiceError> {
         let generation = self.l1.generation();
         if let Some(page) = self
-            .pages
+            .l1
+            .pages()
             .get(after, limit, generation, self.l1.ttl_now())
             .await
         {
@@ -381,14 +386,17 @@ impl Items {
             items: &items,
             next_after,
         };
+        // Sized up front: grown by doubling, a page of 500 long names would leave as much
+        // again in freed buffers on every load.
+        let mut body = Vec::with_capacity(page_capacity(&items));
+        serde_json::to_writer(&mut body, &json)?;
         // Loaded under the generation read *before* the query: a write during it has
         // moved the generation on, so this page is never served.
-        let page = Arc::new(Page::new(
-            generation,
-            started,
-            Bytes::from(serde_json::to_vec(&json)?),
-        ));
-        self.pages.insert(after, limit, Arc::clone(&page)).await;
+        let page = Arc::new(Page::new(generation, started, body));
+        self.l1
+            .pages()
+            .insert(after, limit, Arc::clone(&page))
+            .await;
         Ok(PageAnswer {
             body: page.database_body(),
             tier: Tier::Database,

@@ -272,8 +272,8 @@ impl Default for RedisSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSettings {
-    /// Bound of the in-process L1 cache, in bytes of cached JSON (at least 1 MiB).
-    /// Default 64 MiB.
+    /// Bound of the in-process L1 cache, in bytes of cached JSON (at least 1 MiB): items
+    /// and list pages together, pages taking at most a quarter. Default 64 MiB.
     pub l1_max_bytes: u64,
     /// Lifetime of an L1 entry (at least 1s). Default 5s.
     #[serde(with = "humantime_serde")]

@@ -1,6 +1,10 @@
 //! L1: the in-process tier (moka), bounded in bytes, guarded by a version watermark and
 //! a flush stamp.
 //!
+//! L1 holds items and the list pages of [`super::pages`], under one byte budget
+//! (`cache.l1_max_bytes`): pages at most a quarter of it, items the rest. Every byte the
+//! process caches is in that budget and in the `tiergate_cache_l1_bytes` gauge.
+//!
 //! Policy: an entry is fresh for `cache.l1_ttl` (±10 % jitter, so entries filled together
 //! do not expire together), absent ids for a fifth of that, and for `cache.degraded_l1_ttl`
 //! while invalidations may be lost. Past fresh, moka keeps it `cache.max_stale` longer, to
@@ -20,12 +24,18 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use moka::Expiry;
 
+use super::pages::Pages;
 use super::{Entry, Kind, Stamp, Tier};
 
 /// The hasher of L1's tables, looked up on every hit: seeded per process (ids come from
 /// clients, so collisions must not be chosen from outside), and a few instructions for an
 /// integer where std's SipHash costs ~100.
 type KeyHasher = foldhash::quality::RandomState;
+
+/// List pages get at most this share of L1's byte budget (a quarter), items the rest:
+/// pages are big (up to half a megabyte each) and each is read by fewer clients than an
+/// item, so they must not push the items out.
+const PAGE_SHARE_DIVISOR: u64 = 4;
 
 /// How many keys the watermark may remember. Past it, L1 is flushed and the marks
 /// forgotten together: with no older entry left, no mark is needed.
@@ -45,6 +55,7 @@ pub struct Policy {
 #[derive(Debug, Clone)]
 pub struct L1 {
     entries: moka::future::Cache<i64, Arc<Entry>, KeyHasher>,
+    pages: Pages,
     watermark: Arc<Watermark>,
     state: Arc<State>,
     policy: Policy,
@@ -68,11 +79,13 @@ struct State {
 }
 
 impl L1 {
-    /// An empty tier holding at most `max_bytes` (approximately). It starts degraded:
-    /// until the invalidation channel is up, nothing tells it about peers' writes.
+    /// An empty tier holding at most `max_bytes` (approximately) of items and list pages,
+    /// pages taking at most a quarter. It starts degraded: until the invalidation channel
+    /// is up, nothing tells it about peers' writes.
     pub fn new(max_bytes: u64, policy: Policy) -> Self {
+        let page_bytes = max_bytes / PAGE_SHARE_DIVISOR;
         let entries = moka::future::Cache::builder()
-            .max_capacity(max_bytes)
+            .max_capacity(max_bytes - page_bytes)
             .weigher(|_id: &i64, entry: &Arc<Entry>| entry.weight())
             .expire_after(KeepUntilStale {
                 max_stale: policy.max_stale,
@@ -94,10 +107,16 @@ impl L1 {
         });
         Self {
             entries,
+            pages: Pages::new(page_bytes, policy.ttl),
             watermark,
             state,
             policy,
         }
+    }
+
+    /// The list pages, valid under [`L1::generation`].
+    pub fn pages(&self) -> &Pages {
+        &self.pages
     }
 
     /// The stamp of an entry whose load started at `loaded_at`.
@@ -217,6 +236,7 @@ impl L1 {
         self.state.last_flush.fetch_max(now, Ordering::AcqRel);
         self.bump_generation();
         self.entries.invalidate_all();
+        self.pages.clear();
     }
 
     /// The list generation: it moves on every write seen here and every flush.
@@ -275,16 +295,21 @@ impl L1 {
         self.state.degraded.load(Ordering::Relaxed)
     }
 
-    /// Entries and weighted bytes held, for the gauges. Approximate until moka has run
-    /// its pending maintenance.
+    /// Entries (items and pages) and weighted bytes held, for the gauges. Approximate
+    /// until moka has run its pending maintenance.
     pub fn usage(&self) -> (u64, u64) {
-        (self.entries.entry_count(), self.entries.weighted_size())
+        let (pages, page_bytes) = self.pages.usage();
+        (
+            self.entries.entry_count() + pages,
+            self.entries.weighted_size() + page_bytes,
+        )
     }
 
     /// Runs moka's pending housekeeping (evictions, expirations) now and forgets expired
     /// marks; call about once a second so the gauges and the bounds stay close to the truth.
     pub async fn run_pending_tasks(&self) {
         self.entries.run_pending_tasks().await;
+        self.pages.run_pending_tasks().await;
         if self.watermark.sweep() > WATERMARK_CAPACITY {
             // Flush first: once no entry older than a mark is left, the marks can go.
             self.flush();
@@ -433,6 +458,29 @@ mod tests {
         assert!(
             l1.get(3).await.is_some(),
             "a fill started after the flush is fine"
+        );
+    }
+
+    /// Pages and items share the budget, and the usage the gauges show counts both.
+    /// Checked against the L1 before pages were part of it: usage said 0 bytes.
+    #[tokio::test]
+    async fn list_pages_count_in_the_byte_budget_and_the_usage() {
+        let l1 = l1();
+        let body = vec![b'x'; 100 << 10];
+        for after in 0..40 {
+            let page =
+                super::super::pages::Page::new(l1.generation(), Instant::now(), body.clone());
+            l1.pages().insert(after, 500, Arc::new(page)).await;
+        }
+        l1.run_pending_tasks().await;
+        let (entries, bytes) = l1.usage();
+        assert!(
+            entries >= 1 && bytes >= 100 << 10,
+            "{entries} entries, {bytes} bytes"
+        );
+        assert!(
+            bytes <= (1 << 20) / 4,
+            "pages within their quarter: {bytes}"
         );
     }
 
