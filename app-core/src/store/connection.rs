@@ -206,9 +206,9 @@ impl bb8::ManageConnection for Manager {
 ///
 /// A connection that turns out broken (closed, or ended by the server: a failover sends
 /// FATAL 57P01 to every session at once, and a pooled connection may hold it unread) is
-/// not counted as a try: the read goes on to the next, up to one per pooled connection
-/// plus a fresh one, so that after a failover it ends on a new connection rather than
-/// on a 503. A read refused for a failover in progress without losing its connection
+/// not counted as a try: the read goes on to the next, up to one per connection the pool
+/// may hold plus a fresh one, so that after a failover it ends on a new connection rather
+/// than on a 503. A read refused for a failover in progress without losing its connection
 /// (classes 08 and 57) is sent once more. Each broken connection leaves the pool when it
 /// is dropped (see [`PgConnection`]).
 #[derive(Debug, Default)]
@@ -220,8 +220,7 @@ pub(crate) struct ReadAttempts {
 impl ReadAttempts {
     /// Whether the read that failed with `error` on a connection from `pool` goes on.
     pub(crate) fn again(&mut self, pool: &Pool, error: &tokio_postgres::Error) -> bool {
-        if Failure::of(error) == Failure::Broken && self.broken_skipped <= pool.state().connections
-        {
+        if Failure::of(error) == Failure::Broken && self.broken_skipped <= pool.config().max_size {
             self.broken_skipped += 1;
             tracing::debug!(%error, "Read met a broken connection; trying another.");
             true
