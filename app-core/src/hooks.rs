@@ -22,6 +22,9 @@ pub enum Point {
     AfterCommit,
     /// A write has fenced L2 and not yet published the invalidation.
     BeforePublish,
+    /// A relay pass recovering from a Redis outage has repaired every write committed
+    /// before it began, and not yet trusted L2 again (the id is 0).
+    BeforeTrust,
 }
 
 type HookFn = dyn Fn(Point, i64) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;

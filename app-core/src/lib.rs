@@ -123,8 +123,9 @@ impl App {
 
     /// Spawns the background work: connecting Redis, the invalidation bus, preparing the
     /// database (migrating, or waiting for someone else to) with backoff until it
-    /// succeeds, and once a second L1 housekeeping and the outbox relay. The tasks end
-    /// when the app is closed or its last clone dropped. Later calls do nothing.
+    /// succeeds, and once a second (and whenever Redis reconnects) L1 housekeeping and the
+    /// outbox relay. The tasks end when the app is closed or its last clone dropped. Later
+    /// calls do nothing.
     pub fn start(&self) {
         if self.inner.started.swap(true, Ordering::AcqRel) {
             return;
@@ -136,11 +137,17 @@ impl App {
         }
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(prepare_database(weak.clone()));
+        let mut reconnections = self.inner.items.l2().reconnections();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                // Also at once when Redis is back, so that the relay's recovery makes it
+                // trusted again without waiting for the tick.
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    Ok(_) = reconnections.recv() => {}
+                }
                 let Some(inner) = weak.upgrade() else { return };
                 inner.items.l1().run_pending_tasks().await;
                 if inner.ready.load(Ordering::Acquire) {

@@ -14,6 +14,8 @@
 //! L2 value and keep it. A writer that dies between 1 and 5, or meets a Redis outage,
 //! leaves its outbox row; the relay of any instance repeats 3 and 4 for it.
 
+mod relay;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,9 +31,6 @@ use crate::cache::{Entry, Kind, Tier};
 use crate::hooks::{Hooks, Point};
 use crate::model::{Item, ItemId};
 use crate::store::{Database, OutboxId, StoreError, UpdateOutcome};
-
-/// Outbox rows one relay pass handles.
-const OUTBOX_BATCH: i64 = 100;
 
 /// Why a use case failed.
 #[derive(Debug, thiserror::Error)]
@@ -475,42 +474,14 @@ impl Items {
         }
     }
 
-    /// One pass of the outbox relay: re-fences and re-publishes invalidations left
-    /// `older_than` by their writer (crashed, or met a Redis outage), applies them here,
-    /// and trusts L2 again once nothing is pending. Returns how many rows it completed.
+    /// One pass of the outbox relay (see the `relay` module): repairs invalidations left
+    /// `older_than` by their writer (crashed, or met a Redis outage) and, while L2 is
+    /// untrusted, recovers it. Returns how many outbox rows it completed.
     ///
     /// # Errors
     /// When PostgreSQL fails.
     pub async fn relay_outbox(&self, older_than: Duration) -> Result<usize, ServiceError> {
-        let pending = self.db.claim_outbox(older_than, OUTBOX_BATCH).await?;
-        let mut done = Vec::with_capacity(pending.len());
-        for row in &pending {
-            // Our own message is skipped by our bus: apply it here.
-            self.l1.invalidate_version(row.item_id, row.version).await;
-            // A tombstone at the written version: whatever the write was, the next read
-            // goes to PostgreSQL; a newer version already in L2 is left alone.
-            let fenced = self
-                .fill_l2(
-                    row.item_id,
-                    row.version,
-                    &Stored::Tombstone,
-                    None,
-                    Filler::Writer,
-                )
-                .await;
-            if fenced && self.publish(row.item_id, row.version).await {
-                done.push(row.outbox);
-            }
-        }
-        if !done.is_empty() {
-            self.db.outbox_done(&done).await?;
-            self.metrics.relayed.increment(done.len() as u64);
-        }
-        if done.len() == pending.len() && !self.l2.is_trusted() && self.db.outbox_is_empty().await?
-        {
-            self.l2.trust();
-        }
-        Ok(done.len())
+        relay::pass(self, older_than).await
     }
 
     /// Fences `stored` into L2; `true` when L2 now holds this version or a newer one.

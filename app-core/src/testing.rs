@@ -384,6 +384,31 @@ impl RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Freezes the server (`SIGSTOP`): connections stay open and nothing answers, as a
+    /// Redis that hangs.
+    ///
+    /// # Panics
+    /// When `kill` cannot be run.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a frozen server go on (`SIGCONT`).
+    ///
+    /// # Panics
+    /// When `kill` cannot be run.
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{name} failed");
+    }
 }
 
 /// A Redis cluster of three masters on loopback, for the cluster-mode paths (sharded

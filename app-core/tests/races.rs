@@ -446,6 +446,85 @@ async fn r12_a_cancelled_loader_is_taken_over_by_a_waiter() {
     assert!(queries <= 2, "{queries} queries");
 }
 
+/// R14 — a writer's fence failed during a Redis outage (here the writer cannot reach
+/// Redis at all; L2 still holds v1), and this instance lost its channel: it recovers
+/// with a relay pass, which must fence that write before reads use Redis again.
+/// Guard: the recovery's horizon (every row committed before it began is relayed before
+/// it trusts). Checked: with `recover` trusting without relaying, the read below
+/// returns v1 from Redis.
+#[tokio::test]
+async fn r14_a_write_whose_fence_failed_is_fenced_before_redis_is_trusted_again() {
+    let b = Backends::new().await;
+    let reader = b.instance(Hooks::default()).await;
+    let id = b.insert("v1").await;
+    assert_eq!(version(&reader, id).await, 1, "v1 filled into Redis");
+
+    let mut cut_off = settings(&b.db, &b.redis);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    cut_off.redis.url = Secret::new(format!("redis://{}", closed.local_addr().unwrap()));
+    drop(closed);
+    let writer = testing::items(&cut_off, policy(), Hooks::default());
+    writer.update(id, "v2", None).await.unwrap();
+    assert_eq!(
+        reader.l2().get(id.get()).await.unwrap().unwrap().0,
+        1,
+        "the fence failed"
+    );
+
+    reader.l2().distrust(); // as the bus does when the channel drops
+    reader.relay_outbox(Duration::ZERO).await.unwrap();
+    assert!(reader.l2().is_trusted());
+    reader.l1().flush(); // as the bus does when the channel is back
+    assert_eq!(version(&reader, id).await, 2);
+}
+
+/// R15 — a recovery is under way when a fence of this instance fails (Redis blocks writes:
+/// `CLIENT PAUSE WRITE`, so the fence times out and L2 keeps v1): the recovery must not
+/// trust Redis when it ends, or the read below would get Redis' v1. Guard: the distrust
+/// epoch. Checked: with `trust_unless_distrusted_since` trusting whatever the epoch, the
+/// recovery trusted Redis and the test failed.
+#[tokio::test]
+async fn r15_a_fence_failing_during_a_recovery_keeps_redis_untrusted() {
+    let server = RedisServer::start();
+    let mut b = Backends::new().await;
+    b.redis_url = Some(server.url());
+    let pauses = Pauses::new();
+    let task = b.instance(pauses.hooks()).await;
+    let id = b.insert("v1").await;
+    assert_eq!(version(&task, id).await, 1, "v1 filled into Redis");
+
+    task.l2().distrust();
+    let gate = pauses.arm(Point::BeforeTrust, 0);
+    let recovery = tokio::spawn({
+        let task = task.clone();
+        async move { task.relay_outbox(Duration::ZERO).await.map(|_| ()) }
+    });
+    gate.arrived().await;
+    let admin = admin_client(&server.url()).await;
+    let _: Value = admin
+        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "20000", "WRITE"])
+        .await
+        .unwrap();
+    task.update(id, "v2", None).await.unwrap();
+    gate.release();
+    recovery.await.unwrap().unwrap();
+
+    assert!(
+        !task.l2().is_trusted(),
+        "a fence failed after the recovery began"
+    );
+    task.l1().flush();
+    assert_eq!(
+        version(&task, id).await,
+        2,
+        "read from PostgreSQL, not Redis' v1"
+    );
+    let _: Value = admin
+        .custom(fred::cmd!("CLIENT"), vec!["UNPAUSE"])
+        .await
+        .unwrap();
+}
+
 async fn admin_client(url: &str) -> Client {
     let client = Builder::from_config(Config::from_url(url).unwrap())
         .build()

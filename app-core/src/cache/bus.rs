@@ -6,7 +6,9 @@
 //! loop falls behind fred's broadcast channel — and then L1 may hold what a peer has
 //! since changed. So: while the channel is down, L1 is *degraded* (new entries live
 //! `cache.degraded_l1_ttl`); when it is back (subscribed again) or after a lag, L1 is
-//! flushed. Redis' own client-side-caching rules say the same.
+//! flushed. Redis' own client-side-caching rules say the same. Losing the channel also
+//! makes L2 untrusted: the Redis that dropped it may have dropped writers' fences too,
+//! and the outbox relay repairs those before reads use L2 again.
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
@@ -22,6 +24,7 @@ pub struct Bus {
     channel: String,
     origin: u64,
     l1: L1,
+    l2: L2,
     metrics: BusMetrics,
 }
 
@@ -45,6 +48,7 @@ impl Bus {
             channel: l2.channel().to_owned(),
             origin,
             l1,
+            l2: l2.clone(),
             metrics: BusMetrics::new(),
         })
     }
@@ -84,15 +88,15 @@ impl Bus {
                 event = errors.recv() => match event {
                     Ok((error, _)) => {
                         tracing::warn!(%error, "Invalidation channel lost; L1 entries live briefly until it is back.");
-                        self.l1.set_degraded(true);
+                        self.channel_lost();
                     }
-                    Err(RecvError::Lagged(_)) => self.l1.set_degraded(true),
+                    Err(RecvError::Lagged(_)) => self.channel_lost(),
                     Err(RecvError::Closed) => return,
                 },
                 event = unresponsive.recv() => match event {
                     Ok(_) | Err(RecvError::Lagged(_)) => {
                         tracing::warn!("Invalidation channel unresponsive; reconnecting.");
-                        self.l1.set_degraded(true);
+                        self.channel_lost();
                     }
                     Err(RecvError::Closed) => return,
                 },
@@ -119,6 +123,12 @@ impl Bus {
                 self.l1.set_degraded(true);
             }
         }
+    }
+
+    /// Invalidations may be lost until the channel is back, and fences may have been.
+    fn channel_lost(&self) {
+        self.l1.set_degraded(true);
+        self.l2.distrust();
     }
 
     async fn apply(&self, message: &fred::types::Message) {

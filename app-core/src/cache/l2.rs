@@ -9,12 +9,15 @@
 //! `redis.command_timeout`; a circuit breaker skips Redis altogether while it keeps
 //! failing. A Redis error is a miss, never a failed request.
 //!
-//! Trust: after a failed write (a fence that could not be applied), L2 may hold an older
-//! value than PostgreSQL for some key. Reads then skip L2 until the outbox relay has
-//! re-fenced every pending write (see `service`), as CACHE.md requires.
+//! Trust: after a failed write (a fence that could not be applied), or when the
+//! invalidation channel is lost, L2 may hold an older value than PostgreSQL for some key.
+//! Reads then skip L2 until a recovery pass of the outbox relay has fenced every write
+//! that could have been missed (see the `relay` module, which says why that is enough).
+//! Each distrust starts a new *epoch*; a recovery trusts L2 again only if no distrust
+//! came after it began.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -60,6 +63,9 @@ return 1
 /// lease that expires first only costs that one fill.
 const LEASE_TTL: Duration = Duration::from_secs(10);
 
+/// The lowest bit of [`L2`]'s trust state: reads may use L2.
+const TRUSTED: u64 = 1;
+
 /// Who writes through the fence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filler {
@@ -99,8 +105,10 @@ pub struct L2 {
     /// timeout. The next tier answers instead.
     options: Options,
     breaker: Arc<Breaker>,
-    /// Whether reads may use L2 (see the module docs).
-    trusted: Arc<AtomicBool>,
+    /// Whether reads may use L2, and the distrust epoch (see the module docs): the epoch
+    /// in the high bits, "trusted" in the lowest, so that "trust again unless distrusted
+    /// since" is one compare-and-swap.
+    trust: Arc<AtomicU64>,
     /// The invalidation channel, `{prefix}:c1:invalidations`.
     channel: String,
 }
@@ -213,7 +221,9 @@ impl L2 {
                 c.internal_command_timeout = settings.connect_timeout;
             })
             .with_performance_config(|p| p.default_command_timeout = settings.command_timeout)
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            // At most a second between attempts: a Redis back from an outage is used within
+            // a second, and an attempt against one still down costs one refused connect.
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 1_000, 2))
             .build()
             .map_err(|_| InvalidRedisUrl::url())?;
         let options = Options {
@@ -233,7 +243,7 @@ impl L2 {
                 settings.breaker_failures,
                 settings.breaker_open,
             )),
-            trusted: Arc::new(AtomicBool::new(true)),
+            trust: Arc::new(AtomicU64::new(TRUSTED)),
             channel: format!("{}:c1:invalidations", settings.key_prefix),
         })
     }
@@ -245,20 +255,44 @@ impl L2 {
 
     /// Whether reads may use L2 now.
     pub fn is_trusted(&self) -> bool {
-        self.trusted.load(Ordering::Acquire)
+        self.trust.load(Ordering::Acquire) & TRUSTED != 0
     }
 
-    /// Marks L2 as trusted again: the outbox has been drained.
-    pub fn trust(&self) {
-        if !self.trusted.swap(true, Ordering::AcqRel) {
-            tracing::info!("Outbox drained: reads use Redis again.");
+    /// Marks L2 as possibly behind PostgreSQL for some key (a fence failed, or
+    /// invalidations may have been lost), and starts a new distrust epoch: a recovery
+    /// that began before this cannot trust L2 again.
+    pub fn distrust(&self) {
+        let before = self
+            .trust
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                Some(((state >> 1) + 1) << 1)
+            })
+            .unwrap_or(TRUSTED);
+        if before & TRUSTED != 0 {
+            tracing::warn!("Redis may have missed writes: reads skip it until they are repaired.");
         }
     }
 
-    /// Marks L2 as possibly behind PostgreSQL for some key.
-    fn distrust(&self) {
-        if self.trusted.swap(false, Ordering::AcqRel) {
-            tracing::warn!("A Redis write failed: reads skip Redis until the outbox is drained.");
+    /// The current distrust epoch, read by a recovery when it begins.
+    pub fn distrust_epoch(&self) -> u64 {
+        self.trust.load(Ordering::Acquire) >> 1
+    }
+
+    /// Trusts L2 again, unless it was distrusted after `epoch` was read; returns whether
+    /// it is trusted now.
+    pub fn trust_unless_distrusted_since(&self, epoch: u64) -> bool {
+        let untrusted = epoch << 1;
+        match self.trust.compare_exchange(
+            untrusted,
+            untrusted | TRUSTED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                tracing::info!("Missed writes repaired: reads use Redis again.");
+                true
+            }
+            Err(now) => now & TRUSTED != 0,
         }
     }
 
@@ -374,6 +408,29 @@ impl L2 {
         Ok(written == 1)
     }
 
+    /// Fences a tombstone at each `(id, version)`, as a writer: the relay repairing many
+    /// writes at once. The fences are sent together (fred writes concurrent commands to
+    /// the connection without waiting for each answer), so a thousand cost about one round
+    /// trip. Each is the same fence as [`Self::fill`]'s: a newer version already in L2 is
+    /// left alone, and a failure makes L2 untrusted.
+    ///
+    /// # Errors
+    /// Redis unreachable or slow for any one of them.
+    pub async fn fence_tombstones(&self, fences: &[(i64, i64)]) -> Result<(), Error> {
+        // Once for all: after a restart each fence would otherwise load it itself.
+        if let Err(error) = self.guarded(self.load_script(FENCE_LUA)).await {
+            self.distrust();
+            return Err(error);
+        }
+        let fills = fences
+            .iter()
+            .map(|&(id, version)| self.fill(id, version, &Stored::Tombstone, None, Filler::Writer));
+        for fenced in futures_util::future::join_all(fills).await {
+            fenced?;
+        }
+        Ok(())
+    }
+
     /// Runs `script` on the key of `id`.
     async fn eval(
         &self,
@@ -389,18 +446,23 @@ impl L2 {
         {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 // First use on this server (or it restarted): load the script, then retry.
-                // A cluster keeps scripts per node: load it on every primary, or the key's
-                // node may still not know it.
-                if self.client.is_clustered() {
-                    let _: () = client.script_load_cluster(lua).await?;
-                } else {
-                    let _: () = client.script_load(lua).await?;
-                }
+                self.load_script(lua).await?;
                 client
                     .evalsha(script.sha1().clone(), self.key(id), args)
                     .await
             }
             other => other,
+        }
+    }
+
+    /// Loads `lua` on the server. A cluster keeps scripts per node: it is loaded on every
+    /// primary, or the key's node may still not know it.
+    async fn load_script(&self, lua: &'static str) -> Result<(), Error> {
+        let client = self.client.with_options(&self.options);
+        if self.client.is_clustered() {
+            client.script_load_cluster(lua).await
+        } else {
+            client.script_load(lua).await
         }
     }
 
@@ -441,6 +503,36 @@ impl L2 {
             self.guarded(client.publish(channel, message)).await?
         };
         Ok(())
+    }
+
+    /// Publishes many invalidations, sent together as [`Self::fence_tombstones`] sends its
+    /// fences.
+    ///
+    /// # Errors
+    /// Redis unreachable or slow for any one of them.
+    pub async fn publish_all(&self, invalidations: &[Invalidation]) -> Result<(), Error> {
+        let published = invalidations.iter().map(|i| self.publish(i));
+        for result in futures_util::future::join_all(published).await {
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Tells of every (re)connection to Redis, the first one included: the relay then
+    /// starts a recovery at once instead of at its next tick.
+    pub fn reconnections(&self) -> tokio::sync::broadcast::Receiver<fred::types::config::Server> {
+        self.client.reconnect_rx()
+    }
+
+    /// One `PING` past the breaker: the relay's check that Redis answers again. An answer
+    /// closes the breaker, so requests use Redis at once rather than after
+    /// `redis.breaker_open`.
+    pub async fn probe(&self) -> bool {
+        let answered = self.ping().await.is_ok();
+        if answered {
+            self.breaker.success();
+        }
+        answered
     }
 
     /// Waits until the first connection is up, at most `timeout`: start-up gives Redis a

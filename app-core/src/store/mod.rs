@@ -328,8 +328,9 @@ impl Database {
     }
 
     /// Claims up to `limit` outbox rows not touched for `older_than` (their writer crashed
-    /// or met a Redis outage): claiming stamps them, so relays on other instances skip
-    /// them for as long, and a relay that dies leaves them to the next.
+    /// or met a Redis outage), only rows up to `up_to` when given, oldest first: claiming
+    /// stamps them, so relays on other instances skip them for as long, and a relay that
+    /// dies leaves them to the next.
     ///
     /// # Errors
     /// When the database is unreachable.
@@ -337,18 +338,22 @@ impl Database {
         &self,
         older_than: Duration,
         limit: i64,
+        up_to: Option<OutboxId>,
     ) -> Result<Vec<Pending>, StoreError> {
         let conn = self.writer.get().await?;
+        let up_to = up_to.map(|id| id.0);
         let rows = conn
             .query_typed(
                 "UPDATE cache_outbox SET claimed_at = now()
                  WHERE id IN (SELECT id FROM cache_outbox
                               WHERE claimed_at < now() - make_interval(secs => $1)
+                                AND ($3::bigint IS NULL OR id <= $3)
                               ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
                  RETURNING id, item_id, version",
                 &[
                     (&older_than.as_secs_f64(), Type::FLOAT8),
                     (&limit, Type::INT8),
+                    (&up_to, Type::INT8),
                 ],
             )
             .await?;
@@ -364,14 +369,30 @@ impl Database {
             .map_err(StoreError::Query)
     }
 
-    /// Whether no invalidation is pending at all.
+    /// The newest outbox row committed now, if there is any: every invalidation pending at
+    /// this moment is at or below it (ids grow with each insert).
     ///
     /// # Errors
     /// When the database is unreachable.
-    pub async fn outbox_is_empty(&self) -> Result<bool, StoreError> {
+    pub async fn outbox_horizon(&self) -> Result<Option<OutboxId>, StoreError> {
         let conn = self.writer.get().await?;
         let row = conn
-            .query_typed_one("SELECT NOT EXISTS (SELECT 1 FROM cache_outbox)", &[])
+            .query_typed_one("SELECT max(id) FROM cache_outbox", &[])
+            .await?;
+        Ok(row.try_get::<_, Option<i64>>(0)?.map(OutboxId))
+    }
+
+    /// Whether any invalidation at or below `horizon` is still pending.
+    ///
+    /// # Errors
+    /// When the database is unreachable.
+    pub async fn outbox_pending_up_to(&self, horizon: OutboxId) -> Result<bool, StoreError> {
+        let conn = self.writer.get().await?;
+        let row = conn
+            .query_typed_one(
+                "SELECT EXISTS (SELECT 1 FROM cache_outbox WHERE id <= $1)",
+                &[(&horizon.0, Type::INT8)],
+            )
             .await?;
         Ok(row.try_get(0)?)
     }
