@@ -389,7 +389,7 @@ impl RedisServer {
     /// Redis that hangs.
     ///
     /// # Panics
-    /// When `kill` cannot be run.
+    /// When the signal cannot be sent.
     pub fn freeze(&self) {
         self.signal("STOP");
     }
@@ -397,16 +397,17 @@ impl RedisServer {
     /// Lets a frozen server go on (`SIGCONT`).
     ///
     /// # Panics
-    /// When `kill` cannot be run.
+    /// When the signal cannot be sent.
     pub fn thaw(&self) {
         self.signal("CONT");
     }
 
+    /// Sends `SIG{name}` with the shell's `kill` builtin (a fresh Debian has no `procps`).
     fn signal(&self, name: &str) {
-        let sent = std::process::Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
+        let sent = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -{name} {}", self.child.id())])
             .status()
-            .expect("run kill");
+            .expect("run sh");
         assert!(sent.success(), "kill -{name} failed");
     }
 }
