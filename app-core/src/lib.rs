@@ -214,8 +214,8 @@ impl App {
         health::check(&inner.items, inner.build, inner.deployment.clone(), gates).await
     }
 
-    /// Sets the pool, L1 and breaker gauges; call before rendering metrics so they are
-    /// current.
+    /// Sets the pool, L1, breaker and trust gauges; call before rendering metrics so they
+    /// are current.
     pub fn record_gauges(&self) {
         let (writer, reader) = self.inner.items.db().pool_states();
         for (pool, state) in [("writer", Some(writer)), ("reader", reader)] {
@@ -236,6 +236,9 @@ impl App {
         // Open and half-open alike: either way reads are skipping Redis right now.
         let skipping = self.inner.items.l2().breaker_state() != breaker::State::Closed;
         metrics::gauge!("tiergate_cache_l2_breaker_open").set(if skipping { 1.0 } else { 0.0 });
+        // Redis may have missed writes: reads skip it until the relay's recovery is done.
+        let untrusted = !self.inner.items.l2().is_trusted();
+        metrics::gauge!("tiergate_cache_l2_untrusted").set(if untrusted { 1.0 } else { 0.0 });
     }
 
     /// Closes the Redis connections (which ends the bus); pools close when the last

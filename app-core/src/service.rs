@@ -590,6 +590,10 @@ impl CacheMetrics {
             "tiergate_cache_outbox_relayed_total",
             "Invalidations completed by the outbox relay."
         );
+        metrics::describe_gauge!(
+            "tiergate_cache_l2_untrusted",
+            "1 while Redis may have missed writes, so reads skip it until the outbox relay has repaired them; else 0."
+        );
         metrics::describe_counter!(
             "tiergate_cache_refreshes_total",
             "Background refreshes of entries near their end."

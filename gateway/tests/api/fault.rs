@@ -449,6 +449,7 @@ async fn redis_outage_under_write_load(outage: RedisOutage) {
     // A while more under load with Redis back, then the tallies.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut skipped = 0.0;
+    let mut untrusted = 0.0;
     for instance in [&app, &peer] {
         let metrics = instance.metrics().await;
         skipped += metric(
@@ -456,6 +457,7 @@ async fn redis_outage_under_write_load(outage: RedisOutage) {
             "tiergate_cache_requests_total",
             &[("tier", "l2"), ("result", "skipped")],
         );
+        untrusted += metric(&metrics, "tiergate_cache_l2_untrusted", &[]);
     }
     stop_workers(&stop, workers).await;
 
@@ -487,6 +489,10 @@ async fn redis_outage_under_write_load(outage: RedisOutage) {
         db.outbox_rows().await,
     );
     assert!(in_outage > 0, "the outage was under write load");
+    assert_eq!(
+        untrusted, 0.0,
+        "tiergate_cache_l2_untrusted says Redis is still skipped"
+    );
     assert!(
         lost.is_empty(),
         "acknowledged writes not readable, (id, acknowledged, served): {lost:?}"
