@@ -102,7 +102,18 @@ impl L1 {
 
     /// The stamp of an entry whose load started at `loaded_at`.
     pub fn stamp(&self, origin: Tier, loaded_at: Instant, kind: Kind) -> Stamp {
-        let base = self.ttl_now();
+        Self::stamp_within(self.ttl_now(), origin, loaded_at, kind)
+    }
+
+    /// The stamp of an entry that may be older than PostgreSQL (a replica's answer that
+    /// could not be checked against the writer): fresh only for `degraded_ttl`, like the
+    /// entries made while invalidations may be lost.
+    pub fn unverified_stamp(&self, origin: Tier, loaded_at: Instant, kind: Kind) -> Stamp {
+        let base = self.policy.degraded_ttl.min(self.policy.ttl);
+        Self::stamp_within(base, origin, loaded_at, kind)
+    }
+
+    fn stamp_within(base: Duration, origin: Tier, loaded_at: Instant, kind: Kind) -> Stamp {
         let base = match kind {
             Kind::Value => base,
             Kind::Absent => base / 5,
