@@ -17,6 +17,7 @@ mod health;
 mod helpers;
 mod items;
 mod proxy;
+mod replica;
 mod rolling;
 mod shutdown;
 mod startup;
