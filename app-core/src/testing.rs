@@ -626,7 +626,16 @@ impl Replica {
     }
 
     async fn admin(&self) -> tokio_postgres::Client {
-        connect(&self.base_url).await
+        match tokio_postgres::connect(&self.base_url, NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                client
+            }
+            Err(error) if self.dir.is_none() => panic!(
+                "the shared replica does not answer ({error}); start it with `scripts/services --replica`, or set TIERGATE_TEST_REPLICA_URL"
+            ),
+            Err(error) => panic!("the replica does not answer: {error}"),
+        }
     }
 
     /// Waits until the replica has replayed everything the primary has flushed now.
