@@ -274,11 +274,11 @@ impl ReadLoad {
 }
 
 /// Under steady read load that reaches the database (L1 and L2 live 1 s), the replica is
-/// stopped for 5 s and started again, then its replay is paused: no read fails; while
-/// it is down, reads go to the writer (counted `down`); once it is back, reads return
-/// to it by themselves; while its lag exceeds `database.reader_max_lag` (300 ms here),
-/// reads go to the writer (counted `lagging`) and `tiergate_db_reader_lag_seconds`
-/// shows the lag.
+/// stopped for 5 s and started again, then its replay is paused: no read fails (nor a
+/// list page); while it is down, reads go to the writer (counted `down`); once it is
+/// back, reads return to it by themselves; while its lag exceeds
+/// `database.reader_max_lag` (300 ms here), reads go to the writer (counted `lagging`)
+/// and `tiergate_db_reader_lag_seconds` shows the lag.
 ///
 /// Checked: with `Reader::get` failing the read instead of moving it to the writer when
 /// the reader is down (`Failure::Down => return Err(StoreError::Unavailable(None))`),
@@ -309,6 +309,12 @@ async fn a_reader_outage_fails_no_read_and_lag_moves_reads_to_the_writer() {
     replica.stop().await;
     wait_for_growth(&client, &task, &moved("down"), 1.0, within).await;
     tokio::time::sleep(Duration::from_secs(5)).await; // the outage lasts 5 s
+    let page = client
+        .get(task.url("/items?limit=10"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200, "a list page while the replica is down");
     let text = metrics(&client, &task).await;
     assert_eq!(
         metric(&text, "tiergate_db_reader_up"),
