@@ -21,5 +21,6 @@ mod proxy;
 mod rolling;
 mod shutdown;
 mod startup;
+mod terraform;
 mod tls;
 mod upstream;
