@@ -2,7 +2,7 @@
 //! delete, and the outbox relay.
 //!
 //! Reads go L1 → (single flight) L2 → PostgreSQL and fill the faster tiers on the way
-//! back. Writes follow CACHE.md's order:
+//! back. Writes follow the order of `docs/cache-protocol.md`:
 //!
 //! 1. PostgreSQL: the change and its outbox row, in one statement;
 //! 2. L1 here: watermark, then the new entry (this instance reads its write at once);

@@ -6,7 +6,7 @@
 //! property the instances read through a real streaming replica whose replay the test
 //! pauses and resumes (replica lag). Against the real PostgreSQL and Redis.
 //!
-//! Invariants (CACHE.md):
+//! Invariants (`docs/cache-protocol.md`):
 //! - a read on an instance never returns a version older than one that instance wrote or
 //!   was told about before the read began;
 //! - after quiescence (every message delivered, every instance that lost one flushed,
@@ -19,7 +19,7 @@
 //!
 //! - (first property) each instance reads a key from PostgreSQL at most once per time
 //!   Redis lost it (the keys are created through the cache, so Redis has them from the
-//!   start): CACHE.md's bound on fills per TTL window, the TTL being longer than the
+//!   start): the protocol's bound on fills per TTL window, the TTL being longer than the
 //!   test and refresh-ahead off.
 //!
 //! Checked against mutations: with a reader's answer taken without its proof (`if true
@@ -288,7 +288,7 @@ impl<'a> World<'a> {
         }
     }
 
-    /// CACHE.md's bound on fills: with an L1 TTL longer than the test, each instance
+    /// The protocol's bound on fills: with an L1 TTL longer than the test, each instance
     /// reads a key from PostgreSQL at most once each time Redis lost the key (creates
     /// and writes fence it into Redis). Invalidations, flushes and writes cost no
     /// PostgreSQL read: the next L1 miss finds the new version in Redis.

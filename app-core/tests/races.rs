@@ -1,4 +1,4 @@
-//! The races of `shared/CACHE.md`, each made to happen exactly, with pause points
+//! The races of `docs/cache-protocol.md`, each made to happen exactly, with pause points
 //! ([`app_core::hooks`]) instead of sleeps. Several `Items` in one process stand in for
 //! several tasks: each has its own L1, all share one database and one Redis prefix.
 //!

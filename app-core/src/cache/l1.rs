@@ -419,8 +419,8 @@ mod tests {
         assert!(l1.is_current(7, &value(&l1, 5, Instant::now())));
     }
 
-    /// R3 of CACHE.md: the older fill is inserted last, but the watermark set by the
-    /// write makes the next read drop it. Without `observe_version` in
+    /// R3 in `docs/cache-protocol.md`: the older fill is inserted last, but the watermark
+    /// set by the write makes the next read drop it. Without `observe_version` in
     /// `insert_written`, v1 is served (checked by removing it).
     #[tokio::test]
     async fn a_local_write_wins_over_an_older_fill_that_lands_after_it() {
@@ -431,8 +431,9 @@ mod tests {
         assert!(l1.get(9).await.is_none());
     }
 
-    /// R7 of CACHE.md: a fill that started before a flush is void, however late it lands.
-    /// Without the `last_flush` comparison in `is_current` it is served (checked).
+    /// R7 in `docs/cache-protocol.md`: a fill that started before a flush is void, however
+    /// late it lands. Without the `last_flush` comparison in `is_current` it is served
+    /// (checked).
     #[tokio::test]
     async fn a_fill_started_before_a_flush_is_not_served() {
         let l1 = l1();

@@ -11,6 +11,7 @@ mod cache;
 mod coherence;
 mod config;
 mod deploy;
+mod docs;
 mod errors;
 mod hardening;
 mod health;
