@@ -913,6 +913,7 @@ server_names = ["bad name"]
             "postgres://postgres@127.0.0.1:5432/tiergate"
         );
         assert!(s.database.reader_url.is_none());
+        assert_eq!(s.database.reader_max_lag, Duration::from_millis(500));
         assert_eq!(s.database.pool_max_size, 16);
         assert_eq!(s.database.checkout_timeout, Duration::from_millis(1500));
         assert_eq!(s.redis.url.expose(), "redis://127.0.0.1:6379");
@@ -1284,6 +1285,7 @@ server_names = ["bad name"]
             [database]
             url = "mysql://db/items"
             reader_url = "http://db/items"
+            reader_max_lag = "0s"
             checkout_timeout = "50ms"
             [redis]
             url = "memcached://x"
@@ -1309,6 +1311,7 @@ server_names = ["bad name"]
                 "listen.admin",
                 "database.url",
                 "database.reader_url",
+                "database.reader_max_lag",
                 "database.checkout_timeout",
                 "redis.url",
                 "redis.key_prefix",
