@@ -399,7 +399,7 @@ impl Items {
             None
         };
         let json = PageJson {
-            source: Tier::L1.source(),
+            source: Tier::Database.source(),
             count: items.len(),
             items: &items,
             next_after,
