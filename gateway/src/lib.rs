@@ -10,6 +10,10 @@
 //! - [`router`]: the route table (host + path → app, upstream group, split or
 //!   redirect, with a bounded route name).
 //! - [`service`]: the request path as named steps (id, route, answer, record).
+//! - [`error`]: the gateway's errors by the side that failed, and the one place where
+//!   they become responses.
+//! - [`response`]: the body type every listener serves, and the JSON answers the
+//!   gateway makes itself.
 //! - [`proxy`]: upstream groups, balancing, health, splits, forwarding.
 //! - [`reload`]: configuration reload on SIGHUP and through the admin API.
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz` and `/admin/*` on the admin listener.
@@ -18,11 +22,13 @@
 //! - [`healthcheck`]: the `tiergate healthcheck` probe client.
 
 pub mod admin;
+pub mod error;
 pub mod healthcheck;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
+pub mod response;
 pub mod router;
 pub mod service;
 pub mod shutdown;
@@ -44,6 +50,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::admin::Admin;
+use crate::error::GatewayError;
 use crate::listener::{DrainControl, Limits, Phase, Transport};
 use crate::reload::{ConfigSource, Reloader};
 use crate::router::Router;
@@ -250,7 +257,10 @@ impl Server {
         let plain_handler = move |req: http::Request<hyper::body::Incoming>, peer| {
             match redirect_to.and_then(|port| service::redirect_to_https(&req, port)) {
                 // Boxed, so the future hyper moves around stays the gateway's size.
-                Some(rsp) => Either::Left(std::future::ready(Box::new(rsp)).map(|rsp| *rsp)),
+                Some(answer) => {
+                    let rsp = Box::new(answer.unwrap_or_else(GatewayError::into_response));
+                    Either::Left(std::future::ready(rsp).map(|rsp| *rsp))
+                }
                 None => Either::Right(gateway.handle(req, peer)),
             }
         };

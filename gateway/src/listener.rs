@@ -45,7 +45,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
@@ -60,7 +59,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
-use crate::service::ResponseBody;
+use crate::error::{ClientError, GatewayError};
+use crate::response::ResponseBody;
 
 /// How long to pause after a failed `accept` (EMFILE and the like): long enough not to
 /// spin on a full descriptor table, short enough to recover quickly.
@@ -436,7 +436,8 @@ where
                 async move {
                     let mut rsp = match response {
                         Some(response) => response.await,
-                        None => ambiguous_framing(),
+                        // 400, and the connection closes after it.
+                        None => GatewayError::from(ClientError::AmbiguousFraming).into_response(),
                     };
                     // The request's own hold on the state, not a clone per request.
                     let state = &request.0;
@@ -542,23 +543,6 @@ where
             asked = true;
         }
     }
-}
-
-/// 400 for a request whose body length is ambiguous; `Connection: close` makes hyper
-/// close the connection after it, so nothing the client sent after that head is read as
-/// a request.
-fn ambiguous_framing() -> Response<ResponseBody> {
-    let mut rsp = crate::service::json(
-        http::StatusCode::BAD_REQUEST,
-        Bytes::from_static(
-            br#"{"error":"bad_request","message":"ambiguous message framing: Content-Length with Transfer-Encoding, or Content-Length twice"}"#,
-        ),
-    );
-    rsp.headers_mut().insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("close"),
-    );
-    rsp
 }
 
 /// What the service and the IO wrapper tell each other about one connection.
@@ -941,6 +925,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn ambiguous(chunks: &[&str]) -> bool {
@@ -1051,7 +1037,7 @@ mod tests {
             h2_max_header_list_bytes: 16 * 1024,
         };
         let handler = |_req: Request<Incoming>, _peer: Peer| async {
-            crate::service::json(http::StatusCode::OK, Bytes::from_static(b"{}"))
+            crate::response::json(http::StatusCode::OK, Bytes::from_static(b"{}"))
         };
         let (client_tx, client_rx) = tokio::sync::oneshot::channel();
         *BEFORE_CLOSE.lock().unwrap() = Some(Box::new(move || {

@@ -12,7 +12,6 @@
 //!    `101`), or say as JSON which side failed and which limit was hit.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -29,7 +28,8 @@ use super::body::{BodySlot, BoxError, UpstreamBody};
 use super::group::Group;
 use super::headers::{self, ClientSide};
 use super::pool::{Lease, SendError};
-use crate::service::{ResponseBody, json};
+use crate::error::{ClientError, GatewayError, Timeout, UpstreamError};
+use crate::response::ResponseBody;
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -58,7 +58,7 @@ pub(crate) async fn forward<B>(
     group: &Arc<Group>,
     req: Request<B>,
     how: Forwarding<'_>,
-) -> Response<ResponseBody>
+) -> Result<Response<ResponseBody>, GatewayError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -79,13 +79,7 @@ where
     };
     let path = match upstream_path(&parts.uri, how.rewrite) {
         Ok(path) => path,
-        Err(()) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the rewritten path is not a valid URI path".to_owned(),
-            );
-        }
+        Err(()) => return Err(ClientError::UnrewritablePath.into()),
     };
     let body = BodySlot::new(body);
     let idempotent = matches!(
@@ -117,14 +111,10 @@ where
         // 2. attempt
         let Some(index) = group.pick(&tried) else {
             group.metrics.no_target.increment(1);
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_healthy_upstream",
-                format!(
-                    "no target of upstream group {} is healthy (fail_open is off)",
-                    group.name
-                ),
-            );
+            return Err(UpstreamError::NoHealthyTarget {
+                group: group.name.clone(),
+            }
+            .into());
         };
         let target = &group.targets[index];
         let mut attempt = Request::new(body.attempt());
@@ -167,16 +157,19 @@ where
                             .spawn(tunnel(client, upstream, lease, in_flight));
                         let (mut head, _) = rsp.into_parts();
                         headers::append_via(&mut head.headers, Version::HTTP_11);
-                        return Response::from_parts(head, Either::Left(Full::new(Bytes::new())));
+                        return Ok(Response::from_parts(
+                            head,
+                            Either::Left(Full::new(Bytes::new())),
+                        ));
                     }
                 }
                 let (mut head, incoming) = rsp.into_parts();
                 headers::strip_hop_by_hop(&mut head.headers, false);
                 headers::append_via(&mut head.headers, version);
-                return Response::from_parts(
+                return Ok(Response::from_parts(
                     head,
                     Either::Right(UpstreamBody::new(incoming, lease, deadline, in_flight)),
-                );
+                ));
             }
             Err(err) => {
                 let failure = match err {
@@ -198,10 +191,10 @@ where
                     SendError::TimedOut => {
                         target.metrics.timeouts.increment(1);
                         target.record_failure(&group.settings.outlier);
-                        let (limit, key) = if head_by == deadline {
-                            (group.settings.request_timeout, "request_timeout")
+                        let (limit, timeout) = if head_by == deadline {
+                            (group.settings.request_timeout, Timeout::Request)
                         } else {
-                            (group.settings.response_timeout, "response_timeout")
+                            (group.settings.response_timeout, Timeout::Response)
                         };
                         tracing::warn!(
                             group = group.name,
@@ -209,7 +202,12 @@ where
                             limit_ms = limit.as_millis(),
                             "Upstream sent no response head in time."
                         );
-                        return timed_out(&group.name, limit, key);
+                        return Err(UpstreamError::TimedOut {
+                            group: group.name.clone(),
+                            timeout,
+                            limit,
+                        }
+                        .into());
                     }
                 };
                 failure.logged(group, &target.address, &err)
@@ -238,28 +236,16 @@ where
             }
             group.metrics.retries_refused.increment(1);
         }
-        return match failure {
-            Failure::Connect => error(
-                StatusCode::BAD_GATEWAY,
-                "bad_gateway",
-                format!("cannot connect to upstream group {}", group.name),
-            ),
-            Failure::Exchange => error(
-                StatusCode::BAD_GATEWAY,
-                "bad_gateway",
-                format!("upstream group {} broke off the exchange", group.name),
-            ),
-            Failure::Saturated => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_saturated",
-                format!(
-                    "every connection to upstream group {} stayed busy for {} ms \
-                     (upstreams.max_connections_per_target, upstreams.connect_timeout)",
-                    group.name,
-                    group.settings.connect_timeout.as_millis()
-                ),
-            ),
-        };
+        let group_name = group.name.clone();
+        return Err(match failure {
+            Failure::Connect => UpstreamError::Connect { group: group_name },
+            Failure::Exchange => UpstreamError::BrokeOff { group: group_name },
+            Failure::Saturated => UpstreamError::Saturated {
+                group: group_name,
+                connect_timeout: group.settings.connect_timeout,
+            },
+        }
+        .into());
     }
 }
 
@@ -355,22 +341,6 @@ async fn tunnel(
             tracing::debug!(%error, target = in_flight.target().address, "Upgrade failed.");
         }
     }
-}
-
-fn timed_out(group: &str, limit: Duration, key: &str) -> Response<ResponseBody> {
-    error(
-        StatusCode::GATEWAY_TIMEOUT,
-        "upstream_timeout",
-        format!(
-            "upstream group {group} sent no response head within {} ms (upstreams.{key})",
-            limit.as_millis()
-        ),
-    )
-}
-
-fn error(status: StatusCode, code: &str, message: String) -> Response<ResponseBody> {
-    let body = serde_json::json!({ "error": code, "message": message });
-    json(status, Bytes::from(body.to_string()))
 }
 
 #[cfg(test)]
