@@ -29,9 +29,9 @@ use tiergate_config::HttpSettings;
 
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
-use crate::proxy::{self, ClientSide, Forwarding, Group};
+use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
-use crate::router::{Handler, Route, Router};
+use crate::router::{Handler, Router};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
@@ -210,21 +210,29 @@ impl Gateway {
                     )
                 }
                 Answer::Here(req, router) => {
-                    let upstream = |group, set_cookie| Upstream {
+                    let upstream = |group, req: Request<B>| ProxyRequest {
+                        client: ClientSide {
+                            peer: peer.addr,
+                            tls: peer.tls,
+                            local_port: peer.local_port,
+                            host: authority_value(&req),
+                        },
+                        req,
                         group,
-                        set_cookie,
-                        router: &router,
-                        route: &route,
+                        rewrite: route.rewrite(),
+                        trusted_hops: router.proxy.trusted_hops,
+                        forwarded_header: router.proxy.forwarded_header,
                         request_id: &request_id,
                         tunnels: &inner.tunnels,
                     };
                     match &route.handler {
                         Handler::Upstream(group) => {
-                            Box::pin(proxied(upstream(group, None), *req, peer)).await
+                            Box::pin(proxy::forward(upstream(group, *req))).await
                         }
                         Handler::Split(split) => {
                             let (group, set_cookie) = split.pick(req.headers());
-                            Box::pin(proxied(upstream(group, set_cookie), *req, peer)).await
+                            let answer = Box::pin(proxy::forward(upstream(group, *req))).await;
+                            with_sticky_cookie(answer, set_cookie)
                         }
                         Handler::Redirect(base) => redirect(base, &req),
                         Handler::Livez => Ok(probe(true)),
@@ -307,47 +315,13 @@ struct Logged {
     path: String,
 }
 
-/// Where a proxied request goes, and what the route says about it.
-struct Upstream<'a> {
-    group: &'a Arc<Group>,
-    /// The split's sticky cookie, when the client is to be pinned to `group`.
-    set_cookie: Option<HeaderValue>,
-    router: &'a Router,
-    route: &'a Route,
-    request_id: &'a HeaderValue,
-    tunnels: &'a proxy::Tunnels,
-}
-
-/// Forwards `req` to its upstream group (taking the client connection's upgrade when
-/// the request asks for one) and answers with what came back. A split's sticky cookie
-/// goes with every answer, an error's too.
-async fn proxied<B>(
-    to: Upstream<'_>,
-    mut req: Request<B>,
-    peer: Peer,
-) -> Result<Response<ResponseBody>, GatewayError>
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let host = authority_value(&req);
-    let upgrade = proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-    let how = Forwarding {
-        client: ClientSide {
-            peer: peer.addr,
-            tls: peer.tls,
-            local_port: peer.local_port,
-            host: host.as_ref(),
-        },
-        rewrite: to.route.rewrite(),
-        trusted_hops: to.router.proxy.trusted_hops,
-        forwarded_header: to.router.proxy.forwarded_header,
-        request_id: to.request_id,
-        upgrade,
-        tunnels: to.tunnels,
-    };
-    let answer = proxy::forward(to.group, req, how).await;
-    let Some(cookie) = to.set_cookie else {
+/// A split's answer with its sticky cookie, when the client is to be pinned to the
+/// group it went to: on every answer, an error's too.
+fn with_sticky_cookie(
+    answer: Result<Response<ResponseBody>, GatewayError>,
+    cookie: Option<HeaderValue>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let Some(cookie) = cookie else {
         return answer;
     };
     let mut rsp = answer.unwrap_or_else(GatewayError::into_response);
