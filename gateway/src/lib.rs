@@ -47,12 +47,14 @@ use futures_util::future::Either;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tiergate_config::Settings;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::admin::Admin;
 use crate::error::GatewayError;
-use crate::listener::{DrainControl, Limits, Phase, Transport};
+use crate::listener::{Drain, DrainControl, Limits, Peer, Phase, Transport};
 use crate::reload::{ConfigSource, Reloader};
+use crate::response::ResponseBody;
 use crate::router::Router;
 use crate::service::Gateway;
 use crate::tls::CertStore;
@@ -264,24 +266,9 @@ impl Server {
                 None => Either::Right(gateway.handle(req, peer)),
             }
         };
-        let secure = match https {
-            Some(https) => {
-                let watcher = tokio::spawn(tls::watch(https.store, https.reload_interval)?);
-                let serve = tokio::spawn(listener::serve(
-                    "https",
-                    https.listener,
-                    Transport::Tls {
-                        acceptor: tokio_rustls::TlsAcceptor::from(https.config),
-                        handshake_timeout: https.handshake_timeout,
-                    },
-                    limits.clone(),
-                    https_handler,
-                    drain.clone(),
-                ));
-                Some((serve, watcher))
-            }
-            None => None,
-        };
+        let secure = https
+            .map(|https| https.serve(limits.clone(), https_handler, drain.clone()))
+            .transpose()?;
         let public = tokio::spawn(listener::serve(
             "http",
             http,
@@ -328,6 +315,38 @@ impl Server {
         }
         tracing::info!("Stopped.");
         Ok(())
+    }
+}
+
+impl Https {
+    /// Serves the HTTPS listener with `handler`, and watches its certificate files for
+    /// changes; returns both tasks.
+    ///
+    /// # Errors
+    /// The certificate watcher cannot start.
+    fn serve<H, Fut>(
+        self,
+        limits: Limits,
+        handler: H,
+        drain: Drain,
+    ) -> std::io::Result<(JoinHandle<()>, JoinHandle<()>)>
+    where
+        H: Fn(http::Request<hyper::body::Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = http::Response<ResponseBody>> + Send + 'static,
+    {
+        let watcher = tokio::spawn(tls::watch(self.store, self.reload_interval)?);
+        let serve = tokio::spawn(listener::serve(
+            "https",
+            self.listener,
+            Transport::Tls {
+                acceptor: tokio_rustls::TlsAcceptor::from(self.config),
+                handshake_timeout: self.handshake_timeout,
+            },
+            limits,
+            handler,
+            drain,
+        ));
+        Ok((serve, watcher))
     }
 }
 

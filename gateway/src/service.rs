@@ -31,7 +31,7 @@ use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
-use crate::router::{Handler, Router};
+use crate::router::{Handler, Route, Router};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
@@ -248,22 +248,7 @@ impl Gateway {
             let elapsed = started.elapsed();
             route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
             if let Some(logged) = logged {
-                let Logged {
-                    trace_id,
-                    method,
-                    path,
-                } = *logged;
-                tracing::info!(
-                    target: "access",
-                    request_id = request_id.to_str().unwrap_or(""),
-                    trace_id = trace_id.as_ref().and_then(|v| v.to_str().ok()),
-                    method = %method,
-                    path,
-                    route = route.name,
-                    status = rsp.status().as_u16(),
-                    duration_ms = elapsed.as_secs_f64() * 1e3,
-                    cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
-                );
+                logged.write(&request_id, &route, &rsp, elapsed);
             }
             rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             rsp
@@ -313,6 +298,29 @@ struct Logged {
     trace_id: Option<HeaderValue>,
     method: http::Method,
     path: String,
+}
+
+impl Logged {
+    /// Writes the access line of the request answered with `rsp`.
+    fn write(
+        self,
+        request_id: &HeaderValue,
+        route: &Route,
+        rsp: &Response<ResponseBody>,
+        elapsed: Duration,
+    ) {
+        tracing::info!(
+            target: "access",
+            request_id = request_id.to_str().unwrap_or(""),
+            trace_id = self.trace_id.as_ref().and_then(|v| v.to_str().ok()),
+            method = %self.method,
+            path = self.path,
+            route = route.name,
+            status = rsp.status().as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
+        );
+    }
 }
 
 /// A split's answer with its sticky cookie, when the client is to be pinned to the

@@ -45,7 +45,7 @@ use tiergate_config::Settings;
 use tokio_rustls::TlsAcceptor;
 
 pub(crate) use accept::serve;
-pub(crate) use drain::{DrainControl, Phase};
+pub(crate) use drain::{Drain, DrainControl, Phase};
 
 /// The connection limits of a listener, from `listen.*` and `http.*`.
 #[derive(Debug, Clone)]
