@@ -6,9 +6,9 @@
 //!    a JSON 404;
 //! 4. record: metrics by route and one access log line.
 //!
-//! Step 3 ends in a response or a [`GatewayError`], and every error becomes its response
-//! there, through [`GatewayError::into_response`] (the app answers its own errors), so
-//! the service never fails and hyper never sees an error from it.
+//! Every failure of step 3 is a [`GatewayError`] that becomes its response through
+//! [`GatewayError::into_response`] (the app answers its own errors), so the service never
+//! fails and hyper never sees an error from it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -182,8 +182,13 @@ impl Gateway {
             } else {
                 None
             };
-            let answer = match answer {
-                _ if route.shed && permit.is_none() => Err(LocalError::Overloaded.into()),
+            // Each arm ends in a response; an error becomes one through
+            // `GatewayError::into_response` in its arm, so the app's answer, the hot path,
+            // is never wrapped in a `Result` and copied out of it.
+            let mut rsp = match answer {
+                _ if route.shed && permit.is_none() => {
+                    GatewayError::from(LocalError::Overloaded).into_response()
+                }
                 Answer::App(mut app) => {
                     // Polled once before any deadline is set: an L1 hit is ready at once
                     // and never needs the timer. (An `if let`, so its answer is not kept
@@ -199,24 +204,17 @@ impl Gateway {
                         let left = inner.request_timeout.saturating_sub(started.elapsed());
                         Box::pin(tokio::time::timeout(left, app)).await
                     };
-                    rsp.map_or_else(
-                        |_| {
-                            Err(LocalError::AppDeadline {
-                                limit: inner.request_timeout,
-                            }
-                            .into())
-                        },
-                        |rsp| Ok(rsp.map(Either::Left)),
-                    )
+                    match rsp {
+                        Ok(rsp) => rsp.map(Either::Left),
+                        Err(_) => GatewayError::from(LocalError::AppDeadline {
+                            limit: inner.request_timeout,
+                        })
+                        .into_response(),
+                    }
                 }
                 Answer::Here(req, router) => {
                     let upstream = |group, req: Request<B>| ProxyRequest {
-                        client: ClientSide {
-                            peer: peer.addr,
-                            tls: peer.tls,
-                            local_port: peer.local_port,
-                            host: authority_value(&req),
-                        },
+                        client: client_side(&req, peer),
                         req,
                         group,
                         rewrite: route.rewrite(),
@@ -227,22 +225,24 @@ impl Gateway {
                     };
                     match &route.handler {
                         Handler::Upstream(group) => {
-                            Box::pin(proxy::forward(upstream(group, *req))).await
+                            Box::pin(proxied(upstream(group, *req), None)).await
                         }
                         Handler::Split(split) => {
                             let (group, set_cookie) = split.pick(req.headers());
-                            let answer = Box::pin(proxy::forward(upstream(group, *req))).await;
-                            with_sticky_cookie(answer, set_cookie)
+                            Box::pin(proxied(upstream(group, *req), set_cookie)).await
                         }
-                        Handler::Redirect(base) => redirect(base, &req),
-                        Handler::Livez => Ok(probe(true)),
-                        Handler::Readyz => Ok(probe(gateway.is_ready())),
+                        Handler::Redirect(base) => {
+                            redirect(base, &req).unwrap_or_else(GatewayError::into_response)
+                        }
+                        Handler::Livez => probe(true),
+                        Handler::Readyz => probe(gateway.is_ready()),
                         // `Answer::App` took the app's requests.
-                        Handler::App | Handler::NotFound => Err(ClientError::NoRoute.into()),
+                        Handler::App | Handler::NotFound => {
+                            GatewayError::from(ClientError::NoRoute).into_response()
+                        }
                     }
                 }
             };
-            let mut rsp = answer.unwrap_or_else(GatewayError::into_response);
 
             drop(permit);
             let elapsed = started.elapsed();
@@ -323,18 +323,35 @@ impl Logged {
     }
 }
 
-/// A split's answer with its sticky cookie, when the client is to be pinned to the
-/// group it went to: on every answer, an error's too.
-fn with_sticky_cookie(
-    answer: Result<Response<ResponseBody>, GatewayError>,
-    cookie: Option<HeaderValue>,
-) -> Result<Response<ResponseBody>, GatewayError> {
-    let Some(cookie) = cookie else {
-        return answer;
+/// Forwards a request to its upstream group and answers with what came back, or with
+/// the error's response; a split's sticky cookie (when the client is to be pinned to the
+/// group it went to) goes with every answer, an error's too.
+async fn proxied<B>(
+    to: ProxyRequest<'_, B>,
+    set_cookie: Option<HeaderValue>,
+) -> Response<ResponseBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut rsp = match proxy::forward(to).await {
+        Ok(rsp) => rsp,
+        Err(error) => error.into_response(),
     };
-    let mut rsp = answer.unwrap_or_else(GatewayError::into_response);
-    rsp.headers_mut().append(header::SET_COOKIE, cookie);
-    Ok(rsp)
+    if let Some(cookie) = set_cookie {
+        rsp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    rsp
+}
+
+/// The client's side of a proxied request: its connection, and the authority it named.
+fn client_side<B>(req: &Request<B>, peer: Peer) -> ClientSide {
+    ClientSide {
+        peer: peer.addr,
+        tls: peer.tls,
+        local_port: peer.local_port,
+        host: authority_value(req),
+    }
 }
 
 /// The authority the request names, port included: the URI's (HTTP/2, absolute form)

@@ -75,7 +75,11 @@ where
 {
     let group = to.group;
     let deadline = Instant::now() + group.settings.request_timeout;
-    let mut request = prepare(to)?;
+    // Checked before anything is prepared: the prepared request is large, and a
+    // `Result` around it would cost every request a copy.
+    let path =
+        upstream_path(to.req.uri(), to.rewrite).map_err(|()| ClientError::UnrewritablePath)?;
+    let mut request = prepare(to, path);
     group.metrics.requests.increment(1);
     group.budget.deposit();
     let mut tried: Vec<usize> = Vec::new();
@@ -97,13 +101,7 @@ where
             .await;
         let failure = match result {
             Ok((rsp, lease)) => {
-                let answered = Answered {
-                    rsp,
-                    lease,
-                    in_flight,
-                    sent,
-                };
-                return Ok(answer(&mut request, answered, deadline));
+                return Ok(answer(&mut request, rsp, lease, in_flight, sent, deadline));
             }
             Err(err) => {
                 let limit = if head_by == deadline {
@@ -160,11 +158,9 @@ struct Prepared<'a> {
     tunnels: &'a super::Tunnels,
 }
 
-/// Step 1: the request as every attempt sends it, less what each attempt adds.
-///
-/// # Errors
-/// The route's rewrite makes no valid path.
-fn prepare<'a, B>(to: ProxyRequest<'a, B>) -> Result<Prepared<'a>, ClientError>
+/// Step 1: the request as every attempt sends it (to `path`, the path and query sent
+/// up), less what each attempt adds.
+fn prepare<'a, B>(to: ProxyRequest<'a, B>, path: PathAndQuery) -> Prepared<'a>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -173,7 +169,7 @@ where
         mut req,
         group,
         client,
-        rewrite,
+        rewrite: _,
         trusted_hops,
         forwarded_header,
         request_id,
@@ -187,11 +183,10 @@ where
         HostHeader::Preserve => preserve_host(&mut parts),
         HostHeader::Target => false,
     };
-    let path = upstream_path(&parts.uri, rewrite).map_err(|()| ClientError::UnrewritablePath)?;
     let max_attempts = usize::try_from(group.proxy.max_attempts.max(1)).unwrap_or(1);
     let first = std::mem::take(&mut parts.headers);
     let for_retries = (max_attempts > 1).then(|| first.clone());
-    Ok(Prepared {
+    Prepared {
         group,
         idempotent: matches!(
             parts.method,
@@ -220,7 +215,7 @@ where
         forwarded_header,
         request_id,
         tunnels,
-    })
+    }
 }
 
 impl Prepared<'_> {
@@ -318,28 +313,17 @@ fn classify(group: &Group, target: &Target, err: &SendError, limit: Timeout) -> 
     failure
 }
 
-/// An attempt that got a response head.
-struct Answered {
-    rsp: Response<Incoming>,
-    /// The pooled connection it came over, given back when the body ends.
+/// Step 4: the upstream's response to the attempt `sent` then, judged for the target's
+/// health and passed down (its body streamed under `deadline`, the connection's `lease`
+/// given back when it ends), or the tunnel of an upgrade it accepted.
+fn answer(
+    request: &mut Prepared<'_>,
+    mut rsp: Response<Incoming>,
     lease: Option<Lease>,
     in_flight: InFlight,
     sent: Instant,
-}
-
-/// Step 4: the upstream's response, judged for the target's health and passed down
-/// (its body streamed under `deadline`), or the tunnel of an upgrade it accepted.
-fn answer(
-    request: &mut Prepared<'_>,
-    answered: Answered,
     deadline: Instant,
 ) -> Response<ResponseBody> {
-    let Answered {
-        mut rsp,
-        lease,
-        in_flight,
-        sent,
-    } = answered;
     let target = in_flight.target();
     let status = rsp.status();
     target
