@@ -42,6 +42,11 @@ RUN cargo build --release --locked -p gateway --bin tiergate \
 # ElastiCache; user 65532 (nonroot). No shell, no package manager, no curl.
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 COPY --from=builder /usr/local/bin/tiergate /usr/local/bin/tiergate
+# The RDS certificate authorities (all regions, all CA generations), for
+# sslmode=verify-full against Aurora: TIERGATE_DATABASE__CA_FILE names this file
+# (deploy/ecs/task-definition.json, deploy/terraform). Fetched over HTTPS from AWS at
+# build time; AWS adds CAs to it, so it is not pinned by checksum.
+ADD --chmod=0444 https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem /etc/ssl/rds/global-bundle.pem
 COPY config/examples/fargate.toml /etc/tiergate/tiergate.toml
 # Fargate defaults come from that file: public listener 0.0.0.0:8080 (the ALB target
 # port), admin on loopback (the health check and sidecars reach it inside the task), JSON

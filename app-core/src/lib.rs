@@ -35,6 +35,7 @@ use http::Request;
 use http_body::Body;
 use tiergate_config::Settings;
 
+use crate::cache::breaker;
 use crate::cache::bus::Bus;
 use crate::cache::l1::{L1, Policy};
 use crate::cache::l2::{InvalidRedisUrl, L2};
@@ -206,7 +207,8 @@ impl App {
         health::check(&inner.items, inner.build, inner.deployment.clone(), gates).await
     }
 
-    /// Sets the pool and L1 gauges; call before rendering metrics so they are current.
+    /// Sets the pool, L1 and breaker gauges; call before rendering metrics so they are
+    /// current.
     pub fn record_gauges(&self) {
         let (writer, reader) = self.inner.items.db().pool_states();
         for (pool, state) in [("writer", Some(writer)), ("reader", reader)] {
@@ -224,6 +226,9 @@ impl App {
             metrics::gauge!("tiergate_cache_l1_entries").set(entries as f64);
             metrics::gauge!("tiergate_cache_l1_bytes").set(bytes as f64);
         }
+        // Open and half-open alike: either way reads are skipping Redis right now.
+        let skipping = self.inner.items.l2().breaker_state() != breaker::State::Closed;
+        metrics::gauge!("tiergate_cache_l2_breaker_open").set(if skipping { 1.0 } else { 0.0 });
     }
 
     /// Closes the Redis connections (which ends the bus); pools close when the last

@@ -167,6 +167,25 @@ fn database(s: &Settings, out: &mut Problems) {
             ),
         );
     }
+    // The pool refuses any other mode at start; `config check` should say so first.
+    let urls: [(&'static [&'static str], _); 2] = [
+        (&["database.url"], Some(&db.url)),
+        (&["database.reader_url"], db.reader_url.as_ref()),
+    ];
+    for (key, url) in urls {
+        let Some(mode) = url.and_then(|u| sslmode(u.expose())) else {
+            continue;
+        };
+        if !SSL_MODES.contains(&mode) {
+            out.fail(
+                key,
+                format!(
+                    "sslmode must be one of {}, got {mode:?}",
+                    SSL_MODES.join(", ")
+                ),
+            );
+        }
+    }
     let verifies = std::iter::once(db.url.expose())
         .chain(db.reader_url.as_ref().map(|u| u.expose()))
         .any(|url| matches!(sslmode(url), Some("verify-ca" | "verify-full")));
@@ -619,6 +638,9 @@ fn valid_label(name: &str) -> bool {
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
+
+/// The `sslmode` values Tiergate's PostgreSQL client knows (libpq's, less `allow`).
+const SSL_MODES: [&str; 5] = ["disable", "prefer", "require", "verify-ca", "verify-full"];
 
 /// The `sslmode` query parameter of a PostgreSQL URL, if any. Only the mode is returned,
 /// never anything else from the URL.

@@ -253,6 +253,30 @@ server_names = ["bad name"]
     }
 }
 
+/// An sslmode the PostgreSQL pool would refuse at start is a configuration problem,
+/// named by key and without the URL (which holds the password).
+/// Mutation that fails it: drop the `SSL_MODES` check in `validate::database`.
+#[test]
+fn an_unknown_sslmode_is_reported() {
+    let found = problems(load_env(&[
+        (
+            "DATABASE_URL",
+            "postgres://u:hunter2@db/x?sslmode=verify-ful",
+        ),
+        (
+            "DATABASE_READER_URL",
+            "postgres://u:hunter2@db/x?sslmode=require",
+        ),
+    ]));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with("database.url: sslmode must be one of"),
+        "{found:#?}"
+    );
+    assert!(found[0].contains("\"verify-ful\""), "{found:#?}");
+    assert!(!found[0].contains("hunter2"), "{found:#?}");
+}
+
 #[test]
 fn defaults_load_with_an_empty_env() {
     let s = load_env(&[]).unwrap();

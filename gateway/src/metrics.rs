@@ -130,6 +130,10 @@ fn describe() {
         "tiergate_cache_l1_bytes",
         "Approximate bytes held by the in-process cache."
     );
+    metrics::describe_gauge!(
+        "tiergate_cache_l2_breaker_open",
+        "1 while the Redis circuit breaker is open (or letting its one probe through), so reads skip Redis; else 0."
+    );
 }
 
 /// The request metrics of one route, registered once: recording is atomic adds.

@@ -28,7 +28,7 @@ fn container(task: &Value) -> &Value {
 }
 
 /// Dockerfile instructions with continuation lines joined and comments dropped.
-fn dockerfile_instructions() -> Vec<String> {
+pub fn dockerfile_instructions() -> Vec<String> {
     let text = std::fs::read_to_string(format!("{ROOT}/Dockerfile")).unwrap();
     let mut out = Vec::new();
     let mut current = String::new();

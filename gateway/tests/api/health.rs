@@ -1,7 +1,9 @@
 //! `/health`, `/livez`, `/readyz` and metrics, with the backends up and down.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use app_core::testing::RedisServer;
 
 use gateway::reload::ConfigSource;
 use tiergate_config::{RouteSettings, Secret, UpstreamSettings};
@@ -225,5 +227,63 @@ async fn metrics_are_prometheus_text_on_the_admin_port() {
         404,
         "metrics never on the public port"
     );
+    app.stop().await;
+}
+
+/// The breaker gauge's value in a `/metrics` text.
+fn breaker_gauge(metrics: &str) -> Option<String> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tiergate_cache_l2_breaker_open "))
+        .map(str::to_owned)
+}
+
+/// Writes `path` (every write touches Redis: fence and invalidation) until the breaker
+/// gauge reads `want`, for at most 10 s.
+async fn write_until_breaker_gauge(app: &TestApp, path: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        app.client
+            .put(app.url(path))
+            .header("content-type", "application/json")
+            .body(r#"{"name":"breaker"}"#)
+            .send()
+            .await
+            .expect("PUT");
+        if breaker_gauge(&app.metrics().await).as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tiergate_cache_l2_breaker_open never became {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `tiergate_cache_l2_breaker_open` (the metric the deployment's alarm watches) is 0
+/// while Redis answers, 1 once Redis fails and the breaker skips it, and 0 again when
+/// Redis is back and the breaker's probe succeeds.
+///
+/// Mutation that fails it: set the gauge to 0 whatever the breaker's state (or not at
+/// all) in `App::record_gauges`.
+#[tokio::test]
+async fn the_breaker_gauge_shows_when_reads_skip_redis() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let backends = Backends::new().await;
+    let mut settings = backends.settings();
+    settings.redis.url = Secret::new(redis.url());
+    settings.redis.breaker_failures = 1;
+    settings.redis.breaker_open = Duration::from_millis(200);
+    let app = TestApp::start(settings).await;
+    let item = app.create("breaker").await;
+    let path = format!("/items/{}", item["id"]);
+    assert_eq!(breaker_gauge(&app.metrics().await).as_deref(), Some("0"));
+
+    redis.stop();
+    write_until_breaker_gauge(&app, &path, "1").await;
+    let _redis = RedisServer::start_on(port);
+    write_until_breaker_gauge(&app, &path, "0").await;
     app.stop().await;
 }

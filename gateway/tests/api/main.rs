@@ -20,5 +20,6 @@ mod proxy;
 mod rolling;
 mod shutdown;
 mod startup;
+mod terraform;
 mod tls;
 mod upstream;
