@@ -1,4 +1,4 @@
--- Items. `version` is bumped in the same statement as every change (see shared/CACHE.md):
+-- Items. `version` is bumped in the same statement as every change (see docs/cache-protocol.md):
 -- the row lock orders writers, so versions follow commit order per row.
 CREATE TABLE items (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

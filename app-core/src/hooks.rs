@@ -1,6 +1,6 @@
 //! Pause points: named places on the read and write paths where a test can stop one
 //! operation, run another, and then let the first go on. They make every race of
-//! `shared/CACHE.md` reproducible without sleeps.
+//! `docs/cache-protocol.md` reproducible without sleeps.
 //!
 //! In production no hook is installed and each point costs one `None` check.
 

@@ -42,7 +42,7 @@ use crate::cache::l2::{InvalidRedisUrl, L2};
 use crate::health::{BuildInfo, Gates, Report};
 use crate::hooks::Hooks;
 use crate::service::Items;
-use crate::store::{Database, InvalidUrl};
+use crate::store::{Database, InvalidUrl, ReaderProbe, ReaderStats};
 
 /// Outbox rows this old were left behind by their writer: the relay takes them over.
 const OUTBOX_GRACE: Duration = Duration::from_secs(5);
@@ -101,6 +101,9 @@ impl App {
         };
         let l1 = L1::new(cache.l1_max_bytes, policy);
         let l2 = L2::new(&settings.redis, cache.l2_ttl)?;
+        if db.reader_stats().is_some() {
+            describe_reader_metrics();
+        }
         let items = Items::new(db, l1.clone(), l2.clone(), cache, Hooks::default());
         let bus = Bus::new(&l2, l1, items.origin()).map_err(BuildError::Subscriber)?;
         let inner = Inner {
@@ -137,6 +140,9 @@ impl App {
         }
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(prepare_database(weak.clone()));
+        if self.inner.items.db().reader_stats().is_some() {
+            tokio::spawn(watch_reader(weak.clone()));
+        }
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -219,6 +225,9 @@ impl App {
             metrics::gauge!("tiergate_db_pool_connections", "pool" => pool, "state" => "in_use")
                 .set(in_use);
         }
+        if let Some(reader) = self.inner.items.db().reader_stats() {
+            record_reader(&reader);
+        }
         let (entries, bytes) = self.inner.items.l1().usage();
         #[allow(clippy::cast_precision_loss)]
         // gauges are f64; counts this large are not exact anyway
@@ -293,6 +302,50 @@ async fn prepare_database(app: Weak<Inner>) {
         drop(inner);
         tokio::time::sleep(delay.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Measures the reader's lag every [`store::PROBE_INTERVAL`] (see the `store::replica`
+/// module) until the app is dropped.
+async fn watch_reader(app: Weak<Inner>) {
+    let mut probe = ReaderProbe::default();
+    let mut tick = tokio::time::interval(store::PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = app.upgrade() else { return };
+        inner.items.db().probe_reader(&mut probe).await;
+    }
+}
+
+fn describe_reader_metrics() {
+    metrics::describe_gauge!(
+        "tiergate_db_reader_lag_seconds",
+        metrics::Unit::Seconds,
+        "How far the reader is behind the writer, as last measured."
+    );
+    metrics::describe_gauge!(
+        "tiergate_db_reader_up",
+        "1 while the reader answers (and reports a replay position), else 0."
+    );
+    metrics::describe_counter!(
+        "tiergate_db_reader_reads_total",
+        "Item reads the reader answered, proven current."
+    );
+    metrics::describe_counter!(
+        "tiergate_db_reads_moved_to_writer_total",
+        "Reads sent to the writer instead of the reader, by reason (lagging, down, behind, no_position)."
+    );
+}
+
+/// The reader's gauges, and its counters set to their totals.
+fn record_reader(reader: &ReaderStats) {
+    metrics::gauge!("tiergate_db_reader_lag_seconds").set(reader.lag.as_secs_f64());
+    metrics::gauge!("tiergate_db_reader_up").set(if reader.up { 1.0 } else { 0.0 });
+    metrics::counter!("tiergate_db_reader_reads_total").absolute(reader.answered);
+    for (reason, count) in reader.moved {
+        metrics::counter!("tiergate_db_reads_moved_to_writer_total", "reason" => reason.label())
+            .absolute(count);
     }
 }
 

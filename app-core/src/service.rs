@@ -2,7 +2,7 @@
 //! delete, and the outbox relay.
 //!
 //! Reads go L1 → (single flight) L2 → PostgreSQL and fill the faster tiers on the way
-//! back. Writes follow CACHE.md's order:
+//! back. Writes follow the order of `docs/cache-protocol.md`:
 //!
 //! 1. PostgreSQL: the change and its outbox row, in one statement;
 //! 2. L1 here: watermark, then the new entry (this instance reads its write at once);
@@ -28,7 +28,7 @@ use crate::cache::pages::{Page, Pages};
 use crate::cache::{Entry, Kind, Tier};
 use crate::hooks::{Hooks, Point};
 use crate::model::{Item, ItemId};
-use crate::store::{Database, OutboxId, StoreError, UpdateOutcome};
+use crate::store::{Database, ItemRead, OutboxId, StoreError, UpdateOutcome};
 
 /// List pages kept in process (each a few KiB at the default limit).
 const PAGE_CAPACITY: u64 = 10_000;
@@ -274,15 +274,8 @@ impl Items {
             self.metrics.l2_skipped.increment(1);
         }
 
-        // A replica may lag behind a recent write (R8): read such keys from the writer.
-        let recent = self.l1.written_within(key, self.recent_write_window);
-        let read = if recent {
-            self.db.get_latest(id).await
-        } else {
-            self.db.get(id).await
-        };
-        let row = match read {
-            Ok(row) => row,
+        let read = match self.read_database(id).await {
+            Ok(read) => read,
             Err(StoreError::Unavailable(cause)) => {
                 if let Some(stale) = stale {
                     tracing::warn!("PostgreSQL unavailable: serving a stale cache entry.");
@@ -292,40 +285,66 @@ impl Items {
             }
             Err(e) => return Err(e.into()),
         };
-        let row = match row {
-            Some(item) if item.version < self.l1.watermark(key).unwrap_or(0) && !recent => {
-                // The reader returned an older version than one already announced.
-                self.db.get_latest(id).await?
-            }
-            row => row,
-        };
         self.hooks.at(Point::AfterDbRead, key).await;
 
-        let (entry, stored, ttl) = match row {
+        // An answer not known to be current may be older than PostgreSQL: it lives
+        // briefly in L1 and never reaches Redis.
+        let stamp = |kind| {
+            if read.current {
+                self.l1.stamp(Tier::Database, started, kind)
+            } else {
+                self.l1.unverified_stamp(Tier::Database, started, kind)
+            }
+        };
+        let (entry, stored, ttl) = match read.item {
             Some(item) => {
-                let entry = self.entry_of(&item, Tier::Database, started)?;
-                let stored = Stored::Value(entry.item_json());
-                (entry, stored, None)
+                let json = Bytes::from(serde_json::to_vec(&item)?);
+                let entry = Entry::value(item.version, &json, stamp(Kind::Value));
+                (entry, Stored::Value(json), None)
             }
             None => {
-                // Ids are never reused, so "absent" is final: it is at least as new as any
-                // version of this id known here.
+                // Ids are never reused, so a current "absent" is final: it is at least as
+                // new as any version of this id known here.
                 let known = deleted_at
                     .unwrap_or(0)
                     .max(self.l1.watermark(key).unwrap_or(0));
-                let stamp = self.l1.stamp(Tier::Database, started, Kind::Absent);
                 (
-                    Entry::absent(known, stamp),
+                    Entry::absent(known, stamp(Kind::Absent)),
                     Stored::Absent,
                     Some(self.negative_ttl),
                 )
             }
         };
         self.hooks.at(Point::BeforeL2Fill, key).await;
-        self.fill_l2(key, entry.version, &stored, ttl, Filler::Reader(lease))
-            .await;
+        if read.current {
+            self.fill_l2(key, entry.version, &stored, ttl, Filler::Reader(lease))
+                .await;
+        }
         self.hooks.at(Point::BeforeL1Insert, key).await;
         Ok(Arc::new(entry))
+    }
+
+    /// PostgreSQL's answer for a miss of `id`, as of no earlier than now (see
+    /// [`Database::get`]). Keys written recently go to the writer at once, which saves
+    /// waiting for a replica that has likely not replayed the write yet (R8); an
+    /// unverified reader answer older than a version announced here is read again from
+    /// the writer.
+    async fn read_database(&self, id: ItemId) -> Result<ItemRead, StoreError> {
+        let key = id.get();
+        let from_writer = || async {
+            Ok(ItemRead {
+                item: self.db.get_latest(id).await?,
+                current: true,
+            })
+        };
+        if self.l1.written_within(key, self.recent_write_window) {
+            return from_writer().await;
+        }
+        let read = self.db.get(id).await?;
+        match &read.item {
+            Some(item) if item.version < self.l1.watermark(key).unwrap_or(0) => from_writer().await,
+            _ => Ok(read),
+        }
     }
 
     /// Reloads `id` in the background, once per key at a time, while the current entry is

@@ -512,3 +512,224 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A streaming replica of the test PostgreSQL, made by `scripts/pg-replica`.
+///
+/// A replica replays every database of its primary, so tests that only read through it
+/// can share one: [`Replica::shared`], the one `scripts/services --replica` runs. A test
+/// that pauses replay (standing for lag) or stops the replica (an outage) would disturb
+/// every other test reading it, so it owns one: [`Replica::start`], on a free port and in
+/// a directory of its own, removed when dropped.
+#[derive(Debug)]
+pub struct Replica {
+    /// A URL of the replica with some database, as the environment gave it.
+    base_url: String,
+    /// The data directory of a replica this value owns; `None` for the shared one.
+    dir: Option<std::path::PathBuf>,
+}
+
+const PG_REPLICA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pg-replica");
+
+/// Runs `scripts/pg-replica` with `args` against the test PostgreSQL.
+fn pg_replica(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new(PG_REPLICA)
+        .args(args)
+        .env("TIERGATE_PG_PRIMARY_URL", admin_database_url())
+        .output()
+        .map_err(|e| format!("cannot run {PG_REPLICA}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "scripts/pg-replica {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+impl Replica {
+    /// The shared replica, at `TIERGATE_TEST_REPLICA_URL` (`scripts/test` sets it; default
+    /// `postgres://postgres:postgres@127.0.0.1:5433/postgres`). Never pause or stop it.
+    pub fn shared() -> Self {
+        Self {
+            base_url: std::env::var("TIERGATE_TEST_REPLICA_URL").unwrap_or_else(|_| {
+                "postgres://postgres:postgres@127.0.0.1:5433/postgres".to_owned()
+            }),
+            dir: None,
+        }
+    }
+
+    /// Makes and starts a replica of its own in a new directory under `parent` (a test
+    /// passes `env!("CARGO_TARGET_TMPDIR")`), and waits until it answers. Takes a few
+    /// seconds: it copies the whole primary.
+    ///
+    /// # Panics
+    /// When the replica cannot be made (the message says why).
+    pub async fn start(parent: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::path::Path::new(parent).join(unique("replica"));
+        let replica = Self {
+            base_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir: Some(dir),
+        };
+        replica
+            .run(&["start", &replica.dir_arg(), &port.to_string()])
+            .await;
+        replica
+    }
+
+    fn dir_arg(&self) -> String {
+        self.dir
+            .as_ref()
+            .expect("only a replica of its own can be started and stopped")
+            .display()
+            .to_string()
+    }
+
+    async fn run(&self, args: &[&str]) {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            pg_replica(&args)
+        })
+        .await
+        .expect("scripts/pg-replica ran");
+        if let Err(message) = outcome {
+            panic!("{message}");
+        }
+    }
+
+    /// The port it listens on.
+    ///
+    /// # Panics
+    /// When the URL names no port.
+    pub fn port(&self) -> u16 {
+        let authority = self.base_url.split('/').nth(2).unwrap_or_default();
+        authority
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .expect("a replica URL with a port")
+    }
+
+    /// The URL of `db` on the replica. Call [`Replica::catch_up`] first after creating
+    /// or migrating the database.
+    pub fn url(&self, db: &TestDb) -> String {
+        let base = self
+            .base_url
+            .rsplit_once('/')
+            .map_or(self.base_url.as_str(), |(base, _)| base);
+        format!("{base}/{}", db.name)
+    }
+
+    async fn admin(&self) -> tokio_postgres::Client {
+        match tokio_postgres::connect(&self.base_url, NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                client
+            }
+            Err(error) if self.dir.is_none() => panic!(
+                "the shared replica does not answer ({error}); start it with `scripts/services --replica`, or set TIERGATE_TEST_REPLICA_URL"
+            ),
+            Err(error) => panic!("the replica does not answer: {error}"),
+        }
+    }
+
+    /// Waits until the replica has replayed everything the primary has flushed now.
+    ///
+    /// # Panics
+    /// When it has not within 60 s.
+    pub async fn catch_up(&self) {
+        let primary = connect(&admin_database_url()).await;
+        let flushed: tokio_postgres::types::PgLsn = primary
+            .query_one("SELECT pg_current_wal_flush_lsn()", &[])
+            .await
+            .expect("the primary's WAL position")
+            .get(0);
+        let replica = self.admin().await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let replayed: Option<tokio_postgres::types::PgLsn> = replica
+                .query_one("SELECT pg_last_wal_replay_lsn()", &[])
+                .await
+                .expect("the replica's replay position")
+                .get(0);
+            if replayed.is_some_and(|r| r >= flushed) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not catch up within 60 s (is its replay paused?)"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Pauses replay: from now on the replica falls behind every write (lag).
+    ///
+    /// # Panics
+    /// On the shared replica, or when PostgreSQL refuses.
+    pub async fn pause_replay(&self) {
+        assert!(self.dir.is_some(), "never pause the shared replica");
+        let replica = self.admin().await;
+        replica
+            .execute("SELECT pg_wal_replay_pause()", &[])
+            .await
+            .expect("pause replay");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state: String = replica
+                .query_one("SELECT pg_get_wal_replay_pause_state()", &[])
+                .await
+                .expect("replay pause state")
+                .get(0);
+            if state == "paused" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "replay did not pause");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Resumes replay (it catches up on its own; [`Replica::catch_up`] waits for it).
+    ///
+    /// # Panics
+    /// When PostgreSQL refuses.
+    pub async fn resume_replay(&self) {
+        self.admin()
+            .await
+            .execute("SELECT pg_wal_replay_resume()", &[])
+            .await
+            .expect("resume replay");
+    }
+
+    /// Stops the replica (fast shutdown: connections are cut), as an outage would.
+    ///
+    /// # Panics
+    /// On the shared replica, or when it cannot be stopped.
+    pub async fn stop(&self) {
+        self.run(&["stop", &self.dir_arg()]).await;
+    }
+
+    /// Starts a stopped replica again, on its port, with its data.
+    ///
+    /// # Panics
+    /// On the shared replica, or when it does not come back.
+    pub async fn restart(&self) {
+        self.run(&["start", &self.dir_arg(), &self.port().to_string()])
+            .await;
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            if let Err(message) = pg_replica(&["remove", &dir.display().to_string()]) {
+                eprintln!("{message}");
+            }
+        }
+    }
+}

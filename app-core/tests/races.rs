@@ -1,4 +1,4 @@
-//! The races of `shared/CACHE.md`, each made to happen exactly, with pause points
+//! The races of `docs/cache-protocol.md`, each made to happen exactly, with pause points
 //! ([`app_core::hooks`]) instead of sleeps. Several `Items` in one process stand in for
 //! several tasks: each has its own L1, all share one database and one Redis prefix.
 //!
@@ -16,7 +16,7 @@ use app_core::cache::{Kind, Tier};
 use app_core::hooks::{Hooks, Point};
 use app_core::model::ItemId;
 use app_core::service::Items;
-use app_core::testing::{self, Pauses, RedisServer, TestDb, TestRedis, settings};
+use app_core::testing::{self, Pauses, RedisServer, Replica, TestDb, TestRedis, settings};
 use fred::prelude::*;
 use tiergate_config::Secret;
 
@@ -299,37 +299,105 @@ async fn r6_a_writer_that_dies_after_commit_is_repaired_by_the_relay() {
     );
 }
 
-/// R8 — the reader replica lags: after the invalidation of v2 it still returns v1.
-/// Guard: a version below the watermark is re-read from the writer, in the loader and
-/// again in `Items::get` for a fill superseded in flight (the recent-write window, a
-/// third guard, is zero here). Checked: with both re-reads going to the replica, the
-/// peer serves v1; with either one alone, the test passes.
+/// A "task" reading through `replica`, which may lag at most `REPLICA_MAX_LAG`.
+async fn reading_through(b: &Backends, replica: &Replica, hooks: Hooks) -> Items {
+    let mut settings = settings(&b.db, &b.redis);
+    settings.cache.l2_ttl = LONG;
+    settings.database.reader_url = Some(Secret::new(replica.url(&b.db)));
+    settings.database.reader_max_lag = REPLICA_MAX_LAG;
+    let items = testing::items(&settings, policy(), hooks);
+    assert!(items.l2().wait_connected(Duration::from_secs(5)).await);
+    items
+}
+
+/// How long a read waits for a lagging replica here before the writer answers.
+const REPLICA_MAX_LAG: Duration = Duration::from_millis(200);
+
+/// R8 — the reader replica lags: after the invalidation of v2 it still returns v1, and
+/// Redis no longer holds the key.
+/// Guards: the reader's proof (it has not replayed v2, so the writer answers) and the
+/// watermark (a reader answer older than a version announced here is read again from
+/// the writer; the recent-write window, a third guard, is zero here). Checked: with the
+/// proof accepting any replay position and `Items::read_database`'s watermark re-read
+/// removed, Redis ends at v1; with either one alone, the test passes.
 #[tokio::test]
 async fn r8_a_lagging_replica_does_not_bring_back_an_old_version() {
+    let replica = Replica::start(env!("CARGO_TARGET_TMPDIR")).await;
     let b = Backends::new().await;
-    let replica = TestDb::create().await;
     let writer = b.instance(Hooks::default()).await;
-    let _migrated = b.instance_on(&replica, Hooks::default()).await;
     let id = b.insert("v1").await;
-    assert_eq!(
-        insert_into(&replica, "v1").await,
-        id,
-        "the same row on the lagging copy"
-    );
-
+    replica.catch_up().await;
     let mut settings = settings(&b.db, &b.redis);
-    settings.database.reader_url = Some(Secret::new(replica.url.clone()));
     settings.cache.recent_write_window = Duration::ZERO;
+    settings.cache.l2_ttl = LONG;
+    settings.database.reader_url = Some(Secret::new(replica.url(&b.db)));
+    settings.database.reader_max_lag = REPLICA_MAX_LAG;
     let peer = testing::items(&settings, policy(), Hooks::default());
-    let l2 = peer.l2();
-    assert!(l2.wait_connected(Duration::from_secs(5)).await);
+    assert!(peer.l2().wait_connected(Duration::from_secs(5)).await);
+    assert_eq!(version(&peer, id).await, 1, "the peer caches v1");
 
+    replica.pause_replay().await;
     writer.update(id, "v2", None).await.unwrap();
-    // No copy in Redis to help: the replica is all the peer can read.
+    // No copy in Redis to help: the lagging replica is all the peer can read.
     let admin = admin_client(&app_core::testing::redis_url()).await;
-    let _: i64 = admin.del(l2.key(id.get())).await.unwrap();
+    let _: i64 = admin.del(peer.l2().key(id.get())).await.unwrap();
     deliver(&peer, id, 2).await;
     assert_eq!(version(&peer, id).await, 2);
+    let in_l2 = peer.l2().get(id.get()).await.unwrap().map(|(v, _)| v);
+    assert_eq!(
+        in_l2,
+        Some(2),
+        "the writer's answer filled Redis, not the replica's"
+    );
+    replica.resume_replay().await;
+}
+
+/// R13 — replica lag after Redis evicted the fence: a task that never saw the write (no
+/// watermark: it started after it) misses L1 and L2, takes a lease, and reads a replica
+/// that has not replayed the write. Likewise for an item inserted while the replica
+/// lags: its "no such id" must not be cached as final.
+/// Guard: a reader's answer counts only when the reader has replayed the writer's WAL
+/// position taken after the lease (`store::replica`); here it has not, so after
+/// `REPLICA_MAX_LAG` the writer answers. Checked: with the proof accepting any replay
+/// position (`if true || replayed >= writer_at` in `poll_caught_up`), the new task
+/// serves v1 and fills Redis with it, and answers "no such id" for the new item.
+#[tokio::test]
+async fn r13_a_lagging_replica_fills_no_old_version_and_no_false_absence() {
+    let replica = Replica::start(env!("CARGO_TARGET_TMPDIR")).await;
+    let b = Backends::new().await;
+    let writer = b.instance(Hooks::default()).await;
+    let (changed, _) = writer.create("v1").await.unwrap();
+    replica.catch_up().await;
+
+    replica.pause_replay().await;
+    writer.update(changed, "v2", None).await.unwrap();
+    let (created, _) = writer.create("new").await.unwrap();
+    let admin = admin_client(&app_core::testing::redis_url()).await;
+    for id in [changed, created] {
+        // Evicted, fence and all.
+        let _: i64 = admin.del(writer.l2().key(id.get())).await.unwrap();
+    }
+
+    let newcomer = reading_through(&b, &replica, Hooks::default()).await;
+    let lookup = newcomer.get(changed).await.unwrap();
+    assert_eq!(
+        lookup.entry.version, 2,
+        "the lagging replica's v1 is not served"
+    );
+    let in_l2 = newcomer.l2().get(changed.get()).await.unwrap();
+    assert_eq!(in_l2.map(|(v, _)| v), Some(2), "nor put in Redis");
+    let lookup = newcomer.get(created).await.unwrap();
+    assert_eq!(
+        (lookup.entry.kind, lookup.entry.version),
+        (Kind::Value, 1),
+        "an item the replica has not replayed yet exists"
+    );
+
+    replica.resume_replay().await;
+    replica.catch_up().await;
+    let later = reading_through(&b, &replica, Hooks::default()).await;
+    let lookup = later.get(changed).await.unwrap();
+    assert_eq!((lookup.entry.version, lookup.tier), (2, Tier::L2));
 }
 
 /// R9 — an id is read before it exists (its absence is cached), then created.

@@ -11,7 +11,7 @@
 //! Last results: 2026-12-06 23:00 UTC (criterion medians) `l1_hit` 484.9 ns, `l2_hit`
 //! 435.6 µs, `miss` 1.91 ms, on a VM whose figures wandered that evening: the same
 //! binary at 22:44 (a `psql` loop sampling PostgreSQL beside it) gave 446.7 ns,
-//! 113.6 µs, 883.0 µs; the README's table, from an earlier machine: 434 ns, 40 µs,
+//! 113.6 µs, 883.0 µs; `bench/RESULTS.md` has an earlier machine's: 434 ns, 40 µs,
 //! 460 µs. The cause of the slow Redis and PostgreSQL round trips was not found.
 
 use std::hint::black_box;

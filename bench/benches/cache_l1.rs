@@ -6,7 +6,7 @@
 //! Last results: 2026-12-06 23:00 UTC, a 2-core VM slower than usual that evening
 //! (criterion medians): `hit_with_watermark` 291.7 ns, `miss` 166.0 ns,
 //! `entry_from_item_json` 117.7 ns, `serve_body_from_entry` 27.3 ns. Earlier figures
-//! and the machine: the Performance section of the README.
+//! and the machine: `bench/RESULTS.md`.
 
 use std::hint::black_box;
 use std::sync::Arc;

@@ -39,7 +39,7 @@
 //! twice on a slower box, `8805d3e` 1.051 and 1.058 µs, this one 1.033 and 1.008 µs.
 //! In process the change saves little (no hyper moving the future around, no read
 //! buffer to free): its gains are in the server, where callgrind counts 15,737 → 13,831
-//! instructions per L1-hit request (README, Performance). Goal ≤ 1 µs: not shown on
+//! instructions per L1-hit request (`docs/performance.md`). Goal ≤ 1 µs: not shown on
 //! this box at this hour.
 //!
 //! 2026-12-06, next session, a slower and noisier VM (`limit-server` at 139,000 req/s

@@ -193,6 +193,12 @@ pub struct DatabaseSettings {
     /// Reader endpoint (an RDS/Aurora replica) for cache-miss reads; `None` sends reads to
     /// the writer. Default `None`.
     pub reader_url: Option<Secret>,
+    /// How far the reader may be behind the writer and still answer reads. A miss waits
+    /// at most this long for the reader to replay what the writer had committed when the
+    /// read began, then reads the writer; while the measured lag is above it, reads go
+    /// to the writer at once. 1ms to 1m. Default 500ms.
+    #[serde(with = "humantime_serde")]
+    pub reader_max_lag: Duration,
     /// Connections per pool (each of writer and reader). Default 16.
     pub pool_max_size: u32,
     /// How long a request waits for a pooled connection before it gets a 503. Kept short
@@ -218,6 +224,7 @@ impl Default for DatabaseSettings {
         Self {
             url: Secret::new("postgres://postgres@127.0.0.1:5432/tiergate"),
             reader_url: None,
+            reader_max_lag: Duration::from_millis(500),
             pool_max_size: 16,
             checkout_timeout: Duration::from_millis(1500),
             connect_timeout: Duration::from_secs(5),

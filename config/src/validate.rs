@@ -151,6 +151,16 @@ fn database(s: &Settings, out: &mut Problems) {
             );
         }
     }
+    let (min, max) = (Duration::from_millis(1), Duration::from_secs(60));
+    if !(min..=max).contains(&db.reader_max_lag) {
+        out.fail(
+            &["database.reader_max_lag"],
+            format!(
+                "must be between 1ms and 1m, got {}",
+                human(db.reader_max_lag)
+            ),
+        );
+    }
     if db.pool_max_size < 1 {
         out.fail(
             &["database.pool_max_size"],

@@ -288,6 +288,7 @@ fn defaults_load_with_an_empty_env() {
         "postgres://postgres@127.0.0.1:5432/tiergate"
     );
     assert!(s.database.reader_url.is_none());
+    assert_eq!(s.database.reader_max_lag, Duration::from_millis(500));
     assert_eq!(s.database.pool_max_size, 16);
     assert_eq!(s.database.checkout_timeout, Duration::from_millis(1500));
     assert_eq!(s.redis.url.expose(), "redis://127.0.0.1:6379");
@@ -659,6 +660,7 @@ fn validation_reports_each_rule_with_its_key() {
         [database]
         url = "mysql://db/items"
         reader_url = "http://db/items"
+        reader_max_lag = "0s"
         checkout_timeout = "50ms"
         [redis]
         url = "memcached://x"
@@ -684,6 +686,7 @@ fn validation_reports_each_rule_with_its_key() {
             "listen.admin",
             "database.url",
             "database.reader_url",
+            "database.reader_max_lag",
             "database.checkout_timeout",
             "redis.url",
             "redis.key_prefix",

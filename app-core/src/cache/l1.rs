@@ -102,7 +102,18 @@ impl L1 {
 
     /// The stamp of an entry whose load started at `loaded_at`.
     pub fn stamp(&self, origin: Tier, loaded_at: Instant, kind: Kind) -> Stamp {
-        let base = self.ttl_now();
+        Self::stamp_within(self.ttl_now(), origin, loaded_at, kind)
+    }
+
+    /// The stamp of an entry that may be older than PostgreSQL (a replica's answer that
+    /// could not be checked against the writer): fresh only for `degraded_ttl`, like the
+    /// entries made while invalidations may be lost.
+    pub fn unverified_stamp(&self, origin: Tier, loaded_at: Instant, kind: Kind) -> Stamp {
+        let base = self.policy.degraded_ttl.min(self.policy.ttl);
+        Self::stamp_within(base, origin, loaded_at, kind)
+    }
+
+    fn stamp_within(base: Duration, origin: Tier, loaded_at: Instant, kind: Kind) -> Stamp {
         let base = match kind {
             Kind::Value => base,
             Kind::Absent => base / 5,
@@ -408,8 +419,8 @@ mod tests {
         assert!(l1.is_current(7, &value(&l1, 5, Instant::now())));
     }
 
-    /// R3 of CACHE.md: the older fill is inserted last, but the watermark set by the
-    /// write makes the next read drop it. Without `observe_version` in
+    /// R3 in `docs/cache-protocol.md`: the older fill is inserted last, but the watermark
+    /// set by the write makes the next read drop it. Without `observe_version` in
     /// `insert_written`, v1 is served (checked by removing it).
     #[tokio::test]
     async fn a_local_write_wins_over_an_older_fill_that_lands_after_it() {
@@ -420,8 +431,9 @@ mod tests {
         assert!(l1.get(9).await.is_none());
     }
 
-    /// R7 of CACHE.md: a fill that started before a flush is void, however late it lands.
-    /// Without the `last_flush` comparison in `is_current` it is served (checked).
+    /// R7 in `docs/cache-protocol.md`: a fill that started before a flush is void, however
+    /// late it lands. Without the `last_flush` comparison in `is_current` it is served
+    /// (checked).
     #[tokio::test]
     async fn a_fill_started_before_a_flush_is_not_served() {
         let l1 = l1();

@@ -11,7 +11,7 @@
 //!
 //! Trust: after a failed write (a fence that could not be applied), L2 may hold an older
 //! value than PostgreSQL for some key. Reads then skip L2 until the outbox relay has
-//! re-fenced every pending write (see `service`), as CACHE.md requires.
+//! re-fenced every pending write (see `service`; `docs/cache-protocol.md`, Trust).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,11 +26,12 @@ use super::breaker::{self, Breaker};
 
 /// Writes `{ver, kind, data}` only if the key holds an older version, or a tombstone of
 /// the same version being replaced by what was read after the delete. Without it, a
-/// reader that loaded v1 could overwrite the v2 a writer just fenced (race R1 of
-/// CACHE.md). A key with no version takes a writer's entry (`ARGV[5]` empty), but a
-/// reader's only with the lease it took at its miss (`ARGV[5]`): the lease is gone when a
-/// writer fenced in between or Redis evicted the key, fence and all, and then the reader
-/// may hold an older version than PostgreSQL. Returns 1 when written, 0 when fenced off.
+/// reader that loaded v1 could overwrite the v2 a writer just fenced (race R1 in
+/// `docs/cache-protocol.md`). A key with no version takes a writer's entry (`ARGV[5]`
+/// empty), but a reader's only with the lease it took at its miss (`ARGV[5]`): the lease
+/// is gone when a writer fenced in between or Redis evicted the key, fence and all, and
+/// then the reader may hold an older version than PostgreSQL. Returns 1 when written, 0
+/// when fenced off.
 const FENCE_LUA: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'ver', 'kind', 'lease')
 local ver = tonumber(ARGV[1])

@@ -2,7 +2,7 @@
 //!
 //! Both tiers hold *versioned* entries: an item's bytes at a version, or the knowledge
 //! that an id holds nothing. Versions are what keep the chain correct when fills and
-//! writes race (see `shared/CACHE.md`): a fill never replaces a newer version in Redis
+//! writes race (see `docs/cache-protocol.md`): a fill never replaces a newer version in Redis
 //! (a Lua fence), and an L1 entry older than the newest version this process has seen
 //! is not served (the watermark).
 
@@ -59,7 +59,7 @@ pub struct Stamp {
     /// The tier this entry was loaded from, for the request that loaded it.
     pub origin: Tier,
     /// When the load *started*: a load that began before an L1 flush must not be
-    /// served after it (race R7 of CACHE.md), however late it finishes.
+    /// served after it (race R7 in `docs/cache-protocol.md`), however late it finishes.
     pub loaded_at: Instant,
     /// Age up to which the entry is served as is (jittered per entry).
     pub fresh_for: Duration,

@@ -9,6 +9,7 @@
 //! round trip (parse, bind and execute together) instead of a prepare and an execute.
 
 mod migrate;
+mod replica;
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -22,6 +23,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::model::{Item, ItemId};
 use crate::tls::{SslMode, Verify};
+
+use replica::{Answer, Reader};
+pub use replica::{Moved, PROBE_INTERVAL, ReaderProbe, ReaderStats};
 
 type Pool = bb8::Pool<Manager>;
 
@@ -94,11 +98,23 @@ pub enum UpdateOutcome {
     VersionMismatch(i64),
 }
 
-/// The writer pool and, when configured, a reader pool for reads that tolerate replica lag.
+/// The writer pool and, when configured, a reader (see the `replica` module) that
+/// answers reads only when it can prove it is not behind.
 #[derive(Debug, Clone)]
 pub struct Database {
     writer: Pool,
-    reader: Option<Pool>,
+    reader: Option<Reader>,
+}
+
+/// One item read (or its absence), and whether it is known to be current.
+#[derive(Debug)]
+pub struct ItemRead {
+    pub item: Option<Item>,
+    /// It holds every version the writer had committed when the read began: always for
+    /// the writer's answers, and for a reader's that proved it had replayed that far.
+    /// False only for a reader's answer while the writer could not be asked; such an
+    /// answer must not be cached for long, nor in Redis.
+    pub current: bool,
 }
 
 /// How many connections a pool holds and how many are idle, for the pool gauges.
@@ -118,7 +134,10 @@ impl Database {
     pub fn new(settings: &DatabaseSettings) -> Result<Self, InvalidUrl> {
         let writer = build_pool(settings, settings.url.expose(), "database.url")?;
         let reader = match &settings.reader_url {
-            Some(url) => Some(build_pool(settings, url.expose(), "database.reader_url")?),
+            Some(url) => Some(Reader::new(
+                build_pool(settings, url.expose(), "database.reader_url")?,
+                settings.reader_max_lag,
+            )),
             None => None,
         };
         Ok(Self { writer, reader })
@@ -169,13 +188,32 @@ impl Database {
         Ok(())
     }
 
-    /// Reads one item, from the reader pool when there is one.
+    /// Reads one item as of no earlier than this call: from the reader when it proves it
+    /// has replayed everything the writer had committed by then, else from the writer.
+    /// A read the reader cannot answer goes to the writer; it never fails on the
+    /// reader's account.
     ///
     /// # Errors
     /// When the database is unreachable or the query fails.
-    pub async fn get(&self, id: ItemId) -> Result<Option<Item>, StoreError> {
-        self.get_from(self.reader.as_ref().unwrap_or(&self.writer), id)
-            .await
+    pub async fn get(&self, id: ItemId) -> Result<ItemRead, StoreError> {
+        let answer = match &self.reader {
+            Some(reader) => reader.get(&self.writer, id).await?,
+            None => Answer::Writer,
+        };
+        match answer {
+            Answer::Current(item) => Ok(ItemRead {
+                item,
+                current: true,
+            }),
+            Answer::Unverified(item) => Ok(ItemRead {
+                item,
+                current: false,
+            }),
+            Answer::Writer => Ok(ItemRead {
+                item: self.get_latest(id).await?,
+                current: true,
+            }),
+        }
     }
 
     /// Reads one item from the writer: for reads that must see the latest commit.
@@ -200,7 +238,9 @@ impl Database {
 
     /// A page of items in id order, after `after` (keyset pagination: stable under
     /// concurrent inserts, and as cheap for page 1,000 as for page 1); from the writer
-    /// when `latest`, else from the reader when there is one.
+    /// when `latest`, else from the reader when there is one and it is neither down nor
+    /// lagging beyond `database.reader_max_lag`. A page the reader cannot give within
+    /// that time comes from the writer.
     ///
     /// # Errors
     /// When the database is unreachable or the query fails.
@@ -210,11 +250,22 @@ impl Database {
         limit: i64,
         latest: bool,
     ) -> Result<Vec<Item>, StoreError> {
-        let pool = if latest {
-            &self.writer
-        } else {
-            self.reader.as_ref().unwrap_or(&self.writer)
-        };
+        if let Some(reader) = self.reader.as_ref().filter(|r| !latest && r.may_list()) {
+            let attempt = self.list_from(reader.pool(), after, limit);
+            match tokio::time::timeout(reader.max_lag(), attempt).await {
+                Ok(Ok(items)) => return Ok(items),
+                _ => reader.list_failed(),
+            }
+        }
+        self.list_from(&self.writer, after, limit).await
+    }
+
+    async fn list_from(
+        &self,
+        pool: &Pool,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Item>, StoreError> {
         let sql = format!("SELECT {ITEM_COLUMNS} FROM items WHERE id > $1 ORDER BY id LIMIT $2");
         let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
             [(&after, Type::INT8), (&limit, Type::INT8)];
@@ -382,7 +433,23 @@ impl Database {
                 idle: s.idle_connections,
             }
         };
-        (state(&self.writer), self.reader.as_ref().map(state))
+        (
+            state(&self.writer),
+            self.reader.as_ref().map(|r| state(r.pool())),
+        )
+    }
+
+    /// The reader's health and counts, when there is a reader.
+    pub fn reader_stats(&self) -> Option<ReaderStats> {
+        self.reader.as_ref().map(Reader::stats)
+    }
+
+    /// One round of the reader monitor (see the `replica` module); call it every
+    /// [`PROBE_INTERVAL`] with the same `probe`. Does nothing without a reader.
+    pub async fn probe_reader(&self, probe: &mut ReaderProbe) {
+        if let Some(reader) = &self.reader {
+            reader.probe(&self.writer, probe).await;
+        }
     }
 }
 

@@ -17,18 +17,7 @@ async fn start_process(backends: &Backends) -> Task {
         ("TIERGATE_CACHE__L1_TTL", "60s"),
         ("TIERGATE_CACHE__REFRESH_AFTER", "0s"),
     ];
-    let mut task = Task::start(backends, &vars).await;
-    // These two come in either order.
-    let mut pending = vec!["Invalidation channel subscribed.", "Database ready."];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !pending.is_empty() {
-        let line = tokio::time::timeout_at(deadline.into(), task.log.recv())
-            .await
-            .expect("ready within 20 s")
-            .expect("the process is running");
-        pending.retain(|message| !line.contains(&format!("\"message\":\"{message}\"")));
-    }
-    task
+    Task::start_subscribed(backends, &vars).await
 }
 
 async fn version_at(client: &reqwest::Client, url: &str) -> i64 {

@@ -55,6 +55,23 @@ impl Task {
         }
     }
 
+    /// Starts the binary as [`Task::start`] does, and waits until it is ready and
+    /// subscribed to the invalidation channel (so no write it should hear of is missed).
+    pub async fn start_subscribed(backends: &Backends, vars: &[(&str, &str)]) -> Self {
+        let mut task = Self::start(backends, vars).await;
+        // These two come in either order.
+        let mut pending = vec!["Invalidation channel subscribed.", "Database ready."];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pending.is_empty() {
+            let line = tokio::time::timeout_at(deadline.into(), task.log.recv())
+                .await
+                .expect("ready within 20 s")
+                .expect("the process is running");
+            pending.retain(|message| !line.contains(&format!("\"message\":\"{message}\"")));
+        }
+        task
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
     }
