@@ -94,7 +94,7 @@ pub fn client_config(ca_file: Option<&Path>, verify: Verify) -> Result<ClientCon
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let verifier: Arc<dyn ServerCertVerifier> = match (verify, ca_file) {
-        (Verify::Nothing, _) => Arc::new(Unverified(provider)),
+        (Verify::Nothing, _) => Arc::new(AnyCertificate::new(provider)),
         (_, None) => return Err("a CA file is needed to verify the server".to_owned()),
         (verify, Some(path)) => {
             let roots = Arc::new(roots(path)?);
@@ -132,12 +132,22 @@ pub fn roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(store)
 }
 
-/// Accepts any certificate but still checks the handshake's signatures with it, which
-/// is what libpq's `require` does.
+/// Accepts any server certificate but still checks the handshake's signatures with it:
+/// the connection is encrypted, to a server that holds the key of the certificate it
+/// showed, whoever that is. This is libpq's `sslmode=require` without a root file; the
+/// tests and loadgen's `--insecure` use it for self-signed certificates (the server
+/// still pays for a real handshake).
 #[derive(Debug)]
-struct Unverified(Arc<CryptoProvider>);
+pub struct AnyCertificate(Arc<CryptoProvider>);
 
-impl ServerCertVerifier for Unverified {
+impl AnyCertificate {
+    /// A verifier checking signatures with `provider`'s algorithms.
+    pub fn new(provider: Arc<CryptoProvider>) -> Self {
+        Self(provider)
+    }
+}
+
+impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
         &self,
         _: &CertificateDer<'_>,

@@ -31,7 +31,10 @@
 //! - `secret.rs`: [`Secret`] and its redaction.
 //! - `source.rs`: [`Source`], [`ProcessEnv`].
 //! - `load.rs`: [`load()`]: merging the layers, reading variables, typing.
-//! - `validate.rs`: range and format checks.
+//! - `validate.rs`: range and format checks, one function per settings section.
+//!
+//! Unit tests sit next to the code; `tests/load.rs` loads settings through the public API
+//! only (files, variables, layering, every problem at once, no secret in any output).
 
 mod load;
 mod routes;

@@ -22,15 +22,37 @@ pub(crate) struct Invalid {
     pub(crate) message: String,
 }
 
-/// Every check that fails, in key order.
+/// Every check that fails, section by section.
 pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
-    let mut out = Vec::new();
-    let mut fail = |keys: &'static [&'static str], message: String| {
-        out.push(Invalid { keys, message });
-    };
+    let mut out = Problems(Vec::new());
+    listen(s, &mut out);
+    tls(s, &mut out);
+    database(s, &mut out);
+    redis(s, &mut out);
+    cache(s, &mut out);
+    http(s, &mut out);
+    deployment(s, &mut out);
+    shutdown(s, &mut out);
+    runtime(s, &mut out);
+    admin(s, &mut out);
+    proxy(s, &mut out);
+    out.0
+}
 
+/// The failed checks found so far.
+struct Problems(Vec<Invalid>);
+
+impl Problems {
+    /// Records a failed check about `keys` (the first is the one the message is about).
+    fn fail(&mut self, keys: &'static [&'static str], message: String) {
+        self.0.push(Invalid { keys, message });
+    }
+}
+
+/// The listeners: distinct ports, a redirect only to an HTTPS listener, a connection cap.
+fn listen(s: &Settings, out: &mut Problems) {
     if s.listen.admin.port() != 0 && same_port(s.listen.http, s.listen.admin) {
-        fail(
+        out.fail(
             &["listen.admin", "listen.http"],
             format!(
                 "must not use the port of listen.http ({}): the admin listener serves \
@@ -42,7 +64,7 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
 
     if let Some(https) = s.listen.https {
         if same_port(https, s.listen.http) {
-            fail(
+            out.fail(
                 &["listen.https", "listen.http"],
                 format!(
                     "must not use the port of listen.http ({})",
@@ -51,7 +73,7 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
             );
         }
         if s.listen.admin.port() != 0 && same_port(https, s.listen.admin) {
-            fail(
+            out.fail(
                 &["listen.https", "listen.admin"],
                 format!(
                     "must not use the port of listen.admin ({})",
@@ -61,25 +83,28 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
         }
     }
     if s.listen.redirect_to_https && s.listen.https.is_none() {
-        fail(
+        out.fail(
             &["listen.redirect_to_https", "listen.https"],
             "needs listen.https: there is no HTTPS listener to redirect to".to_owned(),
         );
     }
     if s.listen.max_connections < 1 {
-        fail(
+        out.fail(
             &["listen.max_connections"],
             "must be at least 1, got 0".to_owned(),
         );
     }
+}
 
+/// TLS: a certificate with its key, server names that are host names, a handshake deadline.
+fn tls(s: &Settings, out: &mut Problems) {
     let tls = &s.tls;
     match (&tls.cert, &tls.key) {
-        (Some(_), None) => fail(
+        (Some(_), None) => out.fail(
             &["tls.cert", "tls.key"],
             "is set but tls.key is not; set both or neither".to_owned(),
         ),
-        (None, Some(_)) => fail(
+        (None, Some(_)) => out.fail(
             &["tls.key", "tls.cert"],
             "is set but tls.cert is not; set both or neither".to_owned(),
         ),
@@ -87,14 +112,14 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
     }
     for (i, cert) in tls.certificates.iter().enumerate() {
         if cert.server_names.is_empty() {
-            fail(
+            out.fail(
                 &["tls.certificates"],
                 format!("entry {i} ({}) has no server_names", cert.cert.display()),
             );
         }
         for name in &cert.server_names {
             if !valid_server_name(name) {
-                fail(
+                out.fail(
                     &["tls.certificates"],
                     format!("entry {i}: {name:?} is not a host name or a `*.` wildcard of one"),
                 );
@@ -102,22 +127,25 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
         }
     }
     if tls.handshake_timeout.is_zero() {
-        fail(
+        out.fail(
             &["tls.handshake_timeout"],
             "must be more than 0s".to_owned(),
         );
     }
+}
 
+/// PostgreSQL: URL schemes, pool size and timeouts, a CA file when a URL verifies the server.
+fn database(s: &Settings, out: &mut Problems) {
     let db = &s.database;
     if !has_scheme(db.url.expose(), &["postgres", "postgresql"]) {
-        fail(
+        out.fail(
             &["database.url"],
             "must start with postgres:// or postgresql://".to_owned(),
         );
     }
     if let Some(reader) = &db.reader_url {
         if !has_scheme(reader.expose(), &["postgres", "postgresql"]) {
-            fail(
+            out.fail(
                 &["database.reader_url"],
                 "must start with postgres:// or postgresql://".to_owned(),
             );
@@ -125,7 +153,7 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
     }
     let (min, max) = (Duration::from_millis(1), Duration::from_secs(60));
     if !(min..=max).contains(&db.reader_max_lag) {
-        fail(
+        out.fail(
             &["database.reader_max_lag"],
             format!(
                 "must be between 1ms and 1m, got {}",
@@ -134,14 +162,14 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
         );
     }
     if db.pool_max_size < 1 {
-        fail(
+        out.fail(
             &["database.pool_max_size"],
             format!("must be at least 1, got {}", db.pool_max_size),
         );
     }
     let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
     if !(min..=max).contains(&db.checkout_timeout) {
-        fail(
+        out.fail(
             &["database.checkout_timeout"],
             format!(
                 "must be between 100ms and 10s, got {}",
@@ -159,7 +187,7 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
             continue;
         };
         if !SSL_MODES.contains(&mode) {
-            fail(
+            out.fail(
                 key,
                 format!(
                     "sslmode must be one of {}, got {mode:?}",
@@ -172,7 +200,7 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
         .chain(db.reader_url.as_ref().map(|u| u.expose()))
         .any(|url| matches!(sslmode(url), Some("verify-ca" | "verify-full")));
     if verifies && db.ca_file.is_none() {
-        fail(
+        out.fail(
             &["database.ca_file", "database.url"],
             "must be set when a database URL has sslmode=verify-ca or verify-full: \
              it names the CAs to verify the server against (the RDS bundle, say)"
@@ -180,70 +208,86 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
         );
     }
     if db.connect_timeout.is_zero() {
-        fail(
+        out.fail(
             &["database.connect_timeout"],
             "must be more than 0s".to_owned(),
         );
     }
+}
 
+/// Redis: URL scheme, key prefix, timeouts, and the circuit breaker in front of it.
+fn redis(s: &Settings, out: &mut Problems) {
     let redis = &s.redis;
     if !has_scheme(
         redis.url.expose(),
         &["redis", "rediss", "redis-cluster", "rediss-cluster"],
     ) {
-        fail(
+        out.fail(
             &["redis.url"],
             "must start with redis://, rediss://, redis-cluster:// or rediss-cluster://".to_owned(),
         );
     }
     if redis.key_prefix.is_empty() {
-        fail(&["redis.key_prefix"], "must not be empty".to_owned());
+        out.fail(&["redis.key_prefix"], "must not be empty".to_owned());
     } else if redis.key_prefix.chars().any(char::is_whitespace) {
-        fail(
+        out.fail(
             &["redis.key_prefix"],
             format!("must not contain whitespace, got {:?}", redis.key_prefix),
         );
     }
     if redis.command_timeout.is_zero() {
-        fail(
+        out.fail(
             &["redis.command_timeout"],
             "must be more than 0s".to_owned(),
         );
     }
     if redis.connect_timeout.is_zero() {
-        fail(
+        out.fail(
             &["redis.connect_timeout"],
             "must be more than 0s".to_owned(),
         );
     }
 
+    if redis.breaker_failures == 0 {
+        out.fail(&["redis.breaker_failures"], "must be at least 1".to_owned());
+    }
+    if redis.breaker_open < Duration::from_millis(100) {
+        out.fail(
+            &["redis.breaker_open"],
+            format!("must be at least 100ms, got {}", human(redis.breaker_open)),
+        );
+    }
+}
+
+/// The cache tiers' size and lifetimes.
+fn cache(s: &Settings, out: &mut Problems) {
     let cache = &s.cache;
     if cache.l1_max_bytes < MIB {
-        fail(
+        out.fail(
             &["cache.l1_max_bytes"],
             format!("must be at least 1 MiB ({MIB}), got {}", cache.l1_max_bytes),
         );
     }
     if cache.l1_ttl < Duration::from_secs(1) {
-        fail(
+        out.fail(
             &["cache.l1_ttl"],
             format!("must be at least 1s, got {}", human(cache.l1_ttl)),
         );
     }
     if cache.l2_ttl < Duration::from_secs(1) {
-        fail(
+        out.fail(
             &["cache.l2_ttl"],
             format!("must be at least 1s, got {}", human(cache.l2_ttl)),
         );
     }
     if cache.negative_ttl < Duration::from_millis(100) {
-        fail(
+        out.fail(
             &["cache.negative_ttl"],
             format!("must be at least 100ms, got {}", human(cache.negative_ttl)),
         );
     }
     if cache.degraded_l1_ttl < Duration::from_millis(100) {
-        fail(
+        out.fail(
             &["cache.degraded_l1_ttl"],
             format!(
                 "must be at least 100ms, got {}",
@@ -251,22 +295,13 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
             ),
         );
     }
-    if s.redis.breaker_failures == 0 {
-        fail(&["redis.breaker_failures"], "must be at least 1".to_owned());
-    }
-    if s.redis.breaker_open < Duration::from_millis(100) {
-        fail(
-            &["redis.breaker_open"],
-            format!(
-                "must be at least 100ms, got {}",
-                human(s.redis.breaker_open)
-            ),
-        );
-    }
+}
 
+/// The public HTTP limits: body, head and header sizes, timeouts, requests in flight.
+fn http(s: &Settings, out: &mut Problems) {
     let http = &s.http;
     if !(1..=16 * MIB).contains(&http.max_body_bytes) {
-        fail(
+        out.fail(
             &["http.max_body_bytes"],
             format!(
                 "must be between 1 and 16 MiB ({}), got {}",
@@ -276,26 +311,26 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
         );
     }
     if http.request_timeout.is_zero() {
-        fail(&["http.request_timeout"], "must be more than 0s".to_owned());
+        out.fail(&["http.request_timeout"], "must be more than 0s".to_owned());
     }
     if http.max_in_flight < 1 {
-        fail(
+        out.fail(
             &["http.max_in_flight"],
             format!("must be at least 1, got {}", http.max_in_flight),
         );
     }
     if http.header_read_timeout.is_zero() {
-        fail(
+        out.fail(
             &["http.header_read_timeout"],
             "must be more than 0s".to_owned(),
         );
     }
     if http.idle_timeout.is_zero() {
-        fail(&["http.idle_timeout"], "must be more than 0s".to_owned());
+        out.fail(&["http.idle_timeout"], "must be more than 0s".to_owned());
     }
     // hyper's read buffer cannot be smaller than 8 KiB.
     if !(8192..=1024 * 1024).contains(&http.max_header_bytes) {
-        fail(
+        out.fail(
             &["http.max_header_bytes"],
             format!(
                 "must be between 8192 and 1 MiB (1048576), got {}",
@@ -304,19 +339,19 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
         );
     }
     if !(1..=1000).contains(&http.max_headers) {
-        fail(
+        out.fail(
             &["http.max_headers"],
             format!("must be between 1 and 1000, got {}", http.max_headers),
         );
     }
     if http.h2_max_concurrent_streams < 1 {
-        fail(
+        out.fail(
             &["http.h2_max_concurrent_streams"],
             "must be at least 1, got 0".to_owned(),
         );
     }
     if http.h2_max_header_list_bytes < 1024 {
-        fail(
+        out.fail(
             &["http.h2_max_header_list_bytes"],
             format!(
                 "must be at least 1024, got {}",
@@ -324,25 +359,31 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
             ),
         );
     }
+}
 
+/// The deployment's color (blue/green): a short label of safe characters.
+fn deployment(s: &Settings, out: &mut Problems) {
     if let Some(color) = &s.deployment.color {
         let valid = (1..=32).contains(&color.len())
             && color
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !valid {
-            fail(
+            out.fail(
                 &["deployment.color"],
                 format!("must be 1 to 32 characters of a-z, 0-9 and -, got {color:?}"),
             );
         }
     }
+}
 
+/// Shutdown: a drain that leaves time for requests in flight.
+fn shutdown(s: &Settings, out: &mut Problems) {
     let shutdown = &s.shutdown;
     if shutdown.timeout.is_zero() {
-        fail(&["shutdown.timeout"], "must be more than 0s".to_owned());
+        out.fail(&["shutdown.timeout"], "must be more than 0s".to_owned());
     } else if shutdown.drain_delay >= shutdown.timeout {
-        fail(
+        out.fail(
             &["shutdown.drain_delay", "shutdown.timeout"],
             format!(
                 "must be less than shutdown.timeout ({}), got {}: in-flight requests need \
@@ -352,9 +393,12 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
             ),
         );
     }
+}
 
+/// The runtime's worker threads.
+fn runtime(s: &Settings, out: &mut Problems) {
     if s.runtime.worker_threads > MAX_WORKER_THREADS {
-        fail(
+        out.fail(
             &["runtime.worker_threads"],
             format!(
                 "must be at most {MAX_WORKER_THREADS} (0: one per CPU), got {}",
@@ -362,29 +406,34 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
             ),
         );
     }
+}
 
+/// The admin token, long enough to guard the routing of all traffic.
+fn admin(s: &Settings, out: &mut Problems) {
     if let Some(token) = &s.admin.token {
         if token.expose().chars().count() < 16 {
-            fail(
+            out.fail(
                 &["admin.token"],
                 "must be at least 16 characters: it guards the routing of all traffic".to_owned(),
             );
         }
     }
+}
+
+/// The proxy's retries, and the route table and upstream groups.
+fn proxy(s: &Settings, out: &mut Problems) {
     if s.proxy.max_attempts < 1 {
-        fail(
+        out.fail(
             &["proxy.max_attempts"],
             "must be at least 1, got 0".to_owned(),
         );
     }
     for message in check_routes(s) {
-        fail(&["routes"], message);
+        out.fail(&["routes"], message);
     }
     for message in check_upstreams(s) {
-        fail(&["upstreams"], message);
+        out.fail(&["upstreams"], message);
     }
-
-    out
 }
 
 /// The route table's problems, each naming the route by index and name.

@@ -24,10 +24,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tiergate_config::Secret;
 
+use crate::error::{ClientError, GatewayError};
 use crate::proxy::{Group, SplitError};
 use crate::reload::{ReloadError, Reloader};
+use crate::response::{ResponseBody, json as json_response, probe};
 use crate::router::{Handler, Router};
-use crate::service::{Gateway, ResponseBody, json as json_response, not_found, probe};
+use crate::service::Gateway;
 
 /// Largest admin request body read.
 const MAX_BODY: usize = 64 * 1024;
@@ -55,9 +57,20 @@ impl Admin {
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        self.answer(req)
+            .await
+            .unwrap_or_else(GatewayError::into_response)
+    }
+
+    /// The answer to one admin request, or why there is none.
+    async fn answer<B>(&self, req: Request<B>) -> Result<Response<ResponseBody>, GatewayError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        match (req.method(), segments.as_slice()) {
+        let rsp = match (req.method(), segments.as_slice()) {
             (&Method::GET, ["metrics"]) => {
                 self.app.record_gauges();
                 self.gateway.router().record_gauges();
@@ -82,48 +95,48 @@ impl Admin {
                 reply(StatusCode::OK, &describe(&self.gateway.router()))
             }
             (&Method::PUT, ["admin", "routes", name, "split"]) => {
-                if let Some(denied) = self.deny(&req) {
-                    return denied;
-                }
+                self.authorize(&req)?;
                 let name = (*name).to_owned();
-                match read_json::<BTreeMap<String, u32>, _>(req).await {
-                    Ok(weights) => self.set_split(&name, &weights),
-                    Err(why) => error(StatusCode::BAD_REQUEST, "bad_request", &why),
-                }
+                let weights = read_json::<BTreeMap<String, u32>, _>(req)
+                    .await
+                    .map_err(ClientError::BadRequest)?;
+                self.set_split(&name, &weights)?
             }
             (&Method::POST, ["admin", "reload"]) => {
-                if let Some(denied) = self.deny(&req) {
-                    return denied;
-                }
-                match self.reloader.reload("admin API") {
-                    Ok(reloaded) => reply(StatusCode::OK, &json!({ "status": "reloaded", "reloaded": reloaded })),
-                    Err(ReloadError::Invalid(e)) => reply(
-                        StatusCode::BAD_REQUEST,
-                        &json!({
-                            "error": "invalid_config",
-                            "message": "the configuration was refused; the running one keeps serving",
-                            "problems": e.problems,
-                        }),
-                    ),
-                    Err(ReloadError::Table(e)) => error(StatusCode::BAD_REQUEST, "invalid_config", &e.to_string()),
-                }
+                self.authorize(&req)?;
+                let reloaded = self
+                    .reloader
+                    .reload("admin API")
+                    .map_err(|refused| match refused {
+                        ReloadError::Invalid(e) => ClientError::ConfigRefused(e),
+                        ReloadError::Table(e) => ClientError::TableRefused(e),
+                    })?;
+                reply(
+                    StatusCode::OK,
+                    &json!({ "status": "reloaded", "reloaded": reloaded }),
+                )
             }
-            (_, ["metrics" | "livez" | "readyz"] | ["admin", "routes"]) => method_not_allowed("GET"),
-            (_, ["admin", "routes", _, "split"]) => method_not_allowed("PUT"),
-            (_, ["admin", "reload"]) => method_not_allowed("POST"),
-            _ => not_found(),
-        }
+            (_, ["metrics" | "livez" | "readyz"] | ["admin", "routes"]) => {
+                return Err(ClientError::MethodNotAllowed { allow: "GET" }.into());
+            }
+            (_, ["admin", "routes", _, "split"]) => {
+                return Err(ClientError::MethodNotAllowed { allow: "PUT" }.into());
+            }
+            (_, ["admin", "reload"]) => {
+                return Err(ClientError::MethodNotAllowed { allow: "POST" }.into());
+            }
+            _ => return Err(ClientError::NoRoute.into()),
+        };
+        Ok(rsp)
     }
 
-    /// The answer to a request that does not bear the configured token; `None` for one
-    /// that does.
-    fn deny<B>(&self, req: &Request<B>) -> Option<Response<ResponseBody>> {
+    /// Lets a request through only if it bears the configured token.
+    ///
+    /// # Errors
+    /// No token is configured, or the request does not bear it.
+    fn authorize<B>(&self, req: &Request<B>) -> Result<(), ClientError> {
         let Some(expected) = &self.token else {
-            return Some(error(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "admin.token is not set: the mutating admin endpoints are off",
-            ));
+            return Err(ClientError::AdminOff);
         };
         let presented = req
             .headers()
@@ -132,52 +145,36 @@ impl Admin {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|t| ring::digest::digest(&ring::digest::SHA256, t.trim().as_bytes()));
         match presented {
-            Some(digest) if digest.as_ref() == expected.as_ref() => None,
-            _ => {
-                let mut rsp = error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "this endpoint needs Authorization: Bearer <admin.token>",
-                );
-                rsp.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                Some(rsp)
-            }
+            Some(digest) if digest.as_ref() == expected.as_ref() => Ok(()),
+            _ => Err(ClientError::Unauthorized),
         }
     }
 
-    fn set_split(&self, name: &str, weights: &BTreeMap<String, u32>) -> Response<ResponseBody> {
+    /// Puts new weights on the split of route `name`.
+    ///
+    /// # Errors
+    /// No such route, no split on it, a group it does not have, or weights that sum to 0.
+    fn set_split(
+        &self,
+        name: &str,
+        weights: &BTreeMap<String, u32>,
+    ) -> Result<Response<ResponseBody>, ClientError> {
         let router = self.gateway.router();
         let split = match router.route_named(name).map(|r| &r.handler) {
             Some(Handler::Split(split)) => split,
-            Some(_) => {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    &format!("route {name} has no split"),
-                );
-            }
-            None => {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    &format!("no route named {name}"),
-                );
-            }
+            Some(_) => return Err(ClientError::NotFound(format!("route {name} has no split"))),
+            None => return Err(ClientError::NotFound(format!("no route named {name}"))),
         };
-        match split.set_weights(weights) {
-            Ok(()) => {
-                let now = split.weights();
-                tracing::info!(route = name, weights = ?now, "Split weights changed through the admin API.");
-                reply(StatusCode::OK, &json!({ "route": name, "split": now }))
-            }
-            Err(e @ SplitError::UnknownGroup(..)) => {
-                error(StatusCode::NOT_FOUND, "not_found", &e.to_string())
-            }
-            Err(e @ SplitError::ZeroSum) => {
-                error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())
-            }
-        }
+        split.set_weights(weights).map_err(|e| match e {
+            SplitError::UnknownGroup(..) => ClientError::NotFound(e.to_string()),
+            SplitError::ZeroSum => ClientError::BadRequest(e.to_string()),
+        })?;
+        let now = split.weights();
+        tracing::info!(route = name, weights = ?now, "Split weights changed through the admin API.");
+        Ok(reply(
+            StatusCode::OK,
+            &json!({ "route": name, "split": now }),
+        ))
     }
 }
 
@@ -265,19 +262,4 @@ where
 
 fn reply(status: StatusCode, body: &Value) -> Response<ResponseBody> {
     json_response(status, Bytes::from(body.to_string()))
-}
-
-fn error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
-    reply(status, &json!({ "error": code, "message": message }))
-}
-
-fn method_not_allowed(allow: &'static str) -> Response<ResponseBody> {
-    let mut rsp = error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        &format!("this endpoint answers {allow} only"),
-    );
-    rsp.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allow));
-    rsp
 }

@@ -10,6 +10,10 @@
 //! - [`router`]: the route table (host + path → app, upstream group, split or
 //!   redirect, with a bounded route name).
 //! - [`service`]: the request path as named steps (id, route, answer, record).
+//! - [`error`]: the gateway's errors by the side that failed, and the one place where
+//!   they become responses.
+//! - [`response`]: the body type every listener serves, and the JSON answers the
+//!   gateway makes itself.
 //! - [`proxy`]: upstream groups, balancing, health, splits, forwarding.
 //! - [`reload`]: configuration reload on SIGHUP and through the admin API.
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz` and `/admin/*` on the admin listener.
@@ -18,11 +22,13 @@
 //! - [`healthcheck`]: the `tiergate healthcheck` probe client.
 
 pub mod admin;
+pub mod error;
 pub mod healthcheck;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
+pub mod response;
 pub mod router;
 pub mod service;
 pub mod shutdown;
@@ -41,11 +47,14 @@ use futures_util::future::Either;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tiergate_config::Settings;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::admin::Admin;
-use crate::listener::{DrainControl, Limits, Phase, Transport};
+use crate::error::GatewayError;
+use crate::listener::{Drain, DrainControl, Limits, Peer, Phase, Transport};
 use crate::reload::{ConfigSource, Reloader};
+use crate::response::ResponseBody;
 use crate::router::Router;
 use crate::service::Gateway;
 use crate::tls::CertStore;
@@ -250,28 +259,16 @@ impl Server {
         let plain_handler = move |req: http::Request<hyper::body::Incoming>, peer| {
             match redirect_to.and_then(|port| service::redirect_to_https(&req, port)) {
                 // Boxed, so the future hyper moves around stays the gateway's size.
-                Some(rsp) => Either::Left(std::future::ready(Box::new(rsp)).map(|rsp| *rsp)),
+                Some(answer) => {
+                    let rsp = Box::new(answer.unwrap_or_else(GatewayError::into_response));
+                    Either::Left(std::future::ready(rsp).map(|rsp| *rsp))
+                }
                 None => Either::Right(gateway.handle(req, peer)),
             }
         };
-        let secure = match https {
-            Some(https) => {
-                let watcher = tokio::spawn(tls::watch(https.store, https.reload_interval)?);
-                let serve = tokio::spawn(listener::serve(
-                    "https",
-                    https.listener,
-                    Transport::Tls {
-                        acceptor: tokio_rustls::TlsAcceptor::from(https.config),
-                        handshake_timeout: https.handshake_timeout,
-                    },
-                    limits.clone(),
-                    https_handler,
-                    drain.clone(),
-                ));
-                Some((serve, watcher))
-            }
-            None => None,
-        };
+        let secure = https
+            .map(|https| https.serve(limits.clone(), https_handler, drain.clone()))
+            .transpose()?;
         let public = tokio::spawn(listener::serve(
             "http",
             http,
@@ -318,6 +315,38 @@ impl Server {
         }
         tracing::info!("Stopped.");
         Ok(())
+    }
+}
+
+impl Https {
+    /// Serves the HTTPS listener with `handler`, and watches its certificate files for
+    /// changes; returns both tasks.
+    ///
+    /// # Errors
+    /// The certificate watcher cannot start.
+    fn serve<H, Fut>(
+        self,
+        limits: Limits,
+        handler: H,
+        drain: Drain,
+    ) -> std::io::Result<(JoinHandle<()>, JoinHandle<()>)>
+    where
+        H: Fn(http::Request<hyper::body::Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = http::Response<ResponseBody>> + Send + 'static,
+    {
+        let watcher = tokio::spawn(tls::watch(self.store, self.reload_interval)?);
+        let serve = tokio::spawn(listener::serve(
+            "https",
+            self.listener,
+            Transport::Tls {
+                acceptor: tokio_rustls::TlsAcceptor::from(self.config),
+                handshake_timeout: self.handshake_timeout,
+            },
+            limits,
+            handler,
+            drain,
+        ));
+        Ok((serve, watcher))
     }
 }
 

@@ -6,8 +6,9 @@
 //!    a JSON 404;
 //! 4. record: metrics by route and one access log line.
 //!
-//! Every failure has become a response by step 3 (the app and the proxy answer errors
-//! as JSON), so the service never fails and hyper never sees an error from it.
+//! Every failure of step 3 is a [`GatewayError`] that becomes its response through
+//! [`GatewayError::into_response`] (the app answers its own errors), so the service never
+//! fails and hyper never sees an error from it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,17 +23,15 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use metrics::Counter;
 use tiergate_config::HttpSettings;
 
+use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
-use crate::proxy::{self, ClientSide, Forwarding, Group, UpstreamBody};
+use crate::proxy::{self, ClientSide, ProxyRequest};
+use crate::response::{ResponseBody, json, probe};
 use crate::router::{Handler, Route, Router};
-
-/// The body of every response the gateway makes: whole (the app, errors, probes) or
-/// streamed from an upstream.
-pub type ResponseBody = Either<Full<Bytes>, UpstreamBody>;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
@@ -183,8 +182,13 @@ impl Gateway {
             } else {
                 None
             };
+            // Each arm ends in a response; an error becomes one through
+            // `GatewayError::into_response` in its arm, so the app's answer, the hot path,
+            // is never wrapped in a `Result` and copied out of it.
             let mut rsp = match answer {
-                _ if route.shed && permit.is_none() => overloaded(),
+                _ if route.shed && permit.is_none() => {
+                    GatewayError::from(LocalError::Overloaded).into_response()
+                }
                 Answer::App(mut app) => {
                     // Polled once before any deadline is set: an L1 hit is ready at once
                     // and never needs the timer. (An `if let`, so its answer is not kept
@@ -200,33 +204,42 @@ impl Gateway {
                         let left = inner.request_timeout.saturating_sub(started.elapsed());
                         Box::pin(tokio::time::timeout(left, app)).await
                     };
-                    rsp.map_or_else(
-                        |_| timed_out(inner.request_timeout),
-                        |rsp| rsp.map(Either::Left),
-                    )
+                    match rsp {
+                        Ok(rsp) => rsp.map(Either::Left),
+                        Err(_) => GatewayError::from(LocalError::AppDeadline {
+                            limit: inner.request_timeout,
+                        })
+                        .into_response(),
+                    }
                 }
                 Answer::Here(req, router) => {
-                    let upstream = |group, set_cookie| Upstream {
+                    let upstream = |group, req: Request<B>| ProxyRequest {
+                        client: client_side(&req, peer),
+                        req,
                         group,
-                        set_cookie,
-                        router: &router,
-                        route: &route,
+                        rewrite: route.rewrite(),
+                        trusted_hops: router.proxy.trusted_hops,
+                        forwarded_header: router.proxy.forwarded_header,
                         request_id: &request_id,
                         tunnels: &inner.tunnels,
                     };
                     match &route.handler {
                         Handler::Upstream(group) => {
-                            Box::pin(proxied(upstream(group, None), *req, peer)).await
+                            Box::pin(proxied(upstream(group, *req), None)).await
                         }
                         Handler::Split(split) => {
                             let (group, set_cookie) = split.pick(req.headers());
-                            Box::pin(proxied(upstream(group, set_cookie), *req, peer)).await
+                            Box::pin(proxied(upstream(group, *req), set_cookie)).await
                         }
-                        Handler::Redirect(base) => redirect(base, &req),
+                        Handler::Redirect(base) => {
+                            redirect(base, &req).unwrap_or_else(GatewayError::into_response)
+                        }
                         Handler::Livez => probe(true),
                         Handler::Readyz => probe(gateway.is_ready()),
                         // `Answer::App` took the app's requests.
-                        Handler::App | Handler::NotFound => not_found(),
+                        Handler::App | Handler::NotFound => {
+                            GatewayError::from(ClientError::NoRoute).into_response()
+                        }
                     }
                 }
             };
@@ -235,22 +248,7 @@ impl Gateway {
             let elapsed = started.elapsed();
             route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
             if let Some(logged) = logged {
-                let Logged {
-                    trace_id,
-                    method,
-                    path,
-                } = *logged;
-                tracing::info!(
-                    target: "access",
-                    request_id = request_id.to_str().unwrap_or(""),
-                    trace_id = trace_id.as_ref().and_then(|v| v.to_str().ok()),
-                    method = %method,
-                    path,
-                    route = route.name,
-                    status = rsp.status().as_u16(),
-                    duration_ms = elapsed.as_secs_f64() * 1e3,
-                    cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
-                );
+                logged.write(&request_id, &route, &rsp, elapsed);
             }
             rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             rsp
@@ -302,45 +300,58 @@ struct Logged {
     path: String,
 }
 
-/// Where a proxied request goes, and what the route says about it.
-struct Upstream<'a> {
-    group: &'a Arc<Group>,
-    /// The split's sticky cookie, when the client is to be pinned to `group`.
-    set_cookie: Option<HeaderValue>,
-    router: &'a Router,
-    route: &'a Route,
-    request_id: &'a HeaderValue,
-    tunnels: &'a proxy::Tunnels,
+impl Logged {
+    /// Writes the access line of the request answered with `rsp`.
+    fn write(
+        self,
+        request_id: &HeaderValue,
+        route: &Route,
+        rsp: &Response<ResponseBody>,
+        elapsed: Duration,
+    ) {
+        tracing::info!(
+            target: "access",
+            request_id = request_id.to_str().unwrap_or(""),
+            trace_id = self.trace_id.as_ref().and_then(|v| v.to_str().ok()),
+            method = %self.method,
+            path = self.path,
+            route = route.name,
+            status = rsp.status().as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
+        );
+    }
 }
 
-/// Forwards `req` to its upstream group (taking the client connection's upgrade when
-/// the request asks for one) and answers with what came back.
-async fn proxied<B>(to: Upstream<'_>, mut req: Request<B>, peer: Peer) -> Response<ResponseBody>
+/// Forwards a request to its upstream group and answers with what came back, or with
+/// the error's response; a split's sticky cookie (when the client is to be pinned to the
+/// group it went to) goes with every answer, an error's too.
+async fn proxied<B>(
+    to: ProxyRequest<'_, B>,
+    set_cookie: Option<HeaderValue>,
+) -> Response<ResponseBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let host = authority_value(&req);
-    let upgrade = proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-    let how = Forwarding {
-        client: ClientSide {
-            peer: peer.addr,
-            tls: peer.tls,
-            local_port: peer.local_port,
-            host: host.as_ref(),
-        },
-        rewrite: to.route.rewrite(),
-        trusted_hops: to.router.proxy.trusted_hops,
-        forwarded_header: to.router.proxy.forwarded_header,
-        request_id: to.request_id,
-        upgrade,
-        tunnels: to.tunnels,
+    let mut rsp = match proxy::forward(to).await {
+        Ok(rsp) => rsp,
+        Err(error) => error.into_response(),
     };
-    let mut rsp = proxy::forward(to.group, req, how).await;
-    if let Some(cookie) = to.set_cookie {
+    if let Some(cookie) = set_cookie {
         rsp.headers_mut().append(header::SET_COOKIE, cookie);
     }
     rsp
+}
+
+/// The client's side of a proxied request: its connection, and the authority it named.
+fn client_side<B>(req: &Request<B>, peer: Peer) -> ClientSide {
+    ClientSide {
+        peer: peer.addr,
+        tls: peer.tls,
+        local_port: peer.local_port,
+        host: authority_value(req),
+    }
 }
 
 /// The authority the request names, port included: the URI's (HTTP/2, absolute form)
@@ -379,22 +390,25 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 }
 
 /// A 308 to `base` followed by the request's path and query.
-fn redirect<B>(base: &str, req: &Request<B>) -> Response<ResponseBody> {
+///
+/// # Errors
+/// The result is not a valid `Location`.
+fn redirect<B>(base: &str, req: &Request<B>) -> Result<Response<ResponseBody>, GatewayError> {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut rsp = json(
-        StatusCode::PERMANENT_REDIRECT,
-        Bytes::from_static(br#"{"error":"moved","message":"this resource has moved"}"#),
-    );
-    match HeaderValue::try_from(format!("{base}{path}")) {
-        Ok(location) => {
-            rsp.headers_mut().insert(header::LOCATION, location);
-            rsp
-        }
-        Err(_) => json(
-            StatusCode::BAD_REQUEST,
-            Bytes::from_static(br#"{"error":"bad_request","message":"cannot redirect this URL"}"#),
-        ),
-    }
+    let location =
+        HeaderValue::try_from(format!("{base}{path}")).map_err(|_| ClientError::CannotRedirect)?;
+    Ok(permanent_redirect(
+        location,
+        br#"{"error":"moved","message":"this resource has moved"}"#,
+    ))
+}
+
+/// A 308 to `location`, with a JSON body that says why for a client that does not
+/// follow it.
+fn permanent_redirect(location: HeaderValue, body: &'static [u8]) -> Response<ResponseBody> {
+    let mut rsp = json(StatusCode::PERMANENT_REDIRECT, Bytes::from_static(body));
+    rsp.headers_mut().insert(header::LOCATION, location);
+    rsp
 }
 
 /// The probe paths a load balancer checks over plain HTTP: never redirected.
@@ -403,7 +417,13 @@ const PROBE_PATHS: [&str; 3] = ["/health", "/livez", "/readyz"];
 /// A 308 to the same URL over HTTPS on `https_port`, for the plain listener when
 /// `listen.redirect_to_https` is set; `None` for the probe paths, which are served.
 /// 308 (not 301) keeps the method and body of a POST.
-pub fn redirect_to_https<B>(req: &Request<B>, https_port: u16) -> Option<Response<ResponseBody>> {
+///
+/// # Errors
+/// The request names no host, or the URL is not a valid `Location`.
+pub fn redirect_to_https<B>(
+    req: &Request<B>,
+    https_port: u16,
+) -> Option<Result<Response<ResponseBody>, GatewayError>> {
     if PROBE_PATHS.contains(&req.uri().path()) {
         return None;
     }
@@ -417,10 +437,7 @@ pub fn redirect_to_https<B>(req: &Request<B>, https_port: u16) -> Option<Respons
             Some(uri.host().to_owned())
         });
     let Some(host) = authority else {
-        return Some(json(
-            StatusCode::BAD_REQUEST,
-            Bytes::from_static(br#"{"error":"bad_request","message":"a Host header is needed to redirect to HTTPS"}"#),
-        ));
+        return Some(Err(ClientError::NoHostToRedirect.into()));
     };
     let port = if https_port == 443 {
         String::new()
@@ -428,21 +445,14 @@ pub fn redirect_to_https<B>(req: &Request<B>, https_port: u16) -> Option<Respons
         format!(":{https_port}")
     };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let location = format!("https://{host}{port}{path}");
-    let mut rsp = json(
-        StatusCode::PERMANENT_REDIRECT,
-        Bytes::from_static(br#"{"error":"https_required","message":"use HTTPS"}"#),
-    );
-    match HeaderValue::try_from(location) {
-        Ok(location) => {
-            rsp.headers_mut().insert(header::LOCATION, location);
-            Some(rsp)
-        }
-        Err(_) => Some(json(
-            StatusCode::BAD_REQUEST,
-            Bytes::from_static(br#"{"error":"bad_request","message":"cannot redirect this URL"}"#),
-        )),
-    }
+    let location = match HeaderValue::try_from(format!("https://{host}{port}{path}")) {
+        Ok(location) => location,
+        Err(_) => return Some(Err(ClientError::CannotRedirect.into())),
+    };
+    Some(Ok(permanent_redirect(
+        location,
+        br#"{"error":"https_required","message":"use HTTPS"}"#,
+    )))
 }
 
 /// The incoming id if it is short and of safe characters (it is logged and echoed),
@@ -471,63 +481,6 @@ fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
         .unwrap_or(HeaderValue::from_static("unknown"))
 }
 
-/// A probe answer: 200 or 503 with a one-word JSON body.
-pub(crate) fn probe(ok: bool) -> Response<ResponseBody> {
-    let (status, body) = if ok {
-        (StatusCode::OK, r#"{"status":"ok"}"#)
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"status":"unavailable"}"#,
-        )
-    };
-    json(status, Bytes::from_static(body.as_bytes()))
-}
-
-fn timed_out(limit: Duration) -> Response<ResponseBody> {
-    let body = serde_json::json!({
-        "error": "timeout",
-        "message": format!("the request took longer than {} ms", limit.as_millis()),
-    });
-    let mut rsp = json(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Bytes::from(body.to_string()),
-    );
-    rsp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    rsp
-}
-
-/// The answer to a request over `http.max_in_flight`.
-fn overloaded() -> Response<ResponseBody> {
-    let mut rsp = json(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Bytes::from_static(
-            br#"{"error":"overloaded","message":"too many requests in flight; retry shortly"}"#,
-        ),
-    );
-    rsp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    rsp
-}
-
-pub(crate) fn not_found() -> Response<ResponseBody> {
-    json(
-        StatusCode::NOT_FOUND,
-        Bytes::from_static(br#"{"error":"not_found","message":"no such route"}"#),
-    )
-}
-
-pub(crate) fn json(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
-    let mut rsp = Response::new(Either::Left(Full::new(body)));
-    *rsp.status_mut() = status;
-    rsp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    rsp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,13 +491,13 @@ mod tests {
             .header(header::HOST, "api.example.com:8080")
             .body(())
             .unwrap();
-        let rsp = redirect_to_https(&req, 8443).unwrap();
+        let rsp = redirect_to_https(&req, 8443).unwrap().unwrap();
         assert_eq!(rsp.status(), 308);
         assert_eq!(
             rsp.headers()[header::LOCATION],
             "https://api.example.com:8443/items/1?x=2"
         );
-        let rsp = redirect_to_https(&req, 443).unwrap();
+        let rsp = redirect_to_https(&req, 443).unwrap().unwrap();
         assert_eq!(
             rsp.headers()[header::LOCATION],
             "https://api.example.com/items/1?x=2"
@@ -552,7 +505,8 @@ mod tests {
         let probe = Request::get("/health").body(()).unwrap();
         assert!(redirect_to_https(&probe, 443).is_none());
         let no_host = Request::get("/items").body(()).unwrap();
-        assert_eq!(redirect_to_https(&no_host, 443).unwrap().status(), 400);
+        let refused = redirect_to_https(&no_host, 443).unwrap().unwrap_err();
+        assert_eq!(refused.into_response().status(), 400);
     }
 
     #[test]

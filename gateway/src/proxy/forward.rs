@@ -1,43 +1,54 @@
 //! Forwarding one request to an upstream group, as named steps:
 //!
-//! 1. prepare: strip hop-by-hop headers, set `X-Forwarded-*`, `Via`, `Host`, the
-//!    request id, and rewrite the path;
-//! 2. attempt: pick a target, send through the group's pool, wait for the response head
-//!    within the group's limits;
-//! 3. judge: a failed connect, or a target whose connections are all busy, is retried
-//!    on another target; a broken exchange is retried only for an idempotent request
-//!    without a body; an answer (any status) is never retried, and every retry is paid
-//!    from the group's retry budget;
-//! 4. answer: stream the upstream's response down (or tunnel an upgrade after its real
-//!    `101`), or say as JSON which side failed and which limit was hit.
+//! 1. [`prepare`]: strip hop-by-hop headers, keep or replace `Host`, rewrite the path,
+//!    hold the body where a retry can take it back;
+//! 2. [`Prepared::attempt`]: pick a target, build its copy of the request (with
+//!    `X-Forwarded-*`, `Via` and the request id), send it through the group's pool and
+//!    wait for the response head within the group's limits;
+//! 3. [`classify`]: a failed attempt becomes an [`UpstreamError`], counted against the
+//!    target when it is the target's fault; [`Prepared::retryable`] says whether another
+//!    attempt may follow: a failed connect, or a target whose connections are all busy,
+//!    is retried on another target; a broken exchange only for an idempotent request
+//!    without a body; a timeout never; every retry is paid from the group's retry
+//!    budget;
+//! 4. [`answer`]: an answer (any status) is never retried: its response streams down (or
+//!    an upgrade is tunnelled after the upstream's real `101`); a failure is returned as
+//!    the [`GatewayError`] naming the side that failed and the limit that was hit.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
+use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tiergate_config::{HostHeader, UpstreamProtocol};
 use tokio::time::Instant;
 
-use super::body::{BodySlot, BoxError, UpstreamBody};
+use super::body::{AttemptBody, BodySlot, BoxError, UpstreamBody};
 use super::group::Group;
 use super::headers::{self, ClientSide};
 use super::pool::{Lease, SendError};
-use crate::service::{ResponseBody, json};
+use super::target::{InFlight, Target};
+use crate::error::{ClientError, GatewayError, Timeout, UpstreamError};
+use crate::response::ResponseBody;
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
-/// What the route says about the request, beyond the group.
+/// One request on its way to an upstream group: the client's request, the group the
+/// route chose, and what the route and the client's connection say about it.
 #[derive(Debug)]
-pub(crate) struct Forwarding<'a> {
+pub(crate) struct ProxyRequest<'a, B> {
+    /// The request as the client sent it.
+    pub(crate) req: Request<B>,
+    /// Where it goes.
+    pub(crate) group: &'a Arc<Group>,
     /// The client's connection.
-    pub(crate) client: ClientSide<'a>,
+    pub(crate) client: ClientSide,
     /// The path prefix the route matched, and what replaces it upstream.
     pub(crate) rewrite: Option<(&'a str, &'a str)>,
     /// `proxy.trusted_hops`.
@@ -46,191 +57,66 @@ pub(crate) struct Forwarding<'a> {
     pub(crate) forwarded_header: bool,
     /// The request id the gateway settled on.
     pub(crate) request_id: &'a HeaderValue,
-    /// The client connection's upgrade, when the request asks for one.
-    pub(crate) upgrade: Option<OnUpgrade>,
     /// Where an upgraded connection's tunnel runs.
     pub(crate) tunnels: &'a super::Tunnels,
 }
 
-/// Forwards `req` to `group` and answers with what it said, or with a JSON error naming
-/// the failure.
+/// Forwards a request to its group and answers with what the group said.
+///
+/// # Errors
+/// The request cannot be sent as the route says ([`ClientError`]), or no target gave an
+/// answer ([`UpstreamError`]).
 pub(crate) async fn forward<B>(
-    group: &Arc<Group>,
-    req: Request<B>,
-    how: Forwarding<'_>,
-) -> Response<ResponseBody>
+    to: ProxyRequest<'_, B>,
+) -> Result<Response<ResponseBody>, GatewayError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let started = Instant::now();
-    let deadline = started + group.settings.request_timeout;
-    let (mut parts, body) = req.into_parts();
-
-    // 1. prepare
-    let upgrade = how.upgrade.filter(|_| {
-        headers::wants_upgrade(&parts.headers) && group.settings.protocol == UpstreamProtocol::Http1
-    });
-    let client_version = parts.version;
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    let client_host = match group.settings.host_header {
-        HostHeader::Preserve => preserve_host(&mut parts),
-        HostHeader::Target => false,
-    };
-    let path = match upstream_path(&parts.uri, how.rewrite) {
-        Ok(path) => path,
-        Err(()) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the rewritten path is not a valid URI path".to_owned(),
-            );
-        }
-    };
-    let body = BodySlot::new(body);
-    let idempotent = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
-    let version = match group.settings.protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::H2 => Version::HTTP_2,
-    };
+    let group = to.group;
+    let deadline = Instant::now() + group.settings.request_timeout;
+    // Checked before anything is prepared: the prepared request is large, and a
+    // `Result` around it would cost every request a copy.
+    let path =
+        upstream_path(to.req.uri(), to.rewrite).map_err(|()| ClientError::UnrewritablePath)?;
+    let mut request = prepare(to, path);
     group.metrics.requests.increment(1);
     group.budget.deposit();
-
-    let max_attempts = group.proxy.max_attempts.max(1);
-    // The client's headers: the first attempt takes them, a retry a copy made now (a
-    // clone of what the client sent only shares its bytes). What this proxy adds is set
-    // on each attempt's own map: a value built here would need an allocation to be
-    // shared with a copy.
-    let mut first = Some(std::mem::take(&mut parts.headers));
-    let for_retries = (max_attempts > 1).then(|| first.clone()).flatten();
-    let ours = |headers: &mut http::HeaderMap| {
-        headers::set_forwarding(headers, how.client, how.trusted_hops, how.forwarded_header);
-        headers::append_via(headers, client_version);
-        headers.insert(X_REQUEST_ID.clone(), how.request_id.clone());
-    };
-
     let mut tried: Vec<usize> = Vec::new();
     loop {
-        // 2. attempt
         let Some(index) = group.pick(&tried) else {
             group.metrics.no_target.increment(1);
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_healthy_upstream",
-                format!(
-                    "no target of upstream group {} is healthy (fail_open is off)",
-                    group.name
-                ),
-            );
+            return Err(UpstreamError::NoHealthyTarget {
+                group: group.name.clone(),
+            }
+            .into());
         };
         let target = &group.targets[index];
-        let mut attempt = Request::new(body.attempt());
-        *attempt.method_mut() = parts.method.clone();
-        *attempt.uri_mut() = Uri::from(path.clone());
-        *attempt.version_mut() = version;
-        let headers = attempt.headers_mut();
-        *headers = first
-            .take()
-            .or_else(|| for_retries.clone())
-            .unwrap_or_default();
-        ours(headers);
-        if !client_host {
-            attempt
-                .headers_mut()
-                .insert(header::HOST, target.host.clone());
-        }
         let in_flight = target.start_request();
         let sent = Instant::now();
         let head_by = deadline.min(sent + group.settings.response_timeout);
-        let result = group.pool().send(index, attempt, head_by).await;
-
-        // 3. judge
+        let result = group
+            .pool()
+            .send(index, request.attempt(target), head_by)
+            .await;
         let failure = match result {
-            Ok((mut rsp, lease)) => {
-                let status = rsp.status();
-                target
-                    .metrics
-                    .response(status, sent.elapsed().as_secs_f64());
-                if status.is_server_error() {
-                    target.record_failure(&group.settings.outlier);
-                } else {
-                    target.record_success();
-                }
-                // 4. answer
-                if status == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(client) = upgrade {
-                        let upstream = hyper::upgrade::on(&mut rsp);
-                        how.tunnels
-                            .spawn(tunnel(client, upstream, lease, in_flight));
-                        let (mut head, _) = rsp.into_parts();
-                        headers::append_via(&mut head.headers, Version::HTTP_11);
-                        return Response::from_parts(head, Either::Left(Full::new(Bytes::new())));
-                    }
-                }
-                let (mut head, incoming) = rsp.into_parts();
-                headers::strip_hop_by_hop(&mut head.headers, false);
-                headers::append_via(&mut head.headers, version);
-                return Response::from_parts(
-                    head,
-                    Either::Right(UpstreamBody::new(incoming, lease, deadline, in_flight)),
-                );
+            Ok((rsp, lease)) => {
+                return Ok(answer(&mut request, rsp, lease, in_flight, sent, deadline));
             }
             Err(err) => {
-                let failure = match err {
-                    SendError::Connect(_) => {
-                        target.metrics.connect_errors.increment(1);
-                        target.record_failure(&group.settings.outlier);
-                        Failure::Connect
-                    }
-                    SendError::Exchange(_) => {
-                        target.metrics.exchange_errors.increment(1);
-                        target.record_failure(&group.settings.outlier);
-                        Failure::Exchange
-                    }
-                    // Busy is not broken: no mark against the target's health.
-                    SendError::Saturated => {
-                        target.metrics.saturated.increment(1);
-                        Failure::Saturated
-                    }
-                    SendError::TimedOut => {
-                        target.metrics.timeouts.increment(1);
-                        target.record_failure(&group.settings.outlier);
-                        let (limit, key) = if head_by == deadline {
-                            (group.settings.request_timeout, "request_timeout")
-                        } else {
-                            (group.settings.response_timeout, "response_timeout")
-                        };
-                        tracing::warn!(
-                            group = group.name,
-                            target = target.address,
-                            limit_ms = limit.as_millis(),
-                            "Upstream sent no response head in time."
-                        );
-                        return timed_out(&group.name, limit, key);
-                    }
+                let limit = if head_by == deadline {
+                    Timeout::Request
+                } else {
+                    Timeout::Response
                 };
-                failure.logged(group, &target.address, &err)
+                classify(group, target, &err, limit)
             }
         };
         drop(in_flight);
-
-        let retryable = match failure {
-            // Nothing reached the target; the body, if any, is still in its slot.
-            Failure::Connect => body.replayable(),
-            // It waited for the whole connect_timeout already: only another target helps.
-            Failure::Saturated => {
-                body.replayable()
-                    && (0..group.targets.len()).any(|i| i != index && !tried.contains(&i))
-            }
-            // The target may have acted on it: only a request that is safe to repeat and
-            // has no body to lose.
-            Failure::Exchange => idempotent && body.is_empty() && upgrade.is_none(),
-        };
-        let attempts_left = tried.len() + 1 < usize::try_from(max_attempts).unwrap_or(1);
-        if retryable && attempts_left && Instant::now() < deadline {
+        if request.retryable(&failure, index, &tried)
+            && tried.len() + 1 < request.max_attempts
+            && Instant::now() < deadline
+        {
             if group.budget.withdraw() {
                 group.metrics.retries.increment(1);
                 tried.push(index);
@@ -238,55 +124,234 @@ where
             }
             group.metrics.retries_refused.increment(1);
         }
-        return match failure {
-            Failure::Connect => error(
-                StatusCode::BAD_GATEWAY,
-                "bad_gateway",
-                format!("cannot connect to upstream group {}", group.name),
-            ),
-            Failure::Exchange => error(
-                StatusCode::BAD_GATEWAY,
-                "bad_gateway",
-                format!("upstream group {} broke off the exchange", group.name),
-            ),
-            Failure::Saturated => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_saturated",
-                format!(
-                    "every connection to upstream group {} stayed busy for {} ms \
-                     (upstreams.max_connections_per_target, upstreams.connect_timeout)",
-                    group.name,
-                    group.settings.connect_timeout.as_millis()
-                ),
-            ),
-        };
+        return Err(failure.into());
     }
 }
 
-/// Why an attempt got no response.
-#[derive(Debug, Clone, Copy)]
-enum Failure {
-    /// No connection to the target.
-    Connect,
-    /// The connection failed while sending or before the response head.
-    Exchange,
-    /// Every connection the target may have was busy.
-    Saturated,
+/// A request made ready for its group, from which every attempt is built.
+struct Prepared<'a> {
+    group: &'a Group,
+    method: Method,
+    /// The path and query sent up (rewritten when the route says so).
+    path: PathAndQuery,
+    /// The HTTP version spoken to the group, and the one the client spoke.
+    version: Version,
+    client_version: Version,
+    /// The client's headers, hop-by-hop ones stripped: the first attempt takes them, a
+    /// retry a copy made at the start (a clone of what the client sent only shares its
+    /// bytes). What this proxy adds is set on each attempt's own map: a value built once
+    /// would need an allocation to be shared with a copy.
+    first: Option<HeaderMap>,
+    for_retries: Option<HeaderMap>,
+    /// `false` when the client named no usable host: each attempt sends its target's.
+    client_host: bool,
+    body: BodySlot,
+    idempotent: bool,
+    /// The client connection's upgrade, when the request asks for one the group can
+    /// carry.
+    upgrade: Option<OnUpgrade>,
+    max_attempts: usize,
+    client: ClientSide,
+    trusted_hops: u32,
+    forwarded_header: bool,
+    request_id: &'a HeaderValue,
+    tunnels: &'a super::Tunnels,
 }
 
-impl Failure {
-    fn logged(self, group: &Group, target: &str, err: &dyn std::error::Error) -> Self {
-        let cause = std::error::Error::source(err).map(ToString::to_string);
-        tracing::warn!(
-            group = group.name,
-            target,
-            kind = ?self,
-            error = %err,
-            cause,
-            "Upstream attempt failed."
+/// Step 1: the request as every attempt sends it (to `path`, the path and query sent
+/// up), less what each attempt adds.
+fn prepare<'a, B>(to: ProxyRequest<'a, B>, path: PathAndQuery) -> Prepared<'a>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let ProxyRequest {
+        mut req,
+        group,
+        client,
+        rewrite: _,
+        trusted_hops,
+        forwarded_header,
+        request_id,
+        tunnels,
+    } = to;
+    let upgrade = headers::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let upgrade = upgrade.filter(|_| group.settings.protocol == UpstreamProtocol::Http1);
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    let client_host = match group.settings.host_header {
+        HostHeader::Preserve => preserve_host(&mut parts),
+        HostHeader::Target => false,
+    };
+    let max_attempts = usize::try_from(group.proxy.max_attempts.max(1)).unwrap_or(1);
+    let first = std::mem::take(&mut parts.headers);
+    let for_retries = (max_attempts > 1).then(|| first.clone());
+    Prepared {
+        group,
+        idempotent: matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        ),
+        method: parts.method,
+        path,
+        version: match group.settings.protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::H2 => Version::HTTP_2,
+        },
+        client_version: parts.version,
+        first: Some(first),
+        for_retries,
+        client_host,
+        body: BodySlot::new(body),
+        upgrade,
+        max_attempts,
+        client,
+        trusted_hops,
+        forwarded_header,
+        request_id,
+        tunnels,
+    }
+}
+
+impl Prepared<'_> {
+    /// Step 2: the copy of the request sent to `target`, with what this proxy adds.
+    fn attempt(&mut self, target: &Target) -> Request<AttemptBody> {
+        let mut attempt = Request::new(self.body.attempt());
+        *attempt.method_mut() = self.method.clone();
+        *attempt.uri_mut() = Uri::from(self.path.clone());
+        *attempt.version_mut() = self.version;
+        let headers = attempt.headers_mut();
+        *headers = self
+            .first
+            .take()
+            .or_else(|| self.for_retries.clone())
+            .unwrap_or_default();
+        headers::set_forwarding(
+            headers,
+            &self.client,
+            self.trusted_hops,
+            self.forwarded_header,
         );
-        self
+        headers::append_via(headers, self.client_version);
+        headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        if !self.client_host {
+            headers.insert(header::HOST, target.host.clone());
+        }
+        attempt
     }
+
+    /// Step 3's second half: whether the failed attempt on target `index` may be
+    /// followed by another (the attempt count and the budget aside).
+    fn retryable(&self, failure: &UpstreamError, index: usize, tried: &[usize]) -> bool {
+        match failure {
+            // Nothing reached the target; the body, if any, is still in its slot.
+            UpstreamError::Connect { .. } => self.body.replayable(),
+            // It waited for the whole connect_timeout already: only another target helps.
+            UpstreamError::Saturated { .. } => {
+                self.body.replayable()
+                    && (0..self.group.targets.len()).any(|i| i != index && !tried.contains(&i))
+            }
+            // The target may have acted on it: only a request that is safe to repeat and
+            // has no body to lose.
+            UpstreamError::BrokeOff { .. } => {
+                self.idempotent && self.body.is_empty() && self.upgrade.is_none()
+            }
+            UpstreamError::TimedOut { .. } | UpstreamError::NoHealthyTarget { .. } => false,
+        }
+    }
+}
+
+/// Step 3: what a failed attempt on `target` means, counted in its metrics and, when it
+/// is the target's fault, against its health. `limit` is the limit that ran out if the
+/// attempt timed out.
+fn classify(group: &Group, target: &Target, err: &SendError, limit: Timeout) -> UpstreamError {
+    let name = group.name.clone();
+    let failure = match err {
+        SendError::Connect(_) => {
+            target.metrics.connect_errors.increment(1);
+            UpstreamError::Connect { group: name }
+        }
+        SendError::Exchange(_) => {
+            target.metrics.exchange_errors.increment(1);
+            UpstreamError::BrokeOff { group: name }
+        }
+        SendError::Saturated => {
+            target.metrics.saturated.increment(1);
+            UpstreamError::Saturated {
+                group: name,
+                connect_timeout: group.settings.connect_timeout,
+            }
+        }
+        SendError::TimedOut => {
+            target.metrics.timeouts.increment(1);
+            UpstreamError::TimedOut {
+                group: name,
+                timeout: limit,
+                limit: match limit {
+                    Timeout::Request => group.settings.request_timeout,
+                    Timeout::Response => group.settings.response_timeout,
+                },
+            }
+        }
+    };
+    if failure.marks_target() {
+        target.record_failure(&group.settings.outlier);
+    }
+    let cause = std::error::Error::source(err).map(ToString::to_string);
+    tracing::warn!(
+        group = group.name,
+        target = target.address,
+        error = %err,
+        cause,
+        "Upstream attempt failed: {failure}."
+    );
+    failure
+}
+
+/// Step 4: the upstream's response to the attempt `sent` then, judged for the target's
+/// health and passed down (its body streamed under `deadline`, the connection's `lease`
+/// given back when it ends), or the tunnel of an upgrade it accepted.
+fn answer(
+    request: &mut Prepared<'_>,
+    mut rsp: Response<Incoming>,
+    lease: Option<Lease>,
+    in_flight: InFlight,
+    sent: Instant,
+    deadline: Instant,
+) -> Response<ResponseBody> {
+    let target = in_flight.target();
+    let status = rsp.status();
+    target
+        .metrics
+        .response(status, sent.elapsed().as_secs_f64());
+    if status.is_server_error() {
+        target.record_failure(&request.group.settings.outlier);
+    } else {
+        target.record_success();
+    }
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = request.upgrade.take() {
+            let upstream = hyper::upgrade::on(&mut rsp);
+            request
+                .tunnels
+                .spawn(tunnel(client, upstream, lease, in_flight));
+            let (mut head, _) = rsp.into_parts();
+            headers::append_via(&mut head.headers, Version::HTTP_11);
+            return Response::from_parts(head, Either::Left(Full::new(Bytes::new())));
+        }
+    }
+    let (mut head, incoming) = rsp.into_parts();
+    headers::strip_hop_by_hop(&mut head.headers, false);
+    headers::append_via(&mut head.headers, request.version);
+    Response::from_parts(
+        head,
+        Either::Right(UpstreamBody::new(incoming, lease, deadline, in_flight)),
+    )
 }
 
 /// Keeps the client's host for the upstream: the authority its URI names (HTTP/2,
@@ -328,12 +393,7 @@ fn upstream_path(uri: &Uri, rewrite: Option<(&str, &str)>) -> Result<PathAndQuer
 /// Copies bytes both ways between the client and the upstream once both sides have
 /// switched protocols; the target counts it as in flight until it ends. An HTTP/1.1
 /// connection hands itself to the upgrade only while it is driven.
-async fn tunnel(
-    client: OnUpgrade,
-    upstream: OnUpgrade,
-    lease: Option<Lease>,
-    in_flight: super::target::InFlight,
-) {
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, lease: Option<Lease>, in_flight: InFlight) {
     let handed_over = async {
         match lease {
             Some(lease) => lease.run_out().await,
@@ -355,22 +415,6 @@ async fn tunnel(
             tracing::debug!(%error, target = in_flight.target().address, "Upgrade failed.");
         }
     }
-}
-
-fn timed_out(group: &str, limit: Duration, key: &str) -> Response<ResponseBody> {
-    error(
-        StatusCode::GATEWAY_TIMEOUT,
-        "upstream_timeout",
-        format!(
-            "upstream group {group} sent no response head within {} ms (upstreams.{key})",
-            limit.as_millis()
-        ),
-    )
-}
-
-fn error(status: StatusCode, code: &str, message: String) -> Response<ResponseBody> {
-    let body = serde_json::json!({ "error": code, "message": message });
-    json(status, Bytes::from(body.to_string()))
 }
 
 #[cfg(test)]

@@ -79,14 +79,14 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// What the proxy knows of the client's connection.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ClientSide<'a> {
+#[derive(Debug, Clone)]
+pub(crate) struct ClientSide {
     pub(crate) peer: SocketAddr,
     pub(crate) tls: bool,
     pub(crate) local_port: u16,
     /// The authority the client asked for (`Host` or the URI's), port included: the
     /// `Host` header's own value, so passing it on copies nothing.
-    pub(crate) host: Option<&'a HeaderValue>,
+    pub(crate) host: Option<HeaderValue>,
 }
 
 /// Sets `X-Forwarded-For/Proto/Host/Port` (and `Forwarded` when asked). Of an incoming
@@ -95,7 +95,7 @@ pub(crate) struct ClientSide<'a> {
 /// client chose to send. The other `X-Forwarded-*` are believed only with a trusted hop.
 pub(crate) fn set_forwarding(
     headers: &mut HeaderMap,
-    client: ClientSide<'_>,
+    client: &ClientSide,
     trusted_hops: u32,
     forwarded: bool,
 ) {
@@ -126,7 +126,7 @@ pub(crate) fn set_forwarding(
     let proto_value =
         from_trusted(headers, &X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(proto));
     headers.insert(X_FORWARDED_PROTO.clone(), proto_value);
-    match (from_trusted(headers, &X_FORWARDED_HOST), client.host) {
+    match (from_trusted(headers, &X_FORWARDED_HOST), &client.host) {
         (Some(v), _) => {
             headers.insert(X_FORWARDED_HOST.clone(), v);
         }
@@ -157,6 +157,7 @@ pub(crate) fn set_forwarding(
         let mut element = format!("for={node};proto={proto}");
         if let Some(host) = client
             .host
+            .as_ref()
             .and_then(|h| h.to_str().ok())
             .filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
         {
@@ -268,12 +269,12 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
 mod tests {
     use super::*;
 
-    fn client(host: Option<&HeaderValue>) -> ClientSide<'_> {
+    fn client(host: Option<&HeaderValue>) -> ClientSide {
         ClientSide {
             peer: "10.1.2.3:5555".parse().unwrap(),
             tls: true,
             local_port: 8443,
-            host,
+            host: host.cloned(),
         }
     }
 
@@ -355,7 +356,7 @@ mod tests {
             ("forwarded", "for=6.6.6.6"),
         ]);
         let host = HeaderValue::from_static("api.example.com");
-        set_forwarding(&mut h, client(Some(&host)), 0, false);
+        set_forwarding(&mut h, &client(Some(&host)), 0, false);
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
@@ -370,12 +371,12 @@ mod tests {
             ("x-forwarded-for", "2.2.2.2"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarding(&mut h, client(None), 1, true);
+        set_forwarding(&mut h, &client(None), 1, true);
         assert_eq!(h["x-forwarded-for"], "2.2.2.2, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["forwarded"], "for=10.1.2.3;proto=https");
         let mut h = headers(&[("x-forwarded-for", "6.6.6.6, 1.1.1.1, 2.2.2.2")]);
-        set_forwarding(&mut h, client(None), 2, false);
+        set_forwarding(&mut h, &client(None), 2, false);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
     }
 
@@ -388,19 +389,19 @@ mod tests {
             ("forwarded", "for=1.1.1.1;proto=https"),
         ];
         let mut h = headers(&incoming);
-        set_forwarding(&mut h, client(None), 1, false);
+        set_forwarding(&mut h, &client(None), 1, false);
         assert_eq!(h["forwarded"], "for=1.1.1.1;proto=https");
         let mut h = headers(&incoming);
-        set_forwarding(&mut h, client(None), 1, true);
+        set_forwarding(&mut h, &client(None), 1, true);
         assert_eq!(
             h["forwarded"],
             "for=1.1.1.1;proto=https, for=10.1.2.3;proto=https"
         );
         let mut h = headers(&incoming);
-        set_forwarding(&mut h, client(None), 2, false);
+        set_forwarding(&mut h, &client(None), 2, false);
         assert_eq!(h["forwarded"], "for=7.7.7.7, for=1.1.1.1;proto=https");
         let mut h = headers(&incoming);
-        set_forwarding(&mut h, client(None), 3, false);
+        set_forwarding(&mut h, &client(None), 3, false);
         assert_eq!(
             h["forwarded"],
             r#"for=6.6.6.6;host="a,b", for=7.7.7.7, for=1.1.1.1;proto=https"#

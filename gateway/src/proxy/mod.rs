@@ -30,9 +30,9 @@ pub mod target;
 pub mod tunnels;
 
 pub use body::UpstreamBody;
-pub(crate) use forward::{Forwarding, forward};
+pub(crate) use forward::{ProxyRequest, forward};
 pub use group::Group;
-pub(crate) use headers::{ClientSide, wants_upgrade};
+pub(crate) use headers::ClientSide;
 pub use split::{Split, SplitError};
 pub use target::Target;
 pub use tunnels::Tunnels;

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# bench/callgrind.sh — instructions per request of Tiergate's two hot paths, by callgrind.
+#
+# A count of instructions does not care what else the box is doing, so two builds can be
+# compared on a shared machine where wall-clock figures wander by 20 %. Two rows:
+#
+#   l1-hit     `GET /items/{id}` answered from L1 (one item, read once before the run);
+#   proxy-1k   a 1 KiB GET proxied to limit-server (`--body-bytes 1024`) through one
+#              route and one upstream group with one target.
+#
+# For each row Tiergate (release build) runs alone under `valgrind --tool=callgrind`,
+# pinned to core 0; loadgen (16 connections, one thread) and the upstream run on core 1.
+# loadgen sends WARMUP requests that are not counted (connections open, pools and caches
+# fill, lazy statics initialise), the counters are zeroed (`callgrind_control -z`), then
+# REQUESTS requests are sent and the counters dumped (`callgrind_control -d`). The figure
+# is every instruction the process ran in that window (all threads: workers, timers,
+# background tasks) divided by REQUESTS. Repeated runs of one build agree within a few
+# instructions per request.
+#
+# Usage: bench/callgrind.sh [WARMUP (default 5000)] [REQUESTS (default 30000)]
+# Environment: BIN_DIR=DIR measures the `tiergate`, `loadgen` and `limit-server` in DIR
+#              instead of building them (to compare two builds: copy one build's
+#              binaries aside, build the other);
+#              ROWS=l1-hit,proxy-1k (default both);
+#              CALLGRIND_OUT=DIR keeps each row's dump there (DIR/ROW.callgrind) for
+#              `callgrind_annotate`, to see which functions the instructions went to;
+#              DATABASE_URL (default: a database of its own on 127.0.0.1:5432, created
+#              and dropped by the run), REDIS_URL (default redis://127.0.0.1:6379; the
+#              run's keys have a prefix of their own and are deleted at exit).
+# Output: one markdown table on stdout; progress on stderr. Installs valgrind, jq, curl,
+# psql, redis-cli, taskset and ss with apt-get when missing; starts PostgreSQL and Redis
+# with scripts/services when they are not up.
+set -euo pipefail
+
+warmup=${1:-5000}
+requests=${2:-30000}
+[[ $warmup =~ ^[0-9]+$ ]] || { echo "callgrind: WARMUP must be a whole number, got '$warmup'" >&2; exit 2; }
+[[ $requests =~ ^[1-9][0-9]*$ ]] || { echo "callgrind: REQUESTS must be a positive whole number, got '$requests'" >&2; exit 2; }
+rows=${ROWS:-l1-hit,proxy-1k}
+[[ $rows =~ ^(l1-hit|proxy-1k)(,(l1-hit|proxy-1k))*$ ]] || { echo "callgrind: ROWS must list l1-hit and/or proxy-1k separated by commas, got '$rows'" >&2; exit 2; }
+want() { [[ ,$rows, == *,$1,* ]]; }
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+log() { printf '[callgrind] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+have() { command -v "$1" >/dev/null 2>&1 || [[ -x /usr/sbin/$1 ]]; }
+missing=()
+have valgrind || missing+=(valgrind)
+have jq || missing+=(jq)
+have curl || missing+=(curl)
+have psql || missing+=(postgresql-client)
+have taskset || missing+=(util-linux)
+have ss || missing+=(iproute2)
+have redis-cli || missing+=(redis-tools)
+if ((${#missing[@]})); then
+  log "installing with apt-get: ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
+    { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; } ||
+    die "apt-get install ${missing[*]} failed"
+fi
+PATH=$PATH:/usr/sbin
+if (($(nproc) >= 2)); then server_cpu=0 client_cpu=1; else server_cpu=0 client_cpu=0; log "one core: server and loadgen share it"; fi
+
+if [[ -n ${BIN_DIR:-} ]]; then
+  bin=$(cd "$BIN_DIR" && pwd)
+else
+  log "building release binaries (tiergate, loadgen, limit-server)"
+  cargo build --release -q -p gateway -p bench --bins
+  bin=${CARGO_TARGET_DIR:-$root/target}/release
+fi
+for b in tiergate loadgen limit-server; do [[ -x $bin/$b ]] || die "no $b in $bin"; done
+
+tmp=$(mktemp -d)
+prefix=callgrind-$$
+pids=()
+created_db=
+pg() { PGPASSWORD=postgres psql -X -q -h 127.0.0.1 -U postgres -d postgres "$@"; }
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$tmp"
+  if [[ -n ${REDIS_URL:-} ]]; then
+    redis-cli -u "$REDIS_URL" --scan --pattern "$prefix*" 2>/dev/null |
+      xargs -r redis-cli -u "$REDIS_URL" DEL >/dev/null 2>&1 || true
+  fi
+  [[ -n $created_db ]] && { pg -c "DROP DATABASE IF EXISTS $created_db WITH (FORCE)" >/dev/null 2>&1 || true; }
+  return 0
+}
+trap cleanup EXIT
+
+# Ports nothing listens on, below Linux's ephemeral range (others run servers here too).
+taken=" " port=
+free_port() {
+  local i
+  for ((i = 0; i < 200; i++)); do
+    port=$((20000 + RANDOM % 12000))
+    [[ $taken == *" $port "* ]] && continue
+    if [[ -z $(ss -Htan "( sport = :$port )" 2>/dev/null) ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      taken+="$port "
+      return 0
+    fi
+  done
+  die "found no free port"
+}
+
+# Waits until $2 answers 200 while process $1 lives (at most 120 s: valgrind starts slowly).
+up() {
+  local pid=$1 url=$2 i
+  for ((i = 0; i < 1200; i++)); do
+    if curl -fsS -o /dev/null "$url" 2>/dev/null; then kill -0 "$pid" 2>/dev/null && return 0; fi
+    kill -0 "$pid" 2>/dev/null || { log "process $pid exited before $url answered"; return 1; }
+    sleep 0.1
+  done
+  log "$url did not answer within 120 s"
+  return 1
+}
+why() { head -c 300 "$1" 2>/dev/null | tr '\n|' '  '; }
+
+# Starts Tiergate under callgrind with the environment and arguments given; sets $server.
+start_tiergate() {
+  local log_file=$1
+  shift
+  env "$@" RUST_LOG=warn taskset -c "$server_cpu" valgrind --tool=callgrind \
+    --callgrind-out-file="$tmp/callgrind.out.%p" "$bin/tiergate" "${TIERGATE_ARGS[@]}" serve \
+    >"$log_file" 2>&1 &
+  server=$!
+  pids+=("$server")
+}
+
+# Warms up, then counts REQUESTS requests to $3 in process $2 (row $1): instructions per
+# request.
+count() {
+  local row=$1 pid=$2 url=$3 total
+  shift 3
+  taskset -c "$client_cpu" "$bin/loadgen" "$url" -c 16 -t 1 -n "$warmup" -q "$@" >/dev/null 2>"$tmp/warmup.err" ||
+    die "loadgen (warm-up) failed: $(why "$tmp/warmup.err")"
+  callgrind_control -z "$pid" >/dev/null 2>"$tmp/control.err" || die "callgrind_control -z failed: $(why "$tmp/control.err")"
+  taskset -c "$client_cpu" "$bin/loadgen" "$url" -c 16 -t 1 -n "$requests" -q \
+    --json "$tmp/run.json" "$@" >/dev/null 2>"$tmp/run.err" || die "loadgen failed: $(why "$tmp/run.err")"
+  callgrind_control -d "$pid" >/dev/null 2>"$tmp/control.err" || die "callgrind_control -d failed: $(why "$tmp/control.err")"
+  local errors
+  errors=$(jq '.errors // 0' "$tmp/run.json")
+  [[ $errors == 0 ]] || die "$errors of the measured requests failed"
+  # The dump's `totals:` line: instructions (Ir), the only event collected.
+  total=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$tmp/callgrind.out.$pid".* | tail -n 1)
+  [[ -n $total ]] || die "no totals in the callgrind dump"
+  if [[ -n ${CALLGRIND_OUT:-} ]]; then
+    mkdir -p "$CALLGRIND_OUT"
+    cp "$(ls "$tmp/callgrind.out.$pid".* | tail -n 1)" "$CALLGRIND_OUT/$row.callgrind"
+  fi
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  echo $((total / requests))
+}
+
+table=()
+if want l1-hit; then
+  scripts/services >&2 || die "PostgreSQL and Redis are not up and scripts/services could not start them"
+  if [[ -z ${DATABASE_URL:-} ]]; then
+    created_db=tiergate_callgrind_$$
+    pg -c "CREATE DATABASE $created_db" >/dev/null || die "could not create database $created_db"
+    export DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/$created_db
+  fi
+  export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+  free_port && http_port=$port
+  free_port && admin_port=$port
+  TIERGATE_ARGS=()
+  log "l1-hit: starting Tiergate under callgrind"
+  start_tiergate "$tmp/l1.log" TIERGATE_LISTEN__HTTP=127.0.0.1:$http_port \
+    TIERGATE_LISTEN__ADMIN=127.0.0.1:$admin_port TIERGATE_REDIS__KEY_PREFIX=$prefix
+  up "$server" "http://127.0.0.1:$admin_port/readyz" || die "Tiergate did not start: $(why "$tmp/l1.log")"
+  id=$(curl -fsS -H 'content-type: application/json' -d '{"name":"callgrind"}' \
+    "http://127.0.0.1:$http_port/items" | jq -r .item.id) || die "could not create an item"
+  curl -fsS -o /dev/null "http://127.0.0.1:$http_port/items/$id"
+  log "l1-hit: $warmup requests, then $requests counted"
+  table+=("| l1-hit: \`GET /items/{id}\`, L1 hit | $(count l1-hit "$server" "http://127.0.0.1:$http_port/" --scenario hot --id "$id") |")
+fi
+
+if want proxy-1k; then
+  free_port && upstream_port=$port
+  free_port && proxy_port=$port
+  free_port && admin_port=$port
+  taskset -c "$client_cpu" "$bin/limit-server" "127.0.0.1:$upstream_port" --threads 1 --body-bytes 1024 \
+    >"$tmp/upstream.log" 2>&1 &
+  pids+=($!)
+  up $! "http://127.0.0.1:$upstream_port/" || die "limit-server did not start: $(why "$tmp/upstream.log")"
+  cat >"$tmp/proxy.toml" <<CONF
+[listen]
+http = "127.0.0.1:$proxy_port"
+admin = "127.0.0.1:$admin_port"
+[[routes]]
+name = "pass"
+path = "/"
+upstream = "origin"
+[[upstreams]]
+name = "origin"
+targets = ["127.0.0.1:$upstream_port"]
+balance = "round_robin"
+CONF
+  TIERGATE_ARGS=(--config "$tmp/proxy.toml")
+  log "proxy-1k: starting Tiergate under callgrind"
+  start_tiergate "$tmp/proxy.log" TIERGATE_REDIS__KEY_PREFIX=$prefix
+  up "$server" "http://127.0.0.1:$proxy_port/" || die "Tiergate did not start: $(why "$tmp/proxy.log")"
+  log "proxy-1k: $warmup requests, then $requests counted"
+  table+=("| proxy-1k: 1 KiB GET through one upstream group | $(count proxy-1k "$server" "http://127.0.0.1:$proxy_port/") |")
+fi
+
+echo "| request (Tiergate on core $server_cpu, $requests after $warmup unmeasured) | instructions per request |"
+echo "|---|---|"
+printf '%s\n' "${table[@]}"

@@ -1,0 +1,353 @@
+//! What the gateway answers when it cannot answer as asked: one error type, split by the
+//! side that failed, and the one place ([`GatewayError::into_response`]) where an error
+//! becomes its JSON response (`{"error": code, "message": text}`).
+//!
+//! The side says who can act on the failure, and so what it may be blamed on:
+//!
+//! - [`ClientError`]: the request itself is at fault (its framing, its path, its
+//!   credentials); the client must change it. Such a failure says nothing about any
+//!   upstream.
+//! - [`UpstreamError`]: an upstream group or one of its targets failed (no connection, a
+//!   broken exchange, no response head in time, no free connection, no healthy target).
+//! - [`LocalError`]: this process chose not to finish the request (too much in flight, the
+//!   app's deadline).
+//!
+//! Only an upstream failure may count against a target's health, and not all of them do
+//! ([`UpstreamError::marks_target`]): ask [`GatewayError::side`] before blaming a target.
+//!
+//! Errors the app answers (the items API) are `app-core`'s own and never pass through
+//! here. The message of every variant is its `Display` text: it is what the client reads,
+//! so it names the limit or setting at fault and never an internal cause.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::response::{ResponseBody, json};
+
+/// The side of an exchange that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client (downstream): its request cannot be served as sent.
+    Client,
+    /// An upstream group or target.
+    Upstream,
+    /// This process: load shedding, its own deadlines.
+    Local,
+}
+
+/// A request the gateway answers with an error, by the side that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The client's request is at fault.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// An upstream failed.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// This process did not finish the request.
+    #[error(transparent)]
+    Local(#[from] LocalError),
+}
+
+/// The client's request cannot be served as sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The head frames its body ambiguously (a request smuggler's trick); the connection
+    /// closes after the answer, so nothing sent after that head is read as a request.
+    #[error(
+        "ambiguous message framing: Content-Length with Transfer-Encoding, or Content-Length twice"
+    )]
+    AmbiguousFraming,
+    /// The route's `rewrite_prefix` applied to the path makes no valid path.
+    #[error("the rewritten path is not a valid URI path")]
+    UnrewritablePath,
+    /// A redirect's `Location` would not be a valid header value.
+    #[error("cannot redirect this URL")]
+    CannotRedirect,
+    /// A plain request to be sent to HTTPS names no host.
+    #[error("a Host header is needed to redirect to HTTPS")]
+    NoHostToRedirect,
+    /// No route matches the request.
+    #[error("no such route")]
+    NoRoute,
+    /// An admin request names something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// An admin request's body or parameters are not acceptable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The endpoint exists but not for this method.
+    #[error("this endpoint answers {allow} only")]
+    MethodNotAllowed {
+        /// The method it answers (the `Allow` header).
+        allow: &'static str,
+    },
+    /// A mutating admin endpoint while `admin.token` is not set.
+    #[error("admin.token is not set: the mutating admin endpoints are off")]
+    AdminOff,
+    /// A mutating admin endpoint without the configured token.
+    #[error("this endpoint needs Authorization: Bearer <admin.token>")]
+    Unauthorized,
+    /// A reload was asked for and the configuration does not validate; every problem is
+    /// listed in the answer's `problems`.
+    #[error("the configuration was refused; the running one keeps serving")]
+    ConfigRefused(tiergate_config::ConfigError),
+    /// A reload was asked for and the route table cannot be built from the
+    /// configuration.
+    #[error(transparent)]
+    TableRefused(crate::router::RouterError),
+}
+
+/// An upstream group, or a target of it, failed. `group` is the group's name.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection to a target could be made.
+    #[error("cannot connect to upstream group {group}")]
+    Connect {
+        /// The group's name.
+        group: String,
+    },
+    /// The connection failed while the request was sent or before the response head.
+    #[error("upstream group {group} broke off the exchange")]
+    BrokeOff {
+        /// The group's name.
+        group: String,
+    },
+    /// No response head within the group's limit.
+    #[error(
+        "upstream group {group} sent no response head within {} ms (upstreams.{})",
+        limit.as_millis(),
+        timeout.key()
+    )]
+    TimedOut {
+        /// The group's name.
+        group: String,
+        /// Which of the group's limits ran out.
+        timeout: Timeout,
+        /// Its value.
+        limit: Duration,
+    },
+    /// Every connection the target may have stayed busy for all of `connect_timeout`.
+    #[error(
+        "every connection to upstream group {group} stayed busy for {} ms \
+         (upstreams.max_connections_per_target, upstreams.connect_timeout)",
+        connect_timeout.as_millis()
+    )]
+    Saturated {
+        /// The group's name.
+        group: String,
+        /// The group's `connect_timeout`.
+        connect_timeout: Duration,
+    },
+    /// No target of the group is healthy and the group does not fail open.
+    #[error("no target of upstream group {group} is healthy (fail_open is off)")]
+    NoHealthyTarget {
+        /// The group's name.
+        group: String,
+    },
+}
+
+/// Which of an upstream group's limits ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    /// `upstreams.response_timeout`: one attempt's wait for its response head.
+    Response,
+    /// `upstreams.request_timeout`: the whole request, every attempt included.
+    Request,
+}
+
+impl Timeout {
+    /// The setting's key under `upstreams`.
+    fn key(self) -> &'static str {
+        match self {
+            Self::Response => "response_timeout",
+            Self::Request => "request_timeout",
+        }
+    }
+}
+
+/// This process did not finish the request.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// `http.max_in_flight` requests were in flight: shed at once rather than queued.
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
+    /// The app did not answer within `http.request_timeout`.
+    #[error("the request took longer than {} ms", limit.as_millis())]
+    AppDeadline {
+        /// `http.request_timeout`.
+        limit: Duration,
+    },
+}
+
+impl UpstreamError {
+    /// Whether the failure counts against the target that was tried: a target that
+    /// refused, broke off or stalled is suspect; one whose connections were all busy is
+    /// busy, not broken, and no target was tried when none was healthy.
+    pub fn marks_target(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::BrokeOff { .. } | Self::TimedOut { .. } => true,
+            Self::Saturated { .. } | Self::NoHealthyTarget { .. } => false,
+        }
+    }
+}
+
+impl GatewayError {
+    /// The side that failed.
+    pub fn side(&self) -> Side {
+        match self {
+            Self::Client(_) => Side::Client,
+            Self::Upstream(_) => Side::Upstream,
+            Self::Local(_) => Side::Local,
+        }
+    }
+
+    /// The status and the `error` code of the answer.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Client(error) => match error {
+                ClientError::AmbiguousFraming
+                | ClientError::UnrewritablePath
+                | ClientError::CannotRedirect
+                | ClientError::NoHostToRedirect
+                | ClientError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+                ClientError::NoRoute | ClientError::NotFound(_) => {
+                    (StatusCode::NOT_FOUND, "not_found")
+                }
+                ClientError::MethodNotAllowed { .. } => {
+                    (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+                }
+                ClientError::AdminOff => (StatusCode::FORBIDDEN, "forbidden"),
+                ClientError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+                ClientError::ConfigRefused(_) | ClientError::TableRefused(_) => {
+                    (StatusCode::BAD_REQUEST, "invalid_config")
+                }
+            },
+            Self::Upstream(error) => match error {
+                UpstreamError::Connect { .. } | UpstreamError::BrokeOff { .. } => {
+                    (StatusCode::BAD_GATEWAY, "bad_gateway")
+                }
+                UpstreamError::TimedOut { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+                UpstreamError::Saturated { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "upstream_saturated")
+                }
+                UpstreamError::NoHealthyTarget { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream")
+                }
+            },
+            Self::Local(error) => match error {
+                LocalError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+                LocalError::AppDeadline { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            },
+        }
+    }
+
+    /// The JSON answer: `{"error": code, "message": text}` (and a refused configuration's
+    /// `problems`), with the headers the failure calls for.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let (status, code) = self.status_and_code();
+        let message = self.to_string();
+        let problems = match &self {
+            Self::Client(ClientError::ConfigRefused(refused)) => Some(refused.problems.as_slice()),
+            _ => None,
+        };
+        let body = serde_json::to_vec(&Body {
+            error: code,
+            message: &message,
+            problems,
+        })
+        .map_or_else(|_| Bytes::new(), Bytes::from);
+        let mut rsp = json(status, body);
+        let extra = match &self {
+            // hyper closes the connection after a response that says so.
+            Self::Client(ClientError::AmbiguousFraming) => {
+                Some((header::CONNECTION, HeaderValue::from_static("close")))
+            }
+            Self::Client(ClientError::MethodNotAllowed { allow }) => {
+                Some((header::ALLOW, HeaderValue::from_static(allow)))
+            }
+            Self::Client(ClientError::Unauthorized) => {
+                Some((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")))
+            }
+            Self::Local(_) => Some((header::RETRY_AFTER, HeaderValue::from_static("1"))),
+            _ => None,
+        };
+        if let Some((name, value)) = extra {
+            rsp.headers_mut().insert(name, value);
+        }
+        rsp
+    }
+}
+
+/// An error answer's body.
+#[derive(serde::Serialize)]
+struct Body<'a> {
+    error: &'static str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problems: Option<&'a [String]>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(rsp: Response<ResponseBody>) -> serde_json::Value {
+        use http_body_util::BodyExt as _;
+        let bytes = rsp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// Mutation: answer `Side::Upstream` for `Client` in `side`, or give `Saturated` a
+    /// mark against the target, and this fails.
+    #[test]
+    fn the_side_and_the_blame_follow_the_variant() {
+        assert_eq!(
+            GatewayError::from(ClientError::AmbiguousFraming).side(),
+            Side::Client
+        );
+        assert_eq!(
+            GatewayError::from(LocalError::Overloaded).side(),
+            Side::Local
+        );
+        let saturated = UpstreamError::Saturated {
+            group: "g".into(),
+            connect_timeout: Duration::from_secs(1),
+        };
+        assert!(!saturated.marks_target());
+        assert!(UpstreamError::Connect { group: "g".into() }.marks_target());
+        assert_eq!(GatewayError::from(saturated).side(), Side::Upstream);
+    }
+
+    /// Mutation: drop `timeout.key()` from `TimedOut`'s message, or the `Retry-After` of
+    /// local errors, and this fails.
+    #[tokio::test]
+    async fn an_error_answers_its_status_code_message_and_headers() {
+        let rsp = GatewayError::from(UpstreamError::TimedOut {
+            group: "api".into(),
+            timeout: Timeout::Request,
+            limit: Duration::from_millis(1500),
+        })
+        .into_response();
+        assert_eq!(rsp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(rsp.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(
+            body(rsp).await,
+            serde_json::json!({
+                "error": "upstream_timeout",
+                "message": "upstream group api sent no response head within 1500 ms (upstreams.request_timeout)",
+            })
+        );
+        let rsp = GatewayError::from(LocalError::Overloaded).into_response();
+        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(rsp.headers()[header::RETRY_AFTER], "1");
+        let refused = tiergate_config::ConfigError {
+            problems: vec!["a: b".into()],
+        };
+        let rsp = GatewayError::from(ClientError::ConfigRefused(refused)).into_response();
+        assert_eq!(body(rsp).await["problems"], serde_json::json!(["a: b"]));
+    }
+}

@@ -1,0 +1,271 @@
+//! The connection's IO with its clocks: idle and header-read while hyper waits for
+//! bytes, and the write clock for a client that stopped reading (see the listener's
+//! module docs for why hyper's own header timeout is off).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use super::Limits;
+use super::head_scan::HeadScan;
+use super::state::ConnState;
+
+/// The connection's IO with the idle and header-read clocks (see the module docs).
+///
+/// The clocks are checked only when the inner read is pending, which is exactly when
+/// hyper waits for the client; they never run while a request is being answered (the
+/// request deadline covers that).
+pub(super) struct Guarded<S> {
+    inner: S,
+    state: Arc<ConnState>,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    /// When the current head's first byte arrived plus the header timeout; `None` until
+    /// it is stamped.
+    head_deadline: Option<Instant>,
+    /// The last time bytes moved either way.
+    last_activity: Instant,
+    /// Bytes arrived, or went out, since `last_activity` was stamped. Both are stamped
+    /// when hyper next waits for bytes, the only moment the clocks are looked at: a
+    /// request that arrives whole and is answered at once costs one clock read.
+    read_unstamped: bool,
+    wrote_unstamped: bool,
+    sleep: Pin<Box<Sleep>>,
+    /// Since when writing has made no progress (the client reads nothing: a full socket
+    /// buffer), and the clock that ends it after `idle_timeout`.
+    write_stalled: Option<Instant>,
+    write_sleep: Pin<Box<Sleep>>,
+    /// Known from ALPN, or sniffed from the first bytes (the HTTP/2 preface); HTTP/2 has
+    /// no head-by-head reading, so only the idle clock applies to it.
+    h2: Option<bool>,
+    /// How many bytes of the preface have matched so far, while `h2` is undecided.
+    sniffed: usize,
+    /// The framing check of the head being read.
+    scan: HeadScan,
+    listener: &'static str,
+}
+
+/// The HTTP/2 connection preface's first bytes.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+impl<S> Guarded<S> {
+    pub(super) fn new(
+        inner: S,
+        state: Arc<ConnState>,
+        limits: &Limits,
+        h2: Option<bool>,
+        listener: &'static str,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            state,
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            head_deadline: None,
+            last_activity: now,
+            read_unstamped: false,
+            wrote_unstamped: false,
+            sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            write_stalled: None,
+            write_sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            h2,
+            sniffed: 0,
+            scan: HeadScan::default(),
+            listener,
+        }
+    }
+
+    fn on_read(&mut self, bytes: &[u8]) {
+        self.read_unstamped = true;
+        if self.h2.is_none() {
+            // Undecided counts as HTTP/1.1, so a head trickled in byte by byte ("P", "O"…)
+            // is timed from its first byte.
+            let expected = &H2_PREFACE[self.sniffed..];
+            let n = bytes.len().min(expected.len());
+            if bytes[..n] != expected[..n] {
+                self.h2 = Some(false);
+            } else {
+                self.sniffed += n;
+                if self.sniffed == H2_PREFACE.len() {
+                    self.h2 = Some(true);
+                    self.state.head_started.store(false, Ordering::Release);
+                }
+            }
+        }
+        if self.h2 == Some(true) {
+            return;
+        }
+        if self.state.in_flight.load(Ordering::Acquire) == 0
+            && !self.state.head_started.swap(true, Ordering::AcqRel)
+        {
+            self.head_deadline = None;
+            self.scan = HeadScan::default();
+        }
+        if self.state.head_started.load(Ordering::Acquire)
+            && !self.scan.done
+            && self.scan.feed(bytes)
+        {
+            self.state.ambiguous.store(true, Ordering::Release);
+        }
+    }
+
+    /// The deadline that applies while hyper waits for bytes, and whether it is the
+    /// header one. Stamps the reads and writes since the last wait: microseconds after
+    /// the bytes moved, and the clocks only ever run from a wait.
+    fn deadline(&mut self) -> Option<(Instant, bool)> {
+        if self.state.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        if self.read_unstamped || self.wrote_unstamped {
+            let now = Instant::now();
+            self.last_activity = now;
+            if self.read_unstamped {
+                self.head_deadline
+                    .get_or_insert(now + self.header_read_timeout);
+            }
+            self.read_unstamped = false;
+            self.wrote_unstamped = false;
+        }
+        match self.head_deadline {
+            Some(at)
+                if self.h2 != Some(true) && self.state.head_started.load(Ordering::Acquire) =>
+            {
+                Some((at, true))
+            }
+            _ => Some((self.last_activity + self.idle_timeout, false)),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        if let Poll::Ready(result) = Pin::new(&mut this.inner).poll_read(cx, buf) {
+            if result.is_ok() && buf.filled().len() > before {
+                this.on_read(&buf.filled()[before..]);
+            }
+            return Poll::Ready(result);
+        }
+        this.state.reader.register(cx.waker());
+        // Raised before `deadline` looks at the requests in flight (see `InFlight`).
+        this.state.unclocked.store(true, Ordering::SeqCst);
+        let Some((deadline, header)) = this.deadline() else {
+            return Poll::Pending;
+        };
+        this.state.unclocked.store(false, Ordering::Relaxed);
+        // The timer is moved earlier at once, but later only when it fires: the idle
+        // deadline moves on with every request, and re-arming a timer per request
+        // costs more than waking once per idle period to find the deadline has moved.
+        if deadline < this.sleep.deadline() {
+            this.sleep.as_mut().reset(deadline);
+        }
+        loop {
+            ready!(this.sleep.as_mut().poll(cx));
+            if Instant::now() >= deadline {
+                break;
+            }
+            this.sleep.as_mut().reset(deadline);
+        }
+        if header {
+            metrics::counter!("tiergate_connections_rejected_total", "listener" => this.listener, "reason" => "header_timeout").increment(1);
+            tracing::debug!(
+                listener = this.listener,
+                "Request head not received in time; closing."
+            );
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not received within http.header_read_timeout",
+            )))
+        } else {
+            // End of stream: hyper closes an idle connection quietly.
+            Poll::Ready(Ok(()))
+        }
+    }
+}
+
+impl<S> Guarded<S> {
+    /// Passes a write's outcome through, keeping the clocks: bytes written count as
+    /// activity; no progress for `idle_timeout` (a client that stopped reading) fails the
+    /// connection.
+    fn after_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+        progress: impl FnOnce(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Ready(Ok(value)) => {
+                self.write_stalled = None;
+                // Only bytes count as activity: hyper and h2 flush on every poll, and
+                // a flush with nothing to send must not keep an idle connection alive.
+                if progress(&value) {
+                    self.wrote_unstamped = true;
+                }
+                Poll::Ready(Ok(value))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let since = *self.write_stalled.get_or_insert_with(Instant::now);
+                let deadline = since + self.idle_timeout;
+                if self.write_sleep.deadline() != deadline {
+                    self.write_sleep.as_mut().reset(deadline);
+                }
+                ready!(self.write_sleep.as_mut().poll(cx));
+                metrics::counter!("tiergate_connections_rejected_total", "listener" => self.listener, "reason" => "write_timeout").increment(1);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client read nothing for http.idle_timeout",
+                )))
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.after_write(cx, result, |n| *n > 0)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.after_write(cx, result, |n| *n > 0)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        this.after_write(cx, result, |()| false)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,61 @@
+//! What a connection's service and its guarded IO tell each other: requests in flight,
+//! a head being read, its framing verdict, the drain's flag.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
+
+/// What the service and the IO wrapper tell each other about one connection.
+#[derive(Debug, Default)]
+pub(super) struct ConnState {
+    /// The connection spoke HTTP/2 at least once: GOAWAY is how to drain it.
+    pub(super) spoke_h2: AtomicBool,
+    /// A request on an HTTP/2 connection finished while draining: send GOAWAY now.
+    pub(super) goaway: Notify,
+    /// At least one request arrived on the connection.
+    pub(super) used: AtomicBool,
+    /// The drain's flag: a shutdown began (see [`Drain`](super::drain::Drain)).
+    pub(super) draining: Arc<AtomicBool>,
+    /// Requests handed to the service and not answered yet.
+    pub(super) in_flight: AtomicUsize,
+    /// Bytes of a request head arrived and the service has not seen that request yet.
+    pub(super) head_started: AtomicBool,
+    /// The head being read frames its body ambiguously (see [`HeadScan`]).
+    pub(super) ambiguous: AtomicBool,
+    /// The task waiting in `poll_read`. With hyper's own header timeout off, hyper does
+    /// not read again after answering until the socket wakes it, so the end of the last
+    /// request must wake it to start the idle clock.
+    pub(super) reader: AtomicWaker,
+    /// `poll_read` went pending without a clock because a request was in flight: only
+    /// then does the end of the last request wake the reader. Waking it always cost
+    /// every request a second poll of the whole connection.
+    pub(super) unclocked: AtomicBool,
+}
+
+impl ConnState {
+    /// hyper parsed a head and called the service: the head is complete. Returns the
+    /// guard of the request, and whether its framing was ambiguous.
+    pub(super) fn request_started(self: &Arc<Self>) -> (InFlight, bool) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(false, Ordering::Release);
+        let ambiguous = self.ambiguous.swap(false, Ordering::AcqRel);
+        (InFlight(self.clone()), ambiguous)
+    }
+}
+
+/// Held while the service answers one request.
+pub(super) struct InFlight(pub(super) Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // SeqCst, paired with `Guarded::poll_read`: either the reader sees no request in
+        // flight and arms its clock, or this sees `unclocked` and wakes it.
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.unclocked.swap(false, Ordering::SeqCst)
+        {
+            self.0.reader.wake();
+        }
+    }
+}
