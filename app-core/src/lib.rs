@@ -7,6 +7,7 @@
 //! - [`model`]: `Item`, `ItemId`, validation of client input.
 //! - [`store`]: PostgreSQL pools, migrations and queries.
 //! - [`cache`]: the L1 (moka) and L2 (Redis) tiers, the invalidation bus, the breaker.
+//! - [`fleet`]: the fleet's runtime routing state, shared through PostgreSQL and the bus.
 //! - [`hooks`]: pause points that make cache races reproducible in tests.
 //! - [`service`]: the use cases over store and cache (read-through, write-then-fence).
 //! - [`api`]: HTTP handlers and JSON errors.
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod fleet;
 pub mod health;
 pub mod hooks;
 pub mod model;
@@ -39,6 +41,7 @@ use crate::cache::breaker;
 use crate::cache::bus::Bus;
 use crate::cache::l1::{L1, Policy};
 use crate::cache::l2::{InvalidRedisUrl, L2};
+use crate::fleet::{Control, Fleet};
 use crate::health::{BuildInfo, Gates, Report};
 use crate::hooks::Hooks;
 use crate::service::Items;
@@ -67,6 +70,7 @@ pub struct App {
 #[derive(Debug)]
 struct Inner {
     items: Items,
+    fleet: Fleet,
     /// Taken by [`App::start`], which runs it.
     bus: std::sync::Mutex<Option<Bus>>,
     subscriber: fred::clients::SubscriberClient,
@@ -104,10 +108,19 @@ impl App {
         if db.reader_stats().is_some() {
             describe_reader_metrics();
         }
-        let items = Items::new(db, l1.clone(), l2.clone(), cache, Hooks::default());
-        let bus = Bus::new(&l2, l1, items.origin()).map_err(BuildError::Subscriber)?;
+        let items = Items::new(db.clone(), l1.clone(), l2.clone(), cache, Hooks::default());
+        let fleet = Fleet::new(
+            Control::new(db, l2.clone()),
+            format!("{:016x}", items.origin()),
+            build,
+            settings.deployment.color.clone(),
+            &settings.fleet,
+        );
+        let bus =
+            Bus::new(&l2, l1, items.origin(), fleet.clone()).map_err(BuildError::Subscriber)?;
         let inner = Inner {
             items,
+            fleet,
             subscriber: bus.subscriber(),
             bus: std::sync::Mutex::new(Some(bus)),
             build,
@@ -164,6 +177,11 @@ impl App {
                 }
             }
         });
+    }
+
+    /// This task's copy of the fleet state.
+    pub fn fleet(&self) -> &Fleet {
+        &self.inner.fleet
     }
 
     /// Starts answering one request for `/items*` or `/health` (see [`api::Answer`]).
@@ -283,6 +301,12 @@ async fn prepare_database(app: Weak<Inner>) {
         } else {
             db.schema_is_current().await
         };
+        // The fleet state before readiness: the first request a task serves follows the
+        // switches made before it started.
+        let outcome = match outcome {
+            Ok(true) => inner.fleet.load().await.map(|()| true),
+            other => other,
+        };
         match outcome {
             Ok(true) => {
                 // Redis gets a moment, so the first requests can use it and the first
@@ -298,6 +322,7 @@ async fn prepare_database(app: Weak<Inner>) {
                         "Redis not reachable; serving from L1 and PostgreSQL until it is."
                     );
                 }
+                tokio::spawn(inner.fleet.clone().run(app.clone()));
                 inner.ready.store(true, Ordering::Release);
                 tracing::info!("Database ready.");
                 return;

@@ -13,12 +13,14 @@ use app_core::cache::bus::Bus;
 use app_core::cache::l1::Policy;
 use app_core::cache::l2::{Filler, Stored};
 use app_core::cache::{Kind, Tier};
+use app_core::fleet::{Control, Fleet};
+use app_core::health::BuildInfo;
 use app_core::hooks::{Hooks, Point};
 use app_core::model::ItemId;
 use app_core::service::Items;
 use app_core::testing::{self, Pauses, RedisServer, Replica, TestDb, TestRedis, settings};
 use fred::prelude::*;
-use tiergate_config::Secret;
+use tiergate_config::{FleetSettings, Secret};
 
 /// Long lifetimes: a stale entry these tests catch must not hide by expiring.
 const LONG: Duration = Duration::from_secs(60);
@@ -220,7 +222,17 @@ async fn r5_a_lost_invalidation_is_made_good_by_the_flush_on_reconnect() {
     b.redis_url = Some(server.url());
     let writer = b.instance(Hooks::default()).await;
     let peer = b.instance(Hooks::default()).await;
-    let bus = Bus::new(peer.l2(), peer.l1().clone(), peer.origin()).unwrap();
+    let fleet = Fleet::new(
+        Control::new(peer.db().clone(), peer.l2().clone()),
+        "peer".to_owned(),
+        BuildInfo {
+            version: "test",
+            commit: "test",
+        },
+        None,
+        &FleetSettings::default(),
+    );
+    let bus = Bus::new(peer.l2(), peer.l1().clone(), peer.origin(), fleet).unwrap();
     tokio::spawn(bus.run());
     let admin = admin_client(&server.url()).await;
     wait_for_subscribers(&admin, writer.l2().channel(), 1).await;

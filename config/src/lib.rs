@@ -52,9 +52,9 @@ pub use routes::{
 };
 pub use secret::Secret;
 pub use settings::{
-    CacheSettings, CertificateSettings, DatabaseSettings, DeploymentSettings, HealthSettings,
-    HttpSettings, ListenSettings, LogFormat, LogSettings, RedisSettings, RuntimeSettings, Settings,
-    ShutdownSettings, TlsSettings, TlsVersion,
+    CacheSettings, CertificateSettings, DatabaseSettings, DeploymentSettings, FleetSettings,
+    HealthSettings, HttpSettings, ListenSettings, LogFormat, LogSettings, RedisSettings,
+    RuntimeSettings, Settings, ShutdownSettings, TlsSettings, TlsVersion,
 };
 pub use source::{ProcessEnv, Source};
 

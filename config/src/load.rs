@@ -459,6 +459,7 @@ impl Loader {
             admin: self.section(&mut tree, "admin", &mut failed),
             proxy: self.section(&mut tree, "proxy", &mut failed),
             runtime: self.section(&mut tree, "runtime", &mut failed),
+            fleet: self.section(&mut tree, "fleet", &mut failed),
             routes: self.section(&mut tree, "routes", &mut failed),
             upstreams: self.section(&mut tree, "upstreams", &mut failed),
         };

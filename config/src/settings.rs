@@ -45,6 +45,8 @@ pub struct Settings {
     pub proxy: ProxySettings,
     /// The threads that serve.
     pub runtime: RuntimeSettings,
+    /// How the fleet's runtime routing state (docs/fleet.md) reaches this task.
+    pub fleet: FleetSettings,
     /// The route table, most specific match first (see [`RouteSettings`]). Default:
     /// `/items` and `/health` to the app.
     pub routes: Vec<RouteSettings>,
@@ -68,8 +70,34 @@ impl Default for Settings {
             admin: AdminSettings::default(),
             proxy: ProxySettings::default(),
             runtime: RuntimeSettings::default(),
+            fleet: FleetSettings::default(),
             routes: RouteSettings::defaults(),
             upstreams: Vec::new(),
+        }
+    }
+}
+
+/// How the fleet's runtime routing state reaches this task (docs/fleet.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetSettings {
+    /// How often the task asks PostgreSQL for the latest revision, and refreshes its
+    /// heartbeat: the bound on how long a change lost on the Redis bus takes to arrive.
+    /// 10ms to 60s. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a task's heartbeat keeps it in the fleet: a task not heard of for this
+    /// long is taken for dead (`GET /admin/fleet`, `?wait`). At least twice
+    /// `poll_interval`. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub task_ttl: Duration,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(1),
+            task_ttl: Duration::from_secs(5),
         }
     }
 }

@@ -35,6 +35,7 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
     shutdown(s, &mut out);
     runtime(s, &mut out);
     admin(s, &mut out);
+    fleet(s, &mut out);
     proxy(s, &mut out);
     out.0
 }
@@ -408,8 +409,19 @@ fn runtime(s: &Settings, out: &mut Problems) {
     }
 }
 
-/// The admin token, long enough to guard the routing of all traffic.
+/// The admin token, long enough to guard the routing of all traffic, and present
+/// whenever the admin listener is reachable from beyond this host.
 fn admin(s: &Settings, out: &mut Problems) {
+    if s.admin.token.is_none() && !s.listen.admin.ip().is_loopback() {
+        out.fail(
+            &["listen.admin", "admin.token"],
+            format!(
+                "binds {}, beyond loopback: set admin.token (TIERGATE_ADMIN__TOKEN_FILE), \
+                 which every /admin/* endpoint then requires",
+                s.listen.admin
+            ),
+        );
+    }
     if let Some(token) = &s.admin.token {
         if token.expose().chars().count() < 16 {
             out.fail(
@@ -417,6 +429,29 @@ fn admin(s: &Settings, out: &mut Problems) {
                 "must be at least 16 characters: it guards the routing of all traffic".to_owned(),
             );
         }
+    }
+}
+
+/// The fleet's poll and heartbeat: often enough to repair a lost change soon, rarely
+/// enough not to load PostgreSQL, and a task is not declared dead between two beats.
+fn fleet(s: &Settings, out: &mut Problems) {
+    let fleet = &s.fleet;
+    let range = Duration::from_millis(10)..=Duration::from_secs(60);
+    if !range.contains(&fleet.poll_interval) {
+        out.fail(
+            &["fleet.poll_interval"],
+            format!("must be 10ms to 60s, got {}", human(fleet.poll_interval)),
+        );
+    } else if fleet.task_ttl < fleet.poll_interval * 2 {
+        out.fail(
+            &["fleet.task_ttl", "fleet.poll_interval"],
+            format!(
+                "must be at least twice fleet.poll_interval ({}), got {}: a live task would \
+                 drop out of the fleet between two heartbeats",
+                human(fleet.poll_interval),
+                human(fleet.task_ttl)
+            ),
+        );
     }
 }
 

@@ -5,14 +5,19 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /admin/routes` | the routes, splits, groups, targets and their health |
-//! | `PUT /admin/routes/{name}/split` `{"blue":0,"green":100}` | new weights, in force at once |
+//! | `PUT /admin/routes/{name}/split` `{"blue":0,"green":100}` | new weights, fleet-wide (docs/fleet.md) |
+//! | `DELETE /admin/routes/{name}/split` | back to the file's weights, fleet-wide |
+//! | `GET /admin/fleet` | the live tasks and the revision each has applied |
 //! | `POST /admin/reload` | reload the configuration (as SIGHUP), or say why not |
 //!
 //! The mutating endpoints need `Authorization: Bearer <admin.token>`; without a
-//! configured token they are off (403).
+//! configured token they are off (403). On a listener bound beyond loopback every
+//! `/admin/*` endpoint needs it (the configuration check refuses such a listener
+//! without a token); the probes and `/metrics` never do.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use app_core::App;
 use bytes::Bytes;
@@ -24,7 +29,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tiergate_config::Secret;
 
-use crate::error::{ClientError, GatewayError};
+use crate::error::{ClientError, GatewayError, LocalError};
 use crate::proxy::{Group, SplitError};
 use crate::reload::{ReloadError, Reloader};
 use crate::response::{ResponseBody, json as json_response, probe};
@@ -33,6 +38,8 @@ use crate::service::Gateway;
 
 /// Largest admin request body read.
 const MAX_BODY: usize = 64 * 1024;
+/// Longest `?wait=` on a change.
+const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// What the admin endpoints act on.
 #[derive(Debug)]
@@ -43,6 +50,8 @@ pub(crate) struct Admin {
     /// SHA-256 of `admin.token`: compared digest to digest, so the comparison's time
     /// says nothing about the token.
     pub(crate) token: Option<ring::digest::Digest>,
+    /// The listener is reachable beyond loopback: reading `/admin/*` needs the token too.
+    pub(crate) guard_reads: bool,
     pub(crate) reloader: Arc<Reloader>,
 }
 
@@ -88,19 +97,32 @@ impl Admin {
             (&Method::GET, [""]) => json_response(
                 StatusCode::OK,
                 Bytes::from_static(
-                    br#"{"endpoints":["/metrics","/livez","/readyz","/admin/routes","/admin/routes/{name}/split","/admin/reload"]}"#,
+                    br#"{"endpoints":["/metrics","/livez","/readyz","/admin/routes","/admin/routes/{name}/split","/admin/fleet","/admin/reload"]}"#,
                 ),
             ),
             (&Method::GET, ["admin", "routes"]) => {
-                reply(StatusCode::OK, &describe(&self.gateway.router()))
+                self.authorize_read(&req)?;
+                let mut body = describe(&self.gateway.router());
+                body["fleet_revision"] = self.app.fleet().applied().revision.into();
+                reply(StatusCode::OK, &body)
+            }
+            (&Method::GET, ["admin", "fleet"]) => {
+                self.authorize_read(&req)?;
+                self.fleet().await?
             }
             (&Method::PUT, ["admin", "routes", name, "split"]) => {
                 self.authorize(&req)?;
                 let name = (*name).to_owned();
+                let wait = wait_of(req.uri())?;
                 let weights = read_json::<BTreeMap<String, u32>, _>(req)
                     .await
                     .map_err(ClientError::BadRequest)?;
-                self.set_split(&name, &weights)?
+                self.change_split(&name, Some(&weights), wait).await?
+            }
+            (&Method::DELETE, ["admin", "routes", name, "split"]) => {
+                self.authorize(&req)?;
+                let wait = wait_of(req.uri())?;
+                self.change_split(name, None, wait).await?
             }
             (&Method::POST, ["admin", "reload"]) => {
                 self.authorize(&req)?;
@@ -116,11 +138,14 @@ impl Admin {
                     &json!({ "status": "reloaded", "reloaded": reloaded }),
                 )
             }
-            (_, ["metrics" | "livez" | "readyz"] | ["admin", "routes"]) => {
+            (_, ["metrics" | "livez" | "readyz"] | ["admin", "routes" | "fleet"]) => {
                 return Err(ClientError::MethodNotAllowed { allow: "GET" }.into());
             }
             (_, ["admin", "routes", _, "split"]) => {
-                return Err(ClientError::MethodNotAllowed { allow: "PUT" }.into());
+                return Err(ClientError::MethodNotAllowed {
+                    allow: "PUT, DELETE",
+                }
+                .into());
             }
             (_, ["admin", "reload"]) => {
                 return Err(ClientError::MethodNotAllowed { allow: "POST" }.into());
@@ -128,6 +153,18 @@ impl Admin {
             _ => return Err(ClientError::NoRoute.into()),
         };
         Ok(rsp)
+    }
+
+    /// Lets a read through: anyone's on a loopback listener, else only with the token.
+    ///
+    /// # Errors
+    /// The listener is reachable beyond loopback and the request lacks the token.
+    fn authorize_read<B>(&self, req: &Request<B>) -> Result<(), ClientError> {
+        if self.guard_reads {
+            self.authorize(req)
+        } else {
+            Ok(())
+        }
     }
 
     /// Lets a request through only if it bears the configured token.
@@ -150,31 +187,118 @@ impl Admin {
         }
     }
 
-    /// Puts new weights on the split of route `name`.
+    /// Sets (or with `None` resets) the split of route `name` fleet-wide; with `wait`,
+    /// waits until every live task has applied it. 200 when applied everywhere (or not
+    /// waited for), 202 when some task had not applied it when the wait ended.
     ///
     /// # Errors
-    /// No such route, no split on it, a group it does not have, or weights that sum to 0.
-    fn set_split(
+    /// No such route, no split on it, a group it does not have, weights that sum to 0,
+    /// or PostgreSQL unreachable.
+    async fn change_split(
         &self,
         name: &str,
-        weights: &BTreeMap<String, u32>,
-    ) -> Result<Response<ResponseBody>, ClientError> {
-        let router = self.gateway.router();
-        let split = match router.route_named(name).map(|r| &r.handler) {
-            Some(Handler::Split(split)) => split,
-            Some(_) => return Err(ClientError::NotFound(format!("route {name} has no split"))),
-            None => return Err(ClientError::NotFound(format!("no route named {name}"))),
+        weights: Option<&BTreeMap<String, u32>>,
+        wait: Option<Duration>,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        // What the change puts in force: the whole new split, or the file's weights.
+        let (weights, now) = {
+            let router = self.gateway.router();
+            let split = split_named(&router, name)?;
+            let weights = weights
+                .map(|w| split.complete(w))
+                .transpose()
+                .map_err(|e| match e {
+                    SplitError::UnknownGroup(..) => ClientError::NotFound(e.to_string()),
+                    SplitError::ZeroSum => ClientError::BadRequest(e.to_string()),
+                })?;
+            let now = weights.clone().unwrap_or_else(|| split.file_weights());
+            (weights, now)
         };
-        split.set_weights(weights).map_err(|e| match e {
-            SplitError::UnknownGroup(..) => ClientError::NotFound(e.to_string()),
-            SplitError::ZeroSum => ClientError::BadRequest(e.to_string()),
-        })?;
-        let now = split.weights();
-        tracing::info!(route = name, weights = ?now, "Split weights changed through the admin API.");
+        let fleet = self.app.fleet();
+        let committed = fleet
+            .change(name, weights.as_ref())
+            .await
+            .map_err(fleet_unavailable)?;
+        tracing::info!(route = name, weights = ?weights, revision = committed.revision, "Split changed fleet-wide through the admin API.");
+        let waited = match wait {
+            Some(limit) => Some(
+                fleet
+                    .control()
+                    .wait_applied(committed, limit)
+                    .await
+                    .map_err(fleet_unavailable)?,
+            ),
+            None => None,
+        };
+        let status = match &waited {
+            Some(waited) if !waited.applied => StatusCode::ACCEPTED,
+            _ => StatusCode::OK,
+        };
+        Ok(reply(
+            status,
+            &json!({
+                "route": name,
+                "split": now,
+                "runtime": weights.is_some(),
+                "revision": committed.revision,
+                "committed_at": committed.committed_at,
+                "wait": waited,
+            }),
+        ))
+    }
+
+    /// The live tasks, from their heartbeats.
+    async fn fleet(&self) -> Result<Response<ResponseBody>, GatewayError> {
+        let fleet = self.app.fleet();
+        let control = fleet.control();
+        let (snapshot, tasks) =
+            tokio::try_join!(control.snapshot(), control.tasks()).map_err(fleet_unavailable)?;
         Ok(reply(
             StatusCode::OK,
-            &json!({ "route": name, "split": now }),
+            &json!({
+                "revision": snapshot.revision,
+                "task": { "id": fleet.id(), "applied_revision": fleet.applied().revision },
+                "tasks": tasks,
+                "overrides": snapshot.overrides,
+            }),
         ))
+    }
+}
+
+/// The split of route `name`.
+fn split_named<'r>(
+    router: &'r Router,
+    name: &str,
+) -> Result<&'r Arc<crate::proxy::Split>, ClientError> {
+    match router.route_named(name).map(|r| &r.handler) {
+        Some(Handler::Split(split)) => Ok(split),
+        Some(_) => Err(ClientError::NotFound(format!("route {name} has no split"))),
+        None => Err(ClientError::NotFound(format!("no route named {name}"))),
+    }
+}
+
+/// Logs why the fleet state could not be reached; the client gets the plain 503.
+fn fleet_unavailable(error: app_core::store::StoreError) -> GatewayError {
+    tracing::warn!(error = %app_core::ErrorChain(&error), "Fleet state unreachable in PostgreSQL.");
+    LocalError::FleetUnavailable.into()
+}
+
+/// The `wait` query parameter (`?wait=5s`): how long a change waits for every task.
+fn wait_of(uri: &http::Uri) -> Result<Option<Duration>, ClientError> {
+    let Some(value) = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("wait="))
+    else {
+        return Ok(None);
+    };
+    match humantime::parse_duration(value) {
+        Ok(wait) if wait <= MAX_WAIT => Ok(Some(wait)),
+        _ => Err(ClientError::BadRequest(format!(
+            "wait must be a duration of at most {}s such as 5s or 500ms, got {value:?}",
+            MAX_WAIT.as_secs()
+        ))),
     }
 }
 
@@ -186,7 +310,10 @@ fn describe(router: &Router) -> Value {
             let target = match &route.handler {
                 Handler::App => json!({ "app": true }),
                 Handler::Upstream(group) => json!({ "upstream": group.name }),
-                Handler::Split(split) => json!({ "split": split.weights() }),
+                Handler::Split(split) => json!({
+                    "split": split.weights(),
+                    "file_split": split.file_weights(),
+                }),
                 Handler::Redirect(url) => json!({ "redirect": url }),
                 Handler::Livez | Handler::Readyz | Handler::NotFound => json!({ "builtin": true }),
             };

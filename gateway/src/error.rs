@@ -181,6 +181,13 @@ pub enum LocalError {
         /// `http.request_timeout`.
         limit: Duration,
     },
+    /// PostgreSQL, which holds the fleet state, did not answer: no change is made, and
+    /// every task keeps serving the state it has.
+    #[error(
+        "the fleet state in PostgreSQL cannot be reached: nothing was changed, and every \
+         task keeps serving the state it has; retry once the database is back"
+    )]
+    FleetUnavailable,
 }
 
 impl UpstreamError {
@@ -241,6 +248,9 @@ impl GatewayError {
             Self::Local(error) => match error {
                 LocalError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
                 LocalError::AppDeadline { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+                LocalError::FleetUnavailable => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "fleet_unavailable")
+                }
             },
         }
     }

@@ -16,12 +16,14 @@
 //!   gateway makes itself.
 //! - [`proxy`]: upstream groups, balancing, health, splits, forwarding.
 //! - [`reload`]: configuration reload on SIGHUP and through the admin API.
+//! - [`control`]: the fleet commands of the CLI (`tiergate split …`, `tiergate fleet`).
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz` and `/admin/*` on the admin listener.
 //! - [`metrics`]: the Prometheus recorder and per-route handles.
 //! - [`shutdown`]: signal handling.
 //! - [`healthcheck`]: the `tiergate healthcheck` probe client.
 
 pub mod admin;
+pub mod control;
 pub mod error;
 pub mod healthcheck;
 pub mod listener;
@@ -247,6 +249,7 @@ impl Server {
             gateway: gateway.clone(),
             metrics,
             token: Admin::token_digest(settings.admin.token.as_ref()),
+            guard_reads: !settings.listen.admin.ip().is_loopback(),
             reloader,
         });
         let (control, drain) = DrainControl::new();

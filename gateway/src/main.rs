@@ -5,6 +5,8 @@
 //! - `tiergate healthcheck`: probe the local `/livez` (or a URL); exit 0 or 1.
 //! - `tiergate config check` / `config print`: validate, or show the effective settings
 //!   with secrets redacted.
+//! - `tiergate split show|set|reset`, `tiergate fleet`: the fleet's runtime splits and
+//!   live tasks, straight on PostgreSQL and Redis (docs/fleet.md).
 //!
 //! Invalid configuration exits with 78 (`EX_CONFIG`) after listing every problem, so a
 //! deployment circuit breaker trips at once instead of crash-looping.
@@ -60,6 +62,39 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Show or change a route's split for the whole fleet, with or without a running task.
+    Split {
+        #[command(subcommand)]
+        action: SplitAction,
+    },
+    /// List the live tasks: id, version, colour, applied revision, uptime, in flight.
+    Fleet,
+}
+
+#[derive(Debug, Subcommand)]
+enum SplitAction {
+    /// The file weights, runtime split and weights in force of each split route.
+    Show {
+        /// Only this route.
+        route: Option<String>,
+    },
+    /// Give ROUTE a runtime split, fleet-wide: `split set web blue=0 green=100`.
+    Set {
+        route: String,
+        /// GROUP=WEIGHT, one per group (groups not named get 0).
+        #[arg(required = true, value_name = "GROUP=WEIGHT")]
+        weights: Vec<String>,
+        /// Wait until every live task has applied it; exit 1 naming those that had not.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        wait: Option<Duration>,
+    },
+    /// Return ROUTE to the file's weights, fleet-wide.
+    Reset {
+        route: String,
+        /// Wait until every live task has applied it; exit 1 naming those that had not.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        wait: Option<Duration>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +140,8 @@ fn main() -> ExitCode {
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS
         }
+        Command::Split { action } => control(&settings, Some(action)),
+        Command::Fleet => control(&settings, None),
         Command::Serve => run_async(&settings, |s| serve(s, cli.config.clone())),
         Command::Migrate { timeout } => run_async(&settings, |s| migrate(s, timeout)),
     }
@@ -144,6 +181,50 @@ fn healthcheck(config: Option<&Path>, url: Option<String>, timeout: Duration) ->
         }
         Err(error) => {
             eprintln!("unhealthy: {url}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a fleet command (`None`: `tiergate fleet`): its JSON on stdout and exit 0, or
+/// why not on stderr and exit 1.
+fn control(settings: &Settings, action: Option<SplitAction>) -> ExitCode {
+    // stdout is the command's answer: the logs (warnings only) go to stderr.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tiergate: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let commands = gateway::control::Commands::connect(settings).await?;
+        match action {
+            None => commands.fleet().await,
+            Some(SplitAction::Show { route }) => commands.split_show(route.as_deref()).await,
+            Some(SplitAction::Set {
+                route,
+                weights,
+                wait,
+            }) => commands.split_set(&route, &weights, wait).await,
+            Some(SplitAction::Reset { route, wait }) => commands.split_reset(&route, wait).await,
+        }
+    });
+    match result {
+        Ok(answer) => {
+            println!("{answer:#}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tiergate: {error}");
             ExitCode::FAILURE
         }
     }

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use app_core::fleet::FleetState;
 use tiergate_config::{ProxySettings, RouteSettings, Settings};
 
 use crate::metrics::RouteMetrics;
@@ -100,8 +101,8 @@ pub struct RouterError(String);
 
 impl Router {
     /// Compiles the table of `settings`. Groups whose settings did not change since
-    /// `previous` are taken over whole (pool, health, ejections), and so are the
-    /// runtime weights of splits whose configured weights did not change.
+    /// `previous` are taken over whole (pool, health, ejections); splits start at their
+    /// file weights (see [`Router::follow_fleet`]).
     ///
     /// # Errors
     /// A route names a group that does not exist, or a target is not `host:port`.
@@ -138,9 +139,6 @@ impl Router {
             } else if let Some(weights) = &r.split {
                 let split = Split::new(weights, &groups, r.sticky_cookie.clone())
                     .ok_or_else(|| RouterError(format!("route {}: unknown group", r.name)))?;
-                if let Some(Handler::Split(old)) = previous.and_then(|p| p.handler_of(&r.name)) {
-                    split.carry_over(old);
-                }
                 Handler::Split(Arc::new(split))
             } else if let Some(url) = &r.redirect {
                 Handler::Redirect(url.trim_end_matches('/').to_owned())
@@ -264,8 +262,33 @@ impl Router {
         self.routes().find(|r| r.name == name)
     }
 
-    fn handler_of(&self, name: &str) -> Option<&Handler> {
-        self.route_named(name).map(|r| &r.handler)
+    /// The routes with a split, by name.
+    pub fn splits(&self) -> impl Iterator<Item = (&str, &Arc<Split>)> {
+        self.routes().filter_map(|r| match &r.handler {
+            Handler::Split(split) => Some((r.name.as_str(), split)),
+            _ => None,
+        })
+    }
+
+    /// Whether this table needs the app started: a route hands requests to it, or a
+    /// split follows the fleet state, which the app keeps.
+    pub fn needs_app(&self) -> bool {
+        self.serves_app || self.splits().next().is_some()
+    }
+
+    /// Puts the fleet's runtime splits in force: each split serves its route's runtime
+    /// split, or its file weights when it has none or cannot serve it.
+    pub fn follow_fleet(&self, state: &FleetState) {
+        for (name, split) in self.splits() {
+            if let Err(error) = split.follow(state.splits.get(name)) {
+                tracing::warn!(
+                    route = name,
+                    revision = state.revision,
+                    %error,
+                    "This task cannot serve the route's runtime split; it serves the file's weights."
+                );
+            }
+        }
     }
 
     /// The upstream groups, by name.

@@ -69,7 +69,7 @@ impl Gateway {
     /// A gateway over `router` that hosts `app`, with the limits in `http`.
     pub fn new(router: Router, app: App, http: &HttpSettings) -> Self {
         let permits = usize::try_from(http.max_in_flight).unwrap_or(usize::MAX);
-        Self {
+        let gateway = Self {
             inner: Arc::new(Inner {
                 router: ArcSwap::from_pointee(router),
                 app,
@@ -81,7 +81,28 @@ impl Gateway {
                 shed: metrics::counter!("tiergate_http_shed_total"),
                 tunnels: proxy::Tunnels::default(),
             }),
-        }
+        };
+        gateway.follow_fleet();
+        gateway
+    }
+
+    /// Has every fleet state this task applies put in force on the table in force, and
+    /// the heartbeat report the requests in flight. Weak references: the app outlives
+    /// no gateway.
+    fn follow_fleet(&self) {
+        let fleet = self.inner.app.fleet();
+        let weak = Arc::downgrade(&self.inner);
+        fleet.set_in_flight(Arc::new(move || {
+            weak.upgrade().map_or(0, |inner| {
+                u64::try_from(inner.in_flight.taken.load(Ordering::Relaxed)).unwrap_or(u64::MAX)
+            })
+        }));
+        let weak = Arc::downgrade(&self.inner);
+        fleet.set_applier(Arc::new(move |state| {
+            if let Some(inner) = weak.upgrade() {
+                inner.router.load().follow_fleet(state);
+            }
+        }));
     }
 
     /// The tunnels of upgraded connections this gateway opened.
@@ -89,11 +110,12 @@ impl Gateway {
         &self.inner.tunnels
     }
 
-    /// What `/readyz` says: the app is ready, or no route needs it (a proxy-only table
-    /// must not wait for a database it never uses) and no shutdown began.
+    /// What `/readyz` says: the app is ready (the fleet state loaded with it), or no
+    /// route needs it (a proxy-only table without splits must not wait for a database it
+    /// never uses) and no shutdown began.
     pub fn is_ready(&self) -> bool {
         let app = &self.inner.app;
-        if self.inner.router.load().serves_app() {
+        if self.inner.router.load().needs_app() {
             app.is_ready()
         } else {
             !app.is_draining()
@@ -105,11 +127,15 @@ impl Gateway {
         self.inner.router.load_full()
     }
 
-    /// Puts `router` in force for every request that starts from now on.
+    /// Puts `router` in force for every request that starts from now on, with the
+    /// fleet's runtime splits: no change can be applied in between and missed.
     pub fn swap_router(&self, router: Router) {
         let router = Arc::new(router);
         self.start_for(&router);
-        self.inner.router.store(router);
+        self.inner.app.fleet().with_applied(|state| {
+            router.follow_fleet(state);
+            self.inner.router.store(router);
+        });
     }
 
     /// Starts the background work the table in force needs: its groups' health checks and
@@ -119,12 +145,12 @@ impl Gateway {
     }
 
     /// Starts what `router` needs: its groups' health checks and name resolution, and
-    /// the app's work (database, invalidations, housekeeping) only when a route leads to
-    /// it — a proxy-only instance never connects to a database it does not use, until a
-    /// reload routes to the app.
+    /// the app's work (database, invalidations, housekeeping, the fleet state) only when
+    /// a route leads to it or a split follows the fleet — a proxy-only instance without
+    /// splits never connects to a database it does not use, until a reload needs it.
     fn start_for(&self, router: &Router) {
         router.start_groups();
-        if router.serves_app() {
+        if router.needs_app() {
             self.inner.app.start();
         }
     }

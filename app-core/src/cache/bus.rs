@@ -9,6 +9,10 @@
 //! flushed. Redis' own client-side-caching rules say the same. Losing the channel also
 //! makes L2 untrusted: the Redis that dropped it may have dropped writers' fences too,
 //! and the outbox relay repairs those before reads use L2 again.
+//!
+//! The same subscriber carries the fleet channel (`{prefix}:c1:fleet`, see the `fleet`
+//! module): its messages go to the task's [`Fleet`], which is told to check PostgreSQL
+//! whenever the channel comes back, since changes may have been missed meanwhile.
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
@@ -17,14 +21,17 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::l1::L1;
 use super::l2::{Invalidation, L2, unix_micros};
+use crate::fleet::{Fleet, fleet_channel};
 
 /// Runs the bus until the app is dropped (`alive` resolves).
 pub struct Bus {
     subscriber: SubscriberClient,
     channel: String,
+    fleet_channel: String,
     origin: u64,
     l1: L1,
     l2: L2,
+    fleet: Fleet,
     metrics: BusMetrics,
 }
 
@@ -38,17 +45,20 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    /// A bus for the instance `origin` (its own messages are skipped) over `l1`.
+    /// A bus for the instance `origin` (its own messages are skipped) over `l1`, that
+    /// hands fleet changes to `fleet`.
     ///
     /// # Errors
     /// fred refuses the subscriber configuration.
-    pub fn new(l2: &L2, l1: L1, origin: u64) -> Result<Self, Error> {
+    pub fn new(l2: &L2, l1: L1, origin: u64, fleet: Fleet) -> Result<Self, Error> {
         Ok(Self {
             subscriber: l2.subscriber()?,
             channel: l2.channel().to_owned(),
+            fleet_channel: fleet_channel(l2.channel()),
             origin,
             l1,
             l2: l2.clone(),
+            fleet,
             metrics: BusMetrics::new(),
         })
     }
@@ -106,13 +116,21 @@ impl Bus {
 
     async fn resubscribe(&self) {
         // Sharded pub/sub in cluster mode, to match the publisher (see `L2::publish`).
-        let subscribed = if self.subscriber.is_clustered() {
-            self.subscriber.ssubscribe(self.channel.as_str()).await
-        } else {
-            self.subscriber.subscribe(self.channel.as_str()).await
-        };
+        // One channel per command: in a cluster the two live in different slots.
+        let mut subscribed = Ok(());
+        for channel in [self.channel.as_str(), self.fleet_channel.as_str()] {
+            subscribed = if self.subscriber.is_clustered() {
+                self.subscriber.ssubscribe(channel).await
+            } else {
+                self.subscriber.subscribe(channel).await
+            };
+            if subscribed.is_err() {
+                break;
+            }
+        }
         match subscribed {
             Ok(()) => {
+                self.fleet.repair();
                 self.flush("reconnected");
                 self.l1.set_degraded(false);
                 tracing::info!(channel = %self.channel, "Invalidation channel subscribed.");
@@ -132,6 +150,12 @@ impl Bus {
     }
 
     async fn apply(&self, message: &fred::types::Message) {
+        if *message.channel == *self.fleet_channel {
+            if let Some(text) = message.value.as_str() {
+                self.fleet.receive(&text);
+            }
+            return;
+        }
         self.metrics.received.increment(1);
         let Some(invalidation) = message
             .value

@@ -496,8 +496,15 @@ impl L2 {
     /// # Errors
     /// Redis unreachable or slow.
     pub async fn publish(&self, invalidation: &Invalidation) -> Result<(), Error> {
+        self.publish_on(&self.channel, invalidation.encode()).await
+    }
+
+    /// Publishes `message` on `channel` as [`Self::publish`] publishes an invalidation.
+    ///
+    /// # Errors
+    /// Redis unreachable or slow.
+    pub async fn publish_on(&self, channel: &str, message: String) -> Result<(), Error> {
         let client = self.client.with_options(&self.options);
-        let (channel, message) = (self.channel.as_str(), invalidation.encode());
         let _receivers: i64 = if self.client.is_clustered() {
             self.guarded(client.spublish(channel, message)).await?
         } else {

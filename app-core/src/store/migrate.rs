@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "cache_outbox",
         include_str!("../../migrations/0002_cache_outbox.sql"),
     ),
+    (3, "fleet", include_str!("../../migrations/0003_fleet.sql")),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock that serializes migrators.

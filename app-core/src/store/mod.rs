@@ -13,6 +13,7 @@
 //! reads — never writes — are sent once more on another connection.
 
 mod connection;
+pub mod fleet;
 mod migrate;
 mod replica;
 

@@ -1,6 +1,8 @@
 //! Traffic splits: one route's requests shared among groups by weight — blue/green
 //! (100/0, then 0/100) and canaries (95/5). The weights are swapped atomically at
-//! runtime; a request sees either the old or the new weights, never a mix.
+//! runtime; a request sees either the old or the new weights, never a mix. Which weights
+//! a split serves is the fleet's decision (docs/fleet.md): the runtime split of its
+//! route when there is one, else the file's.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,9 +19,9 @@ pub struct Split {
     /// The groups, by name (sorted), with the weights in the same order.
     groups: Vec<Arc<Group>>,
     weights: ArcSwap<Vec<u32>>,
-    /// The weights the configuration file gave. A reload keeps runtime weights while the
-    /// file's stay the same, so an operator's switch is not undone by an unrelated edit.
-    pub(crate) file_weights: Vec<u32>,
+    /// The weights the configuration file gave: served while the route has no runtime
+    /// split.
+    file_weights: Arc<Vec<u32>>,
     sticky_cookie: Option<String>,
 }
 
@@ -50,8 +52,8 @@ impl Split {
         }
         Some(Self {
             groups: members,
-            weights: ArcSwap::from_pointee(values.clone()),
-            file_weights: values,
+            file_weights: Arc::new(values.clone()),
+            weights: ArcSwap::from_pointee(values),
             sticky_cookie,
         })
     }
@@ -88,20 +90,54 @@ impl Split {
 
     /// The weights now, by group name.
     pub fn weights(&self) -> BTreeMap<String, u32> {
-        let weights = self.weights.load();
+        self.by_name(&self.weights.load())
+    }
+
+    /// The configuration file's weights, by group name.
+    pub fn file_weights(&self) -> BTreeMap<String, u32> {
+        self.by_name(&self.file_weights)
+    }
+
+    fn by_name(&self, values: &[u32]) -> BTreeMap<String, u32> {
         self.groups
             .iter()
-            .zip(weights.iter())
+            .zip(values)
             .map(|(g, w)| (g.name.clone(), *w))
             .collect()
     }
 
-    /// Replaces the weights: the body names groups of this split; those it does not
-    /// name get 0 (the body is the whole new split).
+    /// `new` as a whole split of this one's groups: the groups it does not name get 0.
     ///
     /// # Errors
     /// A name that is not one of this split's groups, or weights that sum to zero.
-    pub fn set_weights(&self, new: &BTreeMap<String, u32>) -> Result<(), SplitError> {
+    pub fn complete(
+        &self,
+        new: &BTreeMap<String, u32>,
+    ) -> Result<BTreeMap<String, u32>, SplitError> {
+        self.values_of(new).map(|values| self.by_name(&values))
+    }
+
+    /// Serves `runtime` (a route's runtime split), or the file's weights when there is
+    /// none.
+    ///
+    /// # Errors
+    /// `runtime` does not fit this split's groups (a task started from another file): the
+    /// file's weights are served instead.
+    pub fn follow(&self, runtime: Option<&BTreeMap<String, u32>>) -> Result<(), SplitError> {
+        let values = match runtime.map(|w| self.values_of(w)) {
+            Some(Ok(values)) => Arc::new(values),
+            Some(Err(error)) => {
+                self.weights.store(self.file_weights.clone());
+                return Err(error);
+            }
+            None => self.file_weights.clone(),
+        };
+        self.weights.store(values);
+        Ok(())
+    }
+
+    /// The weights of `new` in this split's group order.
+    fn values_of(&self, new: &BTreeMap<String, u32>) -> Result<Vec<u32>, SplitError> {
         if let Some(unknown) = new
             .keys()
             .find(|n| !self.groups.iter().any(|g| &g.name == *n))
@@ -117,22 +153,7 @@ impl Split {
         if values.iter().all(|w| *w == 0) {
             return Err(SplitError::ZeroSum);
         }
-        self.weights.store(Arc::new(values));
-        Ok(())
-    }
-
-    /// Takes over the runtime weights of the split this one replaces, when the file did
-    /// not change them.
-    pub(crate) fn carry_over(&self, old: &Self) {
-        let same_groups = self.groups.len() == old.groups.len()
-            && self
-                .groups
-                .iter()
-                .zip(&old.groups)
-                .all(|(a, b)| a.name == b.name);
-        if same_groups && self.file_weights == old.file_weights {
-            self.weights.store(old.weights.load_full());
-        }
+        Ok(values)
     }
 }
 
@@ -181,22 +202,29 @@ mod tests {
         let s = split(&[("blue", 100), ("green", 0)], None);
         let none = HeaderMap::new();
         assert_eq!(share_of_blue(&s, &none), 1000);
-        s.set_weights(&BTreeMap::from([("green".to_owned(), 100)]))
+        s.follow(Some(&BTreeMap::from([("green".to_owned(), 100)])))
             .unwrap();
         assert_eq!(share_of_blue(&s, &none), 0);
         assert_eq!(s.weights()["blue"], 0);
     }
 
     #[test]
-    fn bad_weights_are_refused_and_change_nothing() {
+    fn bad_weights_are_refused_and_the_file_weights_serve() {
         let s = split(&[("blue", 100), ("green", 0)], None);
         let err = s
-            .set_weights(&BTreeMap::from([("purple".to_owned(), 1)]))
+            .complete(&BTreeMap::from([("purple".to_owned(), 1)]))
             .unwrap_err();
         assert!(matches!(err, SplitError::UnknownGroup(ref g, _) if g == "purple"));
         assert_eq!(
-            s.set_weights(&BTreeMap::from([("blue".to_owned(), 0)])),
+            s.complete(&BTreeMap::from([("blue".to_owned(), 0)])),
             Err(SplitError::ZeroSum)
+        );
+        s.follow(Some(&BTreeMap::from([("green".to_owned(), 1)])))
+            .unwrap();
+        // A runtime split this task's groups cannot serve falls back to the file's.
+        assert!(
+            s.follow(Some(&BTreeMap::from([("purple".to_owned(), 1)])))
+                .is_err()
         );
         assert_eq!(s.weights()["blue"], 100);
     }
@@ -208,7 +236,7 @@ mod tests {
         h.insert(header::COOKIE, HeaderValue::from_static("a=1; tg=green"));
         assert_eq!(share_of_blue(&s, &h), 0);
         assert!(s.pick(&h).1.is_none());
-        s.set_weights(&BTreeMap::from([("blue".to_owned(), 1)]))
+        s.follow(Some(&BTreeMap::from([("blue".to_owned(), 1)])))
             .unwrap();
         let (group, cookie) = s.pick(&h);
         assert_eq!(group.name, "blue");
@@ -216,15 +244,13 @@ mod tests {
     }
 
     #[test]
-    fn a_reload_keeps_runtime_weights_unless_the_file_changed_them() {
-        let old = split(&[("blue", 100), ("green", 0)], None);
-        old.set_weights(&BTreeMap::from([("green".to_owned(), 100)]))
+    fn a_reset_serves_the_file_weights_again() {
+        let s = split(&[("blue", 100), ("green", 0)], None);
+        s.follow(Some(&BTreeMap::from([("green".to_owned(), 100)])))
             .unwrap();
-        let same_file = split(&[("blue", 100), ("green", 0)], None);
-        same_file.carry_over(&old);
-        assert_eq!(same_file.weights()["green"], 100);
-        let new_file = split(&[("blue", 50), ("green", 50)], None);
-        new_file.carry_over(&old);
-        assert_eq!(new_file.weights()["green"], 50);
+        assert_eq!(s.weights()["green"], 100);
+        s.follow(None).unwrap();
+        assert_eq!(s.weights(), s.file_weights());
+        assert_eq!(s.weights()["blue"], 100);
     }
 }

@@ -14,6 +14,7 @@ mod deploy;
 mod docs;
 mod errors;
 mod fault;
+mod fleet;
 mod hardening;
 mod health;
 mod helpers;

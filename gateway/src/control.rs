@@ -1,0 +1,246 @@
+//! The fleet from the command line (`tiergate split …`, `tiergate fleet`): the same
+//! operations as the admin API, straight on PostgreSQL and the Redis bus, so they work
+//! from a pipeline or ECS Exec whether or not any task is running. They read the same
+//! configuration as `serve` (file and environment: `DATABASE_URL`, `REDIS_URL`, …) and
+//! check a change against its route table as a task would.
+//!
+//! Each prints one JSON document on stdout; logs go to stderr.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use app_core::cache::l2::L2;
+use app_core::fleet::{Control, Waited};
+use app_core::store::Database;
+use app_core::store::fleet::{Committed, Weights};
+use serde_json::{Value, json};
+use tiergate_config::Settings;
+
+use crate::router::Router;
+
+/// Why a command failed; the message is for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The arguments do not fit the configuration's route table.
+    #[error("{0}")]
+    Invalid(String),
+    /// PostgreSQL cannot be reached or refused.
+    #[error("the fleet state in PostgreSQL cannot be reached (database.url): {0}")]
+    Database(String),
+    /// The change committed, but not every live task applied it within the wait.
+    #[error("revision {revision} is committed, but these tasks had not applied it: {lagging:?}")]
+    NotApplied {
+        /// The change's revision.
+        revision: i64,
+        /// Task id → the revision it had.
+        lagging: BTreeMap<String, i64>,
+    },
+}
+
+/// A command's connections: PostgreSQL, and Redis to publish changes (best effort).
+#[derive(Debug)]
+pub struct Commands {
+    control: Control,
+    router: Router,
+}
+
+impl Commands {
+    /// Connects as `settings` say; Redis gets `redis.connect_timeout` and is then left
+    /// behind (tasks' polls carry a change that could not be published).
+    ///
+    /// # Errors
+    /// A URL that does not parse, or a route table that cannot be built.
+    pub async fn connect(settings: &Settings) -> Result<Self, ControlError> {
+        let invalid = |e: &dyn std::fmt::Display| ControlError::Invalid(e.to_string());
+        let db = Database::new(&settings.database).map_err(|e| invalid(&e))?;
+        let l2 = L2::new(&settings.redis, settings.cache.l2_ttl).map_err(|e| invalid(&e))?;
+        let router = Router::new(settings, None).map_err(|e| invalid(&e))?;
+        l2.start_connecting();
+        if !l2.wait_connected(settings.redis.connect_timeout).await {
+            tracing::warn!(
+                "Redis not reachable: changes are not published; every task's poll finds them."
+            );
+        }
+        Ok(Self {
+            control: Control::new(db, l2),
+            router,
+        })
+    }
+
+    /// `split show [ROUTE]`: each split route's file weights, runtime split and the
+    /// weights in force fleet-wide.
+    ///
+    /// # Errors
+    /// No such split route, or PostgreSQL unreachable.
+    pub async fn split_show(&self, route: Option<&str>) -> Result<Value, ControlError> {
+        if let Some(route) = route {
+            self.split(route)?;
+        }
+        let snapshot = self.control.snapshot().await.map_err(database)?;
+        let routes: Vec<Value> = self
+            .router
+            .splits()
+            .filter(|(name, _)| route.is_none_or(|r| r == *name))
+            .map(|(name, split)| {
+                let runtime = snapshot.overrides.iter().find(|o| o.route == name);
+                let file = split.file_weights();
+                json!({
+                    "route": name,
+                    "file": file,
+                    "runtime": runtime,
+                    "in_force": runtime.map_or(&file, |r| &r.weights),
+                })
+            })
+            .collect();
+        Ok(json!({ "revision": snapshot.revision, "routes": routes }))
+    }
+
+    /// `split set ROUTE GROUP=WEIGHT…`: the route's runtime split, fleet-wide.
+    ///
+    /// # Errors
+    /// Bad arguments, PostgreSQL unreachable, or tasks that had not applied it in `wait`.
+    pub async fn split_set(
+        &self,
+        route: &str,
+        weights: &[String],
+        wait: Option<Duration>,
+    ) -> Result<Value, ControlError> {
+        let weights = parse_weights(weights)?;
+        let complete = self
+            .split(route)?
+            .complete(&weights)
+            .map_err(|e| ControlError::Invalid(format!("route {route}: {e}")))?;
+        let (committed, _) = self
+            .control
+            .set_split(route, Some(&complete))
+            .await
+            .map_err(database)?;
+        self.report(route, Some(&complete), committed, wait).await
+    }
+
+    /// `split reset ROUTE`: the route back to its file weights, fleet-wide.
+    ///
+    /// # Errors
+    /// No such split route, PostgreSQL unreachable, or tasks that had not applied it.
+    pub async fn split_reset(
+        &self,
+        route: &str,
+        wait: Option<Duration>,
+    ) -> Result<Value, ControlError> {
+        self.split(route)?;
+        let (committed, _) = self
+            .control
+            .set_split(route, None)
+            .await
+            .map_err(database)?;
+        self.report(route, None, committed, wait).await
+    }
+
+    /// `fleet`: the live tasks.
+    ///
+    /// # Errors
+    /// PostgreSQL unreachable.
+    pub async fn fleet(&self) -> Result<Value, ControlError> {
+        let snapshot = self.control.snapshot().await.map_err(database)?;
+        let tasks = self.control.tasks().await.map_err(database)?;
+        Ok(json!({ "revision": snapshot.revision, "tasks": tasks }))
+    }
+
+    async fn report(
+        &self,
+        route: &str,
+        weights: Option<&Weights>,
+        committed: Committed,
+        wait: Option<Duration>,
+    ) -> Result<Value, ControlError> {
+        let waited: Option<Waited> = match wait {
+            Some(limit) => Some(
+                self.control
+                    .wait_applied(committed, limit)
+                    .await
+                    .map_err(database)?,
+            ),
+            None => None,
+        };
+        if let Some(waited) = waited.as_ref().filter(|w| !w.applied) {
+            return Err(ControlError::NotApplied {
+                revision: committed.revision,
+                lagging: waited.lagging.clone(),
+            });
+        }
+        Ok(json!({
+            "route": route,
+            "runtime": weights,
+            "revision": committed.revision,
+            "committed_at": committed.committed_at,
+            "wait": waited,
+        }))
+    }
+
+    fn split(&self, route: &str) -> Result<&crate::proxy::Split, ControlError> {
+        self.router
+            .splits()
+            .find(|(name, _)| *name == route)
+            .map(|(_, split)| split.as_ref())
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.router.splits().map(|(name, _)| name).collect();
+                ControlError::Invalid(format!(
+                    "the configuration has no split route {route:?}; its split routes are: {}",
+                    if names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        names.join(", ")
+                    }
+                ))
+            })
+    }
+}
+
+fn database(error: app_core::store::StoreError) -> ControlError {
+    ControlError::Database(app_core::ErrorChain(&error).to_string())
+}
+
+/// `GROUP=WEIGHT` arguments as a map.
+///
+/// # Errors
+/// An argument that is not `GROUP=WEIGHT` with a non-negative integer weight, or a group
+/// named twice.
+pub fn parse_weights(args: &[String]) -> Result<Weights, ControlError> {
+    let mut weights = Weights::new();
+    for arg in args {
+        let parsed = arg
+            .split_once('=')
+            .and_then(|(group, weight)| Some((group, weight.parse::<u32>().ok()?)));
+        let Some((group, weight)) = parsed else {
+            return Err(ControlError::Invalid(format!(
+                "{arg:?} is not GROUP=WEIGHT with a non-negative integer weight (blue=0 green=100)"
+            )));
+        };
+        if weights.insert(group.to_owned(), weight).is_some() {
+            return Err(ControlError::Invalid(format!(
+                "group {group} is named twice"
+            )));
+        }
+    }
+    Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_parse_from_group_equals_weight() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let parsed = parse_weights(&args(&["blue=0", "green=100"])).unwrap();
+        assert_eq!(parsed["green"], 100);
+        for bad in [
+            &["blue"][..],
+            &["blue=-1"],
+            &["blue=x"],
+            &["blue=1", "blue=2"],
+        ] {
+            assert!(parse_weights(&args(bad)).is_err(), "{bad:?}");
+        }
+    }
+}
