@@ -9,7 +9,7 @@
 //!   statement, so a change whose message was lost (Redis down, a subscriber cut off, a
 //!   partition) arrives anyway. With PostgreSQL down it keeps the state it has.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -20,7 +20,9 @@ use tokio::sync::Notify;
 
 use crate::cache::l2::{L2, unix_micros};
 use crate::health::BuildInfo;
+use crate::rollout::{LEASE, since};
 use crate::store::fleet::{Committed, Heartbeat, Snapshot, TaskRow, Weights};
+use crate::store::rollout::Window;
 use crate::store::{Database, StoreError};
 
 /// The routes with a runtime split at one revision. A route not here serves its file
@@ -61,6 +63,9 @@ pub type Applier = Arc<dyn Fn(&FleetState) + Send + Sync>;
 
 /// What a task counts as in flight, for its heartbeat.
 pub type InFlight = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// A group's responses so far on this task, by group name (for rollout reports).
+pub type Tallies = Arc<dyn Fn(&str) -> Option<Window> + Send + Sync>;
 
 /// How a wait for the fleet to apply a revision ended.
 #[derive(Debug, Clone, Serialize)]
@@ -222,6 +227,11 @@ struct Inner {
     loaded: AtomicBool,
     applier: OnceLock<Applier>,
     in_flight: OnceLock<InFlight>,
+    tallies: OnceLock<Tallies>,
+    /// Per running rollout step: the target group's counts when this task first saw it.
+    baselines: Mutex<HashMap<(i64, i32), Window>>,
+    /// The rollouts this task drives.
+    driving: Mutex<HashSet<i64>>,
     /// Wakes the poll at once: a gap in the revisions, the bus back after an outage.
     repair: Notify,
     /// Wakes the heartbeat at once: a revision was applied, and waiters want to know.
@@ -277,6 +287,9 @@ impl Fleet {
                 loaded: AtomicBool::new(false),
                 applier: OnceLock::new(),
                 in_flight: OnceLock::new(),
+                tallies: OnceLock::new(),
+                baselines: Mutex::new(HashMap::new()),
+                driving: Mutex::new(HashSet::new()),
                 repair: Notify::new(),
                 applied_news: Notify::new(),
                 metrics: FleetMetrics::new(),
@@ -306,6 +319,85 @@ impl Fleet {
     /// Sets what counts the requests in flight; the first call wins.
     pub fn set_in_flight(&self, in_flight: InFlight) {
         let _ = self.inner.in_flight.set(in_flight);
+    }
+
+    /// Sets what counts each group's responses; the first call wins.
+    pub fn set_tallies(&self, tallies: Tallies) {
+        let _ = self.inner.tallies.set(tallies);
+    }
+
+    /// Drives rollout `id` from this task, in the background, until it ends or another
+    /// driver holds it.
+    pub fn drive(&self, id: i64) {
+        let fresh = self
+            .inner
+            .driving
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id);
+        if !fresh {
+            return;
+        }
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            let control = &fleet.inner.control;
+            if let Err(error) = control.drive_rollout(id, &fleet.inner.id).await {
+                tracing::warn!(rollout = id, error = %crate::ErrorChain(&error), "Rollout driver stopped; another one resumes it once the lease lapses.");
+            }
+            fleet
+                .inner
+                .driving
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        });
+    }
+
+    /// Reports what this task saw of each running rollout's target group during its
+    /// step, and takes over a rollout whose driver's lease lapsed.
+    async fn watch_rollouts(&self) -> Result<(), StoreError> {
+        let db = self.inner.control.db();
+        let running: Vec<_> = db
+            .rollouts(None)
+            .await?
+            .into_iter()
+            .filter(|r| r.state == "running")
+            .collect();
+        let now: Vec<(i64, i32, Window)> = {
+            let tallies = self.inner.tallies.get();
+            let mut baselines = self
+                .inner
+                .baselines
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            baselines.retain(|(id, step), _| {
+                running.iter().any(|r| r.id == *id && r.step_index == *step)
+            });
+            running
+                .iter()
+                .filter(|r| r.step_started_at.is_some())
+                .filter_map(|r| {
+                    let counts = tallies.and_then(|t| t(&r.to_group))?;
+                    let base = baselines
+                        .entry((r.id, r.step_index))
+                        .or_insert_with(|| counts.clone());
+                    Some((r.id, r.step_index, since(&counts, base)))
+                })
+                .collect()
+        };
+        for (id, step, window) in now {
+            db.rollout_report(id, step, &self.inner.id, &window).await?;
+        }
+        for rollout in running {
+            if db
+                .rollout_claim(rollout.id, &self.inner.id, LEASE)
+                .await?
+                .is_some()
+            {
+                self.drive(rollout.id);
+            }
+        }
+        Ok(())
     }
 
     /// The state in force.
@@ -476,6 +568,9 @@ impl Fleet {
                     tracing::warn!(error = %crate::ErrorChain(&error), "Fleet heartbeat failed; the state in force stays.");
                 }
             }
+            if let Err(error) = fleet.watch_rollouts().await {
+                tracing::warn!(error = %crate::ErrorChain(&error), "Rollout reports not sent.");
+            }
         }
     }
 }
@@ -501,6 +596,7 @@ impl FleetMetrics {
             "tiergate_fleet_applied_total",
             "Fleet changes and states put in force, by source (bus, local, poll)."
         );
+        crate::rollout::describe_metrics();
         metrics::describe_counter!(
             "tiergate_fleet_repairs_total",
             "Polls that found a newer revision than the one in force (a lost or late message)."

@@ -9,6 +9,7 @@
 //! - [`cache`]: the L1 (moka) and L2 (Redis) tiers, the invalidation bus, the breaker.
 //! - [`fleet`]: the fleet's runtime routing state, shared through PostgreSQL and the bus.
 //! - [`hooks`]: pause points that make cache races reproducible in tests.
+//! - [`rollout`]: progressive rollouts of a split, judged and rolled back fleet-wide.
 //! - [`service`]: the use cases over store and cache (read-through, write-then-fence).
 //! - [`api`]: HTTP handlers and JSON errors.
 //! - [`health`]: the `/health` report.
@@ -21,6 +22,7 @@ pub mod fleet;
 pub mod health;
 pub mod hooks;
 pub mod model;
+pub mod rollout;
 pub mod service;
 pub mod store;
 #[cfg(feature = "testing")]

@@ -8,6 +8,8 @@
 //! | `PUT /admin/routes/{name}/split` `{"blue":0,"green":100}` | new weights, fleet-wide (docs/fleet.md) |
 //! | `DELETE /admin/routes/{name}/split` | back to the file's weights, fleet-wide |
 //! | `GET /admin/fleet` | the live tasks and the revision each has applied |
+//! | `POST /admin/rollouts` | start a rollout, driven by this task (docs/fleet.md) |
+//! | `GET /admin/rollouts` | the rollouts, newest first |
 //! | `POST /admin/reload` | reload the configuration (as SIGHUP), or say why not |
 //!
 //! The mutating endpoints need `Authorization: Bearer <admin.token>`; without a
@@ -29,6 +31,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tiergate_config::Secret;
 
+use crate::control::RolloutAsk;
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::proxy::{Group, SplitError};
 use crate::reload::{ReloadError, Reloader};
@@ -97,7 +100,7 @@ impl Admin {
             (&Method::GET, [""]) => json_response(
                 StatusCode::OK,
                 Bytes::from_static(
-                    br#"{"endpoints":["/metrics","/livez","/readyz","/admin/routes","/admin/routes/{name}/split","/admin/fleet","/admin/reload"]}"#,
+                    br#"{"endpoints":["/metrics","/livez","/readyz","/admin/routes","/admin/routes/{name}/split","/admin/fleet","/admin/rollouts","/admin/reload"]}"#,
                 ),
             ),
             (&Method::GET, ["admin", "routes"]) => {
@@ -118,6 +121,25 @@ impl Admin {
                     .await
                     .map_err(ClientError::BadRequest)?;
                 self.change_split(&name, Some(&weights), wait).await?
+            }
+            (&Method::GET, ["admin", "rollouts"]) => {
+                self.authorize_read(&req)?;
+                let rollouts = self
+                    .app
+                    .fleet()
+                    .control()
+                    .db()
+                    .rollouts(None)
+                    .await
+                    .map_err(fleet_unavailable)?;
+                reply(StatusCode::OK, &json!({ "rollouts": rollouts }))
+            }
+            (&Method::POST, ["admin", "rollouts"]) => {
+                self.authorize(&req)?;
+                let ask = read_json::<RolloutAsk, _>(req)
+                    .await
+                    .map_err(ClientError::BadRequest)?;
+                self.start_rollout(&ask).await?
             }
             (&Method::DELETE, ["admin", "routes", name, "split"]) => {
                 self.authorize(&req)?;
@@ -144,6 +166,12 @@ impl Admin {
             (_, ["admin", "routes", _, "split"]) => {
                 return Err(ClientError::MethodNotAllowed {
                     allow: "PUT, DELETE",
+                }
+                .into());
+            }
+            (_, ["admin", "rollouts"]) => {
+                return Err(ClientError::MethodNotAllowed {
+                    allow: "GET, POST",
                 }
                 .into());
             }
@@ -245,6 +273,42 @@ impl Admin {
                 "wait": waited,
             }),
         ))
+    }
+
+    /// Starts a rollout and drives it from this task (another takes over if this one
+    /// dies): 201 with the rollout.
+    ///
+    /// # Errors
+    /// A bad ask, a rollout already running on the route, or PostgreSQL unreachable.
+    async fn start_rollout(
+        &self,
+        ask: &RolloutAsk,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        let plan = {
+            let router = self.gateway.router();
+            let split = split_named(&router, &ask.route)?;
+            crate::control::plan(ask, split, &split.weights()).map_err(ClientError::BadRequest)?
+        };
+        let fleet = self.app.fleet();
+        let started = fleet
+            .control()
+            .start_rollout(&plan, fleet.id())
+            .await
+            .map_err(fleet_unavailable)?
+            .ok_or_else(|| {
+                ClientError::Conflict(format!(
+                    "a rollout is already running on route {}: see GET /admin/rollouts",
+                    ask.route
+                ))
+            })?;
+        fleet.drive(started.id);
+        tracing::info!(
+            rollout = started.id,
+            route = ask.route,
+            to = ask.to,
+            "Rollout started through the admin API."
+        );
+        Ok(reply(StatusCode::CREATED, &json!(started)))
     }
 
     /// The live tasks, from their heartbeats.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use app_core::cache::l2::L2;
 use app_core::fleet::{Control, Waited};
+use app_core::rollout::{Plan, check_steps, parse_percent};
 use app_core::store::Database;
 use app_core::store::fleet::{Committed, Weights};
 use serde_json::{Value, json};
@@ -27,6 +28,9 @@ pub enum ControlError {
     /// PostgreSQL cannot be reached or refused.
     #[error("the fleet state in PostgreSQL cannot be reached (database.url): {0}")]
     Database(String),
+    /// The rollout rolled back: why, and the rollout as it ended.
+    #[error("the rollout rolled back: {0}")]
+    RolledBack(String, Value),
     /// The change committed, but not every live task applied it within the wait.
     #[error("revision {revision} is committed, but these tasks had not applied it: {lagging:?}")]
     NotApplied {
@@ -136,6 +140,62 @@ impl Commands {
         self.report(route, None, committed, wait).await
     }
 
+    /// `rollout ROUTE --to GROUP …`: starts a rollout and drives it here to its end;
+    /// the answer is the rollout as it ended.
+    ///
+    /// # Errors
+    /// Bad arguments, a rollout already running on the route, PostgreSQL unreachable,
+    /// or a rollout that rolled back (its reason).
+    pub async fn rollout(&self, ask: &RolloutAsk) -> Result<Value, ControlError> {
+        let snapshot = self.control.snapshot().await.map_err(database)?;
+        let split = self.split(&ask.route)?;
+        let in_force = snapshot
+            .overrides
+            .iter()
+            .find(|o| o.route == ask.route)
+            .map_or_else(|| split.file_weights(), |o| o.weights.clone());
+        let plan = plan(ask, split, &in_force).map_err(ControlError::Invalid)?;
+        let holder = format!("cli-{}-{:08x}", std::process::id(), fastrand::u32(..));
+        let Some(started) = self
+            .control
+            .start_rollout(&plan, &holder)
+            .await
+            .map_err(database)?
+        else {
+            return Err(ControlError::Invalid(format!(
+                "a rollout is already running on route {}: see `tiergate rollout status {}`",
+                ask.route, ask.route
+            )));
+        };
+        let ended = self
+            .control
+            .drive_rollout(started.id, &holder)
+            .await
+            .map_err(database)?;
+        let answer = json!(ended);
+        match ended {
+            Some(r) if r.state == "rolled_back" => Err(ControlError::RolledBack(
+                r.reason.unwrap_or_default(),
+                answer,
+            )),
+            _ => Ok(answer),
+        }
+    }
+
+    /// `rollout status ROUTE`: the route's latest rollouts, newest first.
+    ///
+    /// # Errors
+    /// PostgreSQL unreachable.
+    pub async fn rollout_status(&self, route: &str) -> Result<Value, ControlError> {
+        let rollouts = self
+            .control
+            .db()
+            .rollouts(Some(route))
+            .await
+            .map_err(database)?;
+        Ok(json!({ "route": route, "rollouts": rollouts }))
+    }
+
     /// `fleet`: the live tasks.
     ///
     /// # Errors
@@ -194,6 +254,68 @@ impl Commands {
                 ))
             })
     }
+}
+
+/// A rollout as asked for, by the CLI or `POST /admin/rollouts`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutAsk {
+    /// The split route.
+    pub route: String,
+    /// The group to move the traffic to.
+    pub to: String,
+    /// Percent to `to` at each step, rising, ending at 100.
+    pub steps: Vec<i32>,
+    /// How long each step runs before the next (`30s`).
+    pub interval: String,
+    /// Largest share of 5xx answers from `to` in a step (`1%`).
+    pub max_error_rate: String,
+    /// Largest p99 latency of `to` in a step (`500ms`).
+    pub max_p99: String,
+}
+
+/// Checks `ask` against the route's split; the previous group is the one with the most
+/// weight `in_force` other than the target.
+///
+/// # Errors
+/// Why the rollout cannot be done, for the operator.
+pub fn plan(
+    ask: &RolloutAsk,
+    split: &crate::proxy::Split,
+    in_force: &Weights,
+) -> Result<Plan, String> {
+    let file = split.file_weights();
+    if !file.contains_key(&ask.to) {
+        let groups: Vec<&str> = file.keys().map(String::as_str).collect();
+        return Err(format!(
+            "route {} has no group {:?}; its groups are: {}",
+            ask.route,
+            ask.to,
+            groups.join(", ")
+        ));
+    }
+    let from = in_force
+        .iter()
+        .filter(|(group, weight)| **group != ask.to && **weight > 0)
+        .max_by_key(|(_, weight)| **weight)
+        .map(|(group, _)| group.clone())
+        .ok_or_else(|| format!("route {} already sends everything to {}", ask.route, ask.to))?;
+    check_steps(&ask.steps)?;
+    let duration = |what: &str, text: &str| {
+        humantime::parse_duration(text)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("{what} must be a duration above 0 (30s, 500ms), got {text:?}"))
+    };
+    Ok(Plan {
+        route: ask.route.clone(),
+        from,
+        to: ask.to.clone(),
+        steps: ask.steps.clone(),
+        interval: duration("interval", &ask.interval)?,
+        max_error_rate: parse_percent(&ask.max_error_rate)?,
+        max_p99: duration("max_p99", &ask.max_p99)?,
+    })
 }
 
 fn database(error: app_core::store::StoreError) -> ControlError {

@@ -79,6 +79,9 @@ pub enum ClientError {
     /// An admin request's body or parameters are not acceptable.
     #[error("{0}")]
     BadRequest(String),
+    /// An admin request clashes with work in progress (a rollout already running).
+    #[error("{0}")]
+    Conflict(String),
     /// The endpoint exists but not for this method.
     #[error("this endpoint answers {allow} only")]
     MethodNotAllowed {
@@ -224,6 +227,7 @@ impl GatewayError {
                 ClientError::NoRoute | ClientError::NotFound(_) => {
                     (StatusCode::NOT_FOUND, "not_found")
                 }
+                ClientError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
                 ClientError::MethodNotAllowed { .. } => {
                     (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
                 }

@@ -69,6 +69,36 @@ enum Command {
     },
     /// List the live tasks: id, version, colour, applied revision, uptime, in flight.
     Fleet,
+    /// Move ROUTE to a group step by step, rolling back on a breach; or `rollout status
+    /// ROUTE`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Rollout {
+        #[command(subcommand)]
+        action: Option<RolloutAction>,
+        /// The split route.
+        route: Option<String>,
+        /// The group to move the traffic to.
+        #[arg(long, value_name = "GROUP")]
+        to: Option<String>,
+        /// Percent to the group at each step, rising, ending at 100.
+        #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
+        steps: Vec<i32>,
+        /// How long each step runs before the next.
+        #[arg(long, default_value = "30s")]
+        interval: String,
+        /// Largest share of 5xx answers from the group in a step.
+        #[arg(long, default_value = "1%")]
+        max_error_rate: String,
+        /// Largest p99 latency of the group in a step.
+        #[arg(long, default_value = "500ms")]
+        max_p99: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutAction {
+    /// The route's latest rollouts, newest first.
+    Status { route: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,8 +170,39 @@ fn main() -> ExitCode {
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS
         }
-        Command::Split { action } => control(&settings, Some(action)),
-        Command::Fleet => control(&settings, None),
+        Command::Split { action } => control(&settings, Fleetwide::Split(action)),
+        Command::Fleet => control(&settings, Fleetwide::Tasks),
+        Command::Rollout {
+            action: Some(RolloutAction::Status { route }),
+            ..
+        } => control(&settings, Fleetwide::RolloutStatus(route)),
+        Command::Rollout {
+            action: None,
+            route,
+            to,
+            steps,
+            interval,
+            max_error_rate,
+            max_p99,
+        } => {
+            let (Some(route), Some(to)) = (route, to) else {
+                eprintln!(
+                    "tiergate: rollout needs ROUTE and --to GROUP (or: rollout status ROUTE)"
+                );
+                return ExitCode::from(2);
+            };
+            control(
+                &settings,
+                Fleetwide::Rollout(gateway::control::RolloutAsk {
+                    route,
+                    to,
+                    steps,
+                    interval,
+                    max_error_rate,
+                    max_p99,
+                }),
+            )
+        }
         Command::Serve => run_async(&settings, |s| serve(s, cli.config.clone())),
         Command::Migrate { timeout } => run_async(&settings, |s| migrate(s, timeout)),
     }
@@ -186,9 +247,18 @@ fn healthcheck(config: Option<&Path>, url: Option<String>, timeout: Duration) ->
     }
 }
 
-/// Runs a fleet command (`None`: `tiergate fleet`): its JSON on stdout and exit 0, or
-/// why not on stderr and exit 1.
-fn control(settings: &Settings, action: Option<SplitAction>) -> ExitCode {
+/// The commands that act on the fleet through PostgreSQL and Redis.
+#[derive(Debug)]
+enum Fleetwide {
+    Split(SplitAction),
+    Tasks,
+    Rollout(gateway::control::RolloutAsk),
+    RolloutStatus(String),
+}
+
+/// Runs a fleet command: its JSON on stdout and exit 0, or why not on stderr and exit 1
+/// (a rolled-back rollout prints itself too).
+fn control(settings: &Settings, command: Fleetwide) -> ExitCode {
     // stdout is the command's answer: the logs (warnings only) go to stderr.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -207,21 +277,32 @@ fn control(settings: &Settings, action: Option<SplitAction>) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let commands = gateway::control::Commands::connect(settings).await?;
-        match action {
-            None => commands.fleet().await,
-            Some(SplitAction::Show { route }) => commands.split_show(route.as_deref()).await,
-            Some(SplitAction::Set {
+        match command {
+            Fleetwide::Tasks => commands.fleet().await,
+            Fleetwide::Split(SplitAction::Show { route }) => {
+                commands.split_show(route.as_deref()).await
+            }
+            Fleetwide::Split(SplitAction::Set {
                 route,
                 weights,
                 wait,
             }) => commands.split_set(&route, &weights, wait).await,
-            Some(SplitAction::Reset { route, wait }) => commands.split_reset(&route, wait).await,
+            Fleetwide::Split(SplitAction::Reset { route, wait }) => {
+                commands.split_reset(&route, wait).await
+            }
+            Fleetwide::Rollout(ask) => commands.rollout(&ask).await,
+            Fleetwide::RolloutStatus(route) => commands.rollout_status(&route).await,
         }
     });
     match result {
         Ok(answer) => {
             println!("{answer:#}");
             ExitCode::SUCCESS
+        }
+        Err(gateway::control::ControlError::RolledBack(reason, rollout)) => {
+            println!("{rollout:#}");
+            eprintln!("tiergate: the rollout rolled back: {reason}");
+            ExitCode::FAILURE
         }
         Err(error) => {
             eprintln!("tiergate: {error}");

@@ -98,6 +98,12 @@ impl Gateway {
             })
         }));
         let weak = Arc::downgrade(&self.inner);
+        fleet.set_tallies(Arc::new(move |group| {
+            let inner = weak.upgrade()?;
+            let router = inner.router.load();
+            router.groups().get(group).map(|g| g.tally.read())
+        }));
+        let weak = Arc::downgrade(&self.inner);
         fleet.set_applier(Arc::new(move |state| {
             if let Some(inner) = weak.upgrade() {
                 inner.router.load().follow_fleet(state);
@@ -255,7 +261,8 @@ impl Gateway {
                         }
                         Handler::Split(split) => {
                             let (group, set_cookie) = split.pick(req.headers());
-                            Box::pin(proxied(upstream(group, *req), set_cookie)).await
+                            let answer = proxied(upstream(group, *req), set_cookie);
+                            Box::pin(tallied(group, answer)).await
                         }
                         Handler::Redirect(base) => {
                             redirect(base, &req).unwrap_or_else(GatewayError::into_response)
@@ -280,6 +287,20 @@ impl Gateway {
             rsp
         }
     }
+}
+
+/// Counts a split's answer against the group that gave it, for a rollout judging the
+/// group (see `app_core::rollout`).
+async fn tallied(
+    group: &proxy::Group,
+    answer: impl Future<Output = Response<ResponseBody>>,
+) -> Response<ResponseBody> {
+    let sent = quanta::Instant::now();
+    let rsp = answer.await;
+    group
+        .tally
+        .observe(rsp.status().is_server_error(), sent.elapsed());
+    rsp
 }
 
 /// Step 3 as it stands when `handle` returns.

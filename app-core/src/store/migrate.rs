@@ -16,6 +16,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0002_cache_outbox.sql"),
     ),
     (3, "fleet", include_str!("../../migrations/0003_fleet.sql")),
+    (
+        4,
+        "rollouts",
+        include_str!("../../migrations/0004_rollouts.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock that serializes migrators.

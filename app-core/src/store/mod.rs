@@ -16,6 +16,7 @@ mod connection;
 pub mod fleet;
 mod migrate;
 mod replica;
+pub mod rollout;
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};

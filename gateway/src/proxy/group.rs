@@ -17,6 +17,8 @@ use hyper_util::rt::TokioExecutor;
 use metrics::Counter;
 use tiergate_config::{Balance, ProxySettings, UpstreamProtocol, UpstreamSettings};
 
+use app_core::rollout::Tally;
+
 use super::budget::RetryBudget;
 use super::connector::CountingConnector;
 use super::pool::Pool;
@@ -42,6 +44,8 @@ pub struct Group {
     pub(crate) budget: RetryBudget,
     started: AtomicBool,
     pub(crate) metrics: GroupMetrics,
+    /// Its answers through splits, for the rollouts that judge it.
+    pub(crate) tally: Tally,
 }
 
 #[derive(Debug)]
@@ -84,6 +88,7 @@ impl Group {
             checker,
             budget: RetryBudget::new(proxy),
             started: AtomicBool::new(false),
+            tally: Tally::default(),
             metrics: GroupMetrics {
                 requests: label("tiergate_upstream_requests_total"),
                 retries: label("tiergate_upstream_retries_total"),

@@ -8,6 +8,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
@@ -16,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::helpers::{ADMIN_TOKEN, Backends, redis_url};
+use crate::rolling::Nginx;
 use crate::shutdown::Task;
 use crate::startup::tiergate;
 use crate::upstream::Upstream;
@@ -617,4 +620,270 @@ async fn the_admin_api_resets_waits_and_lists_the_fleet() {
         fleet.get_admin(&task, "/admin/fleet").await["overrides"],
         json!([])
     );
+}
+
+/// Closed-loop GETs of `path` through `front` until stopped: (answers by group, failed
+/// requests with their reason), the answers in order per worker.
+struct FrontLoad {
+    running: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<(Vec<String>, Vec<String>)>>,
+}
+
+impl FrontLoad {
+    fn start(front: SocketAddr, path: &str, workers: usize) -> Self {
+        let running = Arc::new(AtomicBool::new(true));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let workers = (0..workers)
+            .map(|_| {
+                let (client, running) = (client.clone(), running.clone());
+                let url = format!("http://{front}{path}");
+                tokio::spawn(async move {
+                    let (mut answers, mut failures) = (Vec::new(), Vec::new());
+                    while running.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        match client.get(&url).send().await {
+                            Ok(rsp) => {
+                                let status = rsp.status().as_u16();
+                                let body: Value = rsp.json().await.unwrap_or(Value::Null);
+                                let who = body["upstream"].as_str().unwrap_or("?").to_owned();
+                                if status != 200 {
+                                    failures.push(format!("{status} from {who}"));
+                                }
+                                answers.push(who);
+                            }
+                            Err(e) => failures.push(format!("{e:?}")),
+                        }
+                    }
+                    (answers, failures)
+                })
+            })
+            .collect();
+        Self { running, workers }
+    }
+
+    async fn stop(self) -> (Vec<Vec<String>>, Vec<String>) {
+        self.running.store(false, Ordering::Relaxed);
+        let (mut answers, mut failures) = (Vec::new(), Vec::new());
+        for worker in self.workers {
+            let (a, f) = worker.await.unwrap();
+            answers.push(a);
+            failures.extend(f);
+        }
+        (answers, failures)
+    }
+}
+
+/// Three tasks behind nginx (standing in for the ALB) under closed-loop load.
+async fn fronted_fleet() -> (Fleet, Vec<Task>, Nginx) {
+    let fleet = Fleet::new().await;
+    let tasks = vec![
+        fleet.task("200ms").await,
+        fleet.task("200ms").await,
+        fleet.task("200ms").await,
+    ];
+    let https: Vec<SocketAddr> = tasks.iter().map(|t| t.http).collect();
+    let nginx = Nginx::start(&https).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet
+        .client
+        .get(format!("http://{}/", nginx.addr))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "nginx: {}", nginx.error_log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (fleet, tasks, nginx)
+}
+
+/// A full rollout blue → green through the CLI, under load through nginx, with a
+/// healthy green: every step passes, no request fails, and green serves everything.
+#[tokio::test]
+async fn a_rollout_to_a_healthy_group_completes_under_load_with_no_failed_request() {
+    let (fleet, tasks, nginx) = fronted_fleet().await;
+    let load = FrontLoad::start(nginx.addr, "/", 4);
+    let (code, out, err) = fleet
+        .cli(
+            &redis_url(),
+            &[
+                "rollout",
+                "web",
+                "--to",
+                "green",
+                "--steps",
+                "5,25,50,100",
+                "--interval",
+                "1s",
+                "--max-error-rate",
+                "1%",
+                "--max-p99",
+                "500ms",
+            ],
+        )
+        .await;
+    let (answers, failures) = load.stop().await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let ended: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ended["state"], "succeeded", "{ended}");
+    let served: usize = answers.iter().map(Vec::len).sum();
+    let by_green = answers.iter().flatten().filter(|a| *a == "green").count();
+    eprintln!(
+        "rollout blue→green: {served} requests through nginx, {} failed, {by_green} answered by green",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{failures:?}\nnginx: {}",
+        nginx.error_log()
+    );
+    assert!(
+        by_green > 0 && served > 100,
+        "the load ran through the steps"
+    );
+    for task in &tasks {
+        assert_eq!(fleet.split_on(task, "web").await, green());
+    }
+    let (code, out, _) = fleet.cli(&redis_url(), &["rollout", "status", "web"]).await;
+    assert_eq!(code, 0);
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["rollouts"][0]["state"], "succeeded");
+}
+
+/// A rollout through the admin API to a green that answers 5xx: it rolls back by itself
+/// within one interval, records why, and blue serves everything again.
+#[tokio::test]
+async fn a_rollout_to_a_failing_group_rolls_back_within_one_interval() {
+    let (fleet, tasks, nginx) = fronted_fleet().await;
+    let load = FrontLoad::start(nginx.addr, "/fail-if/green", 4);
+    let rsp = fleet
+        .client
+        .post(format!("http://{}/admin/rollouts", tasks[0].admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({
+            "route": "web", "to": "green", "steps": [5, 25, 50, 100],
+            "interval": "2s", "max_error_rate": "1%", "max_p99": "500ms",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 201);
+    let started: Value = rsp.json().await.unwrap();
+    let again = fleet
+        .client
+        .post(format!("http://{}/admin/rollouts", tasks[1].admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({
+            "route": "web", "to": "green", "steps": [100],
+            "interval": "1s", "max_error_rate": "1%", "max_p99": "500ms",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409, "one rollout per route at a time");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let listed = fleet.get_admin(&tasks[2], "/admin/rollouts").await;
+        let rollout = listed["rollouts"][0].clone();
+        assert_eq!(rollout["id"], started["id"]);
+        if rollout["state"] != "running" {
+            break rollout;
+        }
+        assert!(Instant::now() < deadline, "still running: {rollout}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Blue only from here: let the load run on a little, then stop it.
+    for task in &tasks {
+        fleet
+            .until_split(task, "web", &blue(), Duration::from_secs(1))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (answers, failures) = load.stop().await;
+    assert_eq!(ended["state"], "rolled_back", "{ended}");
+    assert!(ended["reason"].as_str().unwrap().contains("5xx"), "{ended}");
+    let took = chrono::DateTime::parse_from_rfc3339(ended["finished_at"].as_str().unwrap())
+        .unwrap()
+        - chrono::DateTime::parse_from_rfc3339(ended["started_at"].as_str().unwrap()).unwrap();
+    let by_green = failures.len();
+    eprintln!(
+        "rollout to a failing green: rolled back {} ms after it started (interval 2000 ms); \
+         green answered {by_green} requests (all 5xx) before that; reason: {}",
+        took.num_milliseconds(),
+        ended["reason"]
+    );
+    assert!(
+        took.num_milliseconds() < 2000,
+        "within one interval: {took}"
+    );
+    assert!(by_green > 0, "green was tried");
+    assert!(
+        failures.iter().all(|f| f.starts_with("500 from green")),
+        "{failures:?}"
+    );
+    // Once every task applied the rollback, only blue answered.
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.last().is_some_and(|w| w == "blue")),
+        "the last answer of every worker is blue"
+    );
+}
+
+/// The driver dies mid-rollout (the CLI, killed): once its lease lapses a task takes the
+/// rollout over and finishes it from the stored step.
+#[tokio::test]
+async fn a_rollout_whose_driver_dies_is_resumed_by_a_task() {
+    let fleet = Fleet::new().await;
+    let task = fleet.task("200ms").await;
+    let mut env = fleet.env("1s");
+    env.extend([
+        ("DATABASE_URL", fleet.backends.db.url.clone()),
+        (
+            "TIERGATE_REDIS__KEY_PREFIX",
+            fleet.backends.redis.prefix.clone(),
+        ),
+    ]);
+    let mut driver = tiergate(&env)
+        .args([
+            "rollout",
+            "web",
+            "--to",
+            "green",
+            "--steps",
+            "50,100",
+            "--interval",
+            "1s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the CLI");
+    // The first step is in force: kill the driver.
+    fleet
+        .until_split(
+            &task,
+            "web",
+            &json!({"blue": 50, "green": 50}),
+            Duration::from_secs(5),
+        )
+        .await;
+    driver.kill().await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let ended = loop {
+        let listed = fleet.get_admin(&task, "/admin/rollouts").await;
+        let rollout = listed["rollouts"][0].clone();
+        if rollout["state"] != "running" {
+            break rollout;
+        }
+        assert!(Instant::now() < deadline, "not resumed: {rollout}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ended["state"], "succeeded", "{ended}");
+    assert_eq!(fleet.split_on(&task, "web").await, green());
 }

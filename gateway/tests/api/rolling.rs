@@ -83,8 +83,8 @@ impl Reserved {
 }
 
 /// nginx with a generated config, stopped and its directory removed on drop.
-struct Nginx {
-    addr: SocketAddr,
+pub struct Nginx {
+    pub addr: SocketAddr,
     dir: PathBuf,
     _child: Child,
     /// nginx's port, held while nginx runs.
@@ -92,7 +92,7 @@ struct Nginx {
 }
 
 impl Nginx {
-    async fn start(upstreams: &[SocketAddr]) -> Self {
+    pub async fn start(upstreams: &[SocketAddr]) -> Self {
         let dir = std::env::temp_dir().join(format!("tiergate-nginx-{:016x}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let port = Reserved::new();
@@ -118,7 +118,7 @@ impl Nginx {
         }
     }
 
-    fn error_log(&self) -> String {
+    pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
 }

@@ -7,6 +7,8 @@
 //! - `POST /count`: reads the body as it streams in and answers its length;
 //! - `GET /bytes/{n}`: answers `n` bytes, streamed in 64 KiB chunks;
 //! - `GET /drip/{ms}`: answers at once, then a byte of body every `ms` milliseconds;
+//! - `GET /fail-if/{name}`: 500 from the upstream named `name`, as anything else from
+//!   the others (a broken colour behind a split);
 //! - anything else: 200 with `{"upstream", "method", "path", "version", "headers"}`.
 
 use std::collections::BTreeMap;
@@ -154,6 +156,13 @@ async fn answer(
     let path = req.uri().path().to_owned();
     if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    }
+    if path.strip_prefix("/fail-if/") == Some(name) {
+        let mut rsp = Response::new(Either::Left(Full::new(Bytes::from(
+            serde_json::json!({ "upstream": name, "error": "broken" }).to_string(),
+        ))));
+        *rsp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return Ok(rsp);
     }
     if path == "/ws" {
         return Ok(websocket_echo(&mut req));
