@@ -887,3 +887,44 @@ async fn a_rollout_whose_driver_dies_is_resumed_by_a_task() {
     assert_eq!(ended["state"], "succeeded", "{ended}");
     assert_eq!(fleet.split_on(&task, "web").await, green());
 }
+
+/// An admin listener beyond loopback: refused without a token by `config check`; with
+/// one, every `/admin/*` endpoint wants it, reads included, and the probes do not.
+#[tokio::test]
+async fn an_admin_listener_beyond_loopback_needs_the_token_everywhere_under_admin() {
+    let refused = tiergate(&[("TIERGATE_LISTEN__ADMIN", "0.0.0.0:9090".to_owned())])
+        .args(["config", "check"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(78));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("listen.admin") && said.contains("admin.token"),
+        "{said}"
+    );
+
+    let backends = Backends::new().await;
+    let mut settings = backends.settings();
+    settings.listen.admin = "0.0.0.0:0".parse().unwrap();
+    settings.admin.token = Some(ADMIN_TOKEN.into());
+    let app = crate::helpers::TestApp::start(settings).await;
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", app.admin.port());
+    for path in ["/admin/routes", "/admin/fleet", "/admin/rollouts"] {
+        let rsp = app.client.get(url(path)).send().await.unwrap();
+        assert_eq!(rsp.status(), 401, "{path}");
+        let rsp = app
+            .client
+            .get(url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200, "{path}");
+    }
+    for probe in ["/livez", "/readyz"] {
+        let rsp = app.client.get(url(probe)).send().await.unwrap();
+        assert_eq!(rsp.status(), 200, "{probe}");
+    }
+    app.stop().await;
+}
