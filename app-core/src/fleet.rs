@@ -357,12 +357,7 @@ impl Fleet {
     /// step, and takes over a rollout whose driver's lease lapsed.
     async fn watch_rollouts(&self) -> Result<(), StoreError> {
         let db = self.inner.control.db();
-        let running: Vec<_> = db
-            .rollouts(None)
-            .await?
-            .into_iter()
-            .filter(|r| r.state == "running")
-            .collect();
+        let running = db.rollouts_running().await?;
         let now: Vec<(i64, i32, Window)> = {
             let tallies = self.inner.tallies.get();
             let mut baselines = self

@@ -220,6 +220,17 @@ impl Database {
         Ok(row.as_ref().map(row_to_rollout).transpose()?)
     }
 
+    /// The rollouts running now (one per route at most).
+    ///
+    /// # Errors
+    /// The database is unreachable.
+    pub async fn rollouts_running(&self) -> Result<Vec<RolloutRow>, StoreError> {
+        let conn = self.writer.get().await?;
+        let sql = format!("SELECT {COLUMNS} FROM fleet_rollouts WHERE state = 'running'");
+        let rows = conn.query_typed(&sql, &[]).await?;
+        Ok(rows.iter().map(row_to_rollout).collect::<Result<_, _>>()?)
+    }
+
     /// The rollouts, newest first: of `route` only when given; at most 50.
     ///
     /// # Errors
