@@ -423,11 +423,18 @@ async fn healthcheck_exit_codes_for_up_down_and_unready() {
     );
     unready.stop().await;
 
-    // Up and ready; the default admin address 0.0.0.0 is probed on loopback.
+    // Up and ready; an admin address of 0.0.0.0 is probed on loopback. (Beyond loopback
+    // the admin listener needs a token, or the configuration is invalid: exit 1.)
     let backends = Backends::new().await;
     let up = TestApp::start(backends.settings()).await;
     let port = up.admin.port();
-    assert_eq!(healthcheck(&[], &admin(format!("0.0.0.0:{port}"))).await, 0);
+    let mut exposed = admin(format!("0.0.0.0:{port}"));
+    assert_eq!(healthcheck(&[], &exposed).await, 1, "no admin.token");
+    exposed.push((
+        "TIERGATE_ADMIN__TOKEN",
+        crate::helpers::ADMIN_TOKEN.to_owned(),
+    ));
+    assert_eq!(healthcheck(&[], &exposed).await, 0);
     assert_eq!(
         healthcheck(&["--url", &format!("http://127.0.0.1:{port}/readyz")], &[]).await,
         0
