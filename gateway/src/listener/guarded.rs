@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 use super::Limits;
 use super::head_scan::HeadScan;
 use super::state::ConnState;
+use crate::error::{ClientError, GatewayError};
 
 /// The connection's IO with the idle and header-read clocks (see the module docs).
 ///
@@ -49,7 +50,20 @@ pub(super) struct Guarded<S> {
     sniffed: usize,
     /// The framing check of the head being read.
     scan: HeadScan,
+    /// Our JSON answer being written in place of hyper's own to a head it refused.
+    replacing: Option<Replacement>,
+    max_header_bytes: usize,
+    max_headers: usize,
     listener: &'static str,
+}
+
+/// A JSON answer written in place of hyper's bodiless one: hyper is told its bytes were
+/// written once all of ours are.
+struct Replacement {
+    bytes: Vec<u8>,
+    sent: usize,
+    /// The length of hyper's answer.
+    covers: usize,
 }
 
 /// The HTTP/2 connection preface's first bytes.
@@ -79,6 +93,9 @@ impl<S> Guarded<S> {
             h2,
             sniffed: 0,
             scan: HeadScan::default(),
+            replacing: None,
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
             listener,
         }
     }
@@ -109,11 +126,10 @@ impl<S> Guarded<S> {
             self.head_deadline = None;
             self.scan = HeadScan::default();
         }
-        if self.state.head_started.load(Ordering::Acquire)
-            && !self.scan.done
-            && self.scan.feed(bytes)
-        {
-            self.state.ambiguous.store(true, Ordering::Release);
+        if self.state.head_started.load(Ordering::Acquire) && !self.scan.done {
+            if let Some(fault) = self.scan.feed(bytes) {
+                self.state.fault.store(fault as u8, Ordering::Release);
+            }
         }
     }
 
@@ -234,6 +250,102 @@ impl<S> Guarded<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Guarded<S> {
+    /// Whether hyper may be answering a head itself: one arrived, and the service has not
+    /// been called for it (hyper calls it for every head it can parse).
+    fn head_unanswered(&self) -> bool {
+        self.h2 != Some(true)
+            && self.state.head_started.load(Ordering::Acquire)
+            && self.state.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// The client's words for why hyper refused the head with `status`, from what the
+    /// scan saw of it.
+    fn refusal(&self, status: u16) -> GatewayError {
+        let refused = match status {
+            431 if self.scan.header_lines() > self.max_headers => ClientError::TooManyHeaders {
+                limit: self.max_headers,
+            },
+            431 => ClientError::HeadTooLarge {
+                limit: self.max_header_bytes,
+            },
+            414 => ClientError::UriTooLong,
+            _ => self
+                .scan
+                .fault()
+                .map_or(ClientError::MalformedHead, ClientError::from),
+        };
+        refused.into()
+    }
+
+    /// Writes our answer in place of hyper's own to a head it refused (a bare status
+    /// line: hyper has no way to give it a body); `None` when `buf` holds no such answer.
+    /// What precedes it in `buf` (the end of an earlier response) is written first.
+    fn poll_replace(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Option<Poll<io::Result<usize>>> {
+        if self.replacing.is_none() {
+            if !self.head_unanswered() {
+                return None;
+            }
+            let (at, status) = hyper_refusal(buf)?;
+            if at > 0 {
+                let result = Pin::new(&mut self.inner).poll_write(cx, &buf[..at]);
+                return Some(self.after_write(cx, result, |n| *n > 0));
+            }
+            self.replacing = Some(Replacement {
+                bytes: self.refusal(status).into_http1_bytes(),
+                sent: 0,
+                covers: buf.len(),
+            });
+        }
+        let mut replacing = self.replacing.take()?;
+        while replacing.sent < replacing.bytes.len() {
+            let result =
+                Pin::new(&mut self.inner).poll_write(cx, &replacing.bytes[replacing.sent..]);
+            match self.after_write(cx, result, |n| *n > 0) {
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())));
+                }
+                Poll::Ready(Ok(n)) => replacing.sent += n,
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Pending => {
+                    self.replacing = Some(replacing);
+                    return Some(Poll::Pending);
+                }
+            }
+        }
+        Some(Poll::Ready(Ok(replacing.covers)))
+    }
+}
+
+/// hyper's own answer to a head it could not parse, at the end of `buf`: where it starts
+/// and its status. It is a status line of 400, 414 or 431, `content-length: 0` and a
+/// date, and nothing after it: hyper closes the connection once it is written.
+fn hyper_refusal(buf: &[u8]) -> Option<(usize, u16)> {
+    let at = memchr::memmem::rfind(buf, b"HTTP/1.1 ")?;
+    let answer = &buf[at..];
+    let status = match answer.get(9..13)? {
+        b"400 " => 400,
+        b"414 " => 414,
+        b"431 " => 431,
+        _ => return None,
+    };
+    let head = answer.strip_suffix(b"\r\n\r\n")?;
+    let mut lines = head.split(|b| *b == b'\n').skip(1);
+    let only_length_and_date = lines.all(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.eq_ignore_ascii_case(b"content-length: 0")
+            || line.eq_ignore_ascii_case(b"connection: close")
+            || line
+                .get(..6)
+                .is_some_and(|name| name.eq_ignore_ascii_case(b"date: "))
+    });
+    only_length_and_date.then_some((at, status))
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -241,6 +353,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if let Some(replaced) = this.poll_replace(cx, buf) {
+            return replaced;
+        }
         let result = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.after_write(cx, result, |n| *n > 0)
     }

@@ -14,6 +14,7 @@ mod deploy;
 mod docs;
 mod errors;
 mod fault;
+mod front;
 mod hardening;
 mod health;
 mod helpers;
