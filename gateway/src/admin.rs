@@ -258,10 +258,16 @@ where
             ));
         }
     };
+    // serde's own message names Rust types ("expected u32", "a map"): only where it
+    // went wrong is kept.
     serde_json::from_slice(&bytes).map_err(|e| {
-        format!(
-            "the body must be a JSON object of group names to non-negative integer weights: {e}"
-        )
+        let what = match e.classify() {
+            serde_json::error::Category::Data => {
+                "the body must be a JSON object of group names to non-negative integer weights"
+            }
+            _ => "the body is not valid JSON",
+        };
+        format!("{what} (line {}, column {})", e.line(), e.column())
     })
 }
 

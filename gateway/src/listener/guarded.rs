@@ -366,6 +366,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        // hyper writes flat (`writev(false)`); should it ever write vectored, a refusal of
+        // its own is still found, one buffer at a time.
+        if this.replacing.is_some() || this.head_unanswered() {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &**b);
+            return self.poll_write(cx, first);
+        }
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.after_write(cx, result, |n| *n > 0)
     }

@@ -674,3 +674,36 @@ async fn the_proxy_and_the_app_have_in_flight_budgets_of_their_own() {
     drop(upstream);
     app.stop().await;
 }
+
+/// Mutation: put serde's message back in the admin API's 400 and it names `u32`.
+#[tokio::test]
+async fn admin_body_errors_are_told_without_the_server_s_types() {
+    let mut settings = Settings::for_tests();
+    let port = crate::helpers::closed_port();
+    settings.upstreams = vec![
+        UpstreamSettings::new("blue", &[&format!("127.0.0.1:{port}")]),
+        UpstreamSettings::new("green", &[&format!("127.0.0.1:{port}")]),
+    ];
+    let mut web = RouteSettings::upstream("web", "/", "blue");
+    web.upstream = None;
+    web.split = Some([("blue".to_owned(), 100), ("green".to_owned(), 0)].into());
+    settings.routes = vec![web];
+    settings.admin.token = Some(crate::helpers::ADMIN_TOKEN.into());
+    let app = TestApp::start_unready(settings).await;
+    for body in [r#"{"blue": "x"}"#, r#"{"blue": -1}"#, "[1]", "{"] {
+        let rsp = app
+            .client
+            .put(format!("http://{}/admin/routes/web/split", app.admin))
+            .bearer_auth(crate::helpers::ADMIN_TOKEN)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let error = crate::helpers::assert_error(rsp, 400, "bad_request").await;
+        let message = error["message"].as_str().unwrap();
+        for rust in ["u32", "map", "sequence", "struct"] {
+            assert!(!message.contains(rust), "{body}: {message}");
+        }
+    }
+    app.stop().await;
+}
