@@ -321,11 +321,21 @@ impl<S: AsyncWrite + Unpin> Guarded<S> {
     }
 }
 
+/// Longer than any answer hyper writes to a head it refused (a status line, a length
+/// and a date: about 90 bytes).
+const REFUSAL_MAX_LEN: usize = 256;
+
 /// hyper's own answer to a head it could not parse, at the end of `buf`: where it starts
 /// and its status. It is a status line of 400, 414 or 431, `content-length: 0` and a
 /// date, and nothing after it: hyper closes the connection once it is written.
 fn hyper_refusal(buf: &[u8]) -> Option<(usize, u16)> {
-    let at = memchr::memmem::rfind(buf, b"HTTP/1.1 ")?;
+    // Short, and last: a bounded look at the end, so bytes streamed to a client that
+    // already sent its next head cost next to nothing to rule out.
+    if !buf.ends_with(b"\r\n\r\n") {
+        return None;
+    }
+    let from = buf.len().saturating_sub(REFUSAL_MAX_LEN);
+    let at = from + memchr::memmem::rfind(&buf[from..], b"HTTP/1.1 ")?;
     let answer = &buf[at..];
     let status = match answer.get(9..13)? {
         b"400 " => 400,
@@ -391,5 +401,28 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mutation: accept any status, or any header line, and the last two cases match.
+    #[test]
+    fn hypers_refusal_is_found_at_the_end_and_nothing_else_is() {
+        let refusal = "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Mon, 07 Dec 2026 09:29:26 GMT\r\n\r\n";
+        assert_eq!(hyper_refusal(refusal.as_bytes()), Some((0, 431)));
+        let after_a_body = format!("{}{refusal}", "x".repeat(10_000));
+        assert_eq!(hyper_refusal(after_a_body.as_bytes()), Some((10_000, 431)));
+        let closing = "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(hyper_refusal(closing.as_bytes()), Some((0, 400)));
+        for other in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nmore",
+        ] {
+            assert_eq!(hyper_refusal(other.as_bytes()), None, "{other:?}");
+        }
     }
 }
