@@ -10,7 +10,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -229,6 +229,11 @@ where
         }
         // The request's own hold on the state, not a clone per request.
         let state = &request.0;
+        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Before hyper writes the `101`, so the tunnel's first bytes find it set.
+            state.upgraded.store(true, Ordering::Release);
+            state.head_started.store(false, Ordering::Release);
+        }
         if state.draining.load(Ordering::Relaxed) {
             if version == Version::HTTP_2 {
                 state.goaway.notify_one();

@@ -117,7 +117,7 @@ impl<S> Guarded<S> {
                 }
             }
         }
-        if self.h2 == Some(true) {
+        if self.h2 == Some(true) || self.state.upgraded.load(Ordering::Acquire) {
             return;
         }
         if self.state.in_flight.load(Ordering::Acquire) == 0

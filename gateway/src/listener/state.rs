@@ -24,6 +24,9 @@ pub(super) struct ConnState {
     pub(super) in_flight: AtomicUsize,
     /// Bytes of a request head arrived and the service has not seen that request yet.
     pub(super) head_started: AtomicBool,
+    /// A `101` went out: the connection is a tunnel now, and its bytes are no request's
+    /// head (no header clock, no framing scan), only the idle clock applies.
+    pub(super) upgraded: AtomicBool,
     /// What is wrong with the framing of the head being read, as a [`HeadFault`]'s
     /// code (0: nothing); see `HeadScan`.
     pub(super) fault: AtomicU8,

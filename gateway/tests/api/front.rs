@@ -707,3 +707,30 @@ async fn admin_body_errors_are_told_without_the_server_s_types() {
     }
     app.stop().await;
 }
+
+/// A WebSocket's bytes are not a request head: the listener's header clock must not cut
+/// the tunnel. Mutation: leave the head tracking on after the `101` and the client's
+/// first frame starts the header clock, which cuts the tunnel 300 ms later.
+#[tokio::test]
+async fn a_websocket_is_not_cut_at_the_header_read_timeout() {
+    use futures_util::{SinkExt, StreamExt};
+    let backends = Backends::new().await;
+    let upstream = Upstream::start("web").await;
+    let mut settings = backends.settings();
+    settings.routes = vec![RouteSettings::upstream("ws", "/ws", "web")];
+    settings.upstreams = vec![UpstreamSettings::new("web", &[&upstream.target()])];
+    settings.http.header_read_timeout = Duration::from_millis(300);
+    let app = TestApp::start(settings).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr))
+        .await
+        .unwrap();
+    for text in ["one", "two", "three"] {
+        ws.send(text.into()).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+        // Quiet for longer than the header timeout, well within the idle one.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    ws.close(None).await.unwrap();
+    app.stop().await;
+}
