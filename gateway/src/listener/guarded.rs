@@ -1,6 +1,7 @@
 //! The connection's IO with its clocks: idle and header-read while hyper waits for
 //! bytes, and the write clock for a client that stopped reading (see the listener's
-//! module docs for why hyper's own header timeout is off).
+//! module docs for why hyper's own header timeout is off). It also writes the JSON
+//! answer in place of hyper's bare one to a head hyper could not parse.
 
 use std::future::Future;
 use std::io;

@@ -35,7 +35,8 @@
 //! - `drain`: the shutdown phase as the loops and connections see it.
 //! - `connection`: one connection: TLS handshake, hyper, answering the drain.
 //! - `state`: what a connection's service and its IO tell each other.
-//! - `guarded`: the connection's IO with the idle, header-read and write clocks.
+//! - `guarded`: the connection's IO with the idle, header-read and write clocks, and
+//!   the JSON answer in place of hyper's refusals.
 //! - `head_scan`: the raw request head's framing checks.
 //! - `checks`: what every request must be before a handler sees it; HEAD's answer.
 
