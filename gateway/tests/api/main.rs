@@ -15,6 +15,7 @@ mod docs;
 mod errors;
 mod fault;
 mod fleet;
+mod front;
 mod hardening;
 mod health;
 mod helpers;
