@@ -64,6 +64,10 @@ fn describe() {
         "tiergate_http_shed_total",
         "Requests answered 503 at once because http.max_in_flight were in flight."
     );
+    metrics::describe_counter!(
+        "tiergate_access_log_dropped_total",
+        "Access lines refused because the writer fell behind (stdout slow or stalled)."
+    );
     metrics::describe_histogram!(
         "tiergate_http_request_duration_seconds",
         metrics::Unit::Seconds,

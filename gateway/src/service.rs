@@ -27,14 +27,14 @@ use http_body_util::Either;
 use metrics::Counter;
 use tiergate_config::HttpSettings;
 
+use crate::access_log::{AccessLog, RequestPart, ResponsePart};
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
-use crate::router::{Handler, Route, Router};
+use crate::router::{Handler, Router};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
 
 /// An incoming request id longer than this is replaced: it ends up in every log line.
 const MAX_REQUEST_ID_LEN: usize = 64;
@@ -63,11 +63,19 @@ struct Inner {
     shed: Counter,
     /// Upgraded connections tunnelled to upstreams.
     tunnels: proxy::Tunnels,
+    /// Where each request's line goes; `None` when access lines are off.
+    access_log: Option<AccessLog>,
 }
 
 impl Gateway {
-    /// A gateway over `router` that hosts `app`, with the limits in `http`.
-    pub fn new(router: Router, app: App, http: &HttpSettings) -> Self {
+    /// A gateway over `router` that hosts `app`, with the limits in `http`, writing an
+    /// access line per request to `access_log` when there is one.
+    pub fn new(
+        router: Router,
+        app: App,
+        http: &HttpSettings,
+        access_log: Option<AccessLog>,
+    ) -> Self {
         let permits = usize::try_from(http.max_in_flight).unwrap_or(usize::MAX);
         Self {
             inner: Arc::new(Inner {
@@ -80,6 +88,7 @@ impl Gateway {
                 },
                 shed: metrics::counter!("tiergate_http_shed_total"),
                 tunnels: proxy::Tunnels::default(),
+                access_log,
             }),
         }
     }
@@ -146,18 +155,16 @@ impl Gateway {
     {
         let started = quanta::Instant::now();
         let request_id = request_id(req.headers().get(&X_REQUEST_ID));
-        // What the access line needs after the request is gone; not gathered at all
-        // when the line would not be written (`RUST_LOG=warn`, benchmarks).
-        let logged = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
-            Box::new(Logged {
-                trace_id: req.headers().get(&X_AMZN_TRACE_ID).cloned(),
-                method: req.method().clone(),
-                path: req.uri().path().to_owned(),
-            })
-        });
         // A guard, not a clone of the table's `Arc`: only the proxy needs the table
         // after this (it holds the route, which is all the app path keeps).
         let router = self.inner.router.load();
+        // What the access line needs after the request is gone; not gathered at all
+        // when access lines are off. Boxed: it would double the future's size.
+        let logged = self
+            .inner
+            .access_log
+            .is_some()
+            .then(|| Box::new(RequestPart::of(&req, peer.addr, router.proxy.trusted_hops)));
         // The host is looked at only when some route matches on it.
         let host = router
             .matches_hosts()
@@ -182,6 +189,8 @@ impl Gateway {
             } else {
                 None
             };
+            // The group a proxied request went to, and the target that answered.
+            let mut upstream: Option<(Arc<proxy::Group>, Option<usize>)> = None;
             // Each arm ends in a response; an error becomes one through
             // `GatewayError::into_response` in its arm, so the app's answer, the hot path,
             // is never wrapped in a `Result` and copied out of it.
@@ -213,7 +222,7 @@ impl Gateway {
                     }
                 }
                 Answer::Here(req, router) => {
-                    let upstream = |group, req: Request<B>| ProxyRequest {
+                    let to = |group, req: Request<B>| ProxyRequest {
                         client: client_side(&req, peer),
                         req,
                         group,
@@ -225,11 +234,16 @@ impl Gateway {
                     };
                     match &route.handler {
                         Handler::Upstream(group) => {
-                            Box::pin(proxied(upstream(group, *req), None)).await
+                            let (rsp, target) = Box::pin(proxied(to(group, *req), None)).await;
+                            upstream = Some((group.clone(), target));
+                            rsp
                         }
                         Handler::Split(split) => {
                             let (group, set_cookie) = split.pick(req.headers());
-                            Box::pin(proxied(upstream(group, *req), set_cookie)).await
+                            let (rsp, target) =
+                                Box::pin(proxied(to(group, *req), set_cookie)).await;
+                            upstream = Some((group.clone(), target));
+                            rsp
                         }
                         Handler::Redirect(base) => {
                             redirect(base, &req).unwrap_or_else(GatewayError::into_response)
@@ -247,8 +261,21 @@ impl Gateway {
             drop(permit);
             let elapsed = started.elapsed();
             route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
-            if let Some(logged) = logged {
-                logged.write(&request_id, &route, &rsp, elapsed);
+            if let (Some(log), Some(logged)) = (&inner.access_log, logged) {
+                let upstream = upstream.as_ref().map(|(group, target)| {
+                    let target = target.map(|i| group.targets[i].address.as_str());
+                    (group.name.as_str(), target)
+                });
+                let answered = ResponsePart {
+                    request_id: &request_id,
+                    route: &route.name,
+                    status: rsp.status().as_u16(),
+                    cache: rsp.headers().get(&X_CACHE),
+                    body_size: rsp.body().size_hint().exact(),
+                    upstream,
+                    duration: elapsed,
+                };
+                log.log(&logged, &answered);
             }
             rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             rsp
@@ -293,55 +320,26 @@ impl Drop for Permit<'_> {
     }
 }
 
-/// The request's part of its access line.
-struct Logged {
-    trace_id: Option<HeaderValue>,
-    method: http::Method,
-    path: String,
-}
-
-impl Logged {
-    /// Writes the access line of the request answered with `rsp`.
-    fn write(
-        self,
-        request_id: &HeaderValue,
-        route: &Route,
-        rsp: &Response<ResponseBody>,
-        elapsed: Duration,
-    ) {
-        tracing::info!(
-            target: "access",
-            request_id = request_id.to_str().unwrap_or(""),
-            trace_id = self.trace_id.as_ref().and_then(|v| v.to_str().ok()),
-            method = %self.method,
-            path = self.path,
-            route = route.name,
-            status = rsp.status().as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
-        );
-    }
-}
-
 /// Forwards a request to its upstream group and answers with what came back, or with
-/// the error's response; a split's sticky cookie (when the client is to be pinned to the
-/// group it went to) goes with every answer, an error's too.
+/// the error's response, and says which of the group's targets answered; a split's
+/// sticky cookie (when the client is to be pinned to the group it went to) goes with
+/// every answer, an error's too.
 async fn proxied<B>(
     to: ProxyRequest<'_, B>,
     set_cookie: Option<HeaderValue>,
-) -> Response<ResponseBody>
+) -> (Response<ResponseBody>, Option<usize>)
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut rsp = match proxy::forward(to).await {
-        Ok(rsp) => rsp,
-        Err(error) => error.into_response(),
+    let (mut rsp, target) = match proxy::forward(to).await {
+        Ok((rsp, target)) => (rsp, Some(target)),
+        Err(error) => (error.into_response(), None),
     };
     if let Some(cookie) = set_cookie {
         rsp.headers_mut().append(header::SET_COOKIE, cookie);
     }
-    rsp
+    (rsp, target)
 }
 
 /// The client's side of a proxied request: its connection, and the authority it named.

@@ -61,14 +61,15 @@ pub(crate) struct ProxyRequest<'a, B> {
     pub(crate) tunnels: &'a super::Tunnels,
 }
 
-/// Forwards a request to its group and answers with what the group said.
+/// Forwards a request to its group and answers with what the group said, and the index
+/// of the target that said it.
 ///
 /// # Errors
 /// The request cannot be sent as the route says ([`ClientError`]), or no target gave an
 /// answer ([`UpstreamError`]).
 pub(crate) async fn forward<B>(
     to: ProxyRequest<'_, B>,
-) -> Result<Response<ResponseBody>, GatewayError>
+) -> Result<(Response<ResponseBody>, usize), GatewayError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -101,7 +102,8 @@ where
             .await;
         let failure = match result {
             Ok((rsp, lease)) => {
-                return Ok(answer(&mut request, rsp, lease, in_flight, sent, deadline));
+                let rsp = answer(&mut request, rsp, lease, in_flight, sent, deadline);
+                return Ok((rsp, index));
             }
             Err(err) => {
                 let limit = if head_by == deadline {
