@@ -169,13 +169,8 @@ async fn the_access_line_has_every_field_for_the_app_the_proxy_and_an_error() {
 }
 
 /// The ids of the responses `workers` connections got for `GET url`, each worker
-/// sending until `total` were answered or its server stopped answering.
-async fn load_until(
-    url: String,
-    workers: usize,
-    total: u64,
-    answered: Arc<AtomicU64>,
-) -> Vec<String> {
+/// sending until its server stops answering (the listener is closed).
+async fn load_until_closed(url: String, workers: usize, answered: Arc<AtomicU64>) -> Vec<String> {
     let tasks: Vec<_> = (0..workers)
         .map(|_| {
             let (url, answered) = (url.clone(), answered.clone());
@@ -183,7 +178,7 @@ async fn load_until(
                 let client = reqwest::Client::new();
                 let mut ids = Vec::new();
                 let mut refused = 0;
-                while answered.load(Ordering::Relaxed) < total && refused < 20 {
+                while refused < 20 {
                     match client.get(&url).send().await {
                         Ok(rsp) => {
                             ids.push(rsp.headers()["x-request-id"].to_str().unwrap().to_owned());
@@ -191,7 +186,10 @@ async fn load_until(
                             refused = 0;
                         }
                         // Closing: the listener is gone, or closed this connection.
-                        Err(_) => refused += 1,
+                        Err(_) => {
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
                     }
                 }
                 ids
@@ -205,11 +203,13 @@ async fn load_until(
     ids
 }
 
-/// SIGTERM under load: every request answered while the task drains, and before, has
-/// its access line on stdout when the process has exited.
+/// SIGTERM under load until the listener closes: every request answered while the task
+/// drained, and before, has its access line on stdout when the process has exited.
 ///
-/// Mutation checked: without `AccessLog::close` at the end of `Server::run`, the lines
-/// of the last 50 ms are missing.
+/// Not caught here: dropping the log instead of closing it at the end of `Server::run`
+/// (the writer's 50 ms passes write the last lines while the process winds down; the
+/// unit test `close_writes_every_line_appended_before_it` catches a `close` that loses
+/// lines).
 #[tokio::test]
 #[ignore = "timing-sensitive: scripts/test runs it alone after the parallel suite"]
 async fn no_access_line_is_lost_when_the_task_stops_under_load() {
@@ -218,14 +218,14 @@ async fn no_access_line_is_lost_when_the_task_stops_under_load() {
         &backends,
         &[
             ("RUST_LOG", "info"),
-            ("TIERGATE_SHUTDOWN__DRAIN_DELAY", "20s"),
+            ("TIERGATE_SHUTDOWN__DRAIN_DELAY", "12s"),
         ],
     )
     .await;
     task.wait_ready().await;
     let url = task.url("/items/1");
     let answered = Arc::new(AtomicU64::new(0));
-    let load = tokio::spawn(load_until(url, 32, 10_600, answered.clone()));
+    let load = tokio::spawn(load_until_closed(url, 32, answered.clone()));
     crate::helpers::wait_for_more(&answered, 500).await;
     task.signal("TERM");
     let signalled_at = answered.load(Ordering::Relaxed);
@@ -233,6 +233,7 @@ async fn no_access_line_is_lost_when_the_task_stops_under_load() {
     let status = task.exit_within(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}");
     let during_drain = ids.len() as u64 - signalled_at;
+    eprintln!("{during_drain} requests answered after SIGTERM");
     assert!(
         during_drain >= 10_000,
         "only {during_drain} answered while draining"
