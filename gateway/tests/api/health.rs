@@ -214,7 +214,15 @@ async fn metrics_are_prometheus_text_on_the_admin_port() {
     assert_eq!(rsp.status(), 200);
     let text = rsp.text().await.unwrap();
     for expected in [
-        r#"tiergate_http_requests_total{route="items",status="2xx"}"#,
+        r#"tiergate_http_requests_total{route="items",status="2xx",code="200"}"#,
+        r#"tiergate_http_requests_total{route="items",status="2xx",code="201"}"#,
+        concat!(
+            r#"tiergate_build_info{version=""#,
+            env!("CARGO_PKG_VERSION"),
+            r#"",commit=""#
+        ),
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
         r#"tiergate_http_request_duration_seconds_bucket{route="items",le="0.001"}"#,
         r#"tiergate_cache_requests_total{tier="l1",result="hit"}"#,
         r#"tiergate_db_pool_connections{pool="writer",state="idle"}"#,
