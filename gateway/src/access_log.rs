@@ -65,8 +65,15 @@ impl AccessLog {
         Self::to(sample, std::io::stdout)
     }
 
-    /// An access log written, a batch at a time, to what `open` returns for each batch.
-    fn to<W: Write, F: Fn() -> W + Send + 'static>(sample: f64, open: F) -> std::io::Result<Self> {
+    /// An access log written, a batch at a time, to what `open` returns for each batch
+    /// (stdout in the server; a file or a sink in tests and benchmarks).
+    ///
+    /// # Errors
+    /// The writer thread cannot be started.
+    pub fn to<W: Write, F: Fn() -> W + Send + 'static>(
+        sample: f64,
+        open: F,
+    ) -> std::io::Result<Self> {
         // One shard per thread that may serve, and a few more: a shard is rarely
         // contended by two requests at once.
         let count = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) + 2;
