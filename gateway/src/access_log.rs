@@ -24,6 +24,8 @@ use http::{Method, Request, Uri, Version};
 use http_body::Body;
 use metrics::Counter;
 
+use crate::trace::{TraceContext, hex};
+
 static X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -198,12 +200,18 @@ pub(crate) struct RequestPart {
     amzn_trace_id: Option<HeaderValue>,
     client: IpAddr,
     body_size: Option<u64>,
+    trace: Option<TraceContext>,
 }
 
 impl RequestPart {
     /// The part of `req`, from `peer`, behind `trusted_hops` proxies that append to
     /// `X-Forwarded-For`.
-    pub(crate) fn of<B: Body>(req: &Request<B>, peer: SocketAddr, trusted_hops: u32) -> Self {
+    pub(crate) fn of<B: Body>(
+        req: &Request<B>,
+        peer: SocketAddr,
+        trusted_hops: u32,
+        trace: Option<TraceContext>,
+    ) -> Self {
         let headers = req.headers();
         Self {
             method: req.method().clone(),
@@ -214,6 +222,7 @@ impl RequestPart {
             amzn_trace_id: headers.get(&X_AMZN_TRACE_ID).cloned(),
             client: client_address(headers, peer.ip(), trusted_hops),
             body_size: req.body().size_hint().exact(),
+            trace,
         }
     }
 }
@@ -292,6 +301,10 @@ fn render(buf: &mut Vec<u8>, req: &RequestPart, rsp: &ResponsePart<'_>) {
     field_timestamp(buf, SystemTime::now());
     field_str(buf, "target", b"access");
     field_header(buf, "request_id", rsp.request_id);
+    if let Some(trace) = &req.trace {
+        field_hex(buf, "trace_id", &trace.trace_id.to_be_bytes());
+        field_hex(buf, "span_id", &trace.span_id.to_be_bytes());
+    }
     if let Some(id) = &req.amzn_trace_id {
         field_header(buf, "amzn_trace_id", id);
     }
@@ -349,6 +362,16 @@ pub(crate) fn field_str(buf: &mut Vec<u8>, key: &str, value: &[u8]) {
     key_of(buf, key);
     buf.push(b'"');
     escaped(buf, value);
+    buf.push(b'"');
+}
+
+/// Appends `"key":` and `bytes` as a JSON string of lower-case hex digits.
+fn field_hex(buf: &mut Vec<u8>, key: &str, bytes: &[u8]) {
+    key_of(buf, key);
+    buf.push(b'"');
+    let start = buf.len();
+    buf.resize(start + 2 * bytes.len(), 0);
+    hex(&mut buf[start..], bytes);
     buf.push(b'"');
 }
 

@@ -22,6 +22,7 @@
 //!   thread of their own.
 //! - [`shutdown`]: signal handling.
 //! - [`healthcheck`]: the `tiergate healthcheck` probe client.
+//! - `trace`: W3C trace context, continued or started, passed upstream.
 
 pub mod access_log;
 pub mod admin;
@@ -36,6 +37,7 @@ pub mod router;
 pub mod service;
 pub mod shutdown;
 pub mod tls;
+mod trace;
 
 use std::future::Future;
 use std::net::SocketAddr;

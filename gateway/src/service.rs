@@ -33,6 +33,7 @@ use crate::listener::Peer;
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
 use crate::router::{Handler, Router};
+use crate::trace::TraceContext;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -158,19 +159,23 @@ impl Gateway {
         // A guard, not a clone of the table's `Arc`: only the proxy needs the table
         // after this (it holds the route, which is all the app path keeps).
         let router = self.inner.router.load();
-        // What the access line needs after the request is gone; not gathered at all
-        // when access lines are off. Boxed: it would double the future's size.
-        let logged = self
-            .inner
-            .access_log
-            .is_some()
-            .then(|| Box::new(RequestPart::of(&req, peer.addr, router.proxy.trusted_hops)));
         // The host is looked at only when some route matches on it.
         let host = router
             .matches_hosts()
             .then(|| request_host(&req).map(str::to_ascii_lowercase))
             .flatten();
         let route = router.route(host.as_deref(), req.uri().path()).clone();
+        // For the access line and the upstreams: none of it when neither is there.
+        let logging = self.inner.access_log.is_some();
+        let trace = (logging || !matches!(route.handler, Handler::App))
+            .then(|| TraceContext::of(req.headers(), router.proxy.start_traces))
+            .flatten();
+        // What the access line needs after the request is gone; not gathered at all
+        // when access lines are off. Boxed: it would double the future's size.
+        let logged = logging.then(|| {
+            let hops = router.proxy.trusted_hops;
+            Box::new(RequestPart::of(&req, peer.addr, hops, trace))
+        });
         let answer = match route.handler {
             Handler::App => Answer::App(self.inner.app.handle(req)),
             // Boxed: a request is most of what the future would hold.
@@ -230,6 +235,7 @@ impl Gateway {
                         trusted_hops: router.proxy.trusted_hops,
                         forwarded_header: router.proxy.forwarded_header,
                         request_id: &request_id,
+                        trace,
                         tunnels: &inner.tunnels,
                     };
                     match &route.handler {

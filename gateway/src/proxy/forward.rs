@@ -36,6 +36,7 @@ use super::pool::{Lease, SendError};
 use super::target::{InFlight, Target};
 use crate::error::{ClientError, GatewayError, Timeout, UpstreamError};
 use crate::response::ResponseBody;
+use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -57,6 +58,8 @@ pub(crate) struct ProxyRequest<'a, B> {
     pub(crate) forwarded_header: bool,
     /// The request id the gateway settled on.
     pub(crate) request_id: &'a HeaderValue,
+    /// The trace the request is part of, if any: each attempt carries it.
+    pub(crate) trace: Option<TraceContext>,
     /// Where an upgraded connection's tunnel runs.
     pub(crate) tunnels: &'a super::Tunnels,
 }
@@ -157,6 +160,7 @@ struct Prepared<'a> {
     trusted_hops: u32,
     forwarded_header: bool,
     request_id: &'a HeaderValue,
+    trace: Option<TraceContext>,
     tunnels: &'a super::Tunnels,
 }
 
@@ -175,6 +179,7 @@ where
         trusted_hops,
         forwarded_header,
         request_id,
+        trace,
         tunnels,
     } = to;
     let upgrade = headers::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -216,6 +221,7 @@ where
         trusted_hops,
         forwarded_header,
         request_id,
+        trace,
         tunnels,
     }
 }
@@ -241,6 +247,13 @@ impl Prepared<'_> {
         );
         headers::append_via(headers, self.client_version);
         headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        if let Some(trace) = &self.trace {
+            headers.insert(TRACEPARENT.clone(), trace.traceparent());
+            // A trace started here has no state of the client's to go with it.
+            if !trace.continued {
+                headers.remove(&TRACESTATE);
+            }
+        }
         if !self.client_host {
             headers.insert(header::HOST, target.host.clone());
         }

@@ -340,3 +340,92 @@ async fn a_stdout_nobody_reads_drops_lines_and_keeps_requests_fast() {
         "a request took {slowest:?}"
     );
 }
+
+/// `traceparent` in: the upstream gets the same trace with this gateway's span as its
+/// parent (and the caller's `tracestate`), the access line has the trace id and that
+/// span. A malformed one is ignored: a new trace, no `tracestate` passed on, no error.
+///
+/// Mutation checked: with `TraceContext::of` always starting a new trace, the upstream
+/// and the access line get another trace id and the test fails.
+#[tokio::test]
+async fn a_traceparent_is_continued_upstream_and_in_the_access_line() {
+    const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let backends = Backends::new().await;
+    let web = Upstream::start("web").await;
+    let config = routes_file(&web.target());
+    let config_path = config.path().to_str().unwrap().to_owned();
+    let mut task = Task::start(
+        &backends,
+        &[("RUST_LOG", "info"), ("TIERGATE_CONFIG", &config_path)],
+    )
+    .await;
+    task.wait_ready().await;
+    let client = reqwest::Client::new();
+    let send = |traceparent: &'static str| {
+        client
+            .get(task.url("/web/traced"))
+            .header("traceparent", traceparent)
+            .header("tracestate", "vendor=value")
+            .header("x-amzn-trace-id", "Root=1-abc")
+            .send()
+    };
+    let continued = send(INCOMING).await.unwrap();
+    assert_eq!(continued.status(), 200);
+    let continued_id = continued.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let seen: Value = continued.json().await.unwrap();
+    let malformed = send("00-not-a-trace-01").await.unwrap();
+    assert_eq!(malformed.status(), 200);
+    let malformed_id = malformed.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let seen_malformed: Value = malformed.json().await.unwrap();
+
+    // The upstream echoes each header's values as a list.
+    let upstream = |seen: &Value, name: &str| {
+        let values = seen["headers"][name].as_array()?;
+        assert_eq!(values.len(), 1, "one {name}: {values:?}");
+        values[0].as_str().map(str::to_owned)
+    };
+    let sent = upstream(&seen, "traceparent").expect("a traceparent upstream");
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{sent}");
+    assert_eq!(
+        parts[1], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the same trace: {sent}"
+    );
+    assert_ne!(parts[2], "00f067aa0ba902b7", "a span of our own: {sent}");
+    assert_eq!(parts[3], "01", "the caller's flags: {sent}");
+    assert_eq!(
+        upstream(&seen, "tracestate").as_deref(),
+        Some("vendor=value")
+    );
+    assert_eq!(
+        upstream(&seen, "x-amzn-trace-id").as_deref(),
+        Some("Root=1-abc")
+    );
+
+    let started = upstream(&seen_malformed, "traceparent").expect("a trace started");
+    assert!(
+        started.starts_with("00-") && started.len() == 55,
+        "{started}"
+    );
+    assert_ne!(&started[3..35], parts[1]);
+    assert_eq!(
+        upstream(&seen_malformed, "tracestate"),
+        None,
+        "the caller's state dropped"
+    );
+
+    let lines = access_lines(&mut task.log, &[&continued_id, &malformed_id]).await;
+    let line = &lines[&continued_id];
+    assert_eq!(line["trace_id"], parts[1], "{line}");
+    assert_eq!(line["span_id"], parts[2], "{line}");
+    assert_eq!(line["amzn_trace_id"], "Root=1-abc");
+    let line = &lines[&malformed_id];
+    assert_eq!(line["trace_id"], &started[3..35], "{line}");
+    assert_eq!(line["http.response.status_code"], 200);
+}
