@@ -32,7 +32,7 @@ use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
-use crate::router::{Handler, Router};
+use crate::router::{Handler, Route, Router};
 use crate::trace::TraceContext;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -185,17 +185,8 @@ impl Gateway {
         async move {
             let inner = &gateway.inner;
             // Held until the response head is ready, so it bounds the work in progress.
-            let permit = if route.shed {
-                let permit = inner.in_flight.try_acquire();
-                if permit.is_none() {
-                    inner.shed.increment(1);
-                }
-                permit
-            } else {
-                None
-            };
-            // The group a proxied request went to, and the target that answered.
-            let mut upstream: Option<(Arc<proxy::Group>, Option<usize>)> = None;
+            let permit = route.shed.then(|| inner.admit()).flatten();
+            let mut upstream: Option<Upstream> = None;
             // Each arm ends in a response; an error becomes one through
             // `GatewayError::into_response` in its arm, so the app's answer, the hot path,
             // is never wrapped in a `Result` and copied out of it.
@@ -266,26 +257,62 @@ impl Gateway {
 
             drop(permit);
             let elapsed = started.elapsed();
-            route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
-            if let (Some(log), Some(logged)) = (&inner.access_log, logged) {
-                let upstream = upstream.as_ref().map(|(group, target)| {
-                    let target = target.map(|i| group.targets[i].address.as_str());
-                    (group.name.as_str(), target)
-                });
-                let answered = ResponsePart {
-                    request_id: &request_id,
-                    route: &route.name,
-                    status: rsp.status().as_u16(),
-                    cache: rsp.headers().get(&X_CACHE),
-                    body_size: rsp.body().size_hint().exact(),
-                    upstream,
-                    duration: elapsed,
-                };
-                log.log(&logged, &answered);
-            }
+            inner.record(
+                &route,
+                &rsp,
+                &request_id,
+                logged,
+                upstream.as_ref(),
+                elapsed,
+            );
             rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             rsp
         }
+    }
+}
+
+/// The group a proxied request went to, and the target that answered (none when none
+/// did).
+type Upstream = (Arc<proxy::Group>, Option<usize>);
+
+impl Inner {
+    /// A place under `http.max_in_flight`, or none (counted as shed).
+    fn admit(&self) -> Option<Permit<'_>> {
+        let permit = self.in_flight.try_acquire();
+        if permit.is_none() {
+            self.shed.increment(1);
+        }
+        permit
+    }
+
+    /// Step 4: the request's metrics, and its access line when access lines are on.
+    fn record(
+        &self,
+        route: &Route,
+        rsp: &Response<ResponseBody>,
+        request_id: &HeaderValue,
+        logged: Option<Box<RequestPart>>,
+        upstream: Option<&Upstream>,
+        elapsed: Duration,
+    ) {
+        route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
+        let (Some(log), Some(logged)) = (&self.access_log, logged) else {
+            return;
+        };
+        let upstream = upstream.map(|(group, target)| {
+            let target = target.map(|i| group.targets[i].address.as_str());
+            (group.name.as_str(), target)
+        });
+        let answered = ResponsePart {
+            request_id,
+            route: &route.name,
+            status: rsp.status().as_u16(),
+            cache: rsp.headers().get(&X_CACHE),
+            body_size: rsp.body().size_hint().exact(),
+            upstream,
+            duration: elapsed,
+        };
+        log.log(&logged, &answered);
     }
 }
 
