@@ -54,6 +54,8 @@
 #              DATABASE_URL (default postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench,
 #              created when missing), REDIS_URL (default redis://127.0.0.1:6379),
 #              COMPARE_JSON=FILE (also write every row as JSON there).
+#              BIN_DIR=DIR runs the `tiergate`, `loadgen` and `limit-server` in DIR
+#              instead of building them (a build copied aside, to compare two).
 set -euo pipefail
 
 duration=${1:-5s}
@@ -99,9 +101,14 @@ PATH=$PATH:/usr/sbin
 cores=$(nproc)
 if ((cores >= 2)); then server_cpu=0 client_cpu=1; else server_cpu=0 client_cpu=0; log "one core: server and loadgen share it"; fi
 
-log "building release binaries (tiergate, loadgen, limit-server)"
-cargo build --release -q -p gateway -p bench --bins
-bin=$root/target/release
+if [[ -n ${BIN_DIR:-} ]]; then
+  bin=$(cd "$BIN_DIR" && pwd) || die "BIN_DIR $BIN_DIR is not a directory"
+  for b in tiergate loadgen limit-server; do [[ -x $bin/$b ]] || die "no $b in $bin"; done
+else
+  log "building release binaries (tiergate, loadgen, limit-server)"
+  cargo build --release -q -p gateway -p bench --bins
+  bin=$root/target/release
+fi
 
 scripts/services >&2 || die "PostgreSQL and Redis are not up and scripts/services could not start them"
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench}
