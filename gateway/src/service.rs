@@ -165,17 +165,7 @@ impl Gateway {
             .then(|| request_host(&req).map(str::to_ascii_lowercase))
             .flatten();
         let route = router.route(host.as_deref(), req.uri().path()).clone();
-        // For the access line and the upstreams: none of it when neither is there.
-        let logging = self.inner.access_log.is_some();
-        let trace = (logging || !matches!(route.handler, Handler::App))
-            .then(|| TraceContext::of(req.headers(), router.proxy.start_traces))
-            .flatten();
-        // What the access line needs after the request is gone; not gathered at all
-        // when access lines are off. Boxed: it would double the future's size.
-        let logged = logging.then(|| {
-            let hops = router.proxy.trusted_hops;
-            Box::new(RequestPart::of(&req, peer.addr, hops, trace))
-        });
+        let (trace, logged) = self.inner.observe(&req, peer, &route, &router);
         let answer = match route.handler {
             Handler::App => Answer::App(self.inner.app.handle(req)),
             // Boxed: a request is most of what the future would hold.
@@ -276,6 +266,27 @@ impl Gateway {
 type Upstream = (Arc<proxy::Group>, Option<usize>);
 
 impl Inner {
+    /// The request's trace (for the access line and the upstreams: none when neither
+    /// is there), and what its access line needs after the request is gone (nothing
+    /// when access lines are off; boxed, or it would double the future's size).
+    fn observe<B: Body>(
+        &self,
+        req: &Request<B>,
+        peer: Peer,
+        route: &Route,
+        router: &Router,
+    ) -> (Option<TraceContext>, Option<Box<RequestPart>>) {
+        let logging = self.access_log.is_some();
+        let trace = (logging || !matches!(route.handler, Handler::App))
+            .then(|| TraceContext::of(req.headers(), router.proxy.start_traces))
+            .flatten();
+        let logged = logging.then(|| {
+            let hops = router.proxy.trusted_hops;
+            Box::new(RequestPart::of(req, peer.addr, hops, trace))
+        });
+        (trace, logged)
+    }
+
     /// A place under `http.max_in_flight`, or none (counted as shed).
     fn admit(&self) -> Option<Permit<'_>> {
         let permit = self.in_flight.try_acquire();
