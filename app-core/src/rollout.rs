@@ -260,7 +260,7 @@ impl Control {
             self.set_split(&rollout.route, Some(&step_weights(rollout, percent)))
                 .await?;
             self.db().rollout_step(rollout.id, holder, None).await?;
-            record_step(rollout, percent);
+            record_step();
             tracing::info!(
                 rollout = rollout.id,
                 route = rollout.route,
@@ -284,7 +284,7 @@ impl Control {
                 reason,
                 "Rollout rolled back."
             );
-            record_step(rollout, 0);
+            record_step();
             return self.finish(rollout, holder, "rolled_back", &reason).await;
         }
         let elapsed =
@@ -327,21 +327,24 @@ impl Control {
     }
 }
 
-fn record_step(rollout: &RolloutRow, percent: i32) {
-    metrics::gauge!("tiergate_fleet_rollout_percent", "route" => rollout.route.clone())
-        .set(f64::from(percent));
+fn record_step() {
+    metrics::counter!("tiergate_fleet_rollout_steps_total").increment(1);
 }
 
-/// Describes the rollout metrics (once per process).
+/// Describes the rollout metrics and serves them from the start, at 0.
 pub(crate) fn describe_metrics() {
-    metrics::describe_gauge!(
-        "tiergate_fleet_rollout_percent",
-        "Percent of the route's traffic a rollout driven here has given its target group."
+    metrics::describe_counter!(
+        "tiergate_fleet_rollout_steps_total",
+        "Rollout steps (and rollbacks) a driver here put in force."
     );
     metrics::describe_counter!(
         "tiergate_fleet_rollouts_total",
         "Rollouts driven here that ended, by outcome (succeeded, rolled_back)."
     );
+    metrics::counter!("tiergate_fleet_rollout_steps_total").increment(0);
+    for outcome in ["succeeded", "rolled_back"] {
+        metrics::counter!("tiergate_fleet_rollouts_total", "outcome" => outcome).increment(0);
+    }
 }
 
 #[cfg(test)]

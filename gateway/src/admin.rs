@@ -91,6 +91,7 @@ impl Admin {
             (&Method::GET, ["metrics"]) => {
                 self.app.record_gauges();
                 self.gateway.router().record_gauges();
+                crate::metrics::record_process();
                 let mut rsp = Response::new(Either::Left(Full::new(Bytes::from(
                     self.metrics.render(),
                 ))));
