@@ -76,10 +76,21 @@ pub struct RouteSettings {
     /// Default: the path goes up unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite_prefix: Option<String>,
+    /// With `upstream` or `split`: the protocols a client may switch to through this
+    /// route (`Upgrade`, matched by name, case-insensitive); an `Upgrade` naming others
+    /// is removed and the request goes up as plain HTTP. `h2c` is refused: its tunnel
+    /// would carry HTTP/2 straight to the target, past routing and headers. `[]` allows
+    /// none. Default `["websocket"]`.
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
 }
 
 fn root() -> String {
     "/".to_owned()
+}
+
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".to_owned()]
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
@@ -101,6 +112,7 @@ impl RouteSettings {
             sticky_cookie: None,
             redirect: None,
             rewrite_prefix: None,
+            upgrades: default_upgrades(),
         }
     }
 

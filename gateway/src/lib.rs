@@ -9,7 +9,9 @@
 //! - [`tls`]: certificates for the HTTPS listener, SNI, hot reload.
 //! - [`router`]: the route table (host + path → app, upstream group, split or
 //!   redirect, with a bounded route name).
-//! - [`service`]: the request path as named steps (id, route, answer, record).
+//! - [`path`]: request paths normalised before routing (dot segments, escapes).
+//! - [`service`]: the request path as named steps (id, normalise, route, answer,
+//!   record).
 //! - [`error`]: the gateway's errors by the side that failed, and the one place where
 //!   they become responses.
 //! - [`response`]: the body type every listener serves, and the JSON answers the
@@ -26,6 +28,7 @@ pub mod error;
 pub mod healthcheck;
 pub mod listener;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod reload;
 pub mod response;
