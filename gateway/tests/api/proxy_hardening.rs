@@ -477,8 +477,10 @@ async fn a_route_forwards_only_the_upgrades_it_allows() {
     let up = Upstream::start("ws").await;
     let mut settings = backends.settings();
     settings.routes = vec![
+        // `/plain/ws` goes up as `/ws`, the upstream's WebSocket echo.
         RouteSettings {
             upgrades: Vec::new(),
+            rewrite_prefix: Some("/".to_owned()),
             ..RouteSettings::upstream("plain", "/plain", "web")
         },
         RouteSettings::upstream("site", "/", "web"),
