@@ -167,7 +167,8 @@ pub struct UpstreamSettings {
     /// target. Default 2s.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Limit from sending the request to the response head; past it: 504. Default 30s.
+    /// Limit from the end of the request (its body all sent: a slow upload is not a slow
+    /// target) to the response head; past it: 504. Default 30s.
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
     /// Limit for the whole exchange, bodies included; past it: 504 before the response

@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::pool::Lease;
 use super::target::InFlight;
-use crate::error::{ClientError, Side};
+use crate::error::Side;
 
 /// Any body error, boxed.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -105,15 +105,6 @@ impl Upload {
     /// Wakes `waker` when the body ends or fails; register before reading the state.
     pub(crate) fn wake_when_ended(&self, waker: &Waker) {
         self.ended.register(waker);
-    }
-
-    /// The client's failure, when its body failed.
-    pub(crate) fn client_failure(&self) -> Option<ClientError> {
-        match self.state() {
-            UploadState::Malformed => Some(ClientError::MalformedBody),
-            UploadState::Aborted => Some(ClientError::BodyAborted),
-            UploadState::Moving | UploadState::WaitingForClient | UploadState::Sent => None,
-        }
     }
 
     /// What the client body's `error` says about the client: hyper reports broken
@@ -283,9 +274,7 @@ impl UpstreamBody {
             in_flight,
         }
     }
-}
 
-impl UpstreamBody {
     /// Counts and logs a body cut at the request deadline, waiting on `side`; the
     /// connection closes with the body (what is left of it would come first on it). A
     /// cut is not counted against the target's health: it answered, and a long stream

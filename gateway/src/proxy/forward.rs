@@ -5,15 +5,18 @@
 //! 2. [`Prepared::attempt`]: pick a target, build its copy of the request (with
 //!    `X-Forwarded-*`, `Via` and the request id), send it through the group's pool and
 //!    wait for the response head within the group's limits;
-//! 3. [`classify`]: a failed attempt becomes an [`UpstreamError`], counted against the
-//!    target when it is the target's fault; [`Prepared::retryable`] says whether another
-//!    attempt may follow: a failed connect, or a target whose connections are all busy,
-//!    is retried on another target; a broken exchange only for an idempotent request
-//!    without a body; a timeout never; every retry is paid from the group's retry
-//!    budget;
+//! 3. [`client_failure`]: a failed attempt that is the client's doing (its body broke,
+//!    it went away, or it stopped sending) ends the request as a [`ClientError`],
+//!    counted against no target; else [`classify`]: it becomes an [`UpstreamError`],
+//!    counted against the target when it is the target's fault; [`Prepared::retryable`]
+//!    says whether another attempt may follow: a failed connect, or a target whose
+//!    connections are all busy, is retried on another target; a broken exchange only
+//!    for an idempotent request without a body; a timeout never; every retry is paid
+//!    from the group's retry budget;
 //! 4. [`answer`]: an answer (any status) is never retried: its response streams down (or
-//!    an upgrade is tunnelled after the upstream's real `101`); a failure is returned as
-//!    the [`GatewayError`] naming the side that failed and the limit that was hit.
+//!    an upgrade is tunnelled after the upstream's real `101` to an upgrade the route
+//!    allows; a `101` nobody asked for is the target's failure); a failure is returned
+//!    as the [`GatewayError`] naming the side that failed and the limit that was hit.
 
 use std::sync::Arc;
 
@@ -279,20 +282,22 @@ impl Prepared<'_> {
 /// waited for more of its body (408). Such a failure is counted as the group's client
 /// error, never against the target, and never retried.
 fn client_failure(group: &Group, body: &BodySlot, err: &SendError) -> Option<ClientError> {
-    let upload = body.upload()?;
-    let waited_for_client =
-        matches!(err, SendError::TimedOut) && upload.state() == UploadState::WaitingForClient;
-    let failure = upload.client_failure().or_else(|| {
-        waited_for_client.then_some(ClientError::UploadTimedOut {
-            limit: group.settings.request_timeout,
-        })
-    })?;
-    let (counter, kind) = match failure {
-        ClientError::MalformedBody => (&group.metrics.client_malformed, "malformed"),
-        ClientError::UploadTimedOut { .. } => {
-            (&group.metrics.client_upload_timeout, "upload_timeout")
-        }
-        _ => (&group.metrics.client_aborted, "aborted"),
+    let metrics = &group.metrics;
+    let (failure, counter, kind) = match body.upload()?.state() {
+        UploadState::Malformed => (
+            ClientError::MalformedBody,
+            &metrics.client_malformed,
+            "malformed",
+        ),
+        UploadState::Aborted => (ClientError::BodyAborted, &metrics.client_aborted, "aborted"),
+        UploadState::WaitingForClient if matches!(err, SendError::TimedOut) => (
+            ClientError::UploadTimedOut {
+                limit: group.settings.request_timeout,
+            },
+            &metrics.client_upload_timeout,
+            "upload_timeout",
+        ),
+        UploadState::Moving | UploadState::WaitingForClient | UploadState::Sent => return None,
     };
     counter.increment(1);
     tracing::info!(group = group.name, kind, error = %err, "Proxied request failed on the client's side: {failure}.");
