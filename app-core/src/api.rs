@@ -45,14 +45,15 @@ enum ApiRoute {
 impl ApiRoute {
     fn parse(method: &Method, path: &str) -> Result<Self, ApiError> {
         match path {
+            // HEAD is a GET whose body the listener drops (RFC 9110 §9.3.2).
             "/health" => match *method {
-                Method::GET => Ok(Self::Health),
-                _ => Err(ApiError::method_not_allowed("GET")),
+                Method::GET | Method::HEAD => Ok(Self::Health),
+                _ => Err(ApiError::method_not_allowed("GET, HEAD")),
             },
             "/items" => match *method {
-                Method::GET => Ok(Self::List),
+                Method::GET | Method::HEAD => Ok(Self::List),
                 Method::POST => Ok(Self::Create),
-                _ => Err(ApiError::method_not_allowed("GET, POST")),
+                _ => Err(ApiError::method_not_allowed("GET, HEAD, POST")),
             },
             _ => {
                 let segment = path
@@ -62,10 +63,10 @@ impl ApiRoute {
                     return Err(ApiError::not_found("no such route"));
                 };
                 let route: fn(ItemId) -> Self = match *method {
-                    Method::GET => Self::Get,
+                    Method::GET | Method::HEAD => Self::Get,
                     Method::PUT => Self::Update,
                     Method::DELETE => Self::Delete,
-                    _ => return Err(ApiError::method_not_allowed("GET, PUT, DELETE")),
+                    _ => return Err(ApiError::method_not_allowed("GET, HEAD, PUT, DELETE")),
                 };
                 ItemId::parse(segment)
                     .map(route)
@@ -529,6 +530,14 @@ mod tests {
         assert_eq!(
             ApiRoute::parse(&Method::GET, "/health").unwrap(),
             ApiRoute::Health
+        );
+        assert_eq!(
+            ApiRoute::parse(&Method::HEAD, "/items/7").unwrap(),
+            ApiRoute::Get(id(7))
+        );
+        assert_eq!(
+            ApiRoute::parse(&Method::HEAD, "/items").unwrap(),
+            ApiRoute::List
         );
     }
 

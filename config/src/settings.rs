@@ -335,10 +335,18 @@ pub struct HttpSettings {
     /// Deadline for a whole request. Default 30s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Requests the public listener works on at once; one more gets 503 with
-    /// `Retry-After` at once instead of queueing behind the others (load shedding).
-    /// Probes and `/health` are not counted. At least 1. Default 1024.
+    /// Requests the app works on at once; one more gets 503 with `Retry-After` at once
+    /// instead of queueing behind the others (load shedding). A request counts from the
+    /// moment its body is in, not while it arrives. Proxied requests count against their
+    /// group's own `max_in_flight`, probes and `/health` against nothing. At least 1.
+    /// Default 1024.
     pub max_in_flight: u32,
+    /// Limit for receiving a whole request body for the app, from its head to its last
+    /// byte; past it the client gets 408 and the connection closes. The body is read
+    /// before the request takes its place under `max_in_flight`, so a slow sender holds
+    /// only its own connection. More than 0s. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// Limit for receiving a request head, from its first byte to its blank line (against
     /// slowloris). It never runs while a keep-alive connection is idle. Default 10s.
     #[serde(with = "humantime_serde")]
@@ -364,6 +372,7 @@ impl Default for HttpSettings {
             max_body_bytes: 65536,
             request_timeout: Duration::from_secs(30),
             max_in_flight: 1024,
+            body_read_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
             max_header_bytes: 16384,
@@ -404,13 +413,28 @@ impl Default for ShutdownSettings {
 }
 
 /// How `/health` judges the instance.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthSettings {
     /// Answer 503 when Redis is down. Default `false`: the app still serves from L1 and
     /// PostgreSQL, and pulling every task out of the load balancer because the cache blinked
     /// would turn a cache outage into a full outage.
     pub require_cache: bool,
+    /// How old the probes of PostgreSQL and Redis behind a `/health` answer may be: within
+    /// it every request is answered from the last result, and one request at a time
+    /// refreshes it, so no rate of `/health` requests becomes database load. 10ms to 1m.
+    /// Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            require_cache: false,
+            max_age: Duration::from_secs(1),
+        }
+    }
 }
 
 /// Facts about the deployment this instance belongs to.
@@ -423,11 +447,24 @@ pub struct DeploymentSettings {
 }
 
 /// Log output.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
-    /// Line format. Default [`LogFormat::Json`].
+    /// Line format of the logs other than the access lines (which are always JSON).
+    /// Default [`LogFormat::Json`].
     pub format: LogFormat,
+    /// Share of the successful requests (status below 400) that get an access line, 0
+    /// to 1; failed requests always get theirs. Default 1.
+    pub access_sample: f64,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            access_sample: 1.0,
+        }
+    }
 }
 
 /// Log line format, written in lowercase (`"json"`, `"text"`).

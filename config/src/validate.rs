@@ -31,6 +31,8 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
     redis(s, &mut out);
     cache(s, &mut out);
     http(s, &mut out);
+    health(s, &mut out);
+    log(s, &mut out);
     deployment(s, &mut out);
     shutdown(s, &mut out);
     runtime(s, &mut out);
@@ -297,6 +299,28 @@ fn cache(s: &Settings, out: &mut Problems) {
     }
 }
 
+/// `/health`: a result reused long enough to matter, short enough to be news.
+fn health(s: &Settings, out: &mut Problems) {
+    let max_age = s.health.max_age;
+    if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&max_age) {
+        out.fail(
+            &["health.max_age"],
+            format!("must be 10ms to 1m, got {}", human(max_age)),
+        );
+    }
+}
+
+/// Logs: a sample is a share.
+fn log(s: &Settings, out: &mut Problems) {
+    let sample = s.log.access_sample;
+    if !(0.0..=1.0).contains(&sample) {
+        out.fail(
+            &["log.access_sample"],
+            format!("must be 0 to 1 (a share of the requests), got {sample}"),
+        );
+    }
+}
+
 /// The public HTTP limits: body, head and header sizes, timeouts, requests in flight.
 fn http(s: &Settings, out: &mut Problems) {
     let http = &s.http;
@@ -317,6 +341,12 @@ fn http(s: &Settings, out: &mut Problems) {
         out.fail(
             &["http.max_in_flight"],
             format!("must be at least 1, got {}", http.max_in_flight),
+        );
+    }
+    if http.body_read_timeout.is_zero() {
+        out.fail(
+            &["http.body_read_timeout"],
+            "must be more than 0s".to_owned(),
         );
     }
     if http.header_read_timeout.is_zero() {
@@ -577,6 +607,12 @@ fn check_upstreams(s: &Settings) -> Vec<String> {
                 "max_connections_per_target must be at most {MAX_CONNECTIONS_PER_TARGET} \
                  (0: no limit), got {}",
                 group.max_connections_per_target
+            ));
+        }
+        if group.max_in_flight < 1 {
+            fail(format!(
+                "max_in_flight must be at least 1, got {}",
+                group.max_in_flight
             ));
         }
         if group.response_timeout > group.request_timeout {

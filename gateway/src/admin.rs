@@ -70,10 +70,16 @@ impl Admin {
     {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let rsp = match (req.method(), segments.as_slice()) {
+        // HEAD is a GET whose body the listener drops.
+        let method = match req.method() {
+            &Method::HEAD => &Method::GET,
+            method => method,
+        };
+        let rsp = match (method, segments.as_slice()) {
             (&Method::GET, ["metrics"]) => {
                 self.app.record_gauges();
                 self.gateway.router().record_gauges();
+                crate::metrics::record_process();
                 let mut rsp = Response::new(Either::Left(Full::new(Bytes::from(
                     self.metrics.render(),
                 ))));
@@ -117,7 +123,7 @@ impl Admin {
                 )
             }
             (_, ["metrics" | "livez" | "readyz"] | ["admin", "routes"]) => {
-                return Err(ClientError::MethodNotAllowed { allow: "GET" }.into());
+                return Err(ClientError::MethodNotAllowed { allow: "GET, HEAD" }.into());
             }
             (_, ["admin", "routes", _, "split"]) => {
                 return Err(ClientError::MethodNotAllowed { allow: "PUT" }.into());
@@ -253,10 +259,16 @@ where
             ));
         }
     };
+    // serde's own message names Rust types ("expected u32", "a map"): only where it
+    // went wrong is kept.
     serde_json::from_slice(&bytes).map_err(|e| {
-        format!(
-            "the body must be a JSON object of group names to non-negative integer weights: {e}"
-        )
+        let what = match e.classify() {
+            serde_json::error::Category::Data => {
+                "the body must be a JSON object of group names to non-negative integer weights"
+            }
+            _ => "the body is not valid JSON",
+        };
+        format!("{what} (line {}, column {})", e.line(), e.column())
     })
 }
 

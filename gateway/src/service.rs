@@ -3,8 +3,9 @@
 //! 1. identify: keep a safe incoming `X-Request-Id` or make one;
 //! 2. route: normalise the path (see [`crate::path`]; refused with 400 when it cannot
 //!    be), then pick the route from the table in force (host and path);
-//! 3. answer: the app in process, an upstream group (the proxy), a redirect, a probe, or
-//!    a JSON 404;
+//! 3. answer: the app in process (its body read first, holding no permit), an upstream
+//!    group (the proxy), a redirect, a probe, or a JSON 404 — under the app's or the
+//!    group's own in-flight budget;
 //! 4. record: metrics by route and one access log line.
 //!
 //! Every failure of step 3 is a [`GatewayError`] that becomes its response through
@@ -13,30 +14,30 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
 use app_core::App;
 use app_core::api::X_CACHE;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::Either;
-use metrics::Counter;
+use http_body_util::{BodyExt, Either, Full};
 use tiergate_config::HttpSettings;
 
+use crate::access_log::{AccessLog, RequestPart, ResponsePart};
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
 use crate::path::{self, UnsafePath};
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
 use crate::router::{Handler, Route, Router};
+use crate::shed::InFlight;
+use crate::trace::TraceContext;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
 
 /// An incoming request id longer than this is replaced: it ends up in every log line.
 const MAX_REQUEST_ID_LEN: usize = 64;
@@ -57,31 +58,43 @@ struct Inner {
     /// client gets a 503 instead of waiting on a stuck dependency. Upstream groups have
     /// their own limits.
     request_timeout: Duration,
-    /// One permit per request in flight on shed-able routes (`http.max_in_flight`). A
-    /// request that finds none is answered 503 at once: queueing it would only add
-    /// latency to every request behind it while the load balancer could retry elsewhere.
-    in_flight: Permits,
-    /// `tiergate_http_shed_total`.
-    shed: Counter,
+    /// One permit per app request in flight on shed-able routes (`http.max_in_flight`),
+    /// taken once its body is in. A request that finds none is answered 503 at once:
+    /// queueing it would only add latency to every request behind it while the load
+    /// balancer could retry elsewhere. Proxied requests count against their group's.
+    in_flight: InFlight,
+    /// `http.max_body_bytes`: how much of a body is read before the app sees it.
+    max_body_bytes: usize,
+    /// `http.body_read_timeout`.
+    body_read_timeout: Duration,
     /// Upgraded connections tunnelled to upstreams.
     tunnels: proxy::Tunnels,
+    /// Where each request's line goes; `None` when access lines are off.
+    access_log: Option<AccessLog>,
 }
 
 impl Gateway {
-    /// A gateway over `router` that hosts `app`, with the limits in `http`.
-    pub fn new(router: Router, app: App, http: &HttpSettings) -> Self {
-        let permits = usize::try_from(http.max_in_flight).unwrap_or(usize::MAX);
+    /// A gateway over `router` that hosts `app`, with the limits in `http`, writing an
+    /// access line per request to `access_log` when there is one.
+    pub fn new(
+        router: Router,
+        app: App,
+        http: &HttpSettings,
+        access_log: Option<AccessLog>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 router: ArcSwap::from_pointee(router),
                 app,
                 request_timeout: http.request_timeout,
-                in_flight: Permits {
-                    taken: AtomicUsize::new(0),
-                    max: permits,
-                },
-                shed: metrics::counter!("tiergate_http_shed_total"),
+                in_flight: InFlight::new(
+                    http.max_in_flight,
+                    metrics::counter!("tiergate_http_shed_total"),
+                ),
+                max_body_bytes: usize::try_from(http.max_body_bytes).unwrap_or(usize::MAX),
+                body_read_timeout: http.body_read_timeout,
                 tunnels: proxy::Tunnels::default(),
+                access_log,
             }),
         }
     }
@@ -148,73 +161,46 @@ impl Gateway {
     {
         let started = quanta::Instant::now();
         let request_id = request_id(req.headers().get(&X_REQUEST_ID));
-        // What the access line needs after the request is gone; not gathered at all
-        // when the line would not be written (`RUST_LOG=warn`, benchmarks).
-        let logged = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
-            Box::new(Logged {
-                trace_id: req.headers().get(&X_AMZN_TRACE_ID).cloned(),
-                method: req.method().clone(),
-                path: req.uri().path().to_owned(),
-            })
-        });
         // A guard, not a clone of the table's `Arc`: only the proxy needs the table
         // after this (it holds the route, which is all the app path keeps).
         let router = self.inner.router.load();
         let (route, refused) = route(&router, &mut req);
+        let (trace, logged) = self.inner.observe(&req, peer, &route, &router);
         let answer = match (refused, &route.handler) {
             (Some(why), _) => Answer::Refused(why),
-            (None, Handler::App) => Answer::App(self.inner.app.handle(req)),
+            // Nearly every read: no body to wait for.
+            (None, Handler::App) if req.body().is_end_stream() => {
+                Answer::App(self.inner.app.handle(req))
+            }
+            (None, Handler::App) => Answer::AppAfterBody(Box::new(req)),
             // Boxed: a request is most of what the future would hold.
             (None, _) => Answer::Here(Box::new(req), arc_swap::Guard::into_inner(router)),
         };
         let gateway = self.clone();
         async move {
             let inner = &gateway.inner;
-            // Held until the response head is ready, so it bounds the work in progress.
-            let permit = if route.shed {
-                let permit = inner.in_flight.try_acquire();
-                if permit.is_none() {
-                    inner.shed.increment(1);
-                }
-                permit
-            } else {
-                None
-            };
+            let mut upstream: Option<Upstream> = None;
             // Each arm ends in a response; an error becomes one through
             // `GatewayError::into_response` in its arm, so the app's answer, the hot path,
             // is never wrapped in a `Result` and copied out of it.
             let mut rsp = match answer {
-                _ if route.shed && permit.is_none() => {
-                    GatewayError::from(LocalError::Overloaded).into_response()
-                }
-                Answer::App(mut app) => {
-                    // Polled once before any deadline is set: an L1 hit is ready at once
-                    // and never needs the timer. (An `if let`, so its answer is not kept
-                    // in the future across the wait below.)
-                    let rsp = 'answered: {
-                        if let Poll::Ready(rsp) =
-                            std::future::poll_fn(|cx| Poll::Ready(app.as_mut().poll(cx))).await
-                        {
-                            break 'answered Ok(rsp);
+                Answer::App(app) => inner.app_answer(&route, app, started).await,
+                // The body first, under its own deadline and holding no permit: shedding
+                // counts work, not waiting for a client's bytes.
+                Answer::AppAfterBody(req) => {
+                    match receive_body(*req, inner.max_body_bytes, inner.body_read_timeout).await {
+                        Ok(req) => {
+                            let app = inner.app.handle(req);
+                            Box::pin(inner.app_answer(&route, app, started)).await
                         }
-                        // Boxed: the timer would make every request's future bigger, and
-                        // only a request that waits needs it.
-                        let left = inner.request_timeout.saturating_sub(started.elapsed());
-                        Box::pin(tokio::time::timeout(left, app)).await
-                    };
-                    match rsp {
-                        Ok(rsp) => rsp.map(Either::Left),
-                        Err(_) => GatewayError::from(LocalError::AppDeadline {
-                            limit: inner.request_timeout,
-                        })
-                        .into_response(),
+                        Err(refused) => GatewayError::from(refused).into_response(),
                     }
                 }
                 Answer::Refused(why) => {
                     GatewayError::from(ClientError::UnsafePath(why)).into_response()
                 }
                 Answer::Here(req, router) => {
-                    let upstream = |group, req: Request<B>| ProxyRequest {
+                    let to = |group, req: Request<B>| ProxyRequest {
                         client: client_side(&req, peer),
                         req,
                         group,
@@ -223,15 +209,25 @@ impl Gateway {
                         trusted_hops: router.proxy.trusted_hops,
                         forwarded_header: router.proxy.forwarded_header,
                         request_id: &request_id,
+                        trace,
                         tunnels: &inner.tunnels,
                     };
                     match &route.handler {
+                        // Only the app answers TRACE (its own 405): nothing is echoed.
+                        _ if req.method() == Method::TRACE => {
+                            GatewayError::from(ClientError::TraceRefused).into_response()
+                        }
                         Handler::Upstream(group) => {
-                            Box::pin(proxied(upstream(group, *req), None)).await
+                            let (rsp, target) = Box::pin(proxied(to(group, *req), None)).await;
+                            upstream = Some((group.clone(), target));
+                            rsp
                         }
                         Handler::Split(split) => {
                             let (group, set_cookie) = split.pick(req.headers());
-                            Box::pin(proxied(upstream(group, *req), set_cookie)).await
+                            let (rsp, target) =
+                                Box::pin(proxied(to(group, *req), set_cookie)).await;
+                            upstream = Some((group.clone(), target));
+                            rsp
                         }
                         Handler::Redirect(base) => {
                             redirect(base, &req).unwrap_or_else(GatewayError::into_response)
@@ -246,12 +242,15 @@ impl Gateway {
                 }
             };
 
-            drop(permit);
             let elapsed = started.elapsed();
-            route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
-            if let Some(logged) = logged {
-                logged.write(&request_id, &route, &rsp, elapsed);
-            }
+            inner.record(
+                &route,
+                &rsp,
+                &request_id,
+                logged,
+                upstream.as_ref(),
+                elapsed,
+            );
             rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             rsp
         }
@@ -279,94 +278,191 @@ fn route<B>(router: &Router, req: &mut Request<B>) -> (Arc<Route>, Option<Unsafe
     }
 }
 
+/// The group a proxied request went to, and the target that answered (none when none
+/// did).
+type Upstream = (Arc<proxy::Group>, Option<usize>);
+
+impl Inner {
+    /// The request's trace (for the access line and the upstreams: none when neither
+    /// is there), and what its access line needs after the request is gone (nothing
+    /// when access lines are off; boxed, or it would double the future's size).
+    fn observe<B: Body>(
+        &self,
+        req: &Request<B>,
+        peer: Peer,
+        route: &Route,
+        router: &Router,
+    ) -> (Option<TraceContext>, Option<Box<RequestPart>>) {
+        let logging = self.access_log.is_some();
+        let trace = (logging || !matches!(route.handler, Handler::App))
+            .then(|| TraceContext::of(req.headers(), router.proxy.start_traces))
+            .flatten();
+        let logged = logging.then(|| {
+            let hops = router.proxy.trusted_hops;
+            Box::new(RequestPart::of(req, peer.addr, hops, trace))
+        });
+        (trace, logged)
+    }
+
+    /// Step 4: the request's metrics, and its access line when access lines are on.
+    fn record(
+        &self,
+        route: &Route,
+        rsp: &Response<ResponseBody>,
+        request_id: &HeaderValue,
+        logged: Option<Box<RequestPart>>,
+        upstream: Option<&Upstream>,
+        elapsed: Duration,
+    ) {
+        route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
+        let (Some(log), Some(logged)) = (&self.access_log, logged) else {
+            return;
+        };
+        let upstream = upstream.map(|(group, target)| {
+            let target = target.map(|i| group.targets[i].address.as_str());
+            (group.name.as_str(), target)
+        });
+        let answered = ResponsePart {
+            request_id,
+            route: &route.name,
+            status: rsp.status().as_u16(),
+            cache: rsp.headers().get(&X_CACHE),
+            body_size: rsp.body().size_hint().exact(),
+            upstream,
+            duration: elapsed,
+        };
+        log.log(&logged, &answered);
+    }
+
+    /// The app's answer under the app's budget (`http.max_in_flight`, on the routes that
+    /// count) and `http.request_timeout`.
+    async fn app_answer(
+        &self,
+        route: &Route,
+        mut app: app_core::api::Answer,
+        started: quanta::Instant,
+    ) -> Response<ResponseBody> {
+        // Held until the response head is ready, so it bounds the work in progress.
+        let _permit = match route.shed.then(|| self.in_flight.try_acquire()) {
+            Some(None) => return GatewayError::from(LocalError::Overloaded).into_response(),
+            Some(permit) => permit,
+            None => None,
+        };
+        // Polled once before any deadline is set: an L1 hit is ready at once and never
+        // needs the timer. (An `if let`, so its answer is not kept in the future across
+        // the wait below.)
+        let rsp = 'answered: {
+            if let Poll::Ready(rsp) =
+                std::future::poll_fn(|cx| Poll::Ready(app.as_mut().poll(cx))).await
+            {
+                break 'answered Ok(rsp);
+            }
+            // Boxed: the timer would make every request's future bigger, and only a
+            // request that waits needs it.
+            let left = self.request_timeout.saturating_sub(started.elapsed());
+            Box::pin(tokio::time::timeout(left, app)).await
+        };
+        match rsp {
+            Ok(rsp) => rsp.map(Either::Left),
+            Err(_) => GatewayError::from(LocalError::AppDeadline {
+                limit: self.request_timeout,
+            })
+            .into_response(),
+        }
+    }
+}
+
 /// Step 3 as it stands when `handle` returns.
 enum Answer<B> {
     /// The app's answer, started: the request went into it.
     App(app_core::api::Answer),
+    /// For the app, once its body is in.
+    AppAfterBody(Box<Request<B>>),
     /// Answered inside the future, from the request, by the table it was routed with.
     Here(Box<Request<B>>, Arc<Router>),
     /// Refused before routing: its path cannot be normalised safely.
     Refused(UnsafePath),
 }
 
-/// The load-shedding bound: a counter, not a semaphore. Nothing ever waits for a
-/// permit, and giving a tokio semaphore's permit back takes its waiter lock, on every
-/// request.
-#[derive(Debug)]
-struct Permits {
-    taken: AtomicUsize,
+/// Reads the body of a request for the app, whole, before the request takes its place
+/// under `http.max_in_flight`: at most one byte more than `http.max_body_bytes` (the app
+/// then answers 413 in its own words), within `http.body_read_timeout`. A declared
+/// length over the limit is not read at all: the app refuses it by its header.
+///
+/// # Errors
+/// The body did not arrive in time, or broke off.
+async fn receive_body<B>(
+    req: Request<B>,
     max: usize,
-}
-
-impl Permits {
-    fn try_acquire(&self) -> Option<Permit<'_>> {
-        self.taken
-            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Permit(&self.taken))
+    limit: Duration,
+) -> Result<Request<Full<Bytes>>, ClientError>
+where
+    B: Body<Data = Bytes>,
+{
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let (parts, body) = req.into_parts();
+    if declared.is_some_and(|len| len > max as u64) {
+        return Ok(Request::from_parts(parts, Full::default()));
     }
+    let read = async move {
+        let mut body = std::pin::pin!(body);
+        let mut bytes = BytesMut::new();
+        while bytes.len() <= max {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        bytes.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(_)) => return Err(ClientError::UnreadableBody),
+            }
+        }
+        Ok(bytes.freeze())
+    };
+    let bytes = tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| ClientError::BodyTimeout { limit })??;
+    Ok(Request::from_parts(parts, Full::new(bytes)))
 }
 
-/// One request's place under `http.max_in_flight`, given back on drop.
-struct Permit<'a>(&'a AtomicUsize);
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Release);
-    }
-}
-
-/// The request's part of its access line.
-struct Logged {
-    trace_id: Option<HeaderValue>,
-    method: http::Method,
-    path: String,
-}
-
-impl Logged {
-    /// Writes the access line of the request answered with `rsp`.
-    fn write(
-        self,
-        request_id: &HeaderValue,
-        route: &Route,
-        rsp: &Response<ResponseBody>,
-        elapsed: Duration,
-    ) {
-        tracing::info!(
-            target: "access",
-            request_id = request_id.to_str().unwrap_or(""),
-            trace_id = self.trace_id.as_ref().and_then(|v| v.to_str().ok()),
-            method = %self.method,
-            path = self.path,
-            route = route.name,
-            status = rsp.status().as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
-        );
-    }
-}
-
-/// Forwards a request to its upstream group and answers with what came back, or with
-/// the error's response; a split's sticky cookie (when the client is to be pinned to the
-/// group it went to) goes with every answer, an error's too.
+/// Forwards a request to its upstream group within the group's `max_in_flight`, and
+/// answers with what came back, or with the error's response, and says which of the
+/// group's targets answered; a split's sticky cookie (when the client is to be pinned
+/// to the group it went to) goes with every answer, an error's too.
 async fn proxied<B>(
     to: ProxyRequest<'_, B>,
     set_cookie: Option<HeaderValue>,
-) -> Response<ResponseBody>
+) -> (Response<ResponseBody>, Option<usize>)
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut rsp = match proxy::forward(to).await {
-        Ok(rsp) => rsp,
-        Err(error) => error.into_response(),
+    let group = to.group;
+    // Held until the response head is ready, as the app's: the group's own budget, so a
+    // slow upstream never takes the app's places, nor another group's.
+    let permit = group.in_flight.try_acquire();
+    let (mut rsp, target) = match permit {
+        None => (
+            GatewayError::from(LocalError::GroupOverloaded {
+                group: group.name.clone(),
+            })
+            .into_response(),
+            None,
+        ),
+        Some(_permit) => match proxy::forward(to).await {
+            Ok((rsp, target)) => (rsp, Some(target)),
+            Err(error) => (error.into_response(), None),
+        },
     };
     if let Some(cookie) = set_cookie {
         rsp.headers_mut().append(header::SET_COOKIE, cookie);
     }
-    rsp
+    (rsp, target)
 }
 
 /// The client's side of a proxied request: its connection, and the authority it named.
@@ -532,22 +628,6 @@ mod tests {
         let no_host = Request::get("/items").body(()).unwrap();
         let refused = redirect_to_https(&no_host, 443).unwrap().unwrap_err();
         assert_eq!(refused.into_response().status(), 400);
-    }
-
-    #[test]
-    fn permits_bound_the_requests_in_flight_and_come_back_on_drop() {
-        let permits = Permits {
-            taken: AtomicUsize::new(0),
-            max: 2,
-        };
-        let first = permits.try_acquire();
-        let second = permits.try_acquire();
-        assert!(first.is_some() && second.is_some());
-        assert!(permits.try_acquire().is_none());
-        drop(first);
-        assert!(permits.try_acquire().is_some());
-        drop(second);
-        assert_eq!(permits.taken.load(Ordering::Relaxed), 0);
     }
 
     #[test]

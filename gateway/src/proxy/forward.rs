@@ -39,6 +39,7 @@ use super::pool::{HeadClock, Lease, SendError};
 use super::target::{InFlight, Target};
 use crate::error::{ClientError, GatewayError, Timeout, UpstreamError};
 use crate::response::ResponseBody;
+use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -62,18 +63,21 @@ pub(crate) struct ProxyRequest<'a, B> {
     pub(crate) forwarded_header: bool,
     /// The request id the gateway settled on.
     pub(crate) request_id: &'a HeaderValue,
+    /// The trace the request is part of, if any: each attempt carries it.
+    pub(crate) trace: Option<TraceContext>,
     /// Where an upgraded connection's tunnel runs.
     pub(crate) tunnels: &'a super::Tunnels,
 }
 
-/// Forwards a request to its group and answers with what the group said.
+/// Forwards a request to its group and answers with what the group said, and the index
+/// of the target that said it.
 ///
 /// # Errors
 /// The request cannot be sent as the route says ([`ClientError`]), or no target gave an
 /// answer ([`UpstreamError`]).
 pub(crate) async fn forward<B>(
     to: ProxyRequest<'_, B>,
-) -> Result<Response<ResponseBody>, GatewayError>
+) -> Result<(Response<ResponseBody>, usize), GatewayError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -108,7 +112,8 @@ where
         let result = group.pool().send(index, attempt, &mut clock).await;
         let failure = match result {
             Ok((rsp, lease)) => {
-                return answer(&mut request, rsp, lease, in_flight, sent, deadline);
+                let rsp = answer(&mut request, rsp, lease, in_flight, sent, deadline)?;
+                return Ok((rsp, index));
             }
             Err(err) => {
                 if let Some(failure) = client_failure(group, &request.body, &err) {
@@ -160,6 +165,7 @@ struct Prepared<'a> {
     trusted_hops: u32,
     forwarded_header: bool,
     request_id: &'a HeaderValue,
+    trace: Option<TraceContext>,
     tunnels: &'a super::Tunnels,
 }
 
@@ -179,6 +185,7 @@ where
         trusted_hops,
         forwarded_header,
         request_id,
+        trace,
         tunnels,
     } = to;
     // Only HTTP/1.1 connections to the target can be handed over to a tunnel.
@@ -223,6 +230,7 @@ where
         trusted_hops,
         forwarded_header,
         request_id,
+        trace,
         tunnels,
     }
 }
@@ -248,6 +256,13 @@ impl Prepared<'_> {
         );
         headers::append_via(headers, self.client_version);
         headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        if let Some(trace) = &self.trace {
+            headers.insert(TRACEPARENT.clone(), trace.traceparent());
+            // A trace started here has no state of the client's to go with it.
+            if !trace.continued {
+                headers.remove(&TRACESTATE);
+            }
+        }
         if !self.client_host {
             headers.insert(header::HOST, target.host.clone());
         }

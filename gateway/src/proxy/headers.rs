@@ -70,8 +70,8 @@ fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Removes the hop-by-hop headers and those the `Connection` header names. With
-/// `upgrade`, the message is that upgrade: `Upgrade` is set to it, with
+/// Removes the hop-by-hop headers and those the `Connection` header names, except
+/// `Host`. With `upgrade`, the message is that upgrade: `Upgrade` is set to it, with
 /// `Connection: upgrade`.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
     // Most messages carry none of them: one pass comparing names (an integer compare for
@@ -91,6 +91,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<HeaderVa
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        // `Connection: Host` must not make the upstream see another Host than the client
+        // sent (RFC 9110 §7.6.1 lists no end-to-end field a client may remove so).
+        .filter(|name| name != header::HOST)
         .collect();
     for name in listed {
         headers.remove(name);
