@@ -76,10 +76,21 @@ pub struct RouteSettings {
     /// Default: the path goes up unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite_prefix: Option<String>,
+    /// With `upstream` or `split`: the protocols a client may switch to through this
+    /// route (`Upgrade`, matched by name, case-insensitive); an `Upgrade` naming others
+    /// is removed and the request goes up as plain HTTP. `h2c` is refused: its tunnel
+    /// would carry HTTP/2 straight to the target, past routing and headers. `[]` allows
+    /// none. Default `["websocket"]`.
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
 }
 
 fn root() -> String {
     "/".to_owned()
+}
+
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".to_owned()]
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
@@ -101,6 +112,7 @@ impl RouteSettings {
             sticky_cookie: None,
             redirect: None,
             rewrite_prefix: None,
+            upgrades: default_upgrades(),
         }
     }
 
@@ -155,7 +167,8 @@ pub struct UpstreamSettings {
     /// target. Default 2s.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Limit from sending the request to the response head; past it: 504. Default 30s.
+    /// Limit from the end of the request (its body all sent: a slow upload is not a slow
+    /// target) to the response head; past it: 504. Default 30s.
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
     /// Limit for the whole exchange, bodies included; past it: 504 before the response

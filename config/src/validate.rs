@@ -585,6 +585,18 @@ fn check_routes(s: &Settings) -> Vec<String> {
                 fail("rewrite_prefix applies only to upstream and split routes".to_owned());
             }
         }
+        for protocol in &route.upgrades {
+            if protocol.eq_ignore_ascii_case("h2c") {
+                fail(
+                    "upgrades must not allow h2c: its tunnel would bypass routing and headers"
+                        .to_owned(),
+                );
+            } else if !is_token(protocol) {
+                fail(format!(
+                    "upgrades: {protocol:?} is not a protocol name (1 or more of A-Z, a-z, 0-9 and !#$%&'*+-.^_`|~)"
+                ));
+            }
+        }
     }
     out
 }
@@ -712,6 +724,14 @@ fn valid_label(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
+}
+
+/// An RFC 9110 token: what an `Upgrade` protocol name is made of.
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Two listeners collide when they share a port and either address covers the other; an

@@ -156,6 +156,7 @@ upstream = "nowhere"
 name = "web"
 split = { blue = 0 }
 sticky_cookie = "a b"
+upgrades = ["websocket", "H2C", "web socket"]
 
 [[upstreams]]
 name = "blue"
@@ -174,6 +175,8 @@ max_connections_per_target = 2000000
         "upstream \"nowhere\" is not the name of any",
         "[1] (web): split weights must have a positive sum",
         "sticky_cookie \"a b\"",
+        "[1] (web): upgrades must not allow h2c",
+        "[1] (web): upgrades: \"web socket\" is not a protocol name",
         "target \"127.0.0.1:0\": port must not be 0",
         "target \"host-without-port\": must be host:port",
         "target \"ok.internal:80\" is listed twice",

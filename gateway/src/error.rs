@@ -27,6 +27,13 @@ use http::{Response, StatusCode};
 
 use crate::response::{ResponseBody, json};
 
+/// nginx's code for a client that went away before its request was answered: no client
+/// reads it, the access log and the metrics do.
+const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 /// The side of an exchange that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -111,6 +118,27 @@ pub enum ClientError {
     /// The route's `rewrite_prefix` applied to the path makes no valid path.
     #[error("the rewritten path is not a valid URI path")]
     UnrewritablePath,
+    /// The path cannot be normalised safely before routing.
+    #[error("the path cannot be normalised safely: {0}")]
+    UnsafePath(crate::path::UnsafePath),
+    /// The request body's framing is broken (a chunk size that is not hexadecimal, a
+    /// missing CRLF); the connection closes after the answer.
+    #[error("the request body is malformed")]
+    MalformedBody,
+    /// The client closed its connection (or reset its stream) before its request body
+    /// ended: it is no longer there to read the answer, which the access log keeps.
+    #[error("the client closed the connection before its request body ended")]
+    BodyAborted,
+    /// The request body stopped arriving, and the group's whole-exchange limit ran out
+    /// while the proxy waited for the client.
+    #[error(
+        "the request body did not arrive within {} ms (upstreams.request_timeout)",
+        limit.as_millis()
+    )]
+    UploadTimedOut {
+        /// The group's `request_timeout`.
+        limit: Duration,
+    },
     /// A redirect's `Location` would not be a valid header value.
     #[error("cannot redirect this URL")]
     CannotRedirect,
@@ -192,6 +220,13 @@ pub enum UpstreamError {
         /// The group's `connect_timeout`.
         connect_timeout: Duration,
     },
+    /// A target answered `101 Switching Protocols` to a request that asked for no
+    /// upgrade (or none it may have): no tunnel is opened for it.
+    #[error("upstream group {group} switched protocols unasked")]
+    UnaskedSwitch {
+        /// The group's name.
+        group: String,
+    },
     /// No target of the group is healthy and the group does not fail open.
     #[error("no target of upstream group {group} is healthy (fail_open is off)")]
     NoHealthyTarget {
@@ -254,7 +289,10 @@ impl UpstreamError {
     /// busy, not broken, and no target was tried when none was healthy.
     pub fn marks_target(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::BrokeOff { .. } | Self::TimedOut { .. } => true,
+            Self::Connect { .. }
+            | Self::BrokeOff { .. }
+            | Self::TimedOut { .. }
+            | Self::UnaskedSwitch { .. } => true,
             Self::Saturated { .. } | Self::NoHealthyTarget { .. } => false,
         }
     }
@@ -290,6 +328,8 @@ impl GatewayError {
                 | ClientError::BadHost(_)
                 | ClientError::UnreadableBody
                 | ClientError::UnrewritablePath
+                | ClientError::UnsafePath(_)
+                | ClientError::MalformedBody
                 | ClientError::CannotRedirect
                 | ClientError::NoHostToRedirect
                 | ClientError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
@@ -300,6 +340,10 @@ impl GatewayError {
                 ClientError::MethodNotAllowed { .. } => {
                     (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
                 }
+                ClientError::BodyAborted => (CLIENT_CLOSED_REQUEST, "client_closed_request"),
+                ClientError::UploadTimedOut { .. } => {
+                    (StatusCode::REQUEST_TIMEOUT, "request_timeout")
+                }
                 ClientError::AdminOff => (StatusCode::FORBIDDEN, "forbidden"),
                 ClientError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
                 ClientError::ConfigRefused(_) | ClientError::TableRefused(_) => {
@@ -307,9 +351,9 @@ impl GatewayError {
                 }
             },
             Self::Upstream(error) => match error {
-                UpstreamError::Connect { .. } | UpstreamError::BrokeOff { .. } => {
-                    (StatusCode::BAD_GATEWAY, "bad_gateway")
-                }
+                UpstreamError::Connect { .. }
+                | UpstreamError::BrokeOff { .. }
+                | UpstreamError::UnaskedSwitch { .. } => (StatusCode::BAD_GATEWAY, "bad_gateway"),
                 UpstreamError::TimedOut { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                 UpstreamError::Saturated { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, "upstream_saturated")
@@ -420,6 +464,9 @@ impl GatewayError {
                     | ClientError::ConnectRefused
                     | ClientError::BodyTimeout { .. }
                     | ClientError::UnreadableBody
+                    | ClientError::MalformedBody
+                    | ClientError::BodyAborted
+                    | ClientError::UploadTimedOut { .. }
             )
         )
     }
@@ -463,6 +510,31 @@ mod tests {
         assert!(!saturated.marks_target());
         assert!(UpstreamError::Connect { group: "g".into() }.marks_target());
         assert_eq!(GatewayError::from(saturated).side(), Side::Upstream);
+    }
+
+    /// Mutation: answer `BodyAborted` with the upstream's 502, or drop the
+    /// `Connection: close` of the body failures, and this fails.
+    #[tokio::test]
+    async fn a_client_body_failure_is_the_clients_and_closes_the_connection() {
+        for (error, status, code) in [
+            (ClientError::MalformedBody, 400, "bad_request"),
+            (ClientError::BodyAborted, 499, "client_closed_request"),
+            (
+                ClientError::UploadTimedOut {
+                    limit: Duration::from_secs(2),
+                },
+                408,
+                "request_timeout",
+            ),
+        ] {
+            let error = GatewayError::from(error);
+            assert_eq!(error.side(), Side::Client);
+            let rsp = error.into_response();
+            assert_eq!(rsp.status(), status);
+            assert_eq!(rsp.headers()[header::CONNECTION], "close");
+            assert_eq!(body(rsp).await["error"], code);
+        }
+        assert!(UpstreamError::UnaskedSwitch { group: "g".into() }.marks_target());
     }
 
     /// Mutation: drop `timeout.key()` from `TimedOut`'s message, or the `Retry-After` of

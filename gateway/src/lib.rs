@@ -9,7 +9,9 @@
 //! - [`tls`]: certificates for the HTTPS listener, SNI, hot reload.
 //! - [`router`]: the route table (host + path → app, upstream group, split or
 //!   redirect, with a bounded route name).
-//! - [`service`]: the request path as named steps (id, route, answer, record).
+//! - [`path`]: request paths normalised before routing (dot segments, escapes).
+//! - [`service`]: the request path as named steps (id, normalise, route, answer,
+//!   record).
 //! - `shed`: the in-flight bounds of the app and of each upstream group.
 //! - [`error`]: the gateway's errors by the side that failed, and the one place where
 //!   they become responses.
@@ -33,6 +35,7 @@ pub mod error;
 pub mod healthcheck;
 pub mod listener;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod reload;
 pub mod response;

@@ -75,6 +75,14 @@ impl Route {
     pub fn rewrite(&self) -> Option<(&str, &str)> {
         self.rewrite.as_deref().map(|to| (self.prefix.as_str(), to))
     }
+
+    /// The protocols a client may switch to through the route (none for the built-in
+    /// ones).
+    pub fn upgrades(&self) -> &[String] {
+        self.settings
+            .as_ref()
+            .map_or(&[], |s| s.upgrades.as_slice())
+    }
 }
 
 /// The compiled route table.
@@ -244,6 +252,12 @@ impl Router {
             }
         }
         find(&self.any_host).unwrap_or(&self.fallback)
+    }
+
+    /// The route of requests that match none (a JSON 404), and of those refused
+    /// before routing.
+    pub fn unmatched(&self) -> &Arc<Route> {
+        &self.fallback
     }
 
     /// The configured routes, in matching order: exact hosts, wildcards, any host.

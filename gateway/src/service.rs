@@ -1,7 +1,8 @@
 //! The gateway's request path: one request, start to finish, as named steps.
 //!
 //! 1. identify: keep a safe incoming `X-Request-Id` or make one;
-//! 2. route: pick the route from the table in force (host and path);
+//! 2. route: normalise the path (see [`crate::path`]; refused with 400 when it cannot
+//!    be), then pick the route from the table in force (host and path);
 //! 3. answer: the app in process (its body read first, holding no permit), an upstream
 //!    group (the proxy), a redirect, a probe, or a JSON 404 — under the app's or the
 //!    group's own in-flight budget;
@@ -29,6 +30,7 @@ use tiergate_config::HttpSettings;
 use crate::access_log::{AccessLog, RequestPart, ResponsePart};
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
+use crate::path::{self, UnsafePath};
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
 use crate::router::{Handler, Route, Router};
@@ -186,7 +188,7 @@ impl Gateway {
     /// few times per request, and a request is bigger than all of that.
     pub fn handle<B>(
         &self,
-        req: Request<B>,
+        mut req: Request<B>,
         peer: Peer,
     ) -> impl Future<Output = Response<ResponseBody>> + Send + use<B>
     where
@@ -198,19 +200,17 @@ impl Gateway {
         // A guard, not a clone of the table's `Arc`: only the proxy needs the table
         // after this (it holds the route, which is all the app path keeps).
         let router = self.inner.router.load();
-        // The host is looked at only when some route matches on it.
-        let host = router
-            .matches_hosts()
-            .then(|| request_host(&req).map(str::to_ascii_lowercase))
-            .flatten();
-        let route = router.route(host.as_deref(), req.uri().path()).clone();
+        let (route, refused) = route(&router, &mut req);
         let (trace, logged) = self.inner.observe(&req, peer, &route, &router);
-        let answer = match route.handler {
+        let answer = match (refused, &route.handler) {
+            (Some(why), _) => Answer::Refused(why),
             // Nearly every read: no body to wait for.
-            Handler::App if req.body().is_end_stream() => Answer::App(self.inner.app.handle(req)),
-            Handler::App => Answer::AppAfterBody(Box::new(req)),
+            (None, Handler::App) if req.body().is_end_stream() => {
+                Answer::App(self.inner.app.handle(req))
+            }
+            (None, Handler::App) => Answer::AppAfterBody(Box::new(req)),
             // Boxed: a request is most of what the future would hold.
-            _ => Answer::Here(Box::new(req), arc_swap::Guard::into_inner(router)),
+            (None, _) => Answer::Here(Box::new(req), arc_swap::Guard::into_inner(router)),
         };
         let gateway = self.clone();
         async move {
@@ -232,12 +232,16 @@ impl Gateway {
                         Err(refused) => GatewayError::from(refused).into_response(),
                     }
                 }
+                Answer::Refused(why) => {
+                    GatewayError::from(ClientError::UnsafePath(why)).into_response()
+                }
                 Answer::Here(req, router) => {
                     let to = |group, req: Request<B>| ProxyRequest {
                         client: client_side(&req, peer),
                         req,
                         group,
                         rewrite: route.rewrite(),
+                        upgrades: route.upgrades(),
                         trusted_hops: router.proxy.trusted_hops,
                         forwarded_header: router.proxy.forwarded_header,
                         request_id: &request_id,
@@ -301,6 +305,27 @@ async fn tallied<T>(
         .tally
         .observe(rsp.status().is_server_error(), sent.elapsed());
     (rsp, target)
+}
+
+/// Step 2: the request's path normalised (in place), then its route. A path that
+/// cannot be normalised safely gets the route of unmatched requests, and the refusal.
+fn route<B>(router: &Router, req: &mut Request<B>) -> (Arc<Route>, Option<UnsafePath>) {
+    // Routed, rewritten and sent up as one path: the normalised one.
+    match path::normalise_uri(req.uri()) {
+        Ok(normal) => {
+            if let Some(normal) = normal {
+                *req.uri_mut() = normal;
+            }
+            // The host is looked at only when some route matches on it.
+            let host = router
+                .matches_hosts()
+                .then(|| request_host(req).map(str::to_ascii_lowercase))
+                .flatten();
+            let route = router.route(host.as_deref(), req.uri().path());
+            (route.clone(), None)
+        }
+        Err(why) => (router.unmatched().clone(), Some(why)),
+    }
 }
 
 /// The group a proxied request went to, and the target that answered (none when none
@@ -405,6 +430,8 @@ enum Answer<B> {
     AppAfterBody(Box<Request<B>>),
     /// Answered inside the future, from the request, by the table it was routed with.
     Here(Box<Request<B>>, Arc<Router>),
+    /// Refused before routing: its path cannot be normalised safely.
+    Refused(UnsafePath),
 }
 
 /// Reads the body of a request for the app, whole, before the request takes its place

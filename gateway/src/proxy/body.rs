@@ -1,13 +1,16 @@
 //! The bodies the proxy streams: the client's request body on its way up, which a retry
-//! can take back while no byte of it was read, and the upstream's response body on its
-//! way down, under the group's request deadline.
+//! can take back while no byte of it was read and whose progress ([`Upload`]) says when
+//! the response clock starts and whose fault a failure is; and the upstream's response
+//! body on its way down, under the group's request deadline.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -16,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::pool::Lease;
 use super::target::InFlight;
+use crate::error::Side;
 
 /// Any body error, boxed.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -32,6 +36,7 @@ pub(crate) struct AttemptBody {
     slot: Option<Arc<Mutex<Option<ClientBody>>>>,
     taken: Option<ClientBody>,
     hint: SizeHint,
+    upload: Option<Arc<Upload>>,
 }
 
 /// The client's body, shared by the attempts of one request.
@@ -39,6 +44,89 @@ pub(crate) struct AttemptBody {
 pub(crate) struct BodySlot {
     slot: Option<Arc<Mutex<Option<ClientBody>>>>,
     hint: SizeHint,
+    /// `None` for a request without a body: there is nothing to wait for.
+    upload: Option<Arc<Upload>>,
+}
+
+/// How the client's request body is getting on, as the connection that sends it up sees
+/// it. The forwarder reads it to start the response clock once the body is all sent,
+/// and to tell a failure of the client (a malformed chunk, a client that went away, one
+/// that stopped sending) from a failure of the target.
+#[derive(Debug, Default)]
+pub(crate) struct Upload {
+    state: AtomicU8,
+    /// Woken when the body ends or fails: an HTTP/2 connection sends it from a task of
+    /// its own, while the forwarder waits for the response head.
+    ended: AtomicWaker,
+}
+
+/// What [`Upload`] knows, in its `state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UploadState {
+    /// Not started, or the client's last poll gave a frame: the connection has what it
+    /// asked for, and anything it waits for now is the target.
+    Moving,
+    /// The connection asked for more and the client has not sent it yet.
+    WaitingForClient,
+    /// All of it was handed to the connection.
+    Sent,
+    /// The client's body failed: its framing is broken.
+    Malformed,
+    /// The client's body failed: it went away (closed, reset) before the end.
+    Aborted,
+}
+
+impl Upload {
+    const STATES: [UploadState; 5] = [
+        UploadState::Moving,
+        UploadState::WaitingForClient,
+        UploadState::Sent,
+        UploadState::Malformed,
+        UploadState::Aborted,
+    ];
+
+    pub(crate) fn state(&self) -> UploadState {
+        Self::STATES
+            .get(usize::from(self.state.load(Ordering::Acquire)))
+            .copied()
+            .unwrap_or(UploadState::Moving)
+    }
+
+    fn set(&self, state: UploadState) {
+        self.state.store(state as u8, Ordering::Release);
+        if matches!(
+            state,
+            UploadState::Sent | UploadState::Malformed | UploadState::Aborted
+        ) {
+            self.ended.wake();
+        }
+    }
+
+    /// Wakes `waker` when the body ends or fails; register before reading the state.
+    pub(crate) fn wake_when_ended(&self, waker: &Waker) {
+        self.ended.register(waker);
+    }
+
+    /// What the client body's `error` says about the client: hyper reports broken
+    /// framing as an I/O error of kind `InvalidInput` or `InvalidData`; anything else
+    /// (an early end of the stream, a reset, a closed connection) is a client gone.
+    fn failed(&self, error: &BoxError) -> UploadState {
+        let io = std::iter::successors(Some(error.as_ref() as &dyn std::error::Error), |e| {
+            e.source()
+        })
+        .find_map(|e| e.downcast_ref::<std::io::Error>());
+        let malformed = io.is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            )
+        });
+        if malformed {
+            UploadState::Malformed
+        } else {
+            UploadState::Aborted
+        }
+    }
 }
 
 impl BodySlot {
@@ -52,7 +140,13 @@ impl BodySlot {
         let hint = body.size_hint();
         let slot = (!body.is_end_stream())
             .then(|| Arc::new(Mutex::new(Some(body.map_err(Into::into).boxed_unsync()))));
-        Self { slot, hint }
+        let upload = slot.as_ref().map(|_| Arc::new(Upload::default()));
+        Self { slot, hint, upload }
+    }
+
+    /// The body's progress; `None` when there is no body.
+    pub(crate) fn upload(&self) -> Option<&Upload> {
+        self.upload.as_deref()
     }
 
     /// Whether an attempt can still send the whole body: it has none, or no attempt has
@@ -75,6 +169,7 @@ impl BodySlot {
             slot: self.slot.clone(),
             taken: None,
             hint: self.hint,
+            upload: self.upload.clone(),
         }
     }
 }
@@ -87,6 +182,7 @@ impl AttemptBody {
             slot: None,
             taken: None,
             hint: SizeHint::with_exact(0),
+            upload: None,
         }
     }
 }
@@ -113,10 +209,22 @@ impl Body for AttemptBody {
                 }
             }
         }
-        match &mut self.taken {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
+        let this = &mut *self;
+        let Some(body) = &mut this.taken else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *body).poll_frame(cx);
+        if let Some(upload) = &this.upload {
+            let state = match &polled {
+                Poll::Pending => UploadState::WaitingForClient,
+                Poll::Ready(None) => UploadState::Sent,
+                Poll::Ready(Some(Ok(_))) if body.is_end_stream() => UploadState::Sent,
+                Poll::Ready(Some(Ok(_))) => UploadState::Moving,
+                Poll::Ready(Some(Err(error))) => upload.failed(error),
+            };
+            upload.set(state);
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -148,7 +256,7 @@ pub struct UpstreamBody {
     /// Armed the first time the body has to wait: a small answer usually arrives with
     /// its head and never needs a timer.
     timer: Option<Pin<Box<Sleep>>>,
-    _in_flight: InFlight,
+    in_flight: InFlight,
 }
 
 impl UpstreamBody {
@@ -163,8 +271,28 @@ impl UpstreamBody {
             lease,
             deadline,
             timer: None,
-            _in_flight: in_flight,
+            in_flight,
         }
+    }
+
+    /// Counts and logs a body cut at the request deadline, waiting on `side`; the
+    /// connection closes with the body (what is left of it would come first on it). A
+    /// cut is not counted against the target's health: it answered, and a long stream
+    /// (server-sent events, a download) says nothing of that.
+    fn cut(&mut self, side: Side) -> BoxError {
+        let target = self.in_flight.target();
+        let (counter, side_name) = match side {
+            Side::Upstream => (&target.metrics.cut_upstream, "upstream"),
+            Side::Client | Side::Local => (&target.metrics.cut_client, "client"),
+        };
+        counter.increment(1);
+        tracing::warn!(
+            target = target.address,
+            waiting_on = side_name,
+            "Response cut at the group's request_timeout."
+        );
+        self.lease = None;
+        "the response passed the group's request_timeout".into()
     }
 }
 
@@ -201,6 +329,11 @@ impl Body for UpstreamBody {
                 if let Some(lease) = self.lease.take() {
                     lease.release(cx);
                 }
+            } else if frame.as_ref().is_some_and(Result::is_ok) && Instant::now() >= self.deadline {
+                // The upstream had more ready: it is the client that read too slowly to
+                // finish in time. (The last frame skips the clock: a small answer never
+                // reads it.)
+                return Poll::Ready(Some(Err(self.cut(Side::Client))));
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
@@ -209,9 +342,7 @@ impl Body for UpstreamBody {
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(
-                "the upstream's response body passed the group's request_timeout".into(),
-            ))),
+            Poll::Ready(()) => Poll::Ready(Some(Err(self.cut(Side::Upstream)))),
             Poll::Pending => Poll::Pending,
         }
     }

@@ -5,15 +5,18 @@
 //! 2. [`Prepared::attempt`]: pick a target, build its copy of the request (with
 //!    `X-Forwarded-*`, `Via` and the request id), send it through the group's pool and
 //!    wait for the response head within the group's limits;
-//! 3. [`classify`]: a failed attempt becomes an [`UpstreamError`], counted against the
-//!    target when it is the target's fault; [`Prepared::retryable`] says whether another
-//!    attempt may follow: a failed connect, or a target whose connections are all busy,
-//!    is retried on another target; a broken exchange only for an idempotent request
-//!    without a body; a timeout never; every retry is paid from the group's retry
-//!    budget;
+//! 3. [`client_failure`]: a failed attempt that is the client's doing (its body broke,
+//!    it went away, or it stopped sending) ends the request as a [`ClientError`],
+//!    counted against no target; else [`classify`]: it becomes an [`UpstreamError`],
+//!    counted against the target when it is the target's fault; [`Prepared::retryable`]
+//!    says whether another attempt may follow: a failed connect, or a target whose
+//!    connections are all busy, is retried on another target; a broken exchange only
+//!    for an idempotent request without a body; a timeout never; every retry is paid
+//!    from the group's retry budget;
 //! 4. [`answer`]: an answer (any status) is never retried: its response streams down (or
-//!    an upgrade is tunnelled after the upstream's real `101`); a failure is returned as
-//!    the [`GatewayError`] naming the side that failed and the limit that was hit.
+//!    an upgrade is tunnelled after the upstream's real `101` to an upgrade the route
+//!    allows; a `101` nobody asked for is the target's failure); a failure is returned
+//!    as the [`GatewayError`] naming the side that failed and the limit that was hit.
 
 use std::sync::Arc;
 
@@ -29,10 +32,10 @@ use hyper_util::rt::TokioIo;
 use tiergate_config::{HostHeader, UpstreamProtocol};
 use tokio::time::Instant;
 
-use super::body::{AttemptBody, BodySlot, BoxError, UpstreamBody};
+use super::body::{AttemptBody, BodySlot, BoxError, UploadState, UpstreamBody};
 use super::group::Group;
 use super::headers::{self, ClientSide};
-use super::pool::{Lease, SendError};
+use super::pool::{HeadClock, Lease, SendError};
 use super::target::{InFlight, Target};
 use crate::error::{ClientError, GatewayError, Timeout, UpstreamError};
 use crate::response::ResponseBody;
@@ -52,6 +55,8 @@ pub(crate) struct ProxyRequest<'a, B> {
     pub(crate) client: ClientSide,
     /// The path prefix the route matched, and what replaces it upstream.
     pub(crate) rewrite: Option<(&'a str, &'a str)>,
+    /// The protocols the route lets a client switch to (`Upgrade`).
+    pub(crate) upgrades: &'a [String],
     /// `proxy.trusted_hops`.
     pub(crate) trusted_hops: u32,
     /// `proxy.forwarded_header`.
@@ -98,23 +103,23 @@ where
         let target = &group.targets[index];
         let in_flight = target.start_request();
         let sent = Instant::now();
-        let head_by = deadline.min(sent + group.settings.response_timeout);
-        let result = group
-            .pool()
-            .send(index, request.attempt(target), head_by)
-            .await;
+        let attempt = request.attempt(target);
+        let mut clock = HeadClock::new(
+            deadline,
+            group.settings.response_timeout,
+            request.body.upload(),
+        );
+        let result = group.pool().send(index, attempt, &mut clock).await;
         let failure = match result {
             Ok((rsp, lease)) => {
-                let rsp = answer(&mut request, rsp, lease, in_flight, sent, deadline);
+                let rsp = answer(&mut request, rsp, lease, in_flight, sent, deadline)?;
                 return Ok((rsp, index));
             }
             Err(err) => {
-                let limit = if head_by == deadline {
-                    Timeout::Request
-                } else {
-                    Timeout::Response
-                };
-                classify(group, target, &err, limit)
+                if let Some(failure) = client_failure(group, &request.body, &err) {
+                    return Err(failure.into());
+                }
+                classify(group, target, &err, clock.limit())
             }
         };
         drop(in_flight);
@@ -176,16 +181,20 @@ where
         group,
         client,
         rewrite: _,
+        upgrades,
         trusted_hops,
         forwarded_header,
         request_id,
         trace,
         tunnels,
     } = to;
-    let upgrade = headers::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    // Only HTTP/1.1 connections to the target can be handed over to a tunnel.
+    let upgrade_to = (group.settings.protocol == UpstreamProtocol::Http1)
+        .then(|| headers::allowed_upgrade(req.headers(), upgrades))
+        .flatten();
+    let upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let upgrade = upgrade.filter(|_| group.settings.protocol == UpstreamProtocol::Http1);
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade_to);
     let client_host = match group.settings.host_header {
         HostHeader::Preserve => preserve_host(&mut parts),
         HostHeader::Target => false,
@@ -276,9 +285,38 @@ impl Prepared<'_> {
             UpstreamError::BrokeOff { .. } => {
                 self.idempotent && self.body.is_empty() && self.upgrade.is_none()
             }
-            UpstreamError::TimedOut { .. } | UpstreamError::NoHealthyTarget { .. } => false,
+            UpstreamError::TimedOut { .. }
+            | UpstreamError::NoHealthyTarget { .. }
+            | UpstreamError::UnaskedSwitch { .. } => false,
         }
     }
+}
+
+/// Step 3, first: whether a failed attempt is the client's doing — its body broke
+/// (400), it went away (499), or the group's request deadline ran out while the proxy
+/// waited for more of its body (408). Such a failure is counted as the group's client
+/// error, never against the target, and never retried.
+fn client_failure(group: &Group, body: &BodySlot, err: &SendError) -> Option<ClientError> {
+    let metrics = &group.metrics;
+    let (failure, counter, kind) = match body.upload()?.state() {
+        UploadState::Malformed => (
+            ClientError::MalformedBody,
+            &metrics.client_malformed,
+            "malformed",
+        ),
+        UploadState::Aborted => (ClientError::BodyAborted, &metrics.client_aborted, "aborted"),
+        UploadState::WaitingForClient if matches!(err, SendError::TimedOut) => (
+            ClientError::UploadTimedOut {
+                limit: group.settings.request_timeout,
+            },
+            &metrics.client_upload_timeout,
+            "upload_timeout",
+        ),
+        UploadState::Moving | UploadState::WaitingForClient | UploadState::Sent => return None,
+    };
+    counter.increment(1);
+    tracing::info!(group = group.name, kind, error = %err, "Proxied request failed on the client's side: {failure}.");
+    Some(failure)
 }
 
 /// Step 3: what a failed attempt on `target` means, counted in its metrics and, when it
@@ -338,35 +376,51 @@ fn answer(
     in_flight: InFlight,
     sent: Instant,
     deadline: Instant,
-) -> Response<ResponseBody> {
+) -> Result<Response<ResponseBody>, GatewayError> {
     let target = in_flight.target();
     let status = rsp.status();
     target
         .metrics
         .response(status, sent.elapsed().as_secs_f64());
-    if status.is_server_error() {
+    let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+    // A switch nobody asked for would hand the client a raw connection to the target,
+    // past routing and headers (h2c smuggling): the target is broken.
+    let unasked = switched && request.upgrade.is_none();
+    if status.is_server_error() || unasked {
         target.record_failure(&request.group.settings.outlier);
     } else {
         target.record_success();
     }
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = request.upgrade.take() {
-            let upstream = hyper::upgrade::on(&mut rsp);
-            request
-                .tunnels
-                .spawn(tunnel(client, upstream, lease, in_flight));
-            let (mut head, _) = rsp.into_parts();
-            headers::append_via(&mut head.headers, Version::HTTP_11);
-            return Response::from_parts(head, Either::Left(Full::new(Bytes::new())));
-        }
+    if switched {
+        let Some(client) = request.upgrade.take() else {
+            tracing::warn!(
+                group = request.group.name,
+                target = target.address,
+                "Upstream switched protocols unasked; no tunnel opened."
+            );
+            return Err(UpstreamError::UnaskedSwitch {
+                group: request.group.name.clone(),
+            }
+            .into());
+        };
+        let upstream = hyper::upgrade::on(&mut rsp);
+        request
+            .tunnels
+            .spawn(tunnel(client, upstream, lease, in_flight));
+        let (mut head, _) = rsp.into_parts();
+        headers::append_via(&mut head.headers, Version::HTTP_11);
+        return Ok(Response::from_parts(
+            head,
+            Either::Left(Full::new(Bytes::new())),
+        ));
     }
     let (mut head, incoming) = rsp.into_parts();
-    headers::strip_hop_by_hop(&mut head.headers, false);
+    headers::strip_hop_by_hop(&mut head.headers, None);
     headers::append_via(&mut head.headers, request.version);
-    Response::from_parts(
+    Ok(Response::from_parts(
         head,
         Either::Right(UpstreamBody::new(incoming, lease, deadline, in_flight)),
-    )
+    ))
 }
 
 /// Keeps the client's host for the upstream: the authority its URI names (HTTP/2,

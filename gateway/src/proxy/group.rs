@@ -57,6 +57,11 @@ pub(crate) struct GroupMetrics {
     pub(crate) retries: Counter,
     pub(crate) retries_refused: Counter,
     pub(crate) no_target: Counter,
+    /// Proxied requests that failed on the client's side, by kind: never a target's
+    /// failure.
+    pub(crate) client_malformed: Counter,
+    pub(crate) client_aborted: Counter,
+    pub(crate) client_upload_timeout: Counter,
 }
 
 impl Group {
@@ -81,6 +86,7 @@ impl Group {
                 settings.connect_timeout,
             ));
         let label = |metric: &'static str| metrics::counter!(metric, "group" => name.to_owned());
+        let client_error = |kind: &'static str| metrics::counter!("tiergate_upstream_client_errors_total", "group" => name.to_owned(), "kind" => kind);
         Ok(Self {
             name: name.to_owned(),
             settings: settings.clone(),
@@ -101,6 +107,9 @@ impl Group {
                 retries: label("tiergate_upstream_retries_total"),
                 retries_refused: label("tiergate_upstream_retries_refused_total"),
                 no_target: label("tiergate_upstream_no_target_total"),
+                client_malformed: client_error("malformed"),
+                client_aborted: client_error("aborted"),
+                client_upload_timeout: client_error("upload_timeout"),
             },
         })
     }
@@ -415,7 +424,9 @@ mod tests {
             let mut req = Request::new(AttemptBody::empty());
             *req.uri_mut() = Uri::from_static("/");
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-            let (rsp, lease) = group.pool().send(0, req, deadline).await.unwrap();
+            let clock =
+                &mut super::super::pool::HeadClock::new(deadline, std::time::Duration::MAX, None);
+            let (rsp, lease) = group.pool().send(0, req, clock).await.unwrap();
             let body = UpstreamBody::new(
                 rsp.into_body(),
                 lease,

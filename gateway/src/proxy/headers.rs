@@ -14,9 +14,12 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
-/// RFC 9110 §7.6.1's hop-by-hop headers, plus the non-standard ones still seen.
-fn hop_by_hop() -> [&'static HeaderName; 8] {
+/// RFC 9110 §7.6.1's hop-by-hop headers, plus the non-standard ones still seen, and
+/// `HTTP2-Settings`, which belongs to an h2c upgrade of one connection (RFC 7540
+/// §3.2.1) and is never passed on.
+fn hop_by_hop() -> [&'static HeaderName; 9] {
     [
         &header::CONNECTION,
         &KEEP_ALIVE,
@@ -26,12 +29,36 @@ fn hop_by_hop() -> [&'static HeaderName; 8] {
         &header::TE,
         &header::TRAILER,
         &header::TRANSFER_ENCODING,
+        &HTTP2_SETTINGS,
     ]
 }
 
-/// Whether the request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
-pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_lists(headers, "upgrade")
+/// The `Upgrade` the request may pass on: of the protocols it asks to switch to
+/// (`Connection: upgrade` + `Upgrade`), those `allowed` names (by name, any version,
+/// case-insensitive), never h2c; `None` when that leaves none.
+pub(crate) fn allowed_upgrade(headers: &HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
+    if allowed.is_empty()
+        || !headers.contains_key(header::UPGRADE)
+        || !connection_lists(headers, "upgrade")
+    {
+        return None;
+    }
+    let kept: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|protocol| {
+            let name = protocol.split('/').next().unwrap_or(protocol);
+            !name.eq_ignore_ascii_case("h2c")
+                && allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+        })
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
 }
 
 fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
@@ -44,9 +71,9 @@ fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Removes the hop-by-hop headers and those the `Connection` header names, except
-/// `Host`. With
-/// `upgrade`, `Upgrade` and `Connection: upgrade` are kept: they are the message.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+/// `Host`. With `upgrade`, the message is that upgrade: `Upgrade` is set to it, with
+/// `Connection: upgrade`.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
     // Most messages carry none of them: one pass comparing names (an integer compare for
     // the standard ones) spares the hashed removal of each of the nine, which was ~5 %
     // of a proxied request's instructions. `Connection` is hop-by-hop, so an upgrade
@@ -64,7 +91,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|name| !(upgrade && name == header::UPGRADE))
         // `Connection: Host` must not make the upstream see another Host than the client
         // sent (RFC 9110 §7.6.1 lists no end-to-end field a client may remove so).
         .filter(|name| name != header::HOST)
@@ -75,10 +101,14 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for name in hop_by_hop() {
         headers.remove(name);
     }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
+    match upgrade {
+        Some(protocols) => {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, protocols);
+        }
+        None => {
+            headers.remove(header::UPGRADE);
+        }
     }
 }
 
@@ -305,7 +335,7 @@ mod tests {
             ("proxy-authorization", "Basic x"),
             ("x-kept", "yes"),
         ]);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, None);
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["x-kept"]);
     }
@@ -319,11 +349,11 @@ mod tests {
             ("x-one", "2"),
         ];
         let mut h = headers(&pairs);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, None);
         assert_eq!(h, headers(&pairs));
         // A lone `Upgrade` (no `Connection`) is still removed.
         let mut h = headers(&[("upgrade", "websocket"), ("x-kept", "yes")]);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, None);
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["x-kept"]);
     }
@@ -346,10 +376,51 @@ mod tests {
     #[test]
     fn an_upgrade_keeps_upgrade_and_connection_upgrade() {
         let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert!(wants_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
+        let upgrade = allowed_upgrade(&h, &["websocket".to_owned()]);
+        assert_eq!(
+            upgrade.as_ref().map(HeaderValue::as_bytes),
+            Some(&b"websocket"[..])
+        );
+        strip_hop_by_hop(&mut h, upgrade);
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
+    }
+
+    /// Mutation: drop the h2c test in `allowed_upgrade`, and a route that (wrongly)
+    /// allows h2c passes it on.
+    #[test]
+    fn only_the_allowed_upgrades_pass_and_never_h2c() {
+        let allowed = |list: &[&str]| list.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>();
+        let asks = |protocols: &str| {
+            headers(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", protocols),
+                ("http2-settings", "AAMAAABkAAQAAP__"),
+            ])
+        };
+        let passed = |h: &HeaderMap, list: &[&str]| {
+            allowed_upgrade(h, &allowed(list)).map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(passed(&asks("h2c"), &["websocket"]), None);
+        assert_eq!(
+            passed(&asks("h2c"), &["websocket", "h2c"]),
+            None,
+            "never h2c"
+        );
+        assert_eq!(
+            passed(&asks("WebSocket"), &["websocket"]).as_deref(),
+            Some("WebSocket")
+        );
+        assert_eq!(
+            passed(&asks("h2c, websocket/13"), &["websocket"]).as_deref(),
+            Some("websocket/13")
+        );
+        assert_eq!(passed(&asks("websocket"), &[]), None);
+        let no_connection = headers(&[("upgrade", "websocket")]);
+        assert_eq!(passed(&no_connection, &["websocket"]), None);
+        let mut h = asks("h2c");
+        strip_hop_by_hop(&mut h, None);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

@@ -49,8 +49,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::body::{AttemptBody, BoxError};
+use super::body::{AttemptBody, BoxError, Upload, UploadState};
 use super::connector::CountingConnector;
+use crate::error::Timeout;
 
 /// A group's connections to its targets, by target index (the group's order).
 #[derive(Debug)]
@@ -109,9 +110,76 @@ pub(crate) enum SendError {
     /// `connect_timeout`: nothing was sent.
     #[error("no connection came free within connect_timeout")]
     Saturated,
-    /// No response head by the deadline the caller gave.
+    /// No response head by the [`HeadClock`]'s deadline.
     #[error("no response head in time")]
     TimedOut,
+}
+
+/// The clock of one attempt's response head. While the request body is still on its
+/// way up only the group's request deadline runs: a slow upload is not a slow target
+/// (Envoy's route timeout, too, starts when the downstream request is complete). Once
+/// the body is all sent — at once for a request without one — the response clock
+/// starts: `response_timeout` from then, never past the request deadline.
+#[derive(Debug)]
+pub(crate) struct HeadClock<'a> {
+    deadline: Instant,
+    response_timeout: Duration,
+    upload: Option<&'a Upload>,
+    /// The deadline in force now.
+    due: Instant,
+    /// Whether the response clock runs (the body is sent).
+    started: bool,
+}
+
+impl<'a> HeadClock<'a> {
+    /// The clock of an attempt starting now, under the request `deadline`; `upload` is
+    /// the request body's progress (`None`: no body).
+    pub(crate) fn new(
+        deadline: Instant,
+        response_timeout: Duration,
+        upload: Option<&'a Upload>,
+    ) -> Self {
+        let mut clock = Self {
+            deadline,
+            response_timeout,
+            upload,
+            due: deadline,
+            started: false,
+        };
+        clock.update(None);
+        clock
+    }
+
+    /// Starts the response clock if the body has been sent since the last look, and
+    /// returns the new deadline then. With `waker`, it is woken when the body ends (an
+    /// HTTP/2 connection sends it from a task of its own).
+    fn update(&mut self, waker: Option<&Waker>) -> Option<Instant> {
+        if self.started {
+            return None;
+        }
+        if let Some(upload) = self.upload {
+            if let Some(waker) = waker {
+                upload.wake_when_ended(waker);
+            }
+            if upload.state() != UploadState::Sent {
+                return None;
+            }
+        }
+        self.started = true;
+        self.due = Instant::now()
+            .checked_add(self.response_timeout)
+            .map_or(self.deadline, |due| due.min(self.deadline));
+        Some(self.due)
+    }
+
+    /// The limit that ran out, when the clock has fired.
+    pub(crate) fn limit(&self) -> Timeout {
+        if self.started && self.due < self.deadline {
+            Timeout::Response
+        } else {
+            Timeout::Request
+        }
+    }
 }
 
 impl Pool {
@@ -174,14 +242,14 @@ impl Pool {
     }
 
     /// Sends `req` (its URI in origin form, `/path?query`) to target `index` on an idle
-    /// connection, or a new one, and waits for the response head until `head_by`. With
-    /// the response comes the lease on its HTTP/1.1 connection, to be driven while the
-    /// body is read (see the module docs).
+    /// connection, or a new one, and waits for the response head until `clock` runs
+    /// out. With the response comes the lease on its HTTP/1.1 connection, to be driven
+    /// while the body is read (see the module docs).
     pub(crate) async fn send(
         self: &Arc<Self>,
         index: usize,
         mut req: Request<AttemptBody>,
-        head_by: Instant,
+        clock: &mut HeadClock<'_>,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         let pool = match &self.kind {
             Kind::Http1(pool) => pool,
@@ -198,21 +266,33 @@ impl Pool {
                 if let Ok(uri) = Uri::from_parts(parts) {
                     *req.uri_mut() = uri;
                 }
-                return match tokio::time::timeout_at(head_by, client.request(req)).await {
-                    Ok(Ok(rsp)) => Ok((rsp, None)),
-                    Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(err.into())),
-                    Ok(Err(err)) => Err(SendError::Exchange(err.into())),
-                    Err(_) => Err(SendError::TimedOut),
+                let mut response = pin!(client.request(req));
+                let mut timer = pin!(tokio::time::sleep_until(clock.due));
+                let answered = poll_fn(|cx| {
+                    if let Poll::Ready(answered) = response.as_mut().poll(cx) {
+                        return Poll::Ready(Some(answered));
+                    }
+                    if let Some(due) = clock.update(Some(cx.waker())) {
+                        timer.as_mut().reset(due);
+                    }
+                    timer.as_mut().poll(cx).map(|()| None)
+                })
+                .await;
+                return match answered {
+                    Some(Ok(rsp)) => Ok((rsp, None)),
+                    Some(Err(err)) if err.is_connect() => Err(SendError::Connect(err.into())),
+                    Some(Err(err)) => Err(SendError::Exchange(err.into())),
+                    None => Err(SendError::TimedOut),
                 };
             }
         };
         loop {
             // Taking an idle connection is done at the first poll, before this timer is
             // ever registered; only a connect or a wait for room arms it.
-            let (mut conn, reused) = tokio::time::timeout_at(head_by, pool.take(index))
+            let (mut conn, reused) = tokio::time::timeout_at(clock.due, pool.take(index))
                 .await
                 .map_err(|_| SendError::TimedOut)??;
-            conn.arm(head_by);
+            conn.arm(clock.due);
             let mut response = pin!(conn.sender.try_send_request(req));
             let answered = poll_fn(|cx| {
                 conn.drive(cx);
@@ -225,6 +305,11 @@ impl Pool {
                     .poll(&mut Context::from_waker(Waker::noop()))
                 {
                     return Poll::Ready(Some(answered));
+                }
+                // The connection polls the body as it drives, in this task: the end of
+                // the upload is seen right here, with no waker of its own.
+                if let Some(due) = clock.update(None) {
+                    conn.arm(due);
                 }
                 conn.head_clock.as_mut().poll(cx).map(|()| None)
             })
@@ -515,6 +600,11 @@ mod tests {
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
+    /// The clock of a request without a body that must have its head by `deadline`.
+    fn by(deadline: Instant) -> HeadClock<'static> {
+        HeadClock::new(deadline, Duration::MAX, None)
+    }
+
     /// A raw HTTP/1.1 upstream that answers each request with `answer` and counts the
     /// connections it accepted and those the other side closed.
     struct Upstream {
@@ -582,7 +672,7 @@ mod tests {
         let mut req = Request::new(AttemptBody::empty());
         *req.uri_mut() = Uri::from_static("/");
         let deadline = Instant::now() + Duration::from_secs(5);
-        let (rsp, lease) = pool.send(0, req, deadline).await.unwrap();
+        let (rsp, lease) = pool.send(0, req, &mut by(deadline)).await.unwrap();
         assert_eq!(rsp.status(), 200);
         UpstreamBody::new(rsp.into_body(), lease, deadline, target.start_request())
     }
@@ -671,7 +761,7 @@ mod tests {
     async fn try_get(pool: &Arc<Pool>) -> Result<(), SendError> {
         let mut req = Request::new(AttemptBody::empty());
         *req.uri_mut() = Uri::from_static("/");
-        pool.send(0, req, Instant::now() + Duration::from_secs(5))
+        pool.send(0, req, &mut by(Instant::now() + Duration::from_secs(5)))
             .await
             .map(drop)
     }
@@ -705,7 +795,7 @@ mod tests {
         *req.uri_mut() = Uri::from_static("/");
         let started = Instant::now();
         let head_by = started + Duration::from_millis(200);
-        let second = pool.send(0, req, head_by).await;
+        let second = pool.send(0, req, &mut by(head_by)).await;
         assert!(matches!(second, Err(SendError::TimedOut)), "{second:?}");
         assert!(Instant::now() >= head_by, "not before its deadline");
         assert_eq!(pool.idle(0), 0, "the late connection is closed, not kept");

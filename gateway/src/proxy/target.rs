@@ -191,6 +191,9 @@ pub(crate) struct TargetMetrics {
     /// No connection came free under `max_connections_per_target`.
     pub(crate) saturated: Counter,
     pub(crate) ejections: Counter,
+    /// Response bodies cut at `request_timeout`, by the side that was waited on.
+    pub(crate) cut_client: Counter,
+    pub(crate) cut_upstream: Counter,
     pub(crate) healthy: Gauge,
     /// Set from the counter when metrics are scraped, not per request.
     pub(crate) in_flight: Gauge,
@@ -209,6 +212,11 @@ impl TargetMetrics {
             labels.push(("kind", kind.to_owned()));
             metrics::counter!("tiergate_upstream_errors_total", &labels)
         };
+        let cut = |side: &'static str| {
+            let mut labels = labels.to_vec();
+            labels.push(("side", side.to_owned()));
+            metrics::counter!("tiergate_upstream_responses_cut_total", &labels)
+        };
         let healthy = metrics::gauge!("tiergate_upstream_target_healthy", &labels);
         healthy.set(1.0);
         Self {
@@ -225,6 +233,8 @@ impl TargetMetrics {
             timeouts: error("timeout"),
             saturated: error("saturated"),
             ejections: metrics::counter!("tiergate_upstream_ejections_total", &labels),
+            cut_client: cut("client"),
+            cut_upstream: cut("upstream"),
             healthy,
             in_flight: metrics::gauge!("tiergate_upstream_requests_in_flight", &labels),
         }

@@ -22,6 +22,7 @@ mod health;
 mod helpers;
 mod items;
 mod proxy;
+mod proxy_hardening;
 mod replica;
 mod rolling;
 mod shutdown;
