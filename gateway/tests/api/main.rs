@@ -8,6 +8,7 @@
 
 mod backend_tls;
 mod cache;
+mod cli;
 mod coherence;
 mod config;
 mod deploy;
