@@ -19,6 +19,7 @@ mod hardening;
 mod health;
 mod helpers;
 mod items;
+mod openapi;
 mod proxy;
 mod replica;
 mod rolling;
