@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use anyhow::{Context as _, bail};
-use app_core::tls::AnyCertificate;
+use app_core::tls::{AnyCertificate, roots};
 use rustls::client::Resumption;
-use rustls::{ClientConfig, HandshakeKind, RootCertStore};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, HandshakeKind};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -76,12 +75,12 @@ impl Tls {
                 .with_custom_certificate_verifier(Arc::new(AnyCertificate::new(provider)))
                 .with_no_client_auth(),
             Trust::Ca(path) => builder
-                .with_root_certificates(roots(path)?)
+                .with_root_certificates(roots(path).map_err(anyhow::Error::msg)?)
                 .with_no_client_auth(),
             Trust::System => {
                 let path = std::env::var_os("SSL_CERT_FILE")
                     .map_or_else(|| SYSTEM_BUNDLE.into(), std::path::PathBuf::from);
-                let roots = roots(&path).context(
+                let roots = roots(&path).map_err(anyhow::Error::msg).context(
                     "no trusted certificates: pass --ca FILE or --insecure, or set SSL_CERT_FILE",
                 )?;
                 builder.with_root_certificates(roots).with_no_client_auth()
@@ -127,21 +126,6 @@ impl Tls {
         };
         Ok((Stream::Tls(Box::new(tls)), kind))
     }
-}
-
-/// The certificates of a PEM bundle as trust roots.
-fn roots(path: &Path) -> anyhow::Result<RootCertStore> {
-    let shown = path.display();
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{shown}: not a PEM certificate bundle"))?;
-    let mut store = RootCertStore::empty();
-    let (added, _ignored) = store.add_parsable_certificates(certs);
-    if added == 0 {
-        bail!("{shown}: holds no usable certificate");
-    }
-    Ok(store)
 }
 
 /// A client socket: plain TCP or TLS over it. Both halves are `Unpin`, so the I/O

@@ -331,10 +331,17 @@ impl Loader {
     }
 
     /// A `TIERGATE_` variable without `__` sets nothing. Names like `TIERGATE_CONFIG` are left
-    /// to the binary; one that starts with a section name is almost surely a setting with a
-    /// single underscore where `__` belongs, and silently ignoring it would hide that.
+    /// to the binary; one that is a section's name, or starts with one, is almost surely a
+    /// setting missing its key or with a single underscore where `__` belongs, and silently
+    /// ignoring it would hide that.
     fn check_unnested(&mut self, name: &str, rest: &str) {
         let lower = rest.to_ascii_lowercase();
+        if self.schema.contains_key(&lower) {
+            self.problems.push(format!(
+                "{name}: `{lower}` is a section, not a setting; set its keys as {name}__<KEY>"
+            ));
+            return;
+        }
         let section = self.schema.keys().find(|section| {
             lower
                 .strip_prefix(section.as_str())

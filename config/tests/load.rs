@@ -617,6 +617,14 @@ fn single_underscore_after_a_section_gets_a_hint() {
 }
 
 #[test]
+fn a_section_name_alone_is_a_problem_not_ignored() {
+    assert_one_problem_containing(
+        load_env(&[("TIERGATE_ROUTES", "x")]),
+        "TIERGATE_ROUTES: `routes` is a section, not a setting",
+    );
+}
+
+#[test]
 fn variables_without_a_section_are_left_to_the_binary() {
     load_env(&[
         ("TIERGATE_CONFIG", "/etc/tiergate.toml"),
