@@ -63,7 +63,7 @@ impl Endpoint {
     }
 }
 
-/// The items API: the one table [`ApiRoute::parse`] routes by, and the one the contract
+/// The items API: the one table its router reads, and the one the contract
 /// test compares with `docs/openapi.yaml`. The hot path, one item, comes first.
 pub static ENDPOINTS: [Endpoint; 3] = [
     Endpoint {
