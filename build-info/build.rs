@@ -39,15 +39,13 @@ fn main() {
     }
 }
 
-/// The files that change when HEAD moves: HEAD itself, the branch's ref and the packed
-/// refs, wherever this checkout keeps them (a worktree's `.git` is a file naming
-/// another directory). Only those that exist: cargo reruns for a missing one every time.
+/// What changes when HEAD moves: HEAD itself, the packed refs, and the branches' folder
+/// (a commit rewrites its branch's file; one made after a fresh clone, whose refs are all
+/// packed, creates it there), wherever this checkout keeps them (a worktree's `.git` is a
+/// file naming another folder). Only those that exist: cargo reruns for a missing one
+/// every time.
 fn git_files_that_move_with_head(dir: &Path) -> Vec<PathBuf> {
-    let mut names = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
-    if let Some(branch) = git(dir, &["symbolic-ref", "-q", "HEAD"]) {
-        names.push(branch);
-    }
-    names
+    ["HEAD", "packed-refs", "refs/heads"]
         .iter()
         .filter_map(|name| git(dir, &["rev-parse", "--git-path", name]))
         .map(|path| dir.join(path))
