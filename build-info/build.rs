@@ -39,17 +39,23 @@ fn main() {
     }
 }
 
-/// What changes when HEAD moves: HEAD itself, the packed refs, and the branches' folder
-/// (a commit rewrites its branch's file; one made after a fresh clone, whose refs are all
-/// packed, creates it there), wherever this checkout keeps them (a worktree's `.git` is a
-/// file naming another folder). Only those that exist: cargo reruns for a missing one
-/// every time.
+/// What changes when HEAD moves, wherever this checkout keeps it (a worktree's `.git` is a
+/// file naming another folder): HEAD itself, the packed refs, and the branch's own file,
+/// or the branches' folder while that file does not exist (after a fresh clone, whose
+/// refs are all packed, the first commit creates it there). Only paths that exist: cargo
+/// reruns for a missing one every time.
 fn git_files_that_move_with_head(dir: &Path) -> Vec<PathBuf> {
-    ["HEAD", "packed-refs", "refs/heads"]
-        .iter()
-        .filter_map(|name| git(dir, &["rev-parse", "--git-path", name]))
-        .map(|path| dir.join(path))
-        .filter(|path| path.exists())
+    let path = |name: &str| {
+        git(dir, &["rev-parse", "--git-path", name])
+            .map(|path| dir.join(path))
+            .filter(|path| path.exists())
+    };
+    let branch = git(dir, &["symbolic-ref", "-q", "HEAD"])
+        .and_then(|branch| path(&branch))
+        .or_else(|| path("refs/heads"));
+    [path("HEAD"), path("packed-refs"), branch]
+        .into_iter()
+        .flatten()
         .collect()
 }
 
