@@ -64,29 +64,35 @@ impl Endpoint {
 }
 
 /// The items API: the one table its router reads, and the one the contract
-/// test compares with `docs/openapi.yaml`. The hot path, one item, comes first.
+/// test compares with `docs/openapi.yaml`. The hot path, one item, comes first. HEAD is
+/// a GET whose body the listener drops (RFC 9110 §9.3.2).
 pub static ENDPOINTS: [Endpoint; 3] = [
     Endpoint {
         path: "/items/{id}",
-        allow: "GET, PUT, DELETE",
+        allow: "GET, HEAD, PUT, DELETE",
         routes: &[
             (Method::GET, |id| item(id, ApiRoute::Get)),
+            (Method::HEAD, |id| item(id, ApiRoute::Get)),
             (Method::PUT, |id| item(id, ApiRoute::Update)),
             (Method::DELETE, |id| item(id, ApiRoute::Delete)),
         ],
     },
     Endpoint {
         path: "/items",
-        allow: "GET, POST",
+        allow: "GET, HEAD, POST",
         routes: &[
             (Method::GET, |_| Ok(ApiRoute::List)),
+            (Method::HEAD, |_| Ok(ApiRoute::List)),
             (Method::POST, |_| Ok(ApiRoute::Create)),
         ],
     },
     Endpoint {
         path: "/health",
-        allow: "GET",
-        routes: &[(Method::GET, |_| Ok(ApiRoute::Health))],
+        allow: "GET, HEAD",
+        routes: &[
+            (Method::GET, |_| Ok(ApiRoute::Health)),
+            (Method::HEAD, |_| Ok(ApiRoute::Health)),
+        ],
     },
 ];
 
@@ -587,6 +593,14 @@ mod tests {
         assert_eq!(
             ApiRoute::parse(&Method::GET, "/health").unwrap(),
             ApiRoute::Health
+        );
+        assert_eq!(
+            ApiRoute::parse(&Method::HEAD, "/items/7").unwrap(),
+            ApiRoute::Get(id(7))
+        );
+        assert_eq!(
+            ApiRoute::parse(&Method::HEAD, "/items").unwrap(),
+            ApiRoute::List
         );
     }
 

@@ -176,6 +176,11 @@ pub struct UpstreamSettings {
     /// `upstream_saturated`. `0` (default): no limit, as nginx's and HAProxy's defaults.
     #[serde(default)]
     pub max_connections_per_target: usize,
+    /// Requests forwarded to the group at once (load shedding, as `http.max_in_flight`
+    /// for the app, whose budget it never touches): one more gets 503 `overloaded` with
+    /// `Retry-After` at once, and no target is blamed. At least 1. Default 1024.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
     /// Active health checks; none by default (then only passive ejection judges).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckSettings>,
@@ -203,6 +208,9 @@ fn default_idle_timeout() -> Duration {
 fn default_resolve_interval() -> Duration {
     Duration::from_secs(30)
 }
+fn default_max_in_flight() -> u32 {
+    1024
+}
 fn default_max_idle() -> usize {
     256
 }
@@ -228,6 +236,7 @@ impl UpstreamSettings {
             idle_timeout: default_idle_timeout(),
             max_idle_per_target: default_max_idle(),
             max_connections_per_target: 0,
+            max_in_flight: default_max_in_flight(),
             resolve_interval: default_resolve_interval(),
             health_check: None,
             outlier: OutlierSettings::default(),

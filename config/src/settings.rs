@@ -335,10 +335,18 @@ pub struct HttpSettings {
     /// Deadline for a whole request. Default 30s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Requests the public listener works on at once; one more gets 503 with
-    /// `Retry-After` at once instead of queueing behind the others (load shedding).
-    /// Probes and `/health` are not counted. At least 1. Default 1024.
+    /// Requests the app works on at once; one more gets 503 with `Retry-After` at once
+    /// instead of queueing behind the others (load shedding). A request counts from the
+    /// moment its body is in, not while it arrives. Proxied requests count against their
+    /// group's own `max_in_flight`, probes and `/health` against nothing. At least 1.
+    /// Default 1024.
     pub max_in_flight: u32,
+    /// Limit for receiving a whole request body for the app, from its head to its last
+    /// byte; past it the client gets 408 and the connection closes. The body is read
+    /// before the request takes its place under `max_in_flight`, so a slow sender holds
+    /// only its own connection. More than 0s. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// Limit for receiving a request head, from its first byte to its blank line (against
     /// slowloris). It never runs while a keep-alive connection is idle. Default 10s.
     #[serde(with = "humantime_serde")]
@@ -364,6 +372,7 @@ impl Default for HttpSettings {
             max_body_bytes: 65536,
             request_timeout: Duration::from_secs(30),
             max_in_flight: 1024,
+            body_read_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
             max_header_bytes: 16384,

@@ -359,6 +359,12 @@ fn http(s: &Settings, out: &mut Problems) {
             format!("must be at least 1, got {}", http.max_in_flight),
         );
     }
+    if http.body_read_timeout.is_zero() {
+        out.fail(
+            &["http.body_read_timeout"],
+            "must be more than 0s".to_owned(),
+        );
+    }
     if http.header_read_timeout.is_zero() {
         out.fail(
             &["http.header_read_timeout"],
@@ -606,6 +612,12 @@ fn check_upstreams(s: &Settings) -> Vec<String> {
                 "max_connections_per_target must be at most {MAX_CONNECTIONS_PER_TARGET} \
                  (0: no limit), got {}",
                 group.max_connections_per_target
+            ));
+        }
+        if group.max_in_flight < 1 {
+            fail(format!(
+                "max_in_flight must be at least 1, got {}",
+                group.max_in_flight
             ));
         }
         if group.response_timeout > group.request_timeout {

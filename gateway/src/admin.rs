@@ -69,42 +69,64 @@ impl Endpoint {
 }
 
 /// The admin listener's endpoints: the one table its router reads, `/` lists, and the
-/// contract test compares with `docs/openapi.yaml`.
+/// contract test compares with `docs/openapi.yaml`. HEAD is a GET whose body the
+/// listener drops.
 pub static ENDPOINTS: [Endpoint; 9] = [
     Endpoint {
         path: "/",
-        allow: "GET",
-        operations: &[(Method::GET, Operation::Index)],
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Index),
+            (Method::HEAD, Operation::Index),
+        ],
     },
     Endpoint {
         path: "/metrics",
-        allow: "GET",
-        operations: &[(Method::GET, Operation::Metrics)],
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Metrics),
+            (Method::HEAD, Operation::Metrics),
+        ],
     },
     Endpoint {
         path: "/livez",
-        allow: "GET",
-        operations: &[(Method::GET, Operation::Livez)],
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Livez),
+            (Method::HEAD, Operation::Livez),
+        ],
     },
     Endpoint {
         path: "/readyz",
-        allow: "GET",
-        operations: &[(Method::GET, Operation::Readyz)],
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Readyz),
+            (Method::HEAD, Operation::Readyz),
+        ],
     },
     Endpoint {
         path: "/openapi.json",
-        allow: "GET",
-        operations: &[(Method::GET, Operation::OpenApiJson)],
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::OpenApiJson),
+            (Method::HEAD, Operation::OpenApiJson),
+        ],
     },
     Endpoint {
         path: "/openapi.yaml",
-        allow: "GET",
-        operations: &[(Method::GET, Operation::OpenApiYaml)],
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::OpenApiYaml),
+            (Method::HEAD, Operation::OpenApiYaml),
+        ],
     },
     Endpoint {
         path: "/admin/routes",
-        allow: "GET",
-        operations: &[(Method::GET, Operation::Routes)],
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Routes),
+            (Method::HEAD, Operation::Routes),
+        ],
     },
     Endpoint {
         path: "/admin/routes/{name}/split",
@@ -350,9 +372,17 @@ where
 /// from 0 to 2^32−1, written `7` or `7.0` (JSON does not tell the two apart, nor does the
 /// contract's `integer`); `7.5` is refused.
 fn split_weights(body: &[u8]) -> Result<BTreeMap<String, u32>, String> {
+    // serde's own message names Rust types ("expected a map"): only where it went wrong
+    // is kept.
     let numbers: BTreeMap<String, serde_json::Number> =
         serde_json::from_slice(body).map_err(|e| {
-            format!("the body must be a JSON object of group names to integer weights: {e}")
+            let what = match e.classify() {
+                serde_json::error::Category::Data => {
+                    "the body must be a JSON object of group names to integer weights"
+                }
+                _ => "the body is not valid JSON",
+            };
+            format!("{what} (line {}, column {})", e.line(), e.column())
         })?;
     numbers
         .into_iter()
@@ -406,8 +436,8 @@ mod tests {
     #[test]
     fn a_known_path_with_another_method_is_405_with_allow() {
         for (method, path, allow) in [
-            (Method::POST, "/", "GET"),
-            (Method::DELETE, "/metrics", "GET"),
+            (Method::POST, "/", "GET, HEAD"),
+            (Method::DELETE, "/metrics", "GET, HEAD"),
             (Method::GET, "/admin/routes/web/split", "PUT"),
             (Method::GET, "/admin/reload", "POST"),
         ] {
@@ -452,6 +482,7 @@ mod tests {
                 "the body must be a JSON object of group names to integer weights",
             ),
             ("[1]", "the body must be a JSON object"),
+            ("{", "the body is not valid JSON (line 1, column 1)"),
         ] {
             let refused = split_weights(body.as_bytes()).unwrap_err();
             assert!(refused.contains(said), "{body}: {refused}");

@@ -61,6 +61,53 @@ pub enum ClientError {
         "ambiguous message framing: Content-Length with Transfer-Encoding, or Content-Length twice"
     )]
     AmbiguousFraming,
+    /// `Transfer-Encoding` is not a plain list of codings, or is given twice, or applies
+    /// `chunked` twice or not last: the body's end cannot be trusted.
+    #[error("Transfer-Encoding {why}")]
+    BadTransferEncoding {
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A transfer coding other than `chunked` (`gzip, chunked`).
+    #[error("Transfer-Encoding: only chunked is supported")]
+    UnsupportedTransferCoding,
+    /// hyper could not parse the request head.
+    #[error("the request head is not valid HTTP/1.1 (its request line or a header line)")]
+    MalformedHead,
+    /// The request head is larger than `http.max_header_bytes`.
+    #[error("the request head is larger than {limit} bytes (http.max_header_bytes)")]
+    HeadTooLarge {
+        /// `http.max_header_bytes`.
+        limit: usize,
+    },
+    /// The request has more header lines than `http.max_headers`.
+    #[error("the request has more than {limit} header lines (http.max_headers)")]
+    TooManyHeaders {
+        /// `http.max_headers`.
+        limit: usize,
+    },
+    /// The request target is longer than hyper takes (65,534 bytes).
+    #[error("the request target is too long")]
+    UriTooLong,
+    /// `Host` is missing on HTTP/1.1, given twice, disagrees with `:authority`, or is not a
+    /// host with an optional port.
+    #[error("{0}")]
+    BadHost(&'static str),
+    /// CONNECT: no route tunnels.
+    #[error("CONNECT is not supported: this server is not a forward proxy")]
+    ConnectRefused,
+    /// TRACE on a route that is not the app's (the app answers its own 405).
+    #[error("TRACE is not allowed: it would echo the request's headers back, credentials included")]
+    TraceRefused,
+    /// The request body did not arrive within `http.body_read_timeout`.
+    #[error("the request body did not arrive within {} ms (http.body_read_timeout)", limit.as_millis())]
+    BodyTimeout {
+        /// `http.body_read_timeout`.
+        limit: Duration,
+    },
+    /// The request body broke off: the connection ended, or its chunked framing is broken.
+    #[error("the request body could not be read: it ended early or its chunked framing is broken")]
+    UnreadableBody,
     /// The route's `rewrite_prefix` applied to the path makes no valid path.
     #[error("the rewritten path is not a valid URI path")]
     UnrewritablePath,
@@ -175,6 +222,14 @@ pub enum LocalError {
     /// `http.max_in_flight` requests were in flight: shed at once rather than queued.
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    /// A group's `max_in_flight` requests were in flight.
+    #[error(
+        "too many requests in flight to upstream group {group} (upstreams.max_in_flight); retry shortly"
+    )]
+    GroupOverloaded {
+        /// The group's name.
+        group: String,
+    },
     /// The app did not answer within `http.request_timeout`.
     #[error("the request took longer than {} ms", limit.as_millis())]
     AppDeadline {
@@ -209,7 +264,21 @@ impl GatewayError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Client(error) => match error {
+                ClientError::UnsupportedTransferCoding | ClientError::ConnectRefused => {
+                    (StatusCode::NOT_IMPLEMENTED, "not_implemented")
+                }
+                ClientError::HeadTooLarge { .. } | ClientError::TooManyHeaders { .. } => (
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "headers_too_large",
+                ),
+                ClientError::UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+                ClientError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+                ClientError::TraceRefused => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
                 ClientError::AmbiguousFraming
+                | ClientError::BadTransferEncoding { .. }
+                | ClientError::MalformedHead
+                | ClientError::BadHost(_)
+                | ClientError::UnreadableBody
                 | ClientError::UnrewritablePath
                 | ClientError::CannotRedirect
                 | ClientError::NoHostToRedirect
@@ -239,7 +308,9 @@ impl GatewayError {
                 }
             },
             Self::Local(error) => match error {
-                LocalError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+                LocalError::Overloaded | LocalError::GroupOverloaded { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+                }
                 LocalError::AppDeadline { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             },
         }
@@ -248,37 +319,95 @@ impl GatewayError {
     /// The JSON answer: `{"error": code, "message": text}` (and a refused configuration's
     /// `problems`), with the headers the failure calls for.
     pub fn into_response(self) -> Response<ResponseBody> {
-        let (status, code) = self.status_and_code();
+        let (status, _) = self.status_and_code();
+        let mut rsp = json(status, self.json_body());
+        if let Some((name, value)) = self.extra_header() {
+            rsp.headers_mut().insert(name, value);
+        }
+        if self.closes_connection() {
+            // hyper closes the connection after a response that says so.
+            rsp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        rsp
+    }
+
+    /// The answer as HTTP/1.1 bytes, for a request hyper refused before any service saw
+    /// it (the connection then closes).
+    pub(crate) fn into_http1_bytes(self) -> Vec<u8> {
+        let (status, _) = self.status_and_code();
+        let body = self.json_body();
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+            status.as_str(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .into_bytes();
+        if let Some((name, value)) = self.extra_header() {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// `{"error": code, "message": text}`, and a refused configuration's `problems`.
+    fn json_body(&self) -> Bytes {
+        let (_, code) = self.status_and_code();
         let message = self.to_string();
-        let problems = match &self {
+        let problems = match self {
             Self::Client(ClientError::ConfigRefused(refused)) => Some(refused.problems.as_slice()),
             _ => None,
         };
-        let body = serde_json::to_vec(&Body {
+        serde_json::to_vec(&Body {
             error: code,
             message: &message,
             problems,
         })
-        .map_or_else(|_| Bytes::new(), Bytes::from);
-        let mut rsp = json(status, body);
-        let extra = match &self {
-            // hyper closes the connection after a response that says so.
-            Self::Client(ClientError::AmbiguousFraming) => {
-                Some((header::CONNECTION, HeaderValue::from_static("close")))
-            }
+        .map_or_else(|_| Bytes::new(), Bytes::from)
+    }
+
+    /// The header the failure calls for, besides the content type.
+    fn extra_header(&self) -> Option<(header::HeaderName, HeaderValue)> {
+        match self {
             Self::Client(ClientError::MethodNotAllowed { allow }) => {
                 Some((header::ALLOW, HeaderValue::from_static(allow)))
             }
+            Self::Client(ClientError::TraceRefused) => Some((
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            )),
             Self::Client(ClientError::Unauthorized) => {
                 Some((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")))
             }
             Self::Local(_) => Some((header::RETRY_AFTER, HeaderValue::from_static("1"))),
             _ => None,
-        };
-        if let Some((name, value)) = extra {
-            rsp.headers_mut().insert(name, value);
         }
-        rsp
+    }
+
+    /// Whether the connection must close after the answer: the request's framing or head
+    /// cannot be trusted, so nothing after it on the connection can be read as a request.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::Client(
+                ClientError::AmbiguousFraming
+                    | ClientError::BadTransferEncoding { .. }
+                    | ClientError::UnsupportedTransferCoding
+                    | ClientError::MalformedHead
+                    | ClientError::HeadTooLarge { .. }
+                    | ClientError::TooManyHeaders { .. }
+                    | ClientError::UriTooLong
+                    | ClientError::BadHost(_)
+                    | ClientError::ConnectRefused
+                    | ClientError::BodyTimeout { .. }
+                    | ClientError::UnreadableBody
+            )
+        )
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`router`]: the route table (host + path → app, upstream group, split or
 //!   redirect, with a bounded route name).
 //! - [`service`]: the request path as named steps (id, route, answer, record).
+//! - `shed`: the in-flight bounds of the app and of each upstream group.
 //! - [`error`]: the gateway's errors by the side that failed, and the one place where
 //!   they become responses.
 //! - [`response`]: the body type every listener serves, and the JSON answers the
@@ -31,6 +32,7 @@ pub mod reload;
 pub mod response;
 pub mod router;
 pub mod service;
+mod shed;
 pub mod shutdown;
 pub mod tls;
 

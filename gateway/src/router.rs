@@ -44,9 +44,10 @@ pub struct Route {
     pub handler: Handler,
     /// Request metrics, registered once.
     pub metrics: RouteMetrics,
-    /// Counts against `http.max_in_flight` (load shedding). Probes and the app's
-    /// `/health` do not: shedding the load balancer's health checks under load would
-    /// pull healthy tasks out of service and shift their load onto the rest.
+    /// Counts against `http.max_in_flight` (the app's load shedding): the app's routes
+    /// but `/health` (shedding the load balancer's health checks under load would pull
+    /// healthy tasks out of service and shift their load onto the rest). Proxied routes
+    /// count against their group's own bound.
     pub shed: bool,
     /// The path prefix without a trailing `/` (`""` for the root).
     prefix: String,
@@ -147,7 +148,7 @@ impl Router {
             } else {
                 return Err(RouterError(format!("route {} has no target", r.name)));
             };
-            let shed = !(r.app && r.path == "/health");
+            let shed = r.app && r.path != "/health";
             let route = Arc::new(Route {
                 name: r.name.clone(),
                 metrics: RouteMetrics::new(r.name.clone()),

@@ -2,8 +2,9 @@
 //!
 //! 1. identify: keep a safe incoming `X-Request-Id` or make one;
 //! 2. route: pick the route from the table in force (host and path);
-//! 3. answer: the app in process, an upstream group (the proxy), a redirect, a probe, or
-//!    a JSON 404;
+//! 3. answer: the app in process (its body read first, holding no permit), an upstream
+//!    group (the proxy), a redirect, a probe, or a JSON 404 — under the app's or the
+//!    group's own in-flight budget;
 //! 4. record: metrics by route and one access log line.
 //!
 //! Every failure of step 3 is a [`GatewayError`] that becomes its response through
@@ -12,19 +13,17 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
 use app_core::App;
 use app_core::api::X_CACHE;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::Either;
-use metrics::Counter;
+use http_body_util::{BodyExt, Either, Full};
 use tiergate_config::HttpSettings;
 
 use crate::error::{ClientError, GatewayError, LocalError};
@@ -32,6 +31,7 @@ use crate::listener::Peer;
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
 use crate::router::{Handler, Route, Router};
+use crate::shed::InFlight;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
@@ -55,12 +55,15 @@ struct Inner {
     /// client gets a 503 instead of waiting on a stuck dependency. Upstream groups have
     /// their own limits.
     request_timeout: Duration,
-    /// One permit per request in flight on shed-able routes (`http.max_in_flight`). A
-    /// request that finds none is answered 503 at once: queueing it would only add
-    /// latency to every request behind it while the load balancer could retry elsewhere.
-    in_flight: Permits,
-    /// `tiergate_http_shed_total`.
-    shed: Counter,
+    /// One permit per app request in flight on shed-able routes (`http.max_in_flight`),
+    /// taken once its body is in. A request that finds none is answered 503 at once:
+    /// queueing it would only add latency to every request behind it while the load
+    /// balancer could retry elsewhere. Proxied requests count against their group's.
+    in_flight: InFlight,
+    /// `http.max_body_bytes`: how much of a body is read before the app sees it.
+    max_body_bytes: usize,
+    /// `http.body_read_timeout`.
+    body_read_timeout: Duration,
     /// Upgraded connections tunnelled to upstreams.
     tunnels: proxy::Tunnels,
 }
@@ -68,17 +71,17 @@ struct Inner {
 impl Gateway {
     /// A gateway over `router` that hosts `app`, with the limits in `http`.
     pub fn new(router: Router, app: App, http: &HttpSettings) -> Self {
-        let permits = usize::try_from(http.max_in_flight).unwrap_or(usize::MAX);
         Self {
             inner: Arc::new(Inner {
                 router: ArcSwap::from_pointee(router),
                 app,
                 request_timeout: http.request_timeout,
-                in_flight: Permits {
-                    taken: AtomicUsize::new(0),
-                    max: permits,
-                },
-                shed: metrics::counter!("tiergate_http_shed_total"),
+                in_flight: InFlight::new(
+                    http.max_in_flight,
+                    metrics::counter!("tiergate_http_shed_total"),
+                ),
+                max_body_bytes: usize::try_from(http.max_body_bytes).unwrap_or(usize::MAX),
+                body_read_timeout: http.body_read_timeout,
                 tunnels: proxy::Tunnels::default(),
             }),
         }
@@ -165,51 +168,29 @@ impl Gateway {
             .flatten();
         let route = router.route(host.as_deref(), req.uri().path()).clone();
         let answer = match route.handler {
-            Handler::App => Answer::App(self.inner.app.handle(req)),
+            // Nearly every read: no body to wait for.
+            Handler::App if req.body().is_end_stream() => Answer::App(self.inner.app.handle(req)),
+            Handler::App => Answer::AppAfterBody(Box::new(req)),
             // Boxed: a request is most of what the future would hold.
             _ => Answer::Here(Box::new(req), arc_swap::Guard::into_inner(router)),
         };
         let gateway = self.clone();
         async move {
             let inner = &gateway.inner;
-            // Held until the response head is ready, so it bounds the work in progress.
-            let permit = if route.shed {
-                let permit = inner.in_flight.try_acquire();
-                if permit.is_none() {
-                    inner.shed.increment(1);
-                }
-                permit
-            } else {
-                None
-            };
             // Each arm ends in a response; an error becomes one through
             // `GatewayError::into_response` in its arm, so the app's answer, the hot path,
             // is never wrapped in a `Result` and copied out of it.
             let mut rsp = match answer {
-                _ if route.shed && permit.is_none() => {
-                    GatewayError::from(LocalError::Overloaded).into_response()
-                }
-                Answer::App(mut app) => {
-                    // Polled once before any deadline is set: an L1 hit is ready at once
-                    // and never needs the timer. (An `if let`, so its answer is not kept
-                    // in the future across the wait below.)
-                    let rsp = 'answered: {
-                        if let Poll::Ready(rsp) =
-                            std::future::poll_fn(|cx| Poll::Ready(app.as_mut().poll(cx))).await
-                        {
-                            break 'answered Ok(rsp);
+                Answer::App(app) => inner.app_answer(&route, app, started).await,
+                // The body first, under its own deadline and holding no permit: shedding
+                // counts work, not waiting for a client's bytes.
+                Answer::AppAfterBody(req) => {
+                    match receive_body(*req, inner.max_body_bytes, inner.body_read_timeout).await {
+                        Ok(req) => {
+                            let app = inner.app.handle(req);
+                            Box::pin(inner.app_answer(&route, app, started)).await
                         }
-                        // Boxed: the timer would make every request's future bigger, and
-                        // only a request that waits needs it.
-                        let left = inner.request_timeout.saturating_sub(started.elapsed());
-                        Box::pin(tokio::time::timeout(left, app)).await
-                    };
-                    match rsp {
-                        Ok(rsp) => rsp.map(Either::Left),
-                        Err(_) => GatewayError::from(LocalError::AppDeadline {
-                            limit: inner.request_timeout,
-                        })
-                        .into_response(),
+                        Err(refused) => GatewayError::from(refused).into_response(),
                     }
                 }
                 Answer::Here(req, router) => {
@@ -224,6 +205,10 @@ impl Gateway {
                         tunnels: &inner.tunnels,
                     };
                     match &route.handler {
+                        // Only the app answers TRACE (its own 405): nothing is echoed.
+                        _ if req.method() == Method::TRACE => {
+                            GatewayError::from(ClientError::TraceRefused).into_response()
+                        }
                         Handler::Upstream(group) => {
                             Box::pin(proxied(upstream(group, *req), None)).await
                         }
@@ -244,7 +229,6 @@ impl Gateway {
                 }
             };
 
-            drop(permit);
             let elapsed = started.elapsed();
             route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
             if let Some(logged) = logged {
@@ -256,41 +240,99 @@ impl Gateway {
     }
 }
 
+impl Inner {
+    /// The app's answer under the app's budget (`http.max_in_flight`, on the routes that
+    /// count) and `http.request_timeout`.
+    async fn app_answer(
+        &self,
+        route: &Route,
+        mut app: app_core::api::Answer,
+        started: quanta::Instant,
+    ) -> Response<ResponseBody> {
+        // Held until the response head is ready, so it bounds the work in progress.
+        let _permit = match route.shed.then(|| self.in_flight.try_acquire()) {
+            Some(None) => return GatewayError::from(LocalError::Overloaded).into_response(),
+            Some(permit) => permit,
+            None => None,
+        };
+        // Polled once before any deadline is set: an L1 hit is ready at once and never
+        // needs the timer. (An `if let`, so its answer is not kept in the future across
+        // the wait below.)
+        let rsp = 'answered: {
+            if let Poll::Ready(rsp) =
+                std::future::poll_fn(|cx| Poll::Ready(app.as_mut().poll(cx))).await
+            {
+                break 'answered Ok(rsp);
+            }
+            // Boxed: the timer would make every request's future bigger, and only a
+            // request that waits needs it.
+            let left = self.request_timeout.saturating_sub(started.elapsed());
+            Box::pin(tokio::time::timeout(left, app)).await
+        };
+        match rsp {
+            Ok(rsp) => rsp.map(Either::Left),
+            Err(_) => GatewayError::from(LocalError::AppDeadline {
+                limit: self.request_timeout,
+            })
+            .into_response(),
+        }
+    }
+}
+
 /// Step 3 as it stands when `handle` returns.
 enum Answer<B> {
     /// The app's answer, started: the request went into it.
     App(app_core::api::Answer),
+    /// For the app, once its body is in.
+    AppAfterBody(Box<Request<B>>),
     /// Answered inside the future, from the request, by the table it was routed with.
     Here(Box<Request<B>>, Arc<Router>),
 }
 
-/// The load-shedding bound: a counter, not a semaphore. Nothing ever waits for a
-/// permit, and giving a tokio semaphore's permit back takes its waiter lock, on every
-/// request.
-#[derive(Debug)]
-struct Permits {
-    taken: AtomicUsize,
+/// Reads the body of a request for the app, whole, before the request takes its place
+/// under `http.max_in_flight`: at most one byte more than `http.max_body_bytes` (the app
+/// then answers 413 in its own words), within `http.body_read_timeout`. A declared
+/// length over the limit is not read at all: the app refuses it by its header.
+///
+/// # Errors
+/// The body did not arrive in time, or broke off.
+async fn receive_body<B>(
+    req: Request<B>,
     max: usize,
-}
-
-impl Permits {
-    fn try_acquire(&self) -> Option<Permit<'_>> {
-        self.taken
-            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Permit(&self.taken))
+    limit: Duration,
+) -> Result<Request<Full<Bytes>>, ClientError>
+where
+    B: Body<Data = Bytes>,
+{
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let (parts, body) = req.into_parts();
+    if declared.is_some_and(|len| len > max as u64) {
+        return Ok(Request::from_parts(parts, Full::default()));
     }
-}
-
-/// One request's place under `http.max_in_flight`, given back on drop.
-struct Permit<'a>(&'a AtomicUsize);
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Release);
-    }
+    let read = async move {
+        let mut body = std::pin::pin!(body);
+        let mut bytes = BytesMut::new();
+        while bytes.len() <= max {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        bytes.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(_)) => return Err(ClientError::UnreadableBody),
+            }
+        }
+        Ok(bytes.freeze())
+    };
+    let bytes = tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| ClientError::BodyTimeout { limit })??;
+    Ok(Request::from_parts(parts, Full::new(bytes)))
 }
 
 /// The request's part of its access line.
@@ -323,8 +365,8 @@ impl Logged {
     }
 }
 
-/// Forwards a request to its upstream group and answers with what came back, or with
-/// the error's response; a split's sticky cookie (when the client is to be pinned to the
+/// Forwards a request to its upstream group within the group's `max_in_flight`, and
+/// answers with what came back, or with the error's response; a split's sticky cookie (when the client is to be pinned to the
 /// group it went to) goes with every answer, an error's too.
 async fn proxied<B>(
     to: ProxyRequest<'_, B>,
@@ -334,9 +376,19 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut rsp = match proxy::forward(to).await {
-        Ok(rsp) => rsp,
-        Err(error) => error.into_response(),
+    let group = to.group;
+    // Held until the response head is ready, as the app's: the group's own budget, so a
+    // slow upstream never takes the app's places, nor another group's.
+    let permit = group.in_flight.try_acquire();
+    let mut rsp = match permit {
+        None => GatewayError::from(LocalError::GroupOverloaded {
+            group: group.name.clone(),
+        })
+        .into_response(),
+        Some(_permit) => match proxy::forward(to).await {
+            Ok(rsp) => rsp,
+            Err(error) => error.into_response(),
+        },
     };
     if let Some(cookie) = set_cookie {
         rsp.headers_mut().append(header::SET_COOKIE, cookie);
@@ -507,22 +559,6 @@ mod tests {
         let no_host = Request::get("/items").body(()).unwrap();
         let refused = redirect_to_https(&no_host, 443).unwrap().unwrap_err();
         assert_eq!(refused.into_response().status(), 400);
-    }
-
-    #[test]
-    fn permits_bound_the_requests_in_flight_and_come_back_on_drop() {
-        let permits = Permits {
-            taken: AtomicUsize::new(0),
-            max: 2,
-        };
-        let first = permits.try_acquire();
-        let second = permits.try_acquire();
-        assert!(first.is_some() && second.is_some());
-        assert!(permits.try_acquire().is_none());
-        drop(first);
-        assert!(permits.try_acquire().is_some());
-        drop(second);
-        assert_eq!(permits.taken.load(Ordering::Relaxed), 0);
     }
 
     #[test]

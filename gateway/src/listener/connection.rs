@@ -10,7 +10,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::checks::{check_request, without_body};
 use super::drain::{Drain, Phase};
 use super::guarded::Guarded;
 use super::state::ConnState;
@@ -191,9 +192,11 @@ where
     }
 }
 
-/// Answers one request with `handler`: a request whose head was ambiguous gets 400
-/// instead, and while the server drains, the answer tells the client to go elsewhere
-/// (`Connection: close`, or GOAWAY once the HTTP/2 stream ends).
+/// Answers one request with `handler`: a request whose framing is refused (see
+/// `HeadScan`) or that no handler may see (see [`check_request`]) gets its error instead;
+/// a HEAD gets its answer without the body; and while the server drains, the answer tells
+/// the client to go elsewhere (`Connection: close`, or GOAWAY once the HTTP/2 stream
+/// ends).
 fn answer<H, Fut>(
     handler: &H,
     state: &Arc<ConnState>,
@@ -209,16 +212,28 @@ where
     if version == Version::HTTP_2 {
         state.spoke_h2.store(true, Ordering::Relaxed);
     }
-    let (request, ambiguous) = state.request_started();
-    let response = (!ambiguous).then(|| handler(req, peer));
+    let (request, fault) = state.request_started();
+    let head = req.method() == Method::HEAD;
+    let response = match fault {
+        Some(fault) => Err(ClientError::from(fault)),
+        None => check_request(&req).map(|()| handler(req, peer)),
+    };
     async move {
         let mut rsp = match response {
-            Some(response) => response.await,
-            // 400, and the connection closes after it.
-            None => GatewayError::from(ClientError::AmbiguousFraming).into_response(),
+            Ok(response) => response.await,
+            // The connection closes after it.
+            Err(refused) => GatewayError::from(refused).into_response(),
         };
+        if head {
+            rsp = without_body(rsp);
+        }
         // The request's own hold on the state, not a clone per request.
         let state = &request.0;
+        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Before hyper writes the `101`, so the tunnel's first bytes find it set.
+            state.upgraded.store(true, Ordering::Release);
+            state.head_started.store(false, Ordering::Release);
+        }
         if state.draining.load(Ordering::Relaxed) {
             if version == Version::HTTP_2 {
                 state.goaway.notify_one();

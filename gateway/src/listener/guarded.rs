@@ -1,6 +1,7 @@
 //! The connection's IO with its clocks: idle and header-read while hyper waits for
 //! bytes, and the write clock for a client that stopped reading (see the listener's
-//! module docs for why hyper's own header timeout is off).
+//! module docs for why hyper's own header timeout is off). It also writes the JSON
+//! answer in place of hyper's bare one to a head hyper could not parse.
 
 use std::future::Future;
 use std::io;
@@ -16,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 use super::Limits;
 use super::head_scan::HeadScan;
 use super::state::ConnState;
+use crate::error::{ClientError, GatewayError};
 
 /// The connection's IO with the idle and header-read clocks (see the module docs).
 ///
@@ -49,7 +51,20 @@ pub(super) struct Guarded<S> {
     sniffed: usize,
     /// The framing check of the head being read.
     scan: HeadScan,
+    /// Our JSON answer being written in place of hyper's own to a head it refused.
+    replacing: Option<Replacement>,
+    max_header_bytes: usize,
+    max_headers: usize,
     listener: &'static str,
+}
+
+/// A JSON answer written in place of hyper's bodiless one: hyper is told its bytes were
+/// written once all of ours are.
+struct Replacement {
+    bytes: Vec<u8>,
+    sent: usize,
+    /// The length of hyper's answer.
+    covers: usize,
 }
 
 /// The HTTP/2 connection preface's first bytes.
@@ -79,6 +94,9 @@ impl<S> Guarded<S> {
             h2,
             sniffed: 0,
             scan: HeadScan::default(),
+            replacing: None,
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
             listener,
         }
     }
@@ -100,7 +118,7 @@ impl<S> Guarded<S> {
                 }
             }
         }
-        if self.h2 == Some(true) {
+        if self.h2 == Some(true) || self.state.upgraded.load(Ordering::Acquire) {
             return;
         }
         if self.state.in_flight.load(Ordering::Acquire) == 0
@@ -109,11 +127,10 @@ impl<S> Guarded<S> {
             self.head_deadline = None;
             self.scan = HeadScan::default();
         }
-        if self.state.head_started.load(Ordering::Acquire)
-            && !self.scan.done
-            && self.scan.feed(bytes)
-        {
-            self.state.ambiguous.store(true, Ordering::Release);
+        if self.state.head_started.load(Ordering::Acquire) && !self.scan.done {
+            if let Some(fault) = self.scan.feed(bytes) {
+                self.state.fault.store(fault as u8, Ordering::Release);
+            }
         }
     }
 
@@ -234,6 +251,112 @@ impl<S> Guarded<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Guarded<S> {
+    /// Whether hyper may be answering a head itself: one arrived, and the service has not
+    /// been called for it (hyper calls it for every head it can parse).
+    fn head_unanswered(&self) -> bool {
+        self.h2 != Some(true)
+            && self.state.head_started.load(Ordering::Acquire)
+            && self.state.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// The client's words for why hyper refused the head with `status`, from what the
+    /// scan saw of it.
+    fn refusal(&self, status: u16) -> GatewayError {
+        let refused = match status {
+            431 if self.scan.header_lines() > self.max_headers => ClientError::TooManyHeaders {
+                limit: self.max_headers,
+            },
+            431 => ClientError::HeadTooLarge {
+                limit: self.max_header_bytes,
+            },
+            414 => ClientError::UriTooLong,
+            _ => self
+                .scan
+                .fault()
+                .map_or(ClientError::MalformedHead, ClientError::from),
+        };
+        refused.into()
+    }
+
+    /// Writes our answer in place of hyper's own to a head it refused (a bare status
+    /// line: hyper has no way to give it a body); `None` when `buf` holds no such answer.
+    /// What precedes it in `buf` (the end of an earlier response) is written first.
+    fn poll_replace(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Option<Poll<io::Result<usize>>> {
+        if self.replacing.is_none() {
+            if !self.head_unanswered() {
+                return None;
+            }
+            let (at, status) = hyper_refusal(buf)?;
+            if at > 0 {
+                let result = Pin::new(&mut self.inner).poll_write(cx, &buf[..at]);
+                return Some(self.after_write(cx, result, |n| *n > 0));
+            }
+            self.replacing = Some(Replacement {
+                bytes: self.refusal(status).into_http1_bytes(),
+                sent: 0,
+                covers: buf.len(),
+            });
+        }
+        let mut replacing = self.replacing.take()?;
+        while replacing.sent < replacing.bytes.len() {
+            let result =
+                Pin::new(&mut self.inner).poll_write(cx, &replacing.bytes[replacing.sent..]);
+            match self.after_write(cx, result, |n| *n > 0) {
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())));
+                }
+                Poll::Ready(Ok(n)) => replacing.sent += n,
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Pending => {
+                    self.replacing = Some(replacing);
+                    return Some(Poll::Pending);
+                }
+            }
+        }
+        Some(Poll::Ready(Ok(replacing.covers)))
+    }
+}
+
+/// Longer than any answer hyper writes to a head it refused (a status line, a length
+/// and a date: about 90 bytes).
+const REFUSAL_MAX_LEN: usize = 256;
+
+/// hyper's own answer to a head it could not parse, at the end of `buf`: where it starts
+/// and its status. It is a status line of 400, 414 or 431, `content-length: 0` and a
+/// date, and nothing after it: hyper closes the connection once it is written.
+fn hyper_refusal(buf: &[u8]) -> Option<(usize, u16)> {
+    // Short, and last: a bounded look at the end, so bytes streamed to a client that
+    // already sent its next head cost next to nothing to rule out.
+    if !buf.ends_with(b"\r\n\r\n") {
+        return None;
+    }
+    let from = buf.len().saturating_sub(REFUSAL_MAX_LEN);
+    let at = from + memchr::memmem::rfind(&buf[from..], b"HTTP/1.1 ")?;
+    let answer = &buf[at..];
+    let status = match answer.get(9..13)? {
+        b"400 " => 400,
+        b"414 " => 414,
+        b"431 " => 431,
+        _ => return None,
+    };
+    let head = answer.strip_suffix(b"\r\n\r\n")?;
+    let mut lines = head.split(|b| *b == b'\n').skip(1);
+    let only_length_and_date = lines.all(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.eq_ignore_ascii_case(b"content-length: 0")
+            || line.eq_ignore_ascii_case(b"connection: close")
+            || line
+                .get(..6)
+                .is_some_and(|name| name.eq_ignore_ascii_case(b"date: "))
+    });
+    only_length_and_date.then_some((at, status))
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -241,6 +364,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if let Some(replaced) = this.poll_replace(cx, buf) {
+            return replaced;
+        }
         let result = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.after_write(cx, result, |n| *n > 0)
     }
@@ -251,6 +377,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        // hyper writes flat (`writev(false)`); should it ever write vectored, a refusal of
+        // its own is still found, one buffer at a time.
+        if this.replacing.is_some() || this.head_unanswered() {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &**b);
+            return self.poll_write(cx, first);
+        }
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.after_write(cx, result, |n| *n > 0)
     }
@@ -267,5 +402,28 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mutation: accept any status, or any header line, and the last two cases match.
+    #[test]
+    fn hypers_refusal_is_found_at_the_end_and_nothing_else_is() {
+        let refusal = "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Mon, 07 Dec 2026 09:29:26 GMT\r\n\r\n";
+        assert_eq!(hyper_refusal(refusal.as_bytes()), Some((0, 431)));
+        let after_a_body = format!("{}{refusal}", "x".repeat(10_000));
+        assert_eq!(hyper_refusal(after_a_body.as_bytes()), Some((10_000, 431)));
+        let closing = "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(hyper_refusal(closing.as_bytes()), Some((0, 400)));
+        for other in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nmore",
+        ] {
+            assert_eq!(hyper_refusal(other.as_bytes()), None, "{other:?}");
+        }
     }
 }

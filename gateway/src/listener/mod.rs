@@ -15,8 +15,15 @@
 //!   hyper hands the parsed request to the service.
 //! - **Slow readers.** Writes that make no progress for `http.idle_timeout` end the
 //!   connection.
-//! - **Ambiguous framing** (`Content-Length` with `Transfer-Encoding`, or twice) is
-//!   answered 400 and the connection closed.
+//! - **Framing**: `Content-Length` with `Transfer-Encoding` or twice, and any
+//!   `Transfer-Encoding` but one `chunked`, last, are answered 400 (501 for a coding
+//!   other than chunked) and the connection closed.
+//! - **Host**: exactly one, a host with an optional port, required on HTTP/1.1, agreeing
+//!   with `:authority` on HTTP/2; CONNECT is refused (501).
+//! - **Errors in JSON**, hyper's own too: hyper answers a head it cannot parse with a
+//!   bare 400, 414 or 431, which the guarded IO replaces with the JSON answer as it is
+//!   written.
+//! - **HEAD** is answered without the body, with the GET's length.
 //! - Head size and header count limits (431 from hyper), HTTP/2 stream and header-list
 //!   limits; h2's reset-flood protection stays at its defaults.
 //! - A failed `accept` (EMFILE and the like) backs off instead of spinning.
@@ -28,10 +35,13 @@
 //! - `drain`: the shutdown phase as the loops and connections see it.
 //! - `connection`: one connection: TLS handshake, hyper, answering the drain.
 //! - `state`: what a connection's service and its IO tell each other.
-//! - `guarded`: the connection's IO with the idle, header-read and write clocks.
-//! - `head_scan`: the raw request head's check for ambiguous framing.
+//! - `guarded`: the connection's IO with the idle, header-read and write clocks, and
+//!   the JSON answer in place of hyper's refusals.
+//! - `head_scan`: the raw request head's framing checks.
+//! - `checks`: what every request must be before a handler sees it; HEAD's answer.
 
 mod accept;
+mod checks;
 mod connection;
 mod drain;
 mod guarded;

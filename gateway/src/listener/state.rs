@@ -2,10 +2,12 @@
 //! a head being read, its framing verdict, the drain's flag.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
+
+use super::head_scan::HeadFault;
 
 /// What the service and the IO wrapper tell each other about one connection.
 #[derive(Debug, Default)]
@@ -22,8 +24,12 @@ pub(super) struct ConnState {
     pub(super) in_flight: AtomicUsize,
     /// Bytes of a request head arrived and the service has not seen that request yet.
     pub(super) head_started: AtomicBool,
-    /// The head being read frames its body ambiguously (see [`HeadScan`]).
-    pub(super) ambiguous: AtomicBool,
+    /// A `101` went out: the connection is a tunnel now, and its bytes are no request's
+    /// head (no header clock, no framing scan), only the idle clock applies.
+    pub(super) upgraded: AtomicBool,
+    /// What is wrong with the framing of the head being read, as a [`HeadFault`]'s
+    /// code (0: nothing); see `HeadScan`.
+    pub(super) fault: AtomicU8,
     /// The task waiting in `poll_read`. With hyper's own header timeout off, hyper does
     /// not read again after answering until the socket wakes it, so the end of the last
     /// request must wake it to start the idle clock.
@@ -36,12 +42,12 @@ pub(super) struct ConnState {
 
 impl ConnState {
     /// hyper parsed a head and called the service: the head is complete. Returns the
-    /// guard of the request, and whether its framing was ambiguous.
-    pub(super) fn request_started(self: &Arc<Self>) -> (InFlight, bool) {
+    /// guard of the request, and what is wrong with its framing.
+    pub(super) fn request_started(self: &Arc<Self>) -> (InFlight, Option<HeadFault>) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(false, Ordering::Release);
-        let ambiguous = self.ambiguous.swap(false, Ordering::AcqRel);
-        (InFlight(self.clone()), ambiguous)
+        let fault = HeadFault::from_code(self.fault.swap(0, Ordering::AcqRel));
+        (InFlight(self.clone()), fault)
     }
 }
 

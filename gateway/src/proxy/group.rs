@@ -21,6 +21,7 @@ use super::budget::RetryBudget;
 use super::connector::CountingConnector;
 use super::pool::Pool;
 use super::target::Target;
+use crate::shed::InFlight;
 
 /// A group of interchangeable targets.
 #[derive(Debug)]
@@ -40,6 +41,8 @@ pub struct Group {
     /// connects anew, as an ALB's does, and so follows a changed DNS record at once.
     checker: Client<CountingConnector, Empty<Bytes>>,
     pub(crate) budget: RetryBudget,
+    /// The group's own load-shedding bound (`max_in_flight`), apart from the app's.
+    pub(crate) in_flight: InFlight,
     started: AtomicBool,
     pub(crate) metrics: GroupMetrics,
 }
@@ -83,6 +86,10 @@ impl Group {
             pool,
             checker,
             budget: RetryBudget::new(proxy),
+            in_flight: InFlight::new(
+                settings.max_in_flight,
+                label("tiergate_upstream_shed_total"),
+            ),
             started: AtomicBool::new(false),
             metrics: GroupMetrics {
                 requests: label("tiergate_upstream_requests_total"),

@@ -43,7 +43,8 @@ fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Removes the hop-by-hop headers and those the `Connection` header names. With
+/// Removes the hop-by-hop headers and those the `Connection` header names, except
+/// `Host`. With
 /// `upgrade`, `Upgrade` and `Connection: upgrade` are kept: they are the message.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // Most messages carry none of them: one pass comparing names (an integer compare for
@@ -64,6 +65,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .filter(|name| !(upgrade && name == header::UPGRADE))
+        // `Connection: Host` must not make the upstream see another Host than the client
+        // sent (RFC 9110 §7.6.1 lists no end-to-end field a client may remove so).
+        .filter(|name| name != header::HOST)
         .collect();
     for name in listed {
         headers.remove(name);

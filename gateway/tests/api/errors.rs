@@ -122,10 +122,10 @@ async fn unsupported_methods_are_405_with_allow() {
     let backends = Backends::new().await;
     let app = TestApp::start(backends.settings()).await;
     let rsp = app.client.patch(app.url("/items/1")).send().await.unwrap();
-    assert_eq!(rsp.headers()["allow"], "GET, PUT, DELETE");
+    assert_eq!(rsp.headers()["allow"], "GET, HEAD, PUT, DELETE");
     assert_error(rsp, 405, "method_not_allowed").await;
     let rsp = app.client.delete(app.url("/items")).send().await.unwrap();
-    assert_eq!(rsp.headers()["allow"], "GET, POST");
+    assert_eq!(rsp.headers()["allow"], "GET, HEAD, POST");
     assert_error(rsp, 405, "method_not_allowed").await;
     app.stop().await;
 }

@@ -15,6 +15,7 @@ mod deploy;
 mod docs;
 mod errors;
 mod fault;
+mod front;
 mod hardening;
 mod health;
 mod helpers;

@@ -108,8 +108,8 @@ async fn a_known_admin_path_with_another_method_answers_405_with_allow() {
     let backends = Backends::new().await;
     let app = TestApp::start(backends.settings()).await;
     for (method, path, allow) in [
-        (reqwest::Method::POST, "/", "GET"),
-        (reqwest::Method::DELETE, "/openapi.json", "GET"),
+        (reqwest::Method::POST, "/", "GET, HEAD"),
+        (reqwest::Method::DELETE, "/openapi.json", "GET, HEAD"),
         (reqwest::Method::GET, "/admin/routes/web/split", "PUT"),
     ] {
         let rsp = app

@@ -122,6 +122,11 @@ impl Upstream {
         self.concurrency.1.load(Ordering::SeqCst)
     }
 
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.concurrency.0.load(Ordering::SeqCst)
+    }
+
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::Relaxed)
     }
