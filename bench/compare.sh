@@ -5,8 +5,10 @@
 #
 # 1. The app. limit-server (a minimal hyper server with a fixed answer: the upper
 #    limit), Tiergate's items API (L1 hit; Zipf reads over 10,000 items; the same with
-#    10 % PUTs; a cold miss storm over ids never read) and nginx answering a fixed
-#    string. "vs limit" is req/s relative to limit-server.
+#    10 % PUTs; a cold miss storm over ids never read), the L1 hit once more on a second
+#    Tiergate with the default logging (RUST_LOG=info: an access line per request, stdout
+#    to a file) and nginx answering a fixed string. "vs limit" is req/s relative to
+#    limit-server.
 # 2. Proxy pass-through of a 1 KiB body served by limit-server (--body-bytes 1024):
 #    the upstream alone, then Tiergate (route → upstream group, round robin), nginx
 #    (upstream block with keepalive, HTTP/1.1, one worker) and HAProxy (one thread,
@@ -23,16 +25,17 @@
 #    the client's certificate check (--insecure; the server's work is the same): with
 #    it, loadgen's one core ran out before the servers did and the row measured loadgen.
 #
-# 4. The goals of issues 7, 5 and 4, each judged on its rows: the L1 hit at >= 0.9x
-#    limit-server's req/s and <= 1.2x its CPU per request; the proxy at >= 1.2x nginx's
+# 4. The goals of issues 7, 5, 4 and 17, each judged on its rows: the L1 hit at >= 0.9x
+#    limit-server's req/s and <= 1.2x its CPU per request; with access lines on, the L1
+#    hit at >= 0.9x its req/s with them off and <= 1.1x its CPU per request; the proxy at >= 1.2x nginx's
 #    req/s with less CPU per request and no worse p99; each TLS row at >= 1.2x nginx's
 #    req/s with no worse p99.
 #
 # Server CPU per request is utime + stime of the server's processes (from /proc, before
 # and after the row) over the requests answered; for the proxies it leaves out the
-# upstream, which shares core 0 with them. Access logs are off everywhere: nginx
-# `access_log off`, HAProxy logs nothing without a `log` line, Tiergate `RUST_LOG=warn`
-# (its access lines are at info).
+# upstream, which shares core 0 with them. Access logs are off everywhere but in the
+# logged L1 row: nginx `access_log off`, HAProxy logs nothing without a `log` line,
+# Tiergate `RUST_LOG=warn` (its access lines are at info).
 #
 # A server that does not start, or a row that answers nothing, is reported as failed
 # and the others still run (e.g. Tiergate's proxy row, before the proxy is built, fails
@@ -51,6 +54,8 @@
 #              DATABASE_URL (default postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench,
 #              created when missing), REDIS_URL (default redis://127.0.0.1:6379),
 #              COMPARE_JSON=FILE (also write every row as JSON there).
+#              BIN_DIR=DIR runs the `tiergate`, `loadgen` and `limit-server` in DIR
+#              instead of building them (a build copied aside, to compare two).
 set -euo pipefail
 
 duration=${1:-5s}
@@ -96,9 +101,14 @@ PATH=$PATH:/usr/sbin
 cores=$(nproc)
 if ((cores >= 2)); then server_cpu=0 client_cpu=1; else server_cpu=0 client_cpu=0; log "one core: server and loadgen share it"; fi
 
-log "building release binaries (tiergate, loadgen, limit-server)"
-cargo build --release -q -p gateway -p bench --bins
-bin=$root/target/release
+if [[ -n ${BIN_DIR:-} ]]; then
+  bin=$(cd "$BIN_DIR" && pwd) || die "BIN_DIR $BIN_DIR is not a directory"
+  for b in tiergate loadgen limit-server; do [[ -x $bin/$b ]] || die "no $b in $bin"; done
+else
+  log "building release binaries (tiergate, loadgen, limit-server)"
+  cargo build --release -q -p gateway -p bench --bins
+  bin=$root/target/release
+fi
 
 scripts/services >&2 || die "PostgreSQL and Redis are not up and scripts/services could not start them"
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench}
@@ -174,6 +184,8 @@ free_port && proxy_admin_port=$port
 free_port && nginx_port=$port
 free_port && nginx_tls_port=$port
 free_port && haproxy_port=$port
+free_port && logged_port=$port
+free_port && logged_admin_port=$port
 
 # A self-signed leaf (not a CA: rustls refuses a CA certificate as a server's own).
 cat >"$tmp/cert.cnf" <<CONF
@@ -203,6 +215,12 @@ TIERGATE_LISTEN__HTTP=127.0.0.1:$tiergate_port TIERGATE_LISTEN__ADMIN=127.0.0.1:
   TIERGATE_REDIS__KEY_PREFIX=bench-compare RUST_LOG=warn \
   taskset -c "$server_cpu" "$bin/tiergate" serve >"$tmp/tiergate.log" 2>&1 &
 pids+=($!) && tiergate_pid=$!
+
+# The same Tiergate with the default logging: an access line per request, to a file.
+TIERGATE_LISTEN__HTTP=127.0.0.1:$logged_port TIERGATE_LISTEN__ADMIN=127.0.0.1:$logged_admin_port \
+  TIERGATE_REDIS__KEY_PREFIX=bench-compare-logged RUST_LOG=info \
+  taskset -c "$server_cpu" "$bin/tiergate" serve >"$tmp/tiergate-logged.log" 2>&1 &
+pids+=($!) && logged_pid=$!
 
 # Tiergate as a reverse proxy only: every path to the upstream group.
 cat >"$tmp/tiergate-proxy.toml" <<CONF
@@ -274,7 +292,8 @@ pids+=($!) && haproxy_pid=$!
 up "$limit_pid" "http://127.0.0.1:$limit_port/" || die "limit-server did not start: $(why "$tmp/limit.log")"
 up "$upstream_pid" "http://127.0.0.1:$upstream_port/" || die "limit-server (upstream) did not start: $(why "$tmp/upstream.log")"
 up "$tiergate_pid" "http://127.0.0.1:$admin_port/readyz" || die "Tiergate did not start: $(why "$tmp/tiergate.log")"
-nginx_ok=1 haproxy_ok=1 proxy_ok=1
+nginx_ok=1 haproxy_ok=1 proxy_ok=1 logged_ok=1
+up "$logged_pid" "http://127.0.0.1:$logged_admin_port/readyz" || logged_ok=0
 up "$nginx_pid" "http://127.0.0.1:$nginx_port/static" || nginx_ok=0
 up "$haproxy_pid" "http://127.0.0.1:$haproxy_port/" || haproxy_ok=0
 { up "$proxy_pid" "http://127.0.0.1:$proxy_admin_port/readyz" && up "$proxy_pid" "http://127.0.0.1:$proxy_port/"; } || proxy_ok=0
@@ -282,6 +301,7 @@ up "$haproxy_pid" "http://127.0.0.1:$haproxy_port/" || haproxy_ok=0
 id=$(curl -fsS -H 'content-type: application/json' -d '{"name":"compare"}' "http://127.0.0.1:$tiergate_port/items" | jq -r .item.id) ||
   die "could not create an item (log: $tmp/tiergate.log)"
 curl -fsS -o /dev/null "http://127.0.0.1:$tiergate_port/items/$id"
+((logged_ok)) && curl -fsS -o /dev/null "http://127.0.0.1:$logged_port/items/$id"
 
 # Items for the Zipf and mix rows, and ids never read for the cold storm (more than a
 # miss storm gets through in the run; past them it would meet 404s).
@@ -364,6 +384,11 @@ for ((round = 1; round <= rounds; round++)); do
   if want app; then
   app_rows+=("$(measure limit-server "$limit_pid" "http://127.0.0.1:$limit_port/items/1")")
   app_rows+=("$(measure tiergate-l1-hit "$tiergate_pid" "$tg/" --scenario hot --id "$id")")
+  if ((logged_ok)); then
+    app_rows+=("$(measure tiergate-l1-hit-logged "$logged_pid" "http://127.0.0.1:$logged_port/" --scenario hot --id "$id")")
+  else
+    app_rows+=("$(failed tiergate-l1-hit-logged "did not start: $(why "$tmp/tiergate-logged.log")")")
+  fi
   # Zipf and mix: one unmeasured second first, so the hot ids are in L1 as in steady state.
   taskset -c "$client_cpu" "$bin/loadgen" "$tg/" -c "$conns" -t 1 -d 1s -q \
     --scenario zipf --items "$zipf_items" --first-id "$zipf_first" >/dev/null 2>&1 || true
@@ -475,7 +500,8 @@ jq -rs "$r2"' (map(select((.label | startswith("nginx")) and (.failed | not))) |
 fi
 
 # The goals of the issues these tables answer (7: L1 against the limit, proxy and TLS
-# against nginx; 5: the proxy; 4: TLS), each judged on its rows above.
+# against nginx; 5: the proxy; 4: TLS; 17: the access log's cost), each judged on its
+# rows above.
 echo
 echo "| goal | measured | met |"
 echo "|---|---|---|"
@@ -496,6 +522,9 @@ def goal($table; $name; $ours; $peer; measured; met):
 goal("app"; "L1 hit vs limit-server: ≥ 0.9× req/s, ≤ 1.2× CPU per request";
   "tiergate-l1-hit"; "limit-server";
   "\(.rps | r2)× req/s, \(.cpu | r2)× CPU"; .rps >= 0.9 and .cpu <= 1.2),
+goal("app"; "L1 hit with access lines (to a file) vs without: ≥ 0.9× req/s, ≤ 1.1× CPU per request";
+  "tiergate-l1-hit-logged"; "tiergate-l1-hit";
+  "\(.rps | r2)× req/s, \(.cpu | r2)× CPU"; .rps >= 0.9 and .cpu <= 1.1),
 goal("proxy"; "proxy vs nginx: ≥ 1.2× req/s, less CPU per request, p99 no worse";
   "tiergate-proxy"; "nginx-proxy";
   "\(.rps | r2)× req/s, \(.cpu | r2)× CPU, p99 \(.p99) vs \(.peer_p99) ms"; .rps >= 1.2 and .cpu < 1 and .p99 <= .peer_p99),

@@ -1,11 +1,23 @@
 //! Converts the API contract, `docs/openapi.yaml`, to JSON once, at build time: the admin
 //! listener serves both forms (`/openapi.yaml`, `/openapi.json`), and a document that does
-//! not parse fails the build instead of a request.
+//! not parse fails the build instead of a request. Also records the compiler's version
+//! for `tiergate_build_info`. (The commit is `build-info`'s.)
 
 use std::error::Error;
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn Error>> {
+    // The compiler's version for `tiergate_build_info`: `rustc 1.91.0 (…)` → `1.91.0`.
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let version = std::process::Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.split_whitespace().nth(1).map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=TIERGATE_RUSTC={version}");
+
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let source = manifest_dir.join("../docs/openapi.yaml");
     println!("cargo:rerun-if-changed={}", source.display());

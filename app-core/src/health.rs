@@ -6,7 +6,8 @@
 //! balancer because the cache blinked would turn a cache outage into a full outage.
 //! `health.require_cache = true` makes it 503 for those who want the strict behaviour.
 
-use std::time::Duration;
+use std::sync::PoisonError;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -36,23 +37,26 @@ pub struct Report {
     pub version: &'static str,
     pub commit: &'static str,
     pub deployment: Option<String>,
+    /// How long ago PostgreSQL and Redis were probed, in whole milliseconds: the probes
+    /// are shared by every request within `health.max_age`.
+    pub age_ms: u64,
     pub services: Services,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct Services {
     pub database: DatabaseHealth,
     pub cache: CacheHealth,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct DatabaseHealth {
     pub connected: bool,
     pub latency_ms: Option<f64>,
     pub time: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct CacheHealth {
     pub connected: bool,
     pub latency_ms: Option<f64>,
@@ -68,13 +72,62 @@ pub struct Gates {
     pub require_cache: bool,
 }
 
-/// Probes PostgreSQL and Redis concurrently and grades the result.
-pub async fn check(
-    items: &Items,
-    build: BuildInfo,
-    deployment: Option<String>,
-    gates: Gates,
-) -> Report {
+/// The last probes of PostgreSQL and Redis, shared by every `/health` request until
+/// they are `max_age` old; then the first request to find them stale probes again while
+/// the others wait for its result. The gates are read on every request, so draining
+/// still shows at once.
+#[derive(Debug)]
+pub(crate) struct Probes {
+    max_age: Duration,
+    last: std::sync::Mutex<Option<Probed>>,
+    /// Held while a probe is under way: one at a time.
+    probing: tokio::sync::Mutex<()>,
+}
+
+/// One round of probes and when it finished.
+#[derive(Debug, Clone, Copy)]
+struct Probed {
+    at: Instant,
+    services: Services,
+}
+
+impl Probes {
+    pub(crate) fn new(max_age: Duration) -> Self {
+        Self {
+            max_age,
+            last: std::sync::Mutex::new(None),
+            probing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The last probes if they are fresh enough.
+    fn fresh(&self) -> Option<Probed> {
+        let last = *self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        last.filter(|probed| probed.at.elapsed() < self.max_age)
+    }
+
+    /// Fresh probes: the last ones, or new ones made by this caller or by the caller
+    /// already making them.
+    async fn get(&self, items: &Items) -> Probed {
+        if let Some(probed) = self.fresh() {
+            return probed;
+        }
+        let _probing = self.probing.lock().await;
+        // Whoever held the lock before may have just probed.
+        if let Some(probed) = self.fresh() {
+            return probed;
+        }
+        let probed = Probed {
+            services: probe(items).await,
+            at: Instant::now(),
+        };
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(probed);
+        probed
+    }
+}
+
+/// Probes PostgreSQL and Redis concurrently.
+async fn probe(items: &Items) -> Services {
     let (db, cache) = tokio::join!(items.db().ping(), items.l2().ping());
     let database = match db {
         Ok((latency, time)) => DatabaseHealth {
@@ -98,6 +151,19 @@ pub async fn check(
             latency_ms: None,
         },
     };
+    Services { database, cache }
+}
+
+/// Grades fresh probes of PostgreSQL and Redis (see [`Probes`]) with the gates.
+pub(crate) async fn check(
+    items: &Items,
+    probes: &Probes,
+    build: BuildInfo,
+    deployment: Option<String>,
+    gates: Gates,
+) -> Report {
+    let Probed { at, services } = probes.get(items).await;
+    let Services { database, cache } = services;
     let status = if !database.connected || !gates.ready || gates.draining {
         Status::Unhealthy
     } else if !cache.connected {
@@ -114,7 +180,8 @@ pub async fn check(
         version: build.version,
         commit: build.commit,
         deployment,
-        services: Services { database, cache },
+        age_ms: u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
+        services,
     }
 }
 

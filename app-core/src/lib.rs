@@ -39,7 +39,7 @@ use crate::cache::breaker;
 use crate::cache::bus::Bus;
 use crate::cache::l1::{L1, Policy};
 use crate::cache::l2::{InvalidRedisUrl, L2};
-use crate::health::{BuildInfo, Gates, Report};
+use crate::health::{BuildInfo, Gates, Probes, Report};
 use crate::hooks::Hooks;
 use crate::service::Items;
 use crate::store::{Database, InvalidUrl, ReaderProbe, ReaderStats};
@@ -74,6 +74,8 @@ struct Inner {
     deployment: Option<String>,
     max_body_bytes: usize,
     require_cache: bool,
+    /// The last probes behind `/health`, shared by the requests within `health.max_age`.
+    probes: Probes,
     migrate_on_start: bool,
     redis_connect_timeout: Duration,
     /// Set by the first [`App::start`].
@@ -114,6 +116,7 @@ impl App {
             deployment: settings.deployment.color.clone(),
             max_body_bytes: usize::try_from(settings.http.max_body_bytes).unwrap_or(usize::MAX),
             require_cache: settings.health.require_cache,
+            probes: Probes::new(settings.health.max_age),
             migrate_on_start: settings.database.migrate_on_start,
             redis_connect_timeout: settings.redis.connect_timeout,
             started: AtomicBool::new(false),
@@ -209,7 +212,8 @@ impl App {
         self.inner.draining.store(true, Ordering::Release);
     }
 
-    /// Probes the backing services and grades the result.
+    /// Grades the backing services' probes, at most `health.max_age` old (probing again
+    /// when they are older).
     pub async fn health(&self) -> Report {
         let inner = &self.inner;
         let gates = Gates {
@@ -217,7 +221,8 @@ impl App {
             draining: inner.draining.load(Ordering::Acquire),
             require_cache: inner.require_cache,
         };
-        health::check(&inner.items, inner.build, inner.deployment.clone(), gates).await
+        let deployment = inner.deployment.clone();
+        health::check(&inner.items, &inner.probes, inner.build, deployment, gates).await
     }
 
     /// Sets the pool, L1, breaker and trust gauges; call before rendering metrics so they

@@ -100,24 +100,59 @@ impl TestDb {
     }
 
     /// Scans of the `items` table as PostgreSQL counts them: the number of queries that
-    /// read it. Backends publish their statistics when they exit, so this first ends every
-    /// other connection to the database (pools reconnect on demand) and waits until they
-    /// are gone.
+    /// read it (see [`TestDb::publish_statistics`]).
     ///
     /// # Panics
     /// When PostgreSQL refuses, or the backends do not exit within 10 s.
     pub async fn items_table_scans(&self) -> i64 {
+        self.publish_statistics().await;
         let client = self.client().await;
-        let others =
-            "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
         client
-            .execute(&format!("SELECT pg_terminate_backend(pid) {others}"), &[])
+            .query_one(
+                "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'items'",
+                &[],
+            )
+            .await
+            .expect("read table statistics")
+            .get(0)
+    }
+
+    /// Transactions committed in this database as PostgreSQL counts them (every query
+    /// outside an explicit transaction is one), read from another database so that the
+    /// reading is not counted (see [`TestDb::publish_statistics`]).
+    ///
+    /// # Panics
+    /// When PostgreSQL refuses, or the backends do not exit within 10 s.
+    pub async fn committed_transactions(&self) -> i64 {
+        self.publish_statistics().await;
+        let client = connect(&admin_database_url()).await;
+        client
+            .query_one(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
+                &[&self.name],
+            )
+            .await
+            .expect("read database statistics")
+            .get(0)
+    }
+
+    /// Backends publish their statistics when they exit (otherwise up to seconds
+    /// later), so this ends every connection to the database (pools reconnect on
+    /// demand) and waits until they are gone.
+    async fn publish_statistics(&self) {
+        let client = connect(&admin_database_url()).await;
+        let others = "FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()";
+        client
+            .execute(
+                &format!("SELECT pg_terminate_backend(pid) {others}"),
+                &[&self.name],
+            )
             .await
             .expect("terminate backends");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left: i64 = client
-                .query_one(&format!("SELECT count(*) {others}"), &[])
+                .query_one(&format!("SELECT count(*) {others}"), &[&self.name])
                 .await
                 .expect("count backends")
                 .get(0);
@@ -127,18 +162,6 @@ impl TestDb {
             assert!(Instant::now() < deadline, "backends did not exit");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        client
-            .execute("SELECT pg_stat_clear_snapshot()", &[])
-            .await
-            .expect("clear snapshot");
-        client
-            .query_one(
-                "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'items'",
-                &[],
-            )
-            .await
-            .expect("read table statistics")
-            .get(0)
     }
 }
 

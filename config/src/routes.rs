@@ -393,6 +393,10 @@ pub struct ProxySettings {
     pub retry_budget_min_per_second: u32,
     /// Most attempts of one request, the first included. At least 1. Default 3.
     pub max_attempts: u32,
+    /// Start a W3C trace for a request without a valid `traceparent`: upstreams get a
+    /// `traceparent` naming this gateway's span, and the access line the trace's ids (a
+    /// valid incoming one is always continued). Default `true`.
+    pub start_traces: bool,
 }
 
 impl Default for ProxySettings {
@@ -403,6 +407,7 @@ impl Default for ProxySettings {
             retry_budget_percent: 20,
             retry_budget_min_per_second: 10,
             max_attempts: 3,
+            start_traces: true,
         }
     }
 }

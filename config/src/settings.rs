@@ -413,13 +413,28 @@ impl Default for ShutdownSettings {
 }
 
 /// How `/health` judges the instance.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthSettings {
     /// Answer 503 when Redis is down. Default `false`: the app still serves from L1 and
     /// PostgreSQL, and pulling every task out of the load balancer because the cache blinked
     /// would turn a cache outage into a full outage.
     pub require_cache: bool,
+    /// How old the probes of PostgreSQL and Redis behind a `/health` answer may be: within
+    /// it every request is answered from the last result, and one request at a time
+    /// refreshes it, so no rate of `/health` requests becomes database load. 10ms to 1m.
+    /// Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            require_cache: false,
+            max_age: Duration::from_secs(1),
+        }
+    }
 }
 
 /// Facts about the deployment this instance belongs to.
@@ -432,11 +447,24 @@ pub struct DeploymentSettings {
 }
 
 /// Log output.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
-    /// Line format. Default [`LogFormat::Json`].
+    /// Line format of the logs other than the access lines (which are always JSON).
+    /// Default [`LogFormat::Json`].
     pub format: LogFormat,
+    /// Share of the successful requests (status below 400) that get an access line, 0
+    /// to 1; failed requests always get theirs. Default 1.
+    pub access_sample: f64,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            access_sample: 1.0,
+        }
+    }
 }
 
 /// Log line format, written in lowercase (`"json"`, `"text"`).

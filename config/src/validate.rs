@@ -32,6 +32,8 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
     redis(s, &mut out);
     cache(s, &mut out);
     http(s, &mut out);
+    health(s, &mut out);
+    log(s, &mut out);
     deployment(s, &mut out);
     shutdown(s, &mut out);
     runtime(s, &mut out);
@@ -333,6 +335,28 @@ fn cache(s: &Settings, out: &mut Problems) {
                 "must be at least 100ms, got {}",
                 human(cache.degraded_l1_ttl)
             ),
+        );
+    }
+}
+
+/// `/health`: a result reused long enough to matter, short enough to be news.
+fn health(s: &Settings, out: &mut Problems) {
+    let max_age = s.health.max_age;
+    if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&max_age) {
+        out.fail(
+            &["health.max_age"],
+            format!("must be 10ms to 1m, got {}", human(max_age)),
+        );
+    }
+}
+
+/// Logs: a sample is a share.
+fn log(s: &Settings, out: &mut Problems) {
+    let sample = s.log.access_sample;
+    if !(0.0..=1.0).contains(&sample) {
+        out.fail(
+            &["log.access_sample"],
+            format!("must be 0 to 1 (a share of the requests), got {sample}"),
         );
     }
 }

@@ -879,3 +879,30 @@ fn fargate_example_loads_with_secrets_from_the_environment() {
     assert_eq!(s.deployment.color.as_deref(), Some("green"));
     assert_eq!(s.listen.http, "0.0.0.0:8081".parse().unwrap());
 }
+
+#[test]
+fn health_results_live_a_second_by_default_and_at_most_a_minute() {
+    let s = load_env(&[]).unwrap();
+    assert_eq!(s.health.max_age, std::time::Duration::from_secs(1));
+    let s = load_env(&[("TIERGATE_HEALTH__MAX_AGE", "250ms")]).unwrap();
+    assert_eq!(s.health.max_age, std::time::Duration::from_millis(250));
+    for bad in ["0s", "5ms", "2m"] {
+        assert_one_problem_containing(
+            load_env(&[("TIERGATE_HEALTH__MAX_AGE", bad)]),
+            "health.max_age: must be 10ms to 1m",
+        );
+    }
+}
+
+#[test]
+fn the_access_sample_is_a_share() {
+    assert_eq!(load_env(&[]).unwrap().log.access_sample, 1.0);
+    let s = load_env(&[("TIERGATE_LOG__ACCESS_SAMPLE", "0.25")]).unwrap();
+    assert_eq!(s.log.access_sample, 0.25);
+    for bad in ["-0.1", "1.5", "NaN"] {
+        assert_one_problem_containing(
+            load_env(&[("TIERGATE_LOG__ACCESS_SAMPLE", bad)]),
+            "log.access_sample: must be 0 to 1",
+        );
+    }
+}

@@ -206,6 +206,7 @@ impl Admin {
             Operation::Metrics => {
                 self.app.record_gauges();
                 self.gateway.router().record_gauges();
+                crate::metrics::record_process();
                 text(
                     self.metrics.render().into(),
                     "text/plain; version=0.0.4; charset=utf-8",

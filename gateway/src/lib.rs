@@ -19,9 +19,13 @@
 //! - [`reload`]: configuration reload on SIGHUP and through the admin API.
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz` and `/admin/*` on the admin listener.
 //! - [`metrics`]: the Prometheus recorder and per-route handles.
+//! - [`access_log`]: the access lines, rendered on the request path and written by a
+//!   thread of their own.
 //! - [`shutdown`]: signal handling.
 //! - [`healthcheck`]: the `tiergate healthcheck` probe client.
+//! - `trace`: W3C trace context, continued or started, passed upstream.
 
+pub mod access_log;
 pub mod admin;
 pub mod error;
 pub mod healthcheck;
@@ -35,6 +39,7 @@ pub mod service;
 mod shed;
 pub mod shutdown;
 pub mod tls;
+mod trace;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,6 +57,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::access_log::AccessLog;
 use crate::admin::Admin;
 use crate::error::GatewayError;
 use crate::listener::{Drain, DrainControl, Limits, Peer, Phase, Transport};
@@ -84,6 +90,8 @@ pub struct Server {
     gateway: Gateway,
     app: App,
     metrics: PrometheusHandle,
+    /// Written until every connection is done, then closed.
+    access_log: Option<AccessLog>,
     /// As started: the shutdown budget, the admin token, and what a reload compares
     /// against.
     settings: Settings,
@@ -142,7 +150,12 @@ impl Server {
         };
         let app = App::new(settings, BUILD)?;
         let router = Router::new(settings, None)?;
-        let gateway = Gateway::new(router, app.clone(), &settings.http);
+        // Decided once: the log filter (`RUST_LOG`) is set before the server starts.
+        let access_log = tracing::enabled!(target: "access", tracing::Level::INFO)
+            .then(|| AccessLog::stdout(settings.log.access_sample))
+            .transpose()
+            .context("cannot start the access log's writer")?;
+        let gateway = Gateway::new(router, app.clone(), &settings.http, access_log.clone());
         let fixed = settings.clone();
         Ok(Self {
             http,
@@ -153,6 +166,7 @@ impl Server {
             gateway,
             app,
             metrics,
+            access_log,
             settings: settings.clone(),
             config_source: ConfigSource::new(move || Ok(fixed.clone())),
         })
@@ -220,6 +234,7 @@ impl Server {
             gateway,
             app,
             metrics,
+            access_log,
             settings,
             config_source,
         } = self;
@@ -309,6 +324,10 @@ impl Server {
         }
         tunnels.close_by(deadline).await;
         hangup.abort();
+        // Every request has its answer: its line is in a shard, or dropped and counted.
+        if let Some(log) = access_log {
+            let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        }
         if tokio::time::timeout(CLOSE_LIMIT, app.close())
             .await
             .is_err()

@@ -3,7 +3,7 @@
 //! Names are `tiergate_*` in base units. Every histogram has explicit buckets: without
 //! them the exporter renders summaries, which cannot be summed across tasks.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -35,9 +35,33 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     if HANDLE.set(handle.clone()).is_ok() {
         metrics::set_global_recorder(recorder)?;
         describe();
+        process().describe();
+        metrics::gauge!(
+            "tiergate_build_info",
+            "version" => env!("CARGO_PKG_VERSION"),
+            "commit" => build_info::COMMIT,
+            "rustc" => env!("TIERGATE_RUSTC")
+        )
+        .set(1.0);
+        // Registered now, so that it reads 0 rather than missing while nothing is dropped
+        // (or access lines are off).
+        let _ = metrics::counter!("tiergate_access_log_dropped_total");
         spawn_upkeep(handle.clone())?;
     }
     Ok(HANDLE.get().cloned().unwrap_or(handle))
+}
+
+/// The process's collector (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// `process_open_fds`, `process_start_time_seconds`, …).
+fn process() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Reads the process's CPU time, memory and file descriptors into their gauges; call
+/// before rendering metrics so they are current.
+pub fn record_process() {
+    process().collect();
 }
 
 /// Folds the histograms' recorded samples into their buckets every few seconds. The
@@ -56,13 +80,21 @@ fn spawn_upkeep(handle: PrometheusHandle) -> anyhow::Result<()> {
 }
 
 fn describe() {
+    metrics::describe_gauge!(
+        "tiergate_build_info",
+        "Always 1; the labels say which build runs (version, git commit, rustc version)."
+    );
     metrics::describe_counter!(
         "tiergate_http_requests_total",
-        "HTTP requests by route and status class."
+        "HTTP requests by route, status class and status code (`other` for uncommon codes)."
     );
     metrics::describe_counter!(
         "tiergate_http_shed_total",
         "Requests answered 503 at once because http.max_in_flight were in flight."
+    );
+    metrics::describe_counter!(
+        "tiergate_access_log_dropped_total",
+        "Access lines refused because the writer fell behind (stdout slow or stalled)."
     );
     metrics::describe_histogram!(
         "tiergate_http_request_duration_seconds",
@@ -136,34 +168,111 @@ fn describe() {
     );
 }
 
-/// The request metrics of one route, registered once: recording is atomic adds.
+/// The status codes counted under a `code` label of their own: those the gateway and the
+/// app answer with, and the common ones of upstreams. Any other is counted as `other`
+/// within its class, so a route has at most this many series and five more.
+const CODES: [(u16, &str); 42] = [
+    (100, "100"),
+    (101, "101"),
+    (200, "200"),
+    (201, "201"),
+    (202, "202"),
+    (204, "204"),
+    (206, "206"),
+    (301, "301"),
+    (302, "302"),
+    (303, "303"),
+    (304, "304"),
+    (307, "307"),
+    (308, "308"),
+    (400, "400"),
+    (401, "401"),
+    (403, "403"),
+    (404, "404"),
+    (405, "405"),
+    (406, "406"),
+    (408, "408"),
+    (409, "409"),
+    (410, "410"),
+    (411, "411"),
+    (412, "412"),
+    (413, "413"),
+    (414, "414"),
+    (415, "415"),
+    (416, "416"),
+    (421, "421"),
+    (422, "422"),
+    (425, "425"),
+    (426, "426"),
+    (428, "428"),
+    (429, "429"),
+    (431, "431"),
+    (451, "451"),
+    (500, "500"),
+    (501, "501"),
+    (502, "502"),
+    (503, "503"),
+    (504, "504"),
+    (505, "505"),
+];
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The request metrics of one route. A status's counter is registered the first time the
+/// route answers with it (so `/metrics` lists the codes seen, not every possible one);
+/// from then on recording is an atomic add. Cheap to clone: the route table hands a
+/// clone to every request.
 #[derive(Debug, Clone)]
 pub struct RouteMetrics {
-    /// Indexed by status class: 1xx … 5xx.
-    requests: [Counter; 5],
+    route: Arc<str>,
+    /// One slot per entry of [`CODES`], then one `other` per class.
+    requests: Arc<[OnceLock<Counter>]>,
     duration: Histogram,
 }
 
 impl RouteMetrics {
     /// Handles for the route named `route` (a bounded label: never the raw path).
     pub fn new(route: String) -> Self {
-        let class = |c: &'static str| metrics::counter!("tiergate_http_requests_total", "route" => route.clone(), "status" => c);
+        let duration =
+            metrics::histogram!("tiergate_http_request_duration_seconds", "route" => route.clone());
         Self {
-            requests: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
-            duration: metrics::histogram!("tiergate_http_request_duration_seconds", "route" => route.clone()),
+            route: route.into(),
+            requests: (0..CODES.len() + CLASSES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            duration,
         }
     }
 
     /// Counts one request with its status and duration.
     pub fn observe(&self, status: http::StatusCode, seconds: f64) {
-        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.requests[class].increment(1);
+        let code = status.as_u16();
+        let class = usize::from(code / 100).clamp(1, 5) - 1;
+        let (slot, label) = match CODES.binary_search_by_key(&code, |(c, _)| *c) {
+            Ok(i) => (i, CODES[i].1),
+            Err(_) => (CODES.len() + class, "other"),
+        };
+        self.requests[slot]
+            .get_or_init(|| {
+                metrics::counter!(
+                    "tiergate_http_requests_total",
+                    "route" => self.route.to_string(),
+                    "status" => CLASSES[class],
+                    "code" => label
+                )
+            })
+            .increment(1);
         self.duration.record(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_codes_are_sorted_and_each_label_is_its_code() {
+        assert!(CODES.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(CODES.iter().all(|(code, label)| code.to_string() == *label));
     }
 }

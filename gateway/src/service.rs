@@ -26,15 +26,16 @@ use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use tiergate_config::HttpSettings;
 
+use crate::access_log::{AccessLog, RequestPart, ResponsePart};
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
 use crate::router::{Handler, Route, Router};
 use crate::shed::InFlight;
+use crate::trace::TraceContext;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
 
 /// An incoming request id longer than this is replaced: it ends up in every log line.
 const MAX_REQUEST_ID_LEN: usize = 64;
@@ -66,11 +67,19 @@ struct Inner {
     body_read_timeout: Duration,
     /// Upgraded connections tunnelled to upstreams.
     tunnels: proxy::Tunnels,
+    /// Where each request's line goes; `None` when access lines are off.
+    access_log: Option<AccessLog>,
 }
 
 impl Gateway {
-    /// A gateway over `router` that hosts `app`, with the limits in `http`.
-    pub fn new(router: Router, app: App, http: &HttpSettings) -> Self {
+    /// A gateway over `router` that hosts `app`, with the limits in `http`, writing an
+    /// access line per request to `access_log` when there is one.
+    pub fn new(
+        router: Router,
+        app: App,
+        http: &HttpSettings,
+        access_log: Option<AccessLog>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 router: ArcSwap::from_pointee(router),
@@ -83,6 +92,7 @@ impl Gateway {
                 max_body_bytes: usize::try_from(http.max_body_bytes).unwrap_or(usize::MAX),
                 body_read_timeout: http.body_read_timeout,
                 tunnels: proxy::Tunnels::default(),
+                access_log,
             }),
         }
     }
@@ -149,15 +159,6 @@ impl Gateway {
     {
         let started = quanta::Instant::now();
         let request_id = request_id(req.headers().get(&X_REQUEST_ID));
-        // What the access line needs after the request is gone; not gathered at all
-        // when the line would not be written (`RUST_LOG=warn`, benchmarks).
-        let logged = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
-            Box::new(Logged {
-                trace_id: req.headers().get(&X_AMZN_TRACE_ID).cloned(),
-                method: req.method().clone(),
-                path: req.uri().path().to_owned(),
-            })
-        });
         // A guard, not a clone of the table's `Arc`: only the proxy needs the table
         // after this (it holds the route, which is all the app path keeps).
         let router = self.inner.router.load();
@@ -167,6 +168,7 @@ impl Gateway {
             .then(|| request_host(&req).map(str::to_ascii_lowercase))
             .flatten();
         let route = router.route(host.as_deref(), req.uri().path()).clone();
+        let (trace, logged) = self.inner.observe(&req, peer, &route, &router);
         let answer = match route.handler {
             // Nearly every read: no body to wait for.
             Handler::App if req.body().is_end_stream() => Answer::App(self.inner.app.handle(req)),
@@ -177,6 +179,7 @@ impl Gateway {
         let gateway = self.clone();
         async move {
             let inner = &gateway.inner;
+            let mut upstream: Option<Upstream> = None;
             // Each arm ends in a response; an error becomes one through
             // `GatewayError::into_response` in its arm, so the app's answer, the hot path,
             // is never wrapped in a `Result` and copied out of it.
@@ -194,7 +197,7 @@ impl Gateway {
                     }
                 }
                 Answer::Here(req, router) => {
-                    let upstream = |group, req: Request<B>| ProxyRequest {
+                    let to = |group, req: Request<B>| ProxyRequest {
                         client: client_side(&req, peer),
                         req,
                         group,
@@ -202,6 +205,7 @@ impl Gateway {
                         trusted_hops: router.proxy.trusted_hops,
                         forwarded_header: router.proxy.forwarded_header,
                         request_id: &request_id,
+                        trace,
                         tunnels: &inner.tunnels,
                     };
                     match &route.handler {
@@ -210,11 +214,16 @@ impl Gateway {
                             GatewayError::from(ClientError::TraceRefused).into_response()
                         }
                         Handler::Upstream(group) => {
-                            Box::pin(proxied(upstream(group, *req), None)).await
+                            let (rsp, target) = Box::pin(proxied(to(group, *req), None)).await;
+                            upstream = Some((group.clone(), target));
+                            rsp
                         }
                         Handler::Split(split) => {
                             let (group, set_cookie) = split.pick(req.headers());
-                            Box::pin(proxied(upstream(group, *req), set_cookie)).await
+                            let (rsp, target) =
+                                Box::pin(proxied(to(group, *req), set_cookie)).await;
+                            upstream = Some((group.clone(), target));
+                            rsp
                         }
                         Handler::Redirect(base) => {
                             redirect(base, &req).unwrap_or_else(GatewayError::into_response)
@@ -230,17 +239,76 @@ impl Gateway {
             };
 
             let elapsed = started.elapsed();
-            route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
-            if let Some(logged) = logged {
-                logged.write(&request_id, &route, &rsp, elapsed);
-            }
+            inner.record(
+                &route,
+                &rsp,
+                &request_id,
+                logged,
+                upstream.as_ref(),
+                elapsed,
+            );
             rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             rsp
         }
     }
 }
 
+/// The group a proxied request went to, and the target that answered (none when none
+/// did).
+type Upstream = (Arc<proxy::Group>, Option<usize>);
+
 impl Inner {
+    /// The request's trace (for the access line and the upstreams: none when neither
+    /// is there), and what its access line needs after the request is gone (nothing
+    /// when access lines are off; boxed, or it would double the future's size).
+    fn observe<B: Body>(
+        &self,
+        req: &Request<B>,
+        peer: Peer,
+        route: &Route,
+        router: &Router,
+    ) -> (Option<TraceContext>, Option<Box<RequestPart>>) {
+        let logging = self.access_log.is_some();
+        let trace = (logging || !matches!(route.handler, Handler::App))
+            .then(|| TraceContext::of(req.headers(), router.proxy.start_traces))
+            .flatten();
+        let logged = logging.then(|| {
+            let hops = router.proxy.trusted_hops;
+            Box::new(RequestPart::of(req, peer.addr, hops, trace))
+        });
+        (trace, logged)
+    }
+
+    /// Step 4: the request's metrics, and its access line when access lines are on.
+    fn record(
+        &self,
+        route: &Route,
+        rsp: &Response<ResponseBody>,
+        request_id: &HeaderValue,
+        logged: Option<Box<RequestPart>>,
+        upstream: Option<&Upstream>,
+        elapsed: Duration,
+    ) {
+        route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
+        let (Some(log), Some(logged)) = (&self.access_log, logged) else {
+            return;
+        };
+        let upstream = upstream.map(|(group, target)| {
+            let target = target.map(|i| group.targets[i].address.as_str());
+            (group.name.as_str(), target)
+        });
+        let answered = ResponsePart {
+            request_id,
+            route: &route.name,
+            status: rsp.status().as_u16(),
+            cache: rsp.headers().get(&X_CACHE),
+            body_size: rsp.body().size_hint().exact(),
+            upstream,
+            duration: elapsed,
+        };
+        log.log(&logged, &answered);
+    }
+
     /// The app's answer under the app's budget (`http.max_in_flight`, on the routes that
     /// count) and `http.request_timeout`.
     async fn app_answer(
@@ -335,43 +403,14 @@ where
     Ok(Request::from_parts(parts, Full::new(bytes)))
 }
 
-/// The request's part of its access line.
-struct Logged {
-    trace_id: Option<HeaderValue>,
-    method: http::Method,
-    path: String,
-}
-
-impl Logged {
-    /// Writes the access line of the request answered with `rsp`.
-    fn write(
-        self,
-        request_id: &HeaderValue,
-        route: &Route,
-        rsp: &Response<ResponseBody>,
-        elapsed: Duration,
-    ) {
-        tracing::info!(
-            target: "access",
-            request_id = request_id.to_str().unwrap_or(""),
-            trace_id = self.trace_id.as_ref().and_then(|v| v.to_str().ok()),
-            method = %self.method,
-            path = self.path,
-            route = route.name,
-            status = rsp.status().as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            cache = rsp.headers().get(&X_CACHE).and_then(|v| v.to_str().ok()),
-        );
-    }
-}
-
 /// Forwards a request to its upstream group within the group's `max_in_flight`, and
-/// answers with what came back, or with the error's response; a split's sticky cookie (when the client is to be pinned to the
-/// group it went to) goes with every answer, an error's too.
+/// answers with what came back, or with the error's response, and says which of the
+/// group's targets answered; a split's sticky cookie (when the client is to be pinned
+/// to the group it went to) goes with every answer, an error's too.
 async fn proxied<B>(
     to: ProxyRequest<'_, B>,
     set_cookie: Option<HeaderValue>,
-) -> Response<ResponseBody>
+) -> (Response<ResponseBody>, Option<usize>)
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -380,20 +419,23 @@ where
     // Held until the response head is ready, as the app's: the group's own budget, so a
     // slow upstream never takes the app's places, nor another group's.
     let permit = group.in_flight.try_acquire();
-    let mut rsp = match permit {
-        None => GatewayError::from(LocalError::GroupOverloaded {
-            group: group.name.clone(),
-        })
-        .into_response(),
+    let (mut rsp, target) = match permit {
+        None => (
+            GatewayError::from(LocalError::GroupOverloaded {
+                group: group.name.clone(),
+            })
+            .into_response(),
+            None,
+        ),
         Some(_permit) => match proxy::forward(to).await {
-            Ok(rsp) => rsp,
-            Err(error) => error.into_response(),
+            Ok((rsp, target)) => (rsp, Some(target)),
+            Err(error) => (error.into_response(), None),
         },
     };
     if let Some(cookie) = set_cookie {
         rsp.headers_mut().append(header::SET_COOKIE, cookie);
     }
-    rsp
+    (rsp, target)
 }
 
 /// The client's side of a proxied request: its connection, and the authority it named.

@@ -36,6 +36,7 @@ use super::pool::{Lease, SendError};
 use super::target::{InFlight, Target};
 use crate::error::{ClientError, GatewayError, Timeout, UpstreamError};
 use crate::response::ResponseBody;
+use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -57,18 +58,21 @@ pub(crate) struct ProxyRequest<'a, B> {
     pub(crate) forwarded_header: bool,
     /// The request id the gateway settled on.
     pub(crate) request_id: &'a HeaderValue,
+    /// The trace the request is part of, if any: each attempt carries it.
+    pub(crate) trace: Option<TraceContext>,
     /// Where an upgraded connection's tunnel runs.
     pub(crate) tunnels: &'a super::Tunnels,
 }
 
-/// Forwards a request to its group and answers with what the group said.
+/// Forwards a request to its group and answers with what the group said, and the index
+/// of the target that said it.
 ///
 /// # Errors
 /// The request cannot be sent as the route says ([`ClientError`]), or no target gave an
 /// answer ([`UpstreamError`]).
 pub(crate) async fn forward<B>(
     to: ProxyRequest<'_, B>,
-) -> Result<Response<ResponseBody>, GatewayError>
+) -> Result<(Response<ResponseBody>, usize), GatewayError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -101,7 +105,8 @@ where
             .await;
         let failure = match result {
             Ok((rsp, lease)) => {
-                return Ok(answer(&mut request, rsp, lease, in_flight, sent, deadline));
+                let rsp = answer(&mut request, rsp, lease, in_flight, sent, deadline);
+                return Ok((rsp, index));
             }
             Err(err) => {
                 let limit = if head_by == deadline {
@@ -155,6 +160,7 @@ struct Prepared<'a> {
     trusted_hops: u32,
     forwarded_header: bool,
     request_id: &'a HeaderValue,
+    trace: Option<TraceContext>,
     tunnels: &'a super::Tunnels,
 }
 
@@ -173,6 +179,7 @@ where
         trusted_hops,
         forwarded_header,
         request_id,
+        trace,
         tunnels,
     } = to;
     let upgrade = headers::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -214,6 +221,7 @@ where
         trusted_hops,
         forwarded_header,
         request_id,
+        trace,
         tunnels,
     }
 }
@@ -239,6 +247,13 @@ impl Prepared<'_> {
         );
         headers::append_via(headers, self.client_version);
         headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        if let Some(trace) = &self.trace {
+            headers.insert(TRACEPARENT.clone(), trace.traceparent());
+            // A trace started here has no state of the client's to go with it.
+            if !trace.continued {
+                headers.remove(&TRACESTATE);
+            }
+        }
         if !self.client_host {
             headers.insert(header::HOST, target.host.clone());
         }

@@ -344,3 +344,80 @@ fn every_test_the_cache_protocol_names_exists() {
         );
     }
 }
+
+/// The metric names in the first column of the tables under `## Metrics` in
+/// `docs/operations.md`.
+fn documented_metrics() -> BTreeSet<String> {
+    let page = read(&root().join("docs/operations.md"));
+    let start = page.find("\n## Metrics").expect("a Metrics section");
+    let section = &page[start + 1..];
+    let end = section[1..]
+        .find("\n## ")
+        .map_or(section.len(), |at| at + 1);
+    section[..end]
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|cell| cell.split_once('`').map(|(name, _)| name.to_owned()))
+        .collect()
+}
+
+/// The metric names a Prometheus text declares (`# TYPE name kind`).
+fn served_metrics(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A running instance, with a route to an upstream group, an HTTPS listener and a read
+/// replica, after a request of each kind (and a failed TLS handshake): what its `/metrics` serves and what
+/// docs/operations.md lists are the same names.
+///
+/// Mutation checked: with the row of `tiergate_cache_l1_bytes` removed from the page,
+/// the first half fails; with a row for `tiergate_nope_total` added, the second.
+#[tokio::test]
+async fn the_metrics_a_running_instance_serves_are_the_documented_ones() {
+    use crate::helpers::{Backends, TestApp};
+    use crate::upstream::Upstream;
+    use tiergate_config::{RouteSettings, Secret, UpstreamSettings};
+
+    let backends = Backends::new().await;
+    let web = Upstream::start("web").await;
+    let mut settings = backends.settings();
+    settings
+        .routes
+        .push(RouteSettings::upstream("web", "/web", "web"));
+    settings.upstreams = vec![UpstreamSettings::new("web", &[&web.target()])];
+    settings.listen.https = Some("127.0.0.1:0".parse().unwrap());
+    settings.database.reader_url = Some(Secret::new(backends.db.url.clone()));
+    let app = TestApp::start(settings).await;
+    let item = app.create("counted").await;
+    assert_eq!(
+        app.get(&format!("/items/{}", item["id"])).await.status(),
+        200
+    );
+    assert_eq!(app.get("/web/x").await.status(), 200);
+    // A handshake that fails: what the TLS listener counts.
+    let mut tls = tokio::net::TcpStream::connect(app.https.unwrap())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tls, b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut Vec::new()).await;
+
+    let served = served_metrics(&app.metrics().await);
+    let documented = documented_metrics();
+    let undocumented: Vec<&String> = served.difference(&documented).collect();
+    let absent: Vec<&String> = documented.difference(&served).collect();
+    app.stop().await;
+    assert!(
+        undocumented.is_empty(),
+        "served but not in docs/operations.md#metrics: {undocumented:?}"
+    );
+    assert!(
+        absent.is_empty(),
+        "in docs/operations.md#metrics but not served: {absent:?}"
+    );
+}

@@ -214,7 +214,15 @@ async fn metrics_are_prometheus_text_on_the_admin_port() {
     assert_eq!(rsp.status(), 200);
     let text = rsp.text().await.unwrap();
     for expected in [
-        r#"tiergate_http_requests_total{route="items",status="2xx"}"#,
+        r#"tiergate_http_requests_total{route="items",status="2xx",code="200"}"#,
+        r#"tiergate_http_requests_total{route="items",status="2xx",code="201"}"#,
+        concat!(
+            r#"tiergate_build_info{version=""#,
+            env!("CARGO_PKG_VERSION"),
+            r#"",commit=""#
+        ),
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
         r#"tiergate_http_request_duration_seconds_bucket{route="items",le="0.001"}"#,
         r#"tiergate_cache_requests_total{tier="l1",result="hit"}"#,
         r#"tiergate_db_pool_connections{pool="writer",state="idle"}"#,
@@ -285,5 +293,62 @@ async fn the_breaker_gauge_shows_when_reads_skip_redis() {
     write_until_breaker_gauge(&app, &path, "1").await;
     let _redis = RedisServer::start_on(port);
     write_until_breaker_gauge(&app, &path, "0").await;
+    app.stop().await;
+}
+
+/// Sends `n` `GET /health` over `connections` keep-alive connections at once; returns
+/// how long they took and the largest `age_ms` answered. Every answer must be 200.
+async fn health_burst(app: &TestApp, n: usize, connections: usize) -> (Duration, u64) {
+    let started = Instant::now();
+    let workers: Vec<_> = (0..connections)
+        .map(|worker| {
+            let (client, url) = (reqwest::Client::new(), app.url("/health"));
+            let share = n / connections + usize::from(worker < n % connections);
+            tokio::spawn(async move {
+                let mut oldest = 0;
+                for _ in 0..share {
+                    let rsp = client.get(&url).send().await.unwrap();
+                    assert_eq!(rsp.status(), 200);
+                    let body: serde_json::Value = rsp.json().await.unwrap();
+                    oldest = oldest.max(body["age_ms"].as_u64().expect("age_ms"));
+                }
+                oldest
+            })
+        })
+        .collect();
+    let mut oldest = 0;
+    for worker in workers {
+        oldest = oldest.max(worker.await.unwrap());
+    }
+    (started.elapsed(), oldest)
+}
+
+/// `/health` cannot be turned into database load: 2,000 requests as fast as they come
+/// (about a second) make one probe per `health.max_age` (1 s), counted in PostgreSQL's
+/// own statistics as transactions beyond what the instance commits idle over as long.
+///
+/// Mutation that fails it: probe on every request (`Probes::get` without its `fresh`
+/// checks): about one transaction per request beyond idle.
+#[tokio::test]
+async fn a_burst_of_health_requests_makes_one_database_query_per_interval() {
+    let backends = Backends::new().await;
+    let app = TestApp::start(backends.settings()).await;
+    assert_eq!(app.get("/health").await.status(), 200);
+
+    let before = backends.db.committed_transactions().await;
+    let (took, oldest) = health_burst(&app, 2_000, 32).await;
+    let burst = backends.db.committed_transactions().await - before;
+    // The same time without requests: the outbox relay's passes, the reconnections.
+    tokio::time::sleep(took).await;
+    let idle = backends.db.committed_transactions().await - before - burst;
+
+    let beyond = burst - idle;
+    let intervals = i64::try_from(took.as_millis().div_ceil(1000)).unwrap();
+    eprintln!("2000 /health in {took:?}: {burst} transactions, {idle} idle, oldest {oldest} ms");
+    assert!(
+        beyond <= intervals + 2,
+        "{beyond} transactions beyond idle for 2000 /health in {took:?} ({burst} against {idle})"
+    );
+    assert!(oldest < 1000, "an answer {oldest} ms old");
     app.stop().await;
 }

@@ -6,6 +6,7 @@
 // failed step in a test should panic with its location, which is what unwrap does.
 #![allow(unreachable_pub, missing_debug_implementations, clippy::unwrap_used)]
 
+mod access_log;
 mod backend_tls;
 mod cache;
 mod cli;

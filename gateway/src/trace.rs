@@ -1,0 +1,154 @@
+//! W3C Trace Context: a request's `traceparent` is continued (the same trace, a span of
+//! our own), or a trace is started for a request without a valid one
+//! (`proxy.start_traces`); upstreams get our span as their parent, and the access line
+//! the trace and span ids. A malformed `traceparent` is ignored, never an error.
+
+use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
+
+pub(crate) static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub(crate) static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// The trace a request belongs to, and its span in it (this gateway's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TraceContext {
+    pub(crate) trace_id: u128,
+    pub(crate) span_id: u64,
+    /// The trace flags (bit 0: sampled), as the caller sent them; 0 for a trace started
+    /// here (nothing records it).
+    flags: u8,
+    /// Whether the trace came from the request (its `tracestate` then goes on with it).
+    pub(crate) continued: bool,
+}
+
+impl TraceContext {
+    /// The request's trace continued with a new span, or a new trace when it has no
+    /// valid `traceparent` and `start` says to start one.
+    pub(crate) fn of(headers: &HeaderMap, start: bool) -> Option<Self> {
+        let span_id = fastrand::u64(1..);
+        match headers.get(&TRACEPARENT).and_then(parse) {
+            Some((trace_id, flags)) => Some(Self {
+                trace_id,
+                span_id,
+                flags,
+                continued: true,
+            }),
+            None if start => Some(Self {
+                trace_id: fastrand::u128(1..),
+                span_id,
+                flags: 0,
+                continued: false,
+            }),
+            None => None,
+        }
+    }
+
+    /// The `traceparent` for an upstream: this trace, this gateway's span as the parent.
+    pub(crate) fn traceparent(&self) -> HeaderValue {
+        let mut text = [0u8; 55];
+        text[..3].copy_from_slice(b"00-");
+        hex(&mut text[3..35], &self.trace_id.to_be_bytes());
+        text[35] = b'-';
+        hex(&mut text[36..52], &self.span_id.to_be_bytes());
+        text[52] = b'-';
+        hex(&mut text[53..55], &[self.flags]);
+        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static(""))
+    }
+}
+
+/// Writes `bytes` as lower-case hex into `out` (twice their length).
+pub(crate) fn hex(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+}
+
+/// The trace id and flags of a valid `traceparent`: `00-` 32 hex digits `-` 16 hex
+/// digits `-` 2 hex digits, lower case, neither id all zeros. A later version is read
+/// as version 00 is (its first 55 characters; more only after a `-`), as the
+/// specification asks; version `ff` is invalid.
+fn parse(value: &HeaderValue) -> Option<(u128, u8)> {
+    let text = value.as_bytes();
+    if text.len() < 55 || (text.len() > 55 && (text.starts_with(b"00") || text[55] != b'-')) {
+        return None;
+    }
+    let version = field(&text[0..2])?;
+    if version == 0xff || text[2] != b'-' || text[35] != b'-' || text[52] != b'-' {
+        return None;
+    }
+    let trace_id = field(&text[3..35])?;
+    let parent_id = field(&text[36..52])?;
+    let flags = u8::try_from(field(&text[53..55])?).ok()?;
+    (trace_id != 0 && parent_id != 0).then_some((trace_id, flags))
+}
+
+/// A run of lower-case hex digits as a number.
+fn field(digits: &[u8]) -> Option<u128> {
+    digits.iter().try_fold(0u128, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return None,
+        };
+        Some(n << 4 | u128::from(v))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn headers(traceparent: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(&TRACEPARENT, HeaderValue::from_str(traceparent).unwrap());
+        headers
+    }
+
+    #[test]
+    fn a_valid_traceparent_is_continued_with_a_new_span() {
+        let trace = TraceContext::of(&headers(VALID), true).unwrap();
+        assert_eq!(trace.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
+        assert!(trace.continued);
+        assert_ne!(trace.span_id, 0x00f0_67aa_0ba9_02b7);
+        let sent = trace.traceparent();
+        let sent = sent.to_str().unwrap();
+        assert!(
+            sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{sent}"
+        );
+        assert!(sent.ends_with("-01"), "{sent}");
+        assert_eq!(
+            parse(&HeaderValue::from_str(sent).unwrap()),
+            Some((trace.trace_id, 1))
+        );
+        // A later version with more fields is read as far as version 00 goes.
+        let later = format!("cc{}-what-comes-next", &VALID[2..]);
+        assert!(TraceContext::of(&headers(&later), false).is_some());
+    }
+
+    #[test]
+    fn a_malformed_traceparent_is_ignored() {
+        let malformed = [
+            "",
+            "garbage",
+            &VALID[..54],
+            &format!("{VALID}-extra"),
+            &VALID.to_uppercase(),
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ];
+        for value in malformed {
+            assert_eq!(TraceContext::of(&headers(value), false), None, "{value:?}");
+            let started = TraceContext::of(&headers(value), true).unwrap();
+            assert!(!started.continued, "{value:?}");
+        }
+        assert_eq!(TraceContext::of(&HeaderMap::new(), false), None);
+    }
+}
