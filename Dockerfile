@@ -30,7 +30,8 @@ FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --locked --recipe-path recipe.json -p gateway --bin tiergate
 COPY . .
-# The commit for /health: .git is not in the build context, so pass it in:
+# The commit for --version and /health (build-info/build.rs): .git is not in the build
+# context, so pass it in:
 #   docker build --build-arg TIERGATE_COMMIT="$(git rev-parse --short=12 HEAD)" .
 ARG TIERGATE_COMMIT=unknown
 ENV TIERGATE_COMMIT=${TIERGATE_COMMIT}

@@ -42,36 +42,99 @@ enum ApiRoute {
     Health,
 }
 
+/// What a method on an endpoint leads to, given the path's `{…}` segment (empty when the
+/// path has none).
+type ToRoute = fn(&str) -> Result<ApiRoute, ApiError>;
+
+/// A path of the items API and what each method on it does.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The path as `docs/openapi.yaml` writes it; `{…}` stands for one path segment.
+    pub path: &'static str,
+    /// The `Allow` header of a 405: the methods of `routes`, in order (a test checks).
+    allow: &'static str,
+    routes: &'static [(Method, ToRoute)],
+}
+
+impl Endpoint {
+    /// The methods this path answers.
+    pub fn methods(&self) -> impl Iterator<Item = &Method> {
+        self.routes.iter().map(|(method, _)| method)
+    }
+}
+
+/// The items API: the one table its router reads, and the one the contract
+/// test compares with `docs/openapi.yaml`. The hot path, one item, comes first. HEAD is
+/// a GET whose body the listener drops (RFC 9110 §9.3.2).
+pub static ENDPOINTS: [Endpoint; 3] = [
+    Endpoint {
+        path: "/items/{id}",
+        allow: "GET, HEAD, PUT, DELETE",
+        routes: &[
+            (Method::GET, |id| item(id, ApiRoute::Get)),
+            (Method::HEAD, |id| item(id, ApiRoute::Get)),
+            (Method::PUT, |id| item(id, ApiRoute::Update)),
+            (Method::DELETE, |id| item(id, ApiRoute::Delete)),
+        ],
+    },
+    Endpoint {
+        path: "/items",
+        allow: "GET, HEAD, POST",
+        routes: &[
+            (Method::GET, |_| Ok(ApiRoute::List)),
+            (Method::HEAD, |_| Ok(ApiRoute::List)),
+            (Method::POST, |_| Ok(ApiRoute::Create)),
+        ],
+    },
+    Endpoint {
+        path: "/health",
+        allow: "GET, HEAD",
+        routes: &[
+            (Method::GET, |_| Ok(ApiRoute::Health)),
+            (Method::HEAD, |_| Ok(ApiRoute::Health)),
+        ],
+    },
+];
+
+/// The route to item `id`, or a 400 naming what is wrong with it.
+fn item(id: &str, route: fn(ItemId) -> ApiRoute) -> Result<ApiRoute, ApiError> {
+    ItemId::parse(id).map(route).map_err(ApiError::bad_request)
+}
+
+/// Whether `path` matches `template`, segment by segment, where a `{…}` segment of the
+/// template matches any non-empty one: `Some` of that segment (empty when the template
+/// has none), else `None`. The routers of the items API and the admin listener both read
+/// their tables with it.
+pub fn match_path<'p>(template: &str, path: &'p str) -> Option<&'p str> {
+    let mut parameter = "";
+    let mut templates = template.split('/');
+    let mut segments = path.split('/');
+    loop {
+        match (templates.next(), segments.next()) {
+            (None, None) => return Some(parameter),
+            (Some(expected), Some(segment)) if expected.starts_with('{') => {
+                if segment.is_empty() {
+                    return None;
+                }
+                parameter = segment;
+            }
+            (Some(expected), Some(segment)) if expected == segment => {}
+            _ => return None,
+        }
+    }
+}
+
 impl ApiRoute {
     fn parse(method: &Method, path: &str) -> Result<Self, ApiError> {
-        match path {
-            // HEAD is a GET whose body the listener drops (RFC 9110 §9.3.2).
-            "/health" => match *method {
-                Method::GET | Method::HEAD => Ok(Self::Health),
-                _ => Err(ApiError::method_not_allowed("GET, HEAD")),
-            },
-            "/items" => match *method {
-                Method::GET | Method::HEAD => Ok(Self::List),
-                Method::POST => Ok(Self::Create),
-                _ => Err(ApiError::method_not_allowed("GET, HEAD, POST")),
-            },
-            _ => {
-                let segment = path
-                    .strip_prefix("/items/")
-                    .filter(|s| !s.is_empty() && !s.contains('/'));
-                let Some(segment) = segment else {
-                    return Err(ApiError::not_found("no such route"));
-                };
-                let route: fn(ItemId) -> Self = match *method {
-                    Method::GET | Method::HEAD => Self::Get,
-                    Method::PUT => Self::Update,
-                    Method::DELETE => Self::Delete,
-                    _ => return Err(ApiError::method_not_allowed("GET, HEAD, PUT, DELETE")),
-                };
-                ItemId::parse(segment)
-                    .map(route)
-                    .map_err(ApiError::bad_request)
-            }
+        let Some((endpoint, parameter)) = ENDPOINTS
+            .iter()
+            .find_map(|endpoint| Some((endpoint, match_path(endpoint.path, path)?)))
+        else {
+            return Err(ApiError::not_found("no such route"));
+        };
+        match endpoint.routes.iter().find(|(m, _)| m == method) {
+            Some((_, route)) => route(parameter),
+            None => Err(ApiError::method_not_allowed(endpoint.allow)),
         }
     }
 }
@@ -557,6 +620,33 @@ mod tests {
         );
         assert_eq!(status(Method::GET, "/items/abc"), StatusCode::BAD_REQUEST);
         assert_eq!(status(Method::GET, "/items/0"), StatusCode::BAD_REQUEST);
+    }
+
+    /// Mutation: add a method to a route list without its `Allow`, and this fails.
+    #[test]
+    fn every_allow_lists_its_endpoints_methods() {
+        for endpoint in &ENDPOINTS {
+            let methods: Vec<&str> = endpoint.methods().map(Method::as_str).collect();
+            assert_eq!(endpoint.allow, methods.join(", "), "{}", endpoint.path);
+        }
+    }
+
+    #[test]
+    fn paths_match_templates_segment_by_segment() {
+        assert_eq!(match_path("/items", "/items"), Some(""));
+        assert_eq!(match_path("/items/{id}", "/items/7"), Some("7"));
+        assert_eq!(match_path("/a/{name}/b", "/a/web/b"), Some("web"));
+        assert_eq!(match_path("/", "/"), Some(""));
+        for (template, path) in [
+            ("/items/{id}", "/items/"),
+            ("/items/{id}", "/items/7/x"),
+            ("/items/{id}", "/items"),
+            ("/items", "/items/"),
+            ("/a/{name}/b", "/a//b"),
+            ("/", "/x"),
+        ] {
+            assert_eq!(match_path(template, path), None, "{template} {path}");
+        }
     }
 
     #[test]

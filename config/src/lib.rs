@@ -45,7 +45,7 @@ mod validate;
 
 use std::fmt;
 
-pub use load::load;
+pub use load::{load, load_text};
 pub use routes::{
     AdminSettings, Balance, HealthCheckSettings, HostHeader, OutlierSettings, ProxySettings,
     RouteSettings, TargetSettings, UpstreamProtocol, UpstreamSettings,

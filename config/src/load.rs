@@ -37,9 +37,28 @@ const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
 /// keys, variables that don't parse or name no setting, values of the wrong type and values
 /// out of range. No message contains a secret.
 pub fn load(file: Option<&Path>, env: &dyn Source) -> Result<Settings, ConfigError> {
+    let file = file.map(|path| (path.display().to_string(), std::fs::read_to_string(path)));
+    load_layers(file, env)
+}
+
+/// As [`load()`], with the file's text at hand instead of its path: `name` is how problems
+/// refer to it (`tiergate config check -` reads standard input).
+///
+/// # Errors
+///
+/// As [`load()`].
+pub fn load_text(name: &str, text: &str, env: &dyn Source) -> Result<Settings, ConfigError> {
+    load_layers(Some((name.to_owned(), Ok(text.to_owned()))), env)
+}
+
+/// The file (its name and what reading it gave), then the environment.
+fn load_layers(
+    file: Option<(String, std::io::Result<String>)>,
+    env: &dyn Source,
+) -> Result<Settings, ConfigError> {
     let mut loader = Loader::new();
-    if let Some(path) = file {
-        loader.apply_file(path);
+    if let Some((shown, text)) = file {
+        loader.apply_file(&shown, text);
     }
     // Conventional variables first, so an explicit TIERGATE_ variable wins over them.
     loader.apply_conventional_env(env);
@@ -103,9 +122,8 @@ impl Loader {
 
     // ---- file -------------------------------------------------------------------------
 
-    fn apply_file(&mut self, path: &Path) {
-        let shown = path.display().to_string();
-        let text = match std::fs::read_to_string(path) {
+    fn apply_file(&mut self, shown: &str, text: std::io::Result<String>) {
+        let text = match text {
             Ok(text) => text,
             Err(e) => {
                 self.problems.push(format!("{shown}: cannot read: {e}"));
@@ -130,7 +148,7 @@ impl Loader {
             }
         };
         let mut tree = std::mem::take(&mut self.tree);
-        self.merge(&mut tree, table, &[], &shown);
+        self.merge(&mut tree, table, &[], shown);
         self.tree = tree;
     }
 

@@ -37,6 +37,30 @@ impl Secret {
     pub fn redacted(&self) -> String {
         redact(&self.0)
     }
+
+    /// Whether the value is a redacted form, as [`Secret::redacted`] writes it in place
+    /// of a secret: `[redacted]`, or a URL whose password or credential parameter is
+    /// `***`. Such a value was copied from `tiergate config print`, and the secret itself
+    /// is still to be supplied.
+    pub fn is_redacted(&self) -> bool {
+        let value = self.0.as_str();
+        if value == REDACTED {
+            return true;
+        }
+        let Some((_scheme, userinfo, location)) = split_url(value) else {
+            return false;
+        };
+        let password_masked = userinfo
+            .and_then(|userinfo| userinfo.split_once(':'))
+            .is_some_and(|(_user, password)| password == MASK);
+        let parameter_masked = location.split_once('?').is_some_and(|(_, query)| {
+            query.split('&').any(|pair| {
+                pair.split_once('=')
+                    .is_some_and(|(key, value)| is_sensitive(key) && value == MASK)
+            })
+        });
+        password_masked || parameter_masked
+    }
 }
 
 impl From<String> for Secret {
@@ -70,18 +94,8 @@ impl serde::Serialize for Secret {
 }
 
 fn redact(value: &str) -> String {
-    let Some((scheme, rest)) = value.split_once("://") else {
+    let Some((scheme, userinfo, location)) = split_url(value) else {
         return REDACTED.to_owned();
-    };
-    if !is_scheme(scheme) {
-        return REDACTED.to_owned();
-    }
-    // The user info ends at the *last* `@`: a password pasted without percent-encoding may
-    // itself hold `/`, `?`, `#` or `@`, and splitting any earlier would print its tail. If an
-    // `@` sits in the query instead, the cost is a shorter URL shown, never a leak.
-    let (userinfo, location) = match rest.rfind('@') {
-        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
-        None => (None, rest),
     };
     let mut out = format!("{scheme}://");
     if let Some(userinfo) = userinfo {
@@ -104,6 +118,22 @@ fn redact(value: &str) -> String {
         None => out.push_str(location),
     }
     out
+}
+
+/// A URL's scheme, its user info (if any) and what follows, or `None` when `value` is not
+/// a URL.
+fn split_url(value: &str) -> Option<(&str, Option<&str>, &str)> {
+    let (scheme, rest) = value.split_once("://")?;
+    if !is_scheme(scheme) {
+        return None;
+    }
+    // The user info ends at the *last* `@`: a password pasted without percent-encoding may
+    // itself hold `/`, `?`, `#` or `@`, and splitting any earlier would print its tail. If an
+    // `@` sits in the query instead, the cost is a shorter URL shown, never a leak.
+    Some(match rest.rfind('@') {
+        Some(at) => (scheme, Some(&rest[..at]), &rest[at + 1..]),
+        None => (scheme, None, rest),
+    })
 }
 
 /// `scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )` (RFC 3986).
@@ -184,6 +214,31 @@ mod tests {
         for value in ["hunter2", "", "app:hunter2@db", "1nvalid scheme://a:b@c"] {
             let s = Secret::new(value);
             assert_eq!(s.to_string(), "[redacted]", "{value}");
+        }
+    }
+
+    /// Mutation: drop the query check from `is_redacted`, or compare the user instead of
+    /// the password, and this fails.
+    #[test]
+    fn a_redacted_form_is_recognised_and_a_real_secret_is_not() {
+        for secret in [
+            "postgres://app:hunter2@db:5432/items",
+            "rediss://:hunter2@cache:6379/0",
+            "postgres://db/items?user=app&password=hunter2",
+            "hunter2-hunter2-hunter2",
+        ] {
+            let secret = Secret::new(secret);
+            assert!(!secret.is_redacted(), "{secret:?}");
+            let printed = Secret::new(secret.redacted());
+            assert!(printed.is_redacted(), "{printed:?}");
+        }
+        for real in [
+            "redis://127.0.0.1:6379",
+            "postgres://***@db/items",
+            "postgres://db/items?application_name=***",
+            "***",
+        ] {
+            assert!(!Secret::new(real).is_redacted(), "{real}");
         }
     }
 

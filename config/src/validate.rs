@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::Settings;
+use crate::{Secret, Settings};
 
 const MIB: u64 = 1024 * 1024;
 /// More threads than this is a typo, not a machine.
@@ -25,6 +25,7 @@ pub(crate) struct Invalid {
 /// Every check that fails, section by section.
 pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
     let mut out = Problems(Vec::new());
+    secrets(s, &mut out);
     listen(s, &mut out);
     tls(s, &mut out);
     database(s, &mut out);
@@ -49,6 +50,45 @@ impl Problems {
     /// Records a failed check about `keys` (the first is the one the message is about).
     fn fail(&mut self, keys: &'static [&'static str], message: String) {
         self.0.push(Invalid { keys, message });
+    }
+}
+
+/// No secret in the redacted form `tiergate config print` writes: a printed file copied as
+/// a configuration must not run with `***` as its password.
+fn secrets(s: &Settings, out: &mut Problems) {
+    let secrets: [(&'static [&'static str], Option<&Secret>, &str); 4] = [
+        (
+            &["database.url"],
+            Some(&s.database.url),
+            "DATABASE_URL, the DB_* variables or TIERGATE_DATABASE__URL",
+        ),
+        (
+            &["database.reader_url"],
+            s.database.reader_url.as_ref(),
+            "DATABASE_READER_URL or TIERGATE_DATABASE__READER_URL",
+        ),
+        (
+            &["redis.url"],
+            Some(&s.redis.url),
+            "REDIS_URL or TIERGATE_REDIS__URL",
+        ),
+        (
+            &["admin.token"],
+            s.admin.token.as_ref(),
+            "TIERGATE_ADMIN__TOKEN",
+        ),
+    ];
+    for (keys, secret, variables) in secrets {
+        if secret.is_some_and(Secret::is_redacted) {
+            out.fail(
+                keys,
+                format!(
+                    "is the redacted form `tiergate config print` writes, not the secret: \
+                     supply it with {variables} (or the same name + _FILE naming a file \
+                     that holds it), or write it into the file"
+                ),
+            );
+        }
     }
 }
 
@@ -452,7 +492,8 @@ fn admin(s: &Settings, out: &mut Problems) {
             ),
         );
     }
-    if let Some(token) = &s.admin.token {
+    // A redacted token has its own problem (see `secrets`).
+    if let Some(token) = s.admin.token.as_ref().filter(|t| !t.is_redacted()) {
         if token.expose().chars().count() < 16 {
             out.fail(
                 &["admin.token"],

@@ -1,9 +1,10 @@
-//! The admin listener: `/metrics`, `/livez`, `/readyz`, and the runtime controls under
-//! `/admin/`. It binds to loopback by default and must never face the public: metrics
-//! reveal internals, and the controls move traffic.
+//! The admin listener: `/metrics`, `/livez`, `/readyz`, the API contract, and the runtime
+//! controls under `/admin/`. It binds to loopback by default and must never face the
+//! public: metrics reveal internals, and the controls move traffic.
 //!
 //! | request | answer |
 //! |---|---|
+//! | `GET /openapi.json`, `GET /openapi.yaml` | the API contract, `docs/openapi.yaml` |
 //! | `GET /admin/routes` | the routes, splits, groups, targets and their health |
 //! | `PUT /admin/routes/{name}/split` `{"blue":0,"green":100}` | new weights, fleet-wide (docs/fleet.md) |
 //! | `DELETE /admin/routes/{name}/split` | back to the file's weights, fleet-wide |
@@ -12,16 +13,18 @@
 //! | `GET /admin/rollouts` | the rollouts, newest first |
 //! | `POST /admin/reload` | reload the configuration (as SIGHUP), or say why not |
 //!
-//! The mutating endpoints need `Authorization: Bearer <admin.token>`; without a
-//! configured token they are off (403). On a listener bound beyond loopback every
-//! `/admin/*` endpoint needs it (the configuration check refuses such a listener
-//! without a token); the probes and `/metrics` never do.
+//! Every path and method is a row of [`ENDPOINTS`]. The mutating endpoints need
+//! `Authorization: Bearer <admin.token>`; without a configured token they are off (403).
+//! On a listener bound beyond loopback every `/admin/*` endpoint needs it (the
+//! configuration check refuses such a listener without a token); the probes, `/metrics`
+//! and the API contract never do.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use app_core::App;
+use app_core::api::match_path;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -38,6 +41,156 @@ use crate::reload::{ReloadError, Reloader};
 use crate::response::{ResponseBody, json as json_response, probe};
 use crate::router::{Handler, Router};
 use crate::service::Gateway;
+
+/// The API contract as written, and as JSON (converted by the build script).
+const OPENAPI_YAML: &str = include_str!("../../docs/openapi.yaml");
+const OPENAPI_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/openapi.json"));
+
+/// What an admin request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    Index,
+    Metrics,
+    Livez,
+    Readyz,
+    OpenApiJson,
+    OpenApiYaml,
+    Routes,
+    Fleet,
+    SetSplit,
+    ResetSplit,
+    Rollouts,
+    StartRollout,
+    Reload,
+}
+
+/// A path of the admin listener and what each method on it does.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The path as `docs/openapi.yaml` writes it; `{…}` stands for one path segment.
+    pub path: &'static str,
+    /// The `Allow` header of a 405: the methods of `operations`, in order (a test checks).
+    allow: &'static str,
+    operations: &'static [(Method, Operation)],
+}
+
+impl Endpoint {
+    /// The methods this path answers.
+    pub fn methods(&self) -> impl Iterator<Item = &Method> {
+        self.operations.iter().map(|(method, _)| method)
+    }
+}
+
+/// The admin listener's endpoints: the one table its router reads, `/` lists, and the
+/// contract test compares with `docs/openapi.yaml`. HEAD is a GET whose body the
+/// listener drops.
+pub static ENDPOINTS: [Endpoint; 11] = [
+    Endpoint {
+        path: "/",
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Index),
+            (Method::HEAD, Operation::Index),
+        ],
+    },
+    Endpoint {
+        path: "/metrics",
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Metrics),
+            (Method::HEAD, Operation::Metrics),
+        ],
+    },
+    Endpoint {
+        path: "/livez",
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Livez),
+            (Method::HEAD, Operation::Livez),
+        ],
+    },
+    Endpoint {
+        path: "/readyz",
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Readyz),
+            (Method::HEAD, Operation::Readyz),
+        ],
+    },
+    Endpoint {
+        path: "/openapi.json",
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::OpenApiJson),
+            (Method::HEAD, Operation::OpenApiJson),
+        ],
+    },
+    Endpoint {
+        path: "/openapi.yaml",
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::OpenApiYaml),
+            (Method::HEAD, Operation::OpenApiYaml),
+        ],
+    },
+    Endpoint {
+        path: "/admin/routes",
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Routes),
+            (Method::HEAD, Operation::Routes),
+        ],
+    },
+    Endpoint {
+        path: "/admin/routes/{name}/split",
+        allow: "PUT, DELETE",
+        operations: &[
+            (Method::PUT, Operation::SetSplit),
+            (Method::DELETE, Operation::ResetSplit),
+        ],
+    },
+    Endpoint {
+        path: "/admin/fleet",
+        allow: "GET, HEAD",
+        operations: &[
+            (Method::GET, Operation::Fleet),
+            (Method::HEAD, Operation::Fleet),
+        ],
+    },
+    Endpoint {
+        path: "/admin/rollouts",
+        allow: "GET, HEAD, POST",
+        operations: &[
+            (Method::GET, Operation::Rollouts),
+            (Method::HEAD, Operation::Rollouts),
+            (Method::POST, Operation::StartRollout),
+        ],
+    },
+    Endpoint {
+        path: "/admin/reload",
+        allow: "POST",
+        operations: &[(Method::POST, Operation::Reload)],
+    },
+];
+
+/// The endpoint `path` names and its `{…}` segment, and what `method` on it does.
+///
+/// # Errors
+/// No endpoint has this path (404), or it does not answer this method (405 with `Allow`).
+fn operation<'p>(method: &Method, path: &'p str) -> Result<(Operation, &'p str), ClientError> {
+    let Some((endpoint, parameter)) = ENDPOINTS
+        .iter()
+        .find_map(|endpoint| Some((endpoint, match_path(endpoint.path, path)?)))
+    else {
+        return Err(ClientError::NoRoute);
+    };
+    match endpoint.operations.iter().find(|(m, _)| m == method) {
+        Some((_, operation)) => Ok((*operation, parameter)),
+        None => Err(ClientError::MethodNotAllowed {
+            allow: endpoint.allow,
+        }),
+    }
+}
 
 /// Largest admin request body read.
 const MAX_BODY: usize = 64 * 1024;
@@ -81,54 +234,54 @@ impl Admin {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let path = req.uri().path().to_owned();
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        // HEAD is a GET whose body the listener drops.
-        let method = match req.method() {
-            &Method::HEAD => &Method::GET,
-            method => method,
-        };
-        let rsp = match (method, segments.as_slice()) {
-            (&Method::GET, ["metrics"]) => {
+        let (operation, parameter) = operation(req.method(), &path)?;
+        let rsp = match operation {
+            Operation::Index => {
+                let paths: Vec<&str> = ENDPOINTS.iter().map(|e| e.path).collect();
+                reply(StatusCode::OK, &json!({ "endpoints": paths }))
+            }
+            Operation::Metrics => {
                 self.app.record_gauges();
                 self.gateway.router().record_gauges();
                 crate::metrics::record_process();
-                let mut rsp = Response::new(Either::Left(Full::new(Bytes::from(
-                    self.metrics.render(),
-                ))));
-                rsp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                rsp
+                text(
+                    self.metrics.render().into(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
             }
-            (&Method::GET, ["livez"]) => probe(true),
-            (&Method::GET, ["readyz"]) => probe(self.gateway.is_ready()),
-            (&Method::GET, [""]) => json_response(
-                StatusCode::OK,
-                Bytes::from_static(
-                    br#"{"endpoints":["/metrics","/livez","/readyz","/admin/routes","/admin/routes/{name}/split","/admin/fleet","/admin/rollouts","/admin/reload"]}"#,
-                ),
+            Operation::Livez => probe(true),
+            Operation::Readyz => probe(self.gateway.is_ready()),
+            Operation::OpenApiJson => {
+                json_response(StatusCode::OK, Bytes::from_static(OPENAPI_JSON.as_bytes()))
+            }
+            Operation::OpenApiYaml => text(
+                Bytes::from_static(OPENAPI_YAML.as_bytes()),
+                "application/yaml",
             ),
-            (&Method::GET, ["admin", "routes"]) => {
+            Operation::Routes => {
                 self.authorize_read(&req)?;
                 let mut body = describe(&self.gateway.router());
                 body["fleet_revision"] = self.app.fleet().applied().revision.into();
                 reply(StatusCode::OK, &body)
             }
-            (&Method::GET, ["admin", "fleet"]) => {
+            Operation::Fleet => {
                 self.authorize_read(&req)?;
                 self.fleet().await?
             }
-            (&Method::PUT, ["admin", "routes", name, "split"]) => {
+            Operation::SetSplit => {
                 self.authorize(&req)?;
-                let name = (*name).to_owned();
+                let name = parameter.to_owned();
                 let wait = wait_of(req.uri())?;
-                let weights = read_json::<BTreeMap<String, u32>, _>(req)
-                    .await
-                    .map_err(ClientError::BadRequest)?;
+                let body = read_body(req).await.map_err(ClientError::BadRequest)?;
+                let weights = split_weights(&body).map_err(ClientError::BadRequest)?;
                 self.change_split(&name, Some(&weights), wait).await?
             }
-            (&Method::GET, ["admin", "rollouts"]) => {
+            Operation::ResetSplit => {
+                self.authorize(&req)?;
+                let wait = wait_of(req.uri())?;
+                self.change_split(parameter, None, wait).await?
+            }
+            Operation::Rollouts => {
                 self.authorize_read(&req)?;
                 let rollouts = self
                     .app
@@ -140,51 +293,26 @@ impl Admin {
                     .map_err(fleet_unavailable)?;
                 reply(StatusCode::OK, &json!({ "rollouts": rollouts }))
             }
-            (&Method::POST, ["admin", "rollouts"]) => {
+            Operation::StartRollout => {
                 self.authorize(&req)?;
-                let ask = read_json::<RolloutAsk, _>(req)
-                    .await
-                    .map_err(ClientError::BadRequest)?;
+                let body = read_body(req).await.map_err(ClientError::BadRequest)?;
+                let ask = rollout_ask(&body).map_err(ClientError::BadRequest)?;
                 self.start_rollout(&ask).await?
             }
-            (&Method::DELETE, ["admin", "routes", name, "split"]) => {
+            Operation::Reload => {
                 self.authorize(&req)?;
-                let wait = wait_of(req.uri())?;
-                self.change_split(name, None, wait).await?
-            }
-            (&Method::POST, ["admin", "reload"]) => {
-                self.authorize(&req)?;
-                let reloaded = self
-                    .reloader
-                    .reload("admin API")
-                    .map_err(|refused| match refused {
-                        ReloadError::Invalid(e) => ClientError::ConfigRefused(e),
-                        ReloadError::Table(e) => ClientError::TableRefused(e),
-                    })?;
+                let reloaded =
+                    self.reloader
+                        .reload("admin API")
+                        .map_err(|refused| match refused {
+                            ReloadError::Invalid(e) => ClientError::ConfigRefused(e),
+                            ReloadError::Table(e) => ClientError::TableRefused(e),
+                        })?;
                 reply(
                     StatusCode::OK,
                     &json!({ "status": "reloaded", "reloaded": reloaded }),
                 )
             }
-            (_, ["metrics" | "livez" | "readyz"] | ["admin", "routes" | "fleet"]) => {
-                return Err(ClientError::MethodNotAllowed { allow: "GET, HEAD" }.into());
-            }
-            (_, ["admin", "routes", _, "split"]) => {
-                return Err(ClientError::MethodNotAllowed {
-                    allow: "PUT, DELETE",
-                }
-                .into());
-            }
-            (_, ["admin", "rollouts"]) => {
-                return Err(ClientError::MethodNotAllowed {
-                    allow: "GET, HEAD, POST",
-                }
-                .into());
-            }
-            (_, ["admin", "reload"]) => {
-                return Err(ClientError::MethodNotAllowed { allow: "POST" }.into());
-            }
-            _ => return Err(ClientError::NoRoute.into()),
         };
         Ok(rsp)
     }
@@ -435,27 +563,56 @@ fn describe_group(group: &Group) -> Value {
     })
 }
 
-/// Reads a JSON body of at most [`MAX_BODY`] bytes, or says why not.
-async fn read_json<T, B>(req: Request<B>) -> Result<T, String>
+/// Reads a body of at most [`MAX_BODY`] bytes, or says why not.
+async fn read_body<B>(req: Request<B>) -> Result<Bytes, String>
 where
-    T: serde::de::DeserializeOwned,
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            return Err(format!(
-                "cannot read the body (at most {MAX_BODY} bytes): {e}"
-            ));
-        }
-    };
-    // serde's own message names Rust types ("expected u32", "a map"): only where it
-    // went wrong is kept.
-    serde_json::from_slice(&bytes).map_err(|e| {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(format!(
+            "cannot read the body (at most {MAX_BODY} bytes): {e}"
+        )),
+    }
+}
+
+/// A split's weights from its JSON body, or what is wrong with it. A weight is an integer
+/// from 0 to 2^32−1, written `7` or `7.0` (JSON does not tell the two apart, nor does the
+/// contract's `integer`); `7.5` is refused.
+fn split_weights(body: &[u8]) -> Result<BTreeMap<String, u32>, String> {
+    // serde's own message names Rust types ("expected a map"): only where it went wrong
+    // is kept.
+    let numbers: BTreeMap<String, serde_json::Number> =
+        serde_json::from_slice(body).map_err(|e| {
+            let what = match e.classify() {
+                serde_json::error::Category::Data => {
+                    "the body must be a JSON object of group names to integer weights"
+                }
+                _ => "the body is not valid JSON",
+            };
+            format!("{what} (line {}, column {})", e.line(), e.column())
+        })?;
+    numbers
+        .into_iter()
+        .map(|(group, number)| match weight(&number) {
+            Some(weight) => Ok((group, weight)),
+            None => Err(format!(
+                "the weight of group {group} must be an integer from 0 to {}, not {number}",
+                u32::MAX
+            )),
+        })
+        .collect()
+}
+
+/// A rollout from its JSON body, or what is wrong with it (in the API's words, not
+/// serde's).
+fn rollout_ask(body: &[u8]) -> Result<RolloutAsk, String> {
+    serde_json::from_slice(body).map_err(|e| {
         let what = match e.classify() {
             serde_json::error::Category::Data => {
-                "the body must be a JSON object of group names to non-negative integer weights"
+                "the body must be a JSON object with exactly route, to, steps (integers), \
+                 interval, max_error_rate and max_p99 (strings)"
             }
             _ => "the body is not valid JSON",
         };
@@ -463,6 +620,96 @@ where
     })
 }
 
+/// `number` as a weight, when it is a whole number in `u32`'s range.
+fn weight(number: &serde_json::Number) -> Option<u32> {
+    if let Some(n) = number.as_u64() {
+        return u32::try_from(n).ok();
+    }
+    let x = number.as_f64()?;
+    // Whole and in range, so the cast is exact.
+    (x.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&x)).then_some(x as u32)
+}
+
+/// A 200 with `body` of `content_type`.
+fn text(body: Bytes, content_type: &'static str) -> Response<ResponseBody> {
+    let mut rsp = Response::new(Either::Left(Full::new(body)));
+    rsp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    rsp
+}
+
 fn reply(status: StatusCode, body: &Value) -> Response<ResponseBody> {
     json_response(status, Bytes::from(body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mutation: add a method to an endpoint without its `Allow`, and this fails.
+    #[test]
+    fn every_allow_lists_its_endpoints_methods() {
+        for endpoint in &ENDPOINTS {
+            let methods: Vec<&str> = endpoint.methods().map(Method::as_str).collect();
+            assert_eq!(endpoint.allow, methods.join(", "), "{}", endpoint.path);
+        }
+    }
+
+    /// Mutation: answer a wrong method on `/` with 404 (the old match's fall-through),
+    /// and this fails.
+    #[test]
+    fn a_known_path_with_another_method_is_405_with_allow() {
+        for (method, path, allow) in [
+            (Method::POST, "/", "GET, HEAD"),
+            (Method::DELETE, "/metrics", "GET, HEAD"),
+            (Method::GET, "/admin/routes/web/split", "PUT"),
+            (Method::GET, "/admin/reload", "POST"),
+        ] {
+            match operation(&method, path) {
+                Err(ClientError::MethodNotAllowed { allow: said }) => assert_eq!(said, allow),
+                other => panic!("{method} {path}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            operation(&Method::GET, "/nope"),
+            Err(ClientError::NoRoute)
+        ));
+        assert!(matches!(
+            operation(&Method::PUT, "/admin/routes/web/split"),
+            Ok((Operation::SetSplit, "web"))
+        ));
+    }
+
+    /// Mutation: parse weights as `u32` again (schemathesis' `7033.0`), or let `7.5` round
+    /// down, and this fails.
+    #[test]
+    fn integral_weights_are_accepted_and_others_refused_by_name() {
+        let weights = split_weights(br#"{"blue": 7033.0, "green": 0, "red": 4294967295}"#);
+        assert_eq!(
+            weights,
+            Ok(BTreeMap::from([
+                ("blue".to_owned(), 7033),
+                ("green".to_owned(), 0),
+                ("red".to_owned(), u32::MAX),
+            ]))
+        );
+        for (body, said) in [
+            (
+                r#"{"blue": 7.5}"#,
+                "the weight of group blue must be an integer from 0 to 4294967295, not 7.5",
+            ),
+            (r#"{"blue": -1}"#, "not -1"),
+            (r#"{"blue": 4294967296}"#, "not 4294967296"),
+            (r#"{"blue": 1e10}"#, "not 10000000000.0"),
+            (
+                r#"{"blue": "1"}"#,
+                "the body must be a JSON object of group names to integer weights",
+            ),
+            ("[1]", "the body must be a JSON object"),
+            ("{", "the body is not valid JSON (line 1, column 1)"),
+        ] {
+            let refused = split_weights(body.as_bytes()).unwrap_err();
+            assert!(refused.contains(said), "{body}: {refused}");
+        }
+    }
 }

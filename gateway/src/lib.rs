@@ -74,8 +74,8 @@ use crate::tls::CertStore;
 
 /// What `/health` reports about this build.
 pub const BUILD: BuildInfo = BuildInfo {
-    version: env!("CARGO_PKG_VERSION"),
-    commit: env!("TIERGATE_COMMIT"),
+    version: build_info::VERSION,
+    commit: build_info::COMMIT,
 };
 
 /// Longest wait for Redis to say goodbye at exit: a dead Redis must not eat the time

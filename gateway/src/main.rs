@@ -3,10 +3,12 @@
 //! - `tiergate [serve]`: run the server (the default).
 //! - `tiergate migrate`: apply database migrations and exit.
 //! - `tiergate healthcheck`: probe the local `/livez` (or a URL); exit 0 or 1.
-//! - `tiergate config check` / `config print`: validate, or show the effective settings
-//!   with secrets redacted.
+//! - `tiergate config check [FILE]` / `config print`: validate, or show the effective
+//!   settings with secrets redacted (a redacted secret fails `config check` until the real
+//!   one is supplied).
 //! - `tiergate split show|set|reset`, `tiergate fleet`: the fleet's runtime splits and
 //!   live tasks, straight on PostgreSQL and Redis (docs/fleet.md).
+//! - `tiergate completions SHELL` / `tiergate man`: shell completions and the man page.
 //!
 //! Invalid configuration exits with 78 (`EX_CONFIG`) after listing every problem, so a
 //! deployment circuit breaker trips at once instead of crash-looping.
@@ -14,11 +16,13 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
 use gateway::shutdown::Signals;
 use tiergate_config::{ConfigError, LogFormat, ProcessEnv, Settings};
 use tracing_subscriber::EnvFilter;
@@ -26,7 +30,7 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(
     name = "tiergate",
-    version,
+    version = build_info::LONG_VERSION,
     about = "The application tier in one binary."
 )]
 struct Cli {
@@ -62,6 +66,14 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Print a completion script for SHELL to standard output.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the man page (roff) to standard output: `tiergate man > tiergate.1`.
+    Man,
     /// Show or change a route's split for the whole fleet, with or without a running task.
     Split {
         #[command(subcommand)]
@@ -131,51 +143,57 @@ enum SplitAction {
 enum ConfigAction {
     /// Validate, listing every problem (exit 78 when invalid), and load the TLS
     /// certificates when `listen.https` is set.
-    Check,
-    /// Print the effective settings as TOML, secrets redacted.
+    Check {
+        /// The settings file to check instead of --config; `-` reads standard input
+        /// (`tiergate config print | tiergate config check -`).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Print the effective settings as TOML, secrets redacted: `config check` refuses a
+    /// redacted secret until the real one is supplied.
     Print,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Healthcheck { url, timeout }) = cli.command {
-        return healthcheck(cli.config.as_deref(), url, timeout);
-    }
-    let settings = match tiergate_config::load(cli.config.as_deref(), &ProcessEnv) {
-        Ok(settings) => settings,
-        Err(error) => {
-            eprintln!("tiergate: {error}");
-            return ExitCode::from(ConfigError::EXIT_CODE);
-        }
-    };
+    let config = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Healthcheck { .. } => ExitCode::FAILURE, // handled above
-        Command::Config {
-            action: ConfigAction::Check,
-        } => {
-            // The certificate files too: a deployment with a bad one should fail here,
-            // not when the task starts.
-            if settings.listen.https.is_some() {
-                if let Err(error) = gateway::tls::CertStore::load(&settings.tls) {
-                    eprintln!("tiergate: invalid configuration:\n  - tls: {error}");
-                    return ExitCode::from(ConfigError::EXIT_CODE);
-                }
-            }
-            println!("configuration is valid");
-            ExitCode::SUCCESS
+        Command::Serve => with_settings(config, |s| run_async(s, |s| serve(s, cli.config.clone()))),
+        Command::Migrate { timeout } => {
+            with_settings(config, |s| run_async(s, |s| migrate(s, timeout)))
         }
+        Command::Healthcheck { url, timeout } => healthcheck(config, url, timeout),
+        Command::Config {
+            action: ConfigAction::Check { file },
+        } => config_check(config, file.as_deref()),
         Command::Config {
             action: ConfigAction::Print,
-        } => {
-            print!("{}", settings.to_redacted_toml());
-            ExitCode::SUCCESS
+        } => with_settings(config, |settings| {
+            write_stdout(format!("{PRINT_HEADER}{}", settings.to_redacted_toml()).as_bytes())
+        }),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tiergate", &mut script);
+            write_stdout(&script)
         }
-        Command::Split { action } => control(&settings, Fleetwide::Split(action)),
-        Command::Fleet => control(&settings, Fleetwide::Tasks),
+        Command::Man => {
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => write_stdout(&page),
+                Err(error) => {
+                    eprintln!("tiergate: cannot render the man page: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Split { action } => {
+            with_settings(config, |s| control(s, Fleetwide::Split(action)))
+        }
+        Command::Fleet => with_settings(config, |s| control(s, Fleetwide::Tasks)),
         Command::Rollout {
             action: Some(RolloutAction::Status { route }),
             ..
-        } => control(&settings, Fleetwide::RolloutStatus(route)),
+        } => with_settings(config, |s| control(s, Fleetwide::RolloutStatus(route))),
         Command::Rollout {
             action: None,
             route,
@@ -191,20 +209,80 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             };
-            control(
-                &settings,
-                Fleetwide::Rollout(gateway::control::RolloutAsk {
-                    route,
-                    to,
-                    steps,
-                    interval,
-                    max_error_rate,
-                    max_p99,
-                }),
-            )
+            let ask = gateway::control::RolloutAsk {
+                route,
+                to,
+                steps,
+                interval,
+                max_error_rate,
+                max_p99,
+            };
+            with_settings(config, |s| control(s, Fleetwide::Rollout(ask)))
         }
-        Command::Serve => run_async(&settings, |s| serve(s, cli.config.clone())),
-        Command::Migrate { timeout } => run_async(&settings, |s| migrate(s, timeout)),
+    }
+}
+
+/// What `config print` writes above the settings.
+const PRINT_HEADER: &str = "\
+# The effective settings (tiergate config print). Secrets are redacted (`***`,
+# `[redacted]`): `tiergate config check` refuses them until the real ones are supplied,
+# through the environment or in place.
+";
+
+/// Runs `then` with the settings, or exits 78 listing every problem.
+fn with_settings(config: Option<&Path>, then: impl FnOnce(&Settings) -> ExitCode) -> ExitCode {
+    match tiergate_config::load(config, &ProcessEnv) {
+        Ok(settings) => then(&settings),
+        Err(error) => config_failed(&error),
+    }
+}
+
+fn config_failed(error: &ConfigError) -> ExitCode {
+    eprintln!("tiergate: {error}");
+    ExitCode::from(ConfigError::EXIT_CODE)
+}
+
+/// `config check [FILE]`: the settings from FILE (`-`: standard input) or `--config`, and
+/// the certificate files too, so a deployment with a bad one fails here, not when the task
+/// starts.
+fn config_check(config: Option<&Path>, file: Option<&Path>) -> ExitCode {
+    let loaded = match file {
+        Some(path) if path == Path::new("-") => {
+            let mut text = String::new();
+            match std::io::stdin().read_to_string(&mut text) {
+                Ok(_) => tiergate_config::load_text("standard input", &text, &ProcessEnv),
+                Err(error) => Err(ConfigError {
+                    problems: vec![format!("standard input: cannot read: {error}")],
+                }),
+            }
+        }
+        Some(path) => tiergate_config::load(Some(path), &ProcessEnv),
+        None => tiergate_config::load(config, &ProcessEnv),
+    };
+    let settings = match loaded {
+        Ok(settings) => settings,
+        Err(error) => return config_failed(&error),
+    };
+    if settings.listen.https.is_some() {
+        if let Err(error) = gateway::tls::CertStore::load(&settings.tls) {
+            return config_failed(&ConfigError {
+                problems: vec![format!("tls: {error}")],
+            });
+        }
+    }
+    println!("configuration is valid");
+    ExitCode::SUCCESS
+}
+
+/// Writes `bytes` to standard output; a closed pipe is an error message, not a panic.
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tiergate: cannot write to standard output: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -39,7 +39,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         metrics::gauge!(
             "tiergate_build_info",
             "version" => env!("CARGO_PKG_VERSION"),
-            "commit" => env!("TIERGATE_COMMIT"),
+            "commit" => build_info::COMMIT,
             "rustc" => env!("TIERGATE_RUSTC")
         )
         .set(1.0);

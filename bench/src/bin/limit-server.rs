@@ -19,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// A minimal hyper server: the most requests/s any server here can reach.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "limit-server", version = build_info::LONG_VERSION, about)]
 struct Args {
     /// Address to listen on.
     listen: SocketAddr,

@@ -30,7 +30,7 @@ use http::{HeaderValue, Uri};
 
 /// Load an HTTP server and report requests/s and latency percentiles.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "loadgen", version = build_info::LONG_VERSION, about)]
 struct Args {
     /// Target URL (http:// or https://host:port/path). With `--scenario url` its path is
     /// requested.

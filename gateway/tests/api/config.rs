@@ -116,3 +116,91 @@ async fn config_check_loads_the_tls_certificates() {
         "{stderr}"
     );
 }
+
+/// `config print | config check -`: the printed secrets are redacted, so the copy is
+/// refused, naming each secret, until the real ones are supplied (here through the
+/// environment, which beats the file).
+///
+/// Mutation: drop the `secrets` check from `validate`, and the first check passes with
+/// `***` as a password.
+#[tokio::test]
+async fn printed_config_is_refused_until_its_secrets_are_supplied() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let secrets = [
+        (
+            "DATABASE_URL",
+            "postgres://app:hunter2-db@db.internal:5432/shop".to_owned(),
+        ),
+        (
+            "REDIS_URL",
+            "rediss://:hunter2-redis@cache.internal:6379".to_owned(),
+        ),
+        (
+            "TIERGATE_ADMIN__TOKEN",
+            "hunter2-admin-token-0123".to_owned(),
+        ),
+    ];
+    let out = tiergate(&secrets)
+        .args(["config", "print"])
+        .output()
+        .await
+        .expect("run");
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(!printed.contains("hunter2"), "secret leaked:\n{printed}");
+
+    let check = |vars: &[(&str, String)]| {
+        let mut cmd = tiergate(vars);
+        cmd.args(["config", "check", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let printed = printed.clone();
+        async move {
+            stdin.write_all(printed.as_bytes()).await.expect("write");
+            drop(stdin);
+            child.wait_with_output().await.expect("wait")
+        }
+    };
+
+    let refused = check(&[]).await;
+    assert_eq!(refused.status.code(), Some(78), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    for (key, variable) in [
+        ("database.url", "DATABASE_URL"),
+        ("redis.url", "REDIS_URL"),
+        ("admin.token", "TIERGATE_ADMIN__TOKEN"),
+    ] {
+        let line = stderr
+            .lines()
+            .find(|line| line.contains(&format!("- {key}: ")))
+            .unwrap_or_else(|| panic!("{key} not named in:\n{stderr}"));
+        assert!(
+            line.contains("redacted") && line.contains(variable) && line.contains("standard input"),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("  - ")).count(),
+        3,
+        "only the secrets are refused:\n{stderr}"
+    );
+
+    let accepted = check(&secrets).await;
+    assert_eq!(accepted.status.code(), Some(0), "{accepted:?}");
+
+    // A file works as standard input does.
+    let mut file = tempfile();
+    file.1.write_all(printed.as_bytes()).unwrap();
+    let out = tiergate(&[])
+        .args(["config", "check", &file.0])
+        .output()
+        .await
+        .expect("run");
+    let _ = std::fs::remove_file(&file.0);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database.url"));
+}

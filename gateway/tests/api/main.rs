@@ -9,6 +9,7 @@
 mod access_log;
 mod backend_tls;
 mod cache;
+mod cli;
 mod coherence;
 mod config;
 mod deploy;
@@ -21,6 +22,7 @@ mod hardening;
 mod health;
 mod helpers;
 mod items;
+mod openapi;
 mod proxy;
 mod proxy_hardening;
 mod replica;
