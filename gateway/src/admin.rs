@@ -662,7 +662,7 @@ mod tests {
         for (method, path, allow) in [
             (Method::POST, "/", "GET, HEAD"),
             (Method::DELETE, "/metrics", "GET, HEAD"),
-            (Method::GET, "/admin/routes/web/split", "PUT"),
+            (Method::GET, "/admin/routes/web/split", "PUT, DELETE"),
             (Method::GET, "/admin/reload", "POST"),
         ] {
             match operation(&method, path) {
