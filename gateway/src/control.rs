@@ -265,6 +265,7 @@ pub struct RolloutAsk {
     /// The group to move the traffic to.
     pub to: String,
     /// Percent to `to` at each step, rising, ending at 100.
+    #[serde(deserialize_with = "whole_numbers")]
     pub steps: Vec<i32>,
     /// How long each step runs before the next (`30s`).
     pub interval: String,
@@ -272,6 +273,25 @@ pub struct RolloutAsk {
     pub max_error_rate: String,
     /// Largest p99 latency of `to` in a step (`500ms`).
     pub max_p99: String,
+}
+
+/// Integers as JSON may write them: `25` or `25.0` (the API contract's `integer` does not
+/// tell them apart); `25.5` is refused.
+fn whole_numbers<'de, D: serde::Deserializer<'de>>(from: D) -> Result<Vec<i32>, D::Error> {
+    let numbers: Vec<serde_json::Number> = serde::Deserialize::deserialize(from)?;
+    numbers
+        .iter()
+        .map(|n| {
+            let whole = n.as_i64().or_else(|| {
+                let x = n.as_f64()?;
+                // Whole and in i32's range, so the cast is exact.
+                (x.fract() == 0.0 && x.abs() <= f64::from(i32::MAX)).then_some(x as i64)
+            });
+            whole
+                .and_then(|w| i32::try_from(w).ok())
+                .ok_or_else(|| serde::de::Error::custom(format!("step {n} is not an integer")))
+        })
+        .collect()
 }
 
 /// Checks `ask` against the route's split; the previous group is the one with the most
