@@ -491,10 +491,15 @@ fn wait_of(uri: &http::Uri) -> Result<Option<Duration>, ClientError> {
     else {
         return Ok(None);
     };
-    match humantime::parse_duration(value) {
-        Ok(wait) if wait <= MAX_WAIT => Ok(Some(wait)),
+    // Whole seconds, as the API contract's pattern says: what it allows is what is taken.
+    let seconds = value
+        .strip_suffix('s')
+        .filter(|n| (1..=2).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<u64>().ok());
+    match seconds.map(Duration::from_secs) {
+        Some(wait) if wait <= MAX_WAIT => Ok(Some(wait)),
         _ => Err(ClientError::BadRequest(format!(
-            "wait must be a duration of at most {}s such as 5s or 500ms, got {value:?}",
+            "wait must be whole seconds up to {}s, such as 5s, got {value:?}",
             MAX_WAIT.as_secs()
         ))),
     }
