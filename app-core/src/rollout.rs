@@ -144,34 +144,75 @@ pub struct Plan {
     pub max_p99: Duration,
 }
 
-/// A percentage such as `1%` or `0.5%`, as a fraction.
+/// A percentage such as `1%` or `0.5%`, as a fraction: a number from 0 to 100 with at
+/// most two decimals, then `%`. Exactly the API contract's pattern
+/// `^(100(\.00?)?|[1-9]?[0-9](\.[0-9]{1,2})?)%$`, so what the contract allows is accepted
+/// and nothing else.
 ///
 /// # Errors
-/// Not a number from 0 to 100 followed by `%`.
+/// Anything else, for the operator.
 pub fn parse_percent(text: &str) -> Result<f64, String> {
-    text.strip_suffix('%')
-        .and_then(|n| n.trim().parse::<f64>().ok())
+    let refuse = || format!("{text:?} is not a percentage from 0% to 100% (1%, 0.5%)");
+    let number = text.strip_suffix('%').ok_or_else(refuse)?;
+    let (whole, decimals) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let well_formed = digits(whole)
+        && digits(decimals)
+        && (1..=3).contains(&whole.len())
+        && (whole.len() == 1 || !whole.starts_with('0'))
+        && decimals.len() <= 2
+        && (number.len() == whole.len() || !decimals.is_empty());
+    let value = number.parse::<f64>().ok().filter(|_| well_formed);
+    value
         .filter(|n| (0.0..=100.0).contains(n))
         .map(|n| n / 100.0)
-        .ok_or_else(|| format!("{text:?} is not a percentage from 0% to 100% (1%, 0.5%)"))
+        .ok_or_else(refuse)
 }
 
-/// Checks the steps: rising percentages from 1 to 100, ending at 100.
+/// A step's interval or a latency limit such as `30s` or `500ms`: a whole number above 0
+/// of at most six digits, then `ms`, `s`, `m` or `h`. Exactly the API contract's pattern
+/// `^[1-9][0-9]{0,5}(ms|s|m|h)$`.
 ///
 /// # Errors
-/// Steps that do not rise, leave 1..=100, or do not end at 100.
-pub fn check_steps(steps: &[i32]) -> Result<(), String> {
-    let rising = steps.windows(2).all(|w| w[0] < w[1]);
-    if steps.is_empty()
-        || !rising
-        || steps.iter().any(|s| !(1..=100).contains(s))
-        || steps.last() != Some(&100)
-    {
+/// Anything else, naming `what`.
+pub fn parse_duration(what: &str, text: &str) -> Result<Duration, String> {
+    let digits_end = text
+        .bytes()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits_end);
+    let count = Some(number)
+        .filter(|n| (1..=6).contains(&n.len()) && !n.starts_with('0'))
+        .and_then(|n| n.parse::<u64>().ok());
+    let duration = match (count, unit) {
+        (Some(n), "ms") => Some(Duration::from_millis(n)),
+        (Some(n), "s") => Some(Duration::from_secs(n)),
+        (Some(n), "m") => Some(Duration::from_secs(n * 60)),
+        (Some(n), "h") => Some(Duration::from_secs(n * 3600)),
+        _ => None,
+    };
+    duration.ok_or_else(|| {
+        format!(
+            "{what} must be a whole number above 0 then ms, s, m or h (30s, 500ms), got {text:?}"
+        )
+    })
+}
+
+/// The steps in the order they run: percentages from 1 to 100, each once, 100 among
+/// them; given in any order, run rising.
+///
+/// # Errors
+/// A step outside 1..=100, a step twice, or no step of 100.
+pub fn rising_steps(steps: &[i32]) -> Result<Vec<i32>, String> {
+    let mut rising = steps.to_vec();
+    rising.sort_unstable();
+    let unique = rising.windows(2).all(|w| w[0] < w[1]);
+    if !unique || rising.iter().any(|s| !(1..=100).contains(s)) || rising.last() != Some(&100) {
         return Err(format!(
-            "steps must be rising percentages from 1 to 100 ending at 100 (5,25,50,100), got {steps:?}"
+            "steps must be percentages from 1 to 100, each once, 100 among them (5,25,50,100), got {steps:?}"
         ));
     }
-    Ok(())
+    Ok(rising)
 }
 
 /// The weights of a step: `percent` to the target, the rest to the previous group.
@@ -363,10 +404,54 @@ mod tests {
         tally.observe(false, Duration::from_millis(700));
         let later = since(&tally.read(), &Window::default());
         assert_eq!(p99_bound_ms(&later), Some(1000.0));
-        assert_eq!(parse_percent("1%"), Ok(0.01));
-        assert!(parse_percent("1").is_err());
-        assert!(check_steps(&[5, 25, 50, 100]).is_ok());
-        assert!(check_steps(&[50, 25, 100]).is_err());
-        assert!(check_steps(&[5, 25]).is_err());
+    }
+
+    #[test]
+    fn percentages_are_the_contracts_and_nothing_else() {
+        for (text, value) in [("1%", 0.01), ("0.5%", 0.005), ("0%", 0.0), ("100%", 1.0)] {
+            assert_eq!(parse_percent(text), Ok(value), "{text}");
+        }
+        assert!(parse_percent("99.99%").is_ok_and(|f| (f - 0.9999).abs() < 1e-12));
+        assert_eq!(parse_percent("100.00%"), Ok(1.0));
+        for text in [
+            "1", "100.5%", "101%", "01%", "1.%", ".5%", "1.234%", "-1%", "1e1%", " 1%", "1 %",
+        ] {
+            assert!(parse_percent(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn durations_are_the_contracts_and_nothing_else() {
+        assert_eq!(
+            parse_duration("interval", "30s"),
+            Ok(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_duration("max_p99", "500ms"),
+            Ok(Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("interval", "2m"),
+            Ok(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_duration("interval", "999999h"),
+            Ok(Duration::from_secs(999_999 * 3600))
+        );
+        for text in [
+            "0s", "05s", "1000000s", "30", "s", "1.5s", "1m30s", "30 s", "30sec", "+3s", "",
+        ] {
+            assert!(parse_duration("interval", text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn steps_run_rising_whatever_their_order() {
+        assert_eq!(rising_steps(&[5, 25, 50, 100]), Ok(vec![5, 25, 50, 100]));
+        assert_eq!(rising_steps(&[100, 50, 25]), Ok(vec![25, 50, 100]));
+        assert_eq!(rising_steps(&[100]), Ok(vec![100]));
+        for steps in [&[][..], &[5, 25], &[25, 25, 100], &[0, 100], &[100, 101]] {
+            assert!(rising_steps(steps).is_err(), "{steps:?}");
+        }
     }
 }

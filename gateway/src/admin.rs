@@ -34,7 +34,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tiergate_config::Secret;
 
-use crate::control::RolloutAsk;
+use crate::control::{PlanError, RolloutAsk};
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::proxy::{Group, SplitError};
 use crate::reload::{ReloadError, Reloader};
@@ -421,7 +421,11 @@ impl Admin {
         let plan = {
             let router = self.gateway.router();
             let split = split_named(&router, &ask.route)?;
-            crate::control::plan(ask, split, &split.weights()).map_err(ClientError::BadRequest)?
+            crate::control::plan(ask, split, &split.weights()).map_err(|e| match e {
+                PlanError::NoSuchGroup { .. } => ClientError::NotFound(e.to_string()),
+                PlanError::NothingToMove { .. } => ClientError::Conflict(e.to_string()),
+                PlanError::Invalid(why) => ClientError::BadRequest(why),
+            })?
         };
         let fleet = self.app.fleet();
         let started = fleet

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use app_core::cache::l2::L2;
 use app_core::fleet::{Control, Waited};
-use app_core::rollout::{Plan, check_steps, parse_percent};
+use app_core::rollout::{Plan, parse_duration, parse_percent, rising_steps};
 use app_core::store::Database;
 use app_core::store::fleet::{Committed, Weights};
 use serde_json::{Value, json};
@@ -154,7 +154,7 @@ impl Commands {
             .iter()
             .find(|o| o.route == ask.route)
             .map_or_else(|| split.file_weights(), |o| o.weights.clone());
-        let plan = plan(ask, split, &in_force).map_err(ControlError::Invalid)?;
+        let plan = plan(ask, split, &in_force).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let holder = format!("cli-{}-{:08x}", std::process::id(), fastrand::u32(..));
         let Some(started) = self
             .control
@@ -264,7 +264,7 @@ pub struct RolloutAsk {
     pub route: String,
     /// The group to move the traffic to.
     pub to: String,
-    /// Percent to `to` at each step, rising, ending at 100.
+    /// Percent to `to` at each step: each once, 100 among them, run rising.
     #[serde(deserialize_with = "whole_numbers")]
     pub steps: Vec<i32>,
     /// How long each step runs before the next (`30s`).
@@ -294,6 +294,24 @@ fn whole_numbers<'de, D: serde::Deserializer<'de>>(from: D) -> Result<Vec<i32>, 
         .collect()
 }
 
+/// Why a rollout as asked cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// `to` is not one of the route's groups.
+    #[error("route {route} has no group {to:?}; its groups are: {groups}")]
+    NoSuchGroup {
+        route: String,
+        to: String,
+        groups: String,
+    },
+    /// Everything already goes to `to`: there is nothing to move.
+    #[error("route {route} already sends everything to {to}")]
+    NothingToMove { route: String, to: String },
+    /// A step, duration or percentage that is not well formed.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// Checks `ask` against the route's split; the previous group is the one with the most
 /// weight `in_force` other than the target.
 ///
@@ -303,38 +321,37 @@ pub fn plan(
     ask: &RolloutAsk,
     split: &crate::proxy::Split,
     in_force: &Weights,
-) -> Result<Plan, String> {
+) -> Result<Plan, PlanError> {
+    let steps = rising_steps(&ask.steps).map_err(PlanError::Invalid)?;
+    let interval = parse_duration("interval", &ask.interval).map_err(PlanError::Invalid)?;
+    let max_error_rate = parse_percent(&ask.max_error_rate).map_err(PlanError::Invalid)?;
+    let max_p99 = parse_duration("max_p99", &ask.max_p99).map_err(PlanError::Invalid)?;
     let file = split.file_weights();
     if !file.contains_key(&ask.to) {
         let groups: Vec<&str> = file.keys().map(String::as_str).collect();
-        return Err(format!(
-            "route {} has no group {:?}; its groups are: {}",
-            ask.route,
-            ask.to,
-            groups.join(", ")
-        ));
+        return Err(PlanError::NoSuchGroup {
+            route: ask.route.clone(),
+            to: ask.to.clone(),
+            groups: groups.join(", "),
+        });
     }
     let from = in_force
         .iter()
         .filter(|(group, weight)| **group != ask.to && **weight > 0)
         .max_by_key(|(_, weight)| **weight)
         .map(|(group, _)| group.clone())
-        .ok_or_else(|| format!("route {} already sends everything to {}", ask.route, ask.to))?;
-    check_steps(&ask.steps)?;
-    let duration = |what: &str, text: &str| {
-        humantime::parse_duration(text)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| format!("{what} must be a duration above 0 (30s, 500ms), got {text:?}"))
-    };
+        .ok_or_else(|| PlanError::NothingToMove {
+            route: ask.route.clone(),
+            to: ask.to.clone(),
+        })?;
     Ok(Plan {
         route: ask.route.clone(),
         from,
         to: ask.to.clone(),
-        steps: ask.steps.clone(),
-        interval: duration("interval", &ask.interval)?,
-        max_error_rate: parse_percent(&ask.max_error_rate)?,
-        max_p99: duration("max_p99", &ask.max_p99)?,
+        steps,
+        interval,
+        max_error_rate,
+        max_p99,
     })
 }
 

@@ -92,7 +92,7 @@ enum Command {
         /// The group to move the traffic to.
         #[arg(long, value_name = "GROUP")]
         to: Option<String>,
-        /// Percent to the group at each step, rising, ending at 100.
+        /// Percent to the group at each step: each once, 100 among them, run rising.
         #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
         steps: Vec<i32>,
         /// How long each step runs before the next.
