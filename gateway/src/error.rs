@@ -227,6 +227,14 @@ pub enum UpstreamError {
         /// The group's name.
         group: String,
     },
+    /// A target answered with framing RFC 9112 says to refuse (`Transfer-Encoding`
+    /// with `Content-Length`, or a transfer coding other than `chunked`): the connection
+    /// is closed, the answer not passed on.
+    #[error("upstream group {group} answered with ambiguous framing")]
+    AmbiguousFraming {
+        /// The group's name.
+        group: String,
+    },
     /// No target of the group is healthy and the group does not fail open.
     #[error("no target of upstream group {group} is healthy (fail_open is off)")]
     NoHealthyTarget {
@@ -292,7 +300,8 @@ impl UpstreamError {
             Self::Connect { .. }
             | Self::BrokeOff { .. }
             | Self::TimedOut { .. }
-            | Self::UnaskedSwitch { .. } => true,
+            | Self::UnaskedSwitch { .. }
+            | Self::AmbiguousFraming { .. } => true,
             Self::Saturated { .. } | Self::NoHealthyTarget { .. } => false,
         }
     }
@@ -353,7 +362,10 @@ impl GatewayError {
             Self::Upstream(error) => match error {
                 UpstreamError::Connect { .. }
                 | UpstreamError::BrokeOff { .. }
-                | UpstreamError::UnaskedSwitch { .. } => (StatusCode::BAD_GATEWAY, "bad_gateway"),
+                | UpstreamError::UnaskedSwitch { .. }
+                | UpstreamError::AmbiguousFraming { .. } => {
+                    (StatusCode::BAD_GATEWAY, "bad_gateway")
+                }
                 UpstreamError::TimedOut { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                 UpstreamError::Saturated { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, "upstream_saturated")

@@ -319,7 +319,9 @@ impl Body for UpstreamBody {
             // is the moment to give the connection back.
             let ended = match &frame {
                 None => true,
-                Some(Ok(_)) => self.inner.is_end_stream(),
+                // Trailers are the last frame of an HTTP/1.1 body, and the server
+                // polls no further after them.
+                Some(Ok(frame)) => frame.is_trailers() || self.inner.is_end_stream(),
                 Some(Err(_)) => {
                     self.lease = None;
                     false

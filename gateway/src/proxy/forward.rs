@@ -287,7 +287,8 @@ impl Prepared<'_> {
             }
             UpstreamError::TimedOut { .. }
             | UpstreamError::NoHealthyTarget { .. }
-            | UpstreamError::UnaskedSwitch { .. } => false,
+            | UpstreamError::UnaskedSwitch { .. }
+            | UpstreamError::AmbiguousFraming { .. } => false,
         }
     }
 }
@@ -382,6 +383,20 @@ fn answer(
     target
         .metrics
         .response(status, sent.elapsed().as_secs_f64());
+    if ambiguous_framing(rsp.headers()) {
+        // The lease is dropped with the response: the connection closes, since where
+        // this answer ends on it is anyone's guess.
+        target.record_failure(&request.group.settings.outlier);
+        tracing::warn!(
+            group = request.group.name,
+            target = target.address,
+            "Upstream answer with ambiguous framing refused."
+        );
+        return Err(UpstreamError::AmbiguousFraming {
+            group: request.group.name.clone(),
+        }
+        .into());
+    }
     let switched = status == StatusCode::SWITCHING_PROTOCOLS;
     // A switch nobody asked for would hand the client a raw connection to the target,
     // past routing and headers (h2c smuggling): the target is broken.
@@ -415,12 +430,34 @@ fn answer(
         ));
     }
     let (mut head, incoming) = rsp.into_parts();
+    // The client's connection is this server's: an HTTP/1.0 upstream must not make the
+    // server close it after the answer, as it does for a response marked HTTP/1.0.
+    head.version = Version::HTTP_11;
     headers::strip_hop_by_hop(&mut head.headers, None);
     headers::append_via(&mut head.headers, request.version);
     Ok(Response::from_parts(
         head,
         Either::Right(UpstreamBody::new(incoming, lease, deadline, in_flight)),
     ))
+}
+
+/// Whether an answer's framing is one RFC 9112 (§6.1, §6.3) says to refuse, or one this
+/// proxy cannot pass on: `Transfer-Encoding` with `Content-Length` (the mark of request
+/// smuggling and response splitting: the two disagree on where the answer ends), or a
+/// transfer coding other than a single `chunked` (the body then runs to the close, and,
+/// `Transfer-Encoding` being hop-by-hop, the client would get the coded bytes as if
+/// they were the content).
+fn ambiguous_framing(headers: &HeaderMap) -> bool {
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let Some(coding) = codings.next() else {
+        return false;
+    };
+    headers.contains_key(header::CONTENT_LENGTH)
+        || codings.next().is_some()
+        || !coding
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked")
 }
 
 /// Keeps the client's host for the upstream: the authority its URI names (HTTP/2,

@@ -13,6 +13,7 @@ mod cli;
 mod coherence;
 mod config;
 mod deploy;
+mod differential;
 mod docs;
 mod errors;
 mod fault;
