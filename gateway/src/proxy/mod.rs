@@ -10,6 +10,7 @@
 //!   ejection.
 //! - [`split`]: weighted splits between groups (blue/green, canary), swapped atomically.
 //! - `forward`: one request's way up and its answer's way down, as named steps.
+//! - [`h1`]: the HTTP/1.1 upstream codec (response head and body framing).
 //! - `headers`: hop-by-hop stripping, `X-Forwarded-*`, `Forwarded`, `Via`.
 //! - `body`: streamed bodies: the request body a retry can take back, the response body
 //!   under the request deadline.
@@ -23,6 +24,7 @@ mod budget;
 mod connector;
 mod forward;
 pub mod group;
+pub mod h1;
 mod headers;
 mod pool;
 pub mod split;
