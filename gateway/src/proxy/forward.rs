@@ -527,6 +527,32 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, lease: Option<Lease>, in
 mod tests {
     use super::*;
 
+    fn framing(fields: &[(&'static str, &'static str)]) -> bool {
+        let mut headers = HeaderMap::new();
+        for (name, value) in fields {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        ambiguous_framing(&headers)
+    }
+
+    /// Mutation: dropping any of the three conditions of `ambiguous_framing`.
+    #[test]
+    fn a_length_with_a_coding_or_a_coding_other_than_chunked_is_refused() {
+        assert!(!framing(&[("content-length", "5")]));
+        assert!(!framing(&[("transfer-encoding", "chunked")]));
+        assert!(!framing(&[("transfer-encoding", "Chunked")]));
+        assert!(framing(&[
+            ("transfer-encoding", "chunked"),
+            ("content-length", "5")
+        ]));
+        assert!(framing(&[("transfer-encoding", "gzip")]));
+        assert!(framing(&[("transfer-encoding", "gzip, chunked")]));
+        assert!(framing(&[
+            ("transfer-encoding", "chunked"),
+            ("transfer-encoding", "chunked")
+        ]));
+    }
+
     fn path(uri: &str, rewrite: Option<(&str, &str)>) -> String {
         upstream_path(&uri.parse().unwrap(), rewrite)
             .unwrap()
