@@ -380,7 +380,13 @@ impl Admin {
         let committed = fleet
             .change(name, weights.as_ref())
             .await
-            .map_err(fleet_unavailable)?;
+            .map_err(fleet_unavailable)?
+            .ok_or_else(|| {
+                ClientError::Conflict(format!(
+                    "a rollout is running on route {name} and would overwrite the change: \
+                     POST /admin/rollouts/{name}/abort first, or wait for it to end"
+                ))
+            })?;
         tracing::info!(route = name, weights = ?weights, revision = committed.revision, "Split changed fleet-wide through the admin API.");
         let waited = match wait {
             Some(limit) => Some(

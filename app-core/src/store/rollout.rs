@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
+use super::fleet::Committed;
 use super::{Database, StoreError};
 
 /// A rollout as stored.
@@ -21,7 +22,7 @@ pub struct RolloutRow {
     pub interval_ms: i64,
     pub max_error_rate: f64,
     pub max_p99_ms: f64,
-    /// `running`, `succeeded` or `rolled_back`.
+    /// `running`, `succeeded`, `rolled_back` or `aborted`.
     pub state: String,
     pub step_index: i32,
     /// When the step's weights were put in force; `None` until they are.
@@ -308,5 +309,51 @@ impl Database {
             }
         }
         Ok(window)
+    }
+
+    /// Ends the rollout running on `route` as `aborted` with `reason` and, in the same
+    /// statement, returns the route to 100 % of its previous group: `None` when none runs.
+    /// Whoever drove it finds it over at its next look; a step it was putting in force
+    /// at that moment either lands first (and is undone here) or not at all (see
+    /// [`Changer::Rollout`](super::fleet::Changer::Rollout)).
+    ///
+    /// # Errors
+    /// The database is unreachable.
+    pub async fn rollout_abort(
+        &self,
+        route: &str,
+        reason: &str,
+    ) -> Result<Option<(RolloutRow, Committed)>, StoreError> {
+        let conn = self.writer.get().await?;
+        let sql = format!(
+            "WITH aborted AS (
+                 UPDATE fleet_rollouts SET state = 'aborted', reason = $2, finished_at = now(),
+                     lease_holder = NULL, lease_expires_at = NULL
+                 WHERE route = $1 AND state = 'running'
+                 RETURNING {COLUMNS}
+             ), bumped AS (
+                 UPDATE fleet_revision SET revision = revision + 1
+                 WHERE EXISTS (SELECT 1 FROM aborted) RETURNING revision
+             ), split AS (
+                 INSERT INTO fleet_splits (route, weights, revision, changed_at)
+                 SELECT a.route, jsonb_build_object(a.from_group, 100, a.to_group, 0),
+                     b.revision, clock_timestamp()
+                 FROM aborted a, bumped b
+                 ON CONFLICT (route) DO UPDATE SET weights = excluded.weights,
+                     revision = excluded.revision, changed_at = excluded.changed_at
+                 RETURNING revision, changed_at
+             )
+             SELECT a.*, s.revision, s.changed_at FROM aborted a, split s"
+        );
+        let row = conn
+            .query_typed_opt(&sql, &[(&route, Type::TEXT), (&reason, Type::TEXT)])
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let rollout = row_to_rollout(&row)?;
+        let committed = Committed {
+            revision: row.try_get(16)?,
+            committed_at: row.try_get(17)?,
+        };
+        Ok(Some((rollout, committed)))
     }
 }
