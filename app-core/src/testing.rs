@@ -167,24 +167,34 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop cannot await: use a runtime of its own on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let client = connect(&admin_database_url()).await;
-                let _ = client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            });
-        })
-        .join();
+        clean_up_on_admin_database(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
     }
+}
+
+/// Runs `statement` on the admin database from a `Drop`, which cannot await (its error is
+/// ignored: a cleanup that fails leaves a name no other test uses).
+pub fn clean_up_on_admin_database(statement: String) {
+    block_on_own_thread(async move {
+        let client = connect(&admin_database_url()).await;
+        let _ = client.batch_execute(&statement).await;
+    });
+}
+
+/// Runs `cleanup` to its end on a runtime of its own, on a thread of its own: the
+/// dropping thread may be inside a runtime already. Without a runtime it is skipped.
+fn block_on_own_thread(cleanup: impl Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(cleanup);
+        }
+    })
+    .join();
 }
 
 /// A Redis key prefix of its own; its keys are deleted when the value is dropped.
@@ -211,26 +221,26 @@ impl Default for TestRedis {
 impl Drop for TestRedis {
     fn drop(&mut self) {
         let pattern = format!("{}:*", self.prefix);
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            rt.block_on(async {
-                let Ok(config) = Config::from_url(&redis_url()) else { return };
-                let Ok(client) = Builder::from_config(config).build() else { return };
-                if client.init().await.is_err() {
-                    return;
-                }
-                // Test prefixes hold a handful of keys: KEYS is fine here, never in the app.
-                let _: Result<i64, _> = client
-                    .eval(
-                        "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0",
-                        Vec::<String>::new(),
-                        vec![pattern],
-                    )
-                    .await;
-                let _ = client.quit().await;
-            });
-        })
-        .join();
+        block_on_own_thread(async move {
+            let Ok(config) = Config::from_url(&redis_url()) else {
+                return;
+            };
+            let Ok(client) = Builder::from_config(config).build() else {
+                return;
+            };
+            if client.init().await.is_err() {
+                return;
+            }
+            // Test prefixes hold a handful of keys: KEYS is fine here, never in the app.
+            let _: Result<i64, _> = client
+                .eval(
+                    "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0",
+                    Vec::<String>::new(),
+                    vec![pattern],
+                )
+                .await;
+            let _ = client.quit().await;
+        });
     }
 }
 
