@@ -254,6 +254,33 @@ pub fn settings(db: &TestDb, redis: &TestRedis) -> Settings {
     settings
 }
 
+/// An L1 policy: entries live `ttl`, degraded or not; a stale one serves `max_stale` longer
+/// while the backends fail; no background refresh.
+pub fn policy(ttl: Duration, max_stale: Duration) -> Policy {
+    Policy {
+        ttl,
+        degraded_ttl: ttl,
+        max_stale,
+        refresh_after: Duration::ZERO,
+    }
+}
+
+/// Starts `app`'s background work and waits until it is ready.
+///
+/// # Panics
+/// When it is not ready within 30 s.
+pub async fn start_ready(app: &crate::App) {
+    app.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !app.is_ready() {
+        assert!(
+            Instant::now() < deadline,
+            "the app was not ready within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// One "task" of the items service over `settings`: an L1 of its own with `policy`
 /// (not degraded: tests that need the bus start one), the database and Redis the
 /// settings name. Connects nothing yet; it does not migrate.
