@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use app_core::App;
-use app_core::api::match_path;
+use app_core::api::{Endpoint, Unrouted, route};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -48,7 +48,7 @@ const OPENAPI_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/openapi.json"
 
 /// What an admin request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Operation {
+pub enum Operation {
     Index,
     Metrics,
     Livez,
@@ -64,31 +64,14 @@ enum Operation {
     Reload,
 }
 
-/// A path of the admin listener and what each method on it does.
-#[derive(Debug)]
-pub struct Endpoint {
-    /// The path as `docs/openapi.yaml` writes it; `{…}` stands for one path segment.
-    pub path: &'static str,
-    /// The `Allow` header of a 405: the methods of `operations`, in order (a test checks).
-    allow: &'static str,
-    operations: &'static [(Method, Operation)],
-}
-
-impl Endpoint {
-    /// The methods this path answers.
-    pub fn methods(&self) -> impl Iterator<Item = &Method> {
-        self.operations.iter().map(|(method, _)| method)
-    }
-}
-
 /// The admin listener's endpoints: the one table its router reads, `/` lists, and the
 /// contract test compares with `docs/openapi.yaml`. HEAD is a GET whose body the
 /// listener drops.
-pub static ENDPOINTS: [Endpoint; 11] = [
+pub static ENDPOINTS: [Endpoint<Operation>; 11] = [
     Endpoint {
         path: "/",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Index),
             (Method::HEAD, Operation::Index),
         ],
@@ -96,7 +79,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/metrics",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Metrics),
             (Method::HEAD, Operation::Metrics),
         ],
@@ -104,7 +87,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/livez",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Livez),
             (Method::HEAD, Operation::Livez),
         ],
@@ -112,7 +95,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/readyz",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Readyz),
             (Method::HEAD, Operation::Readyz),
         ],
@@ -120,7 +103,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/openapi.json",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::OpenApiJson),
             (Method::HEAD, Operation::OpenApiJson),
         ],
@@ -128,7 +111,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/openapi.yaml",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::OpenApiYaml),
             (Method::HEAD, Operation::OpenApiYaml),
         ],
@@ -136,7 +119,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/admin/routes",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Routes),
             (Method::HEAD, Operation::Routes),
         ],
@@ -144,7 +127,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/admin/routes/{name}/split",
         allow: "PUT, DELETE",
-        operations: &[
+        routes: &[
             (Method::PUT, Operation::SetSplit),
             (Method::DELETE, Operation::ResetSplit),
         ],
@@ -152,7 +135,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/admin/fleet",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Fleet),
             (Method::HEAD, Operation::Fleet),
         ],
@@ -160,7 +143,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/admin/rollouts",
         allow: "GET, HEAD, POST",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Rollouts),
             (Method::HEAD, Operation::Rollouts),
             (Method::POST, Operation::StartRollout),
@@ -169,7 +152,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/admin/reload",
         allow: "POST",
-        operations: &[(Method::POST, Operation::Reload)],
+        routes: &[(Method::POST, Operation::Reload)],
     },
 ];
 
@@ -178,17 +161,10 @@ pub static ENDPOINTS: [Endpoint; 11] = [
 /// # Errors
 /// No endpoint has this path (404), or it does not answer this method (405 with `Allow`).
 fn operation<'p>(method: &Method, path: &'p str) -> Result<(Operation, &'p str), ClientError> {
-    let Some((endpoint, parameter)) = ENDPOINTS
-        .iter()
-        .find_map(|endpoint| Some((endpoint, match_path(endpoint.path, path)?)))
-    else {
-        return Err(ClientError::NoRoute);
-    };
-    match endpoint.operations.iter().find(|(m, _)| m == method) {
-        Some((_, operation)) => Ok((*operation, parameter)),
-        None => Err(ClientError::MethodNotAllowed {
-            allow: endpoint.allow,
-        }),
+    match route(&ENDPOINTS, method, path) {
+        Ok((operation, parameter)) => Ok((*operation, parameter)),
+        Err(Unrouted::NoPath) => Err(ClientError::NoRoute),
+        Err(Unrouted::Method { allow }) => Err(ClientError::MethodNotAllowed { allow }),
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 
 use super::fleet::Committed;
 use super::{Database, StoreError};
@@ -99,7 +99,6 @@ impl Database {
         &self,
         new: &NewRollout<'_>,
     ) -> Result<Option<RolloutRow>, StoreError> {
-        let conn = self.writer.get().await?;
         let sql = format!(
             "INSERT INTO fleet_rollouts (route, from_group, to_group, steps, interval_ms,
                  max_error_rate, max_p99_ms, lease_holder, lease_expires_at)
@@ -108,23 +107,21 @@ impl Database {
              RETURNING {COLUMNS}"
         );
         let max_p99_ms = new.max_p99.as_secs_f64() * 1000.0;
-        let row = conn
-            .query_typed_opt(
-                &sql,
-                &[
-                    (&new.route, Type::TEXT),
-                    (&new.from_group, Type::TEXT),
-                    (&new.to_group, Type::TEXT),
-                    (&new.steps, Type::INT4_ARRAY),
-                    (&ms(new.interval), Type::INT8),
-                    (&new.max_error_rate, Type::FLOAT8),
-                    (&max_p99_ms, Type::FLOAT8),
-                    (&new.holder, Type::TEXT),
-                    (&ms(new.lease), Type::INT8),
-                ],
-            )
-            .await?;
-        Ok(row.as_ref().map(row_to_rollout).transpose()?)
+        self.rollout_returned(
+            &sql,
+            &[
+                (&new.route, Type::TEXT),
+                (&new.from_group, Type::TEXT),
+                (&new.to_group, Type::TEXT),
+                (&new.steps, Type::INT4_ARRAY),
+                (&ms(new.interval), Type::INT8),
+                (&new.max_error_rate, Type::FLOAT8),
+                (&max_p99_ms, Type::FLOAT8),
+                (&new.holder, Type::TEXT),
+                (&ms(new.lease), Type::INT8),
+            ],
+        )
+        .await
     }
 
     /// Takes or renews the lease of running rollout `id` for `holder`: `None` when another
@@ -138,7 +135,6 @@ impl Database {
         holder: &str,
         lease: Duration,
     ) -> Result<Option<RolloutRow>, StoreError> {
-        let conn = self.writer.get().await?;
         let sql = format!(
             "UPDATE fleet_rollouts SET lease_holder = $2,
                  lease_expires_at = now() + $3 * interval '1 millisecond'
@@ -146,17 +142,15 @@ impl Database {
                  AND (lease_holder = $2 OR lease_expires_at IS NULL OR lease_expires_at < now())
              RETURNING {COLUMNS}"
         );
-        let row = conn
-            .query_typed_opt(
-                &sql,
-                &[
-                    (&id, Type::INT8),
-                    (&holder, Type::TEXT),
-                    (&ms(lease), Type::INT8),
-                ],
-            )
-            .await?;
-        Ok(row.as_ref().map(row_to_rollout).transpose()?)
+        self.rollout_returned(
+            &sql,
+            &[
+                (&id, Type::INT8),
+                (&holder, Type::TEXT),
+                (&ms(lease), Type::INT8),
+            ],
+        )
+        .await
     }
 
     /// Moves running rollout `id` on, if `holder` holds its lease: `Some(step)` starts
@@ -200,24 +194,32 @@ impl Database {
         state: &str,
         reason: &str,
     ) -> Result<Option<RolloutRow>, StoreError> {
-        let conn = self.writer.get().await?;
         let sql = format!(
             "UPDATE fleet_rollouts SET state = $3, reason = $4, finished_at = now(),
                  lease_holder = NULL, lease_expires_at = NULL
              WHERE id = $1 AND state = 'running' AND lease_holder = $2
              RETURNING {COLUMNS}"
         );
-        let row = conn
-            .query_typed_opt(
-                &sql,
-                &[
-                    (&id, Type::INT8),
-                    (&holder, Type::TEXT),
-                    (&state, Type::TEXT),
-                    (&reason, Type::TEXT),
-                ],
-            )
-            .await?;
+        self.rollout_returned(
+            &sql,
+            &[
+                (&id, Type::INT8),
+                (&holder, Type::TEXT),
+                (&state, Type::TEXT),
+                (&reason, Type::TEXT),
+            ],
+        )
+        .await
+    }
+
+    /// Runs `sql`, a statement `RETURNING {COLUMNS}` of at most one row, on the writer.
+    async fn rollout_returned(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Option<RolloutRow>, StoreError> {
+        let conn = self.writer.get().await?;
+        let row = conn.query_typed_opt(sql, params).await?;
         Ok(row.as_ref().map(row_to_rollout).transpose()?)
     }
 
