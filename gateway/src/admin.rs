@@ -11,6 +11,7 @@
 //! | `GET /admin/fleet` | the live tasks and the revision each has applied |
 //! | `POST /admin/rollouts` | start a rollout, driven by this task (docs/fleet.md) |
 //! | `GET /admin/rollouts` | the rollouts, newest first |
+//! | `POST /admin/rollouts/{route}/abort` | end the route's rollout, back to the previous group |
 //! | `POST /admin/reload` | reload the configuration (as SIGHUP), or say why not |
 //!
 //! Every path and method is a row of [`ENDPOINTS`]. The mutating endpoints need
@@ -61,13 +62,14 @@ pub enum Operation {
     ResetSplit,
     Rollouts,
     StartRollout,
+    AbortRollout,
     Reload,
 }
 
 /// The admin listener's endpoints: the one table its router reads, `/` lists, and the
 /// contract test compares with `docs/openapi.yaml`. HEAD is a GET whose body the
 /// listener drops.
-pub static ENDPOINTS: [Endpoint<Operation>; 11] = [
+pub static ENDPOINTS: [Endpoint<Operation>; 12] = [
     Endpoint {
         path: "/",
         allow: "GET, HEAD",
@@ -148,6 +150,11 @@ pub static ENDPOINTS: [Endpoint<Operation>; 11] = [
             (Method::HEAD, Operation::Rollouts),
             (Method::POST, Operation::StartRollout),
         ],
+    },
+    Endpoint {
+        path: "/admin/rollouts/{route}/abort",
+        allow: "POST",
+        routes: &[(Method::POST, Operation::AbortRollout)],
     },
     Endpoint {
         path: "/admin/reload",
@@ -274,6 +281,10 @@ impl Admin {
                 let body = read_body(req).await.map_err(ClientError::BadRequest)?;
                 let ask = rollout_ask(&body).map_err(ClientError::BadRequest)?;
                 self.start_rollout(&ask).await?
+            }
+            Operation::AbortRollout => {
+                self.authorize(&req)?;
+                self.abort_rollout(parameter).await?
             }
             Operation::Reload => {
                 self.authorize(&req)?;
@@ -430,6 +441,31 @@ impl Admin {
             "Rollout started through the admin API."
         );
         Ok(reply(StatusCode::CREATED, &json!(started)))
+    }
+
+    /// Aborts the rollout running on `route`, the route back to 100 % of its previous
+    /// group fleet-wide: 200 with the rollout and the change's revision.
+    ///
+    /// # Errors
+    /// No rollout running on the route, or PostgreSQL unreachable.
+    async fn abort_rollout(&self, route: &str) -> Result<Response<ResponseBody>, GatewayError> {
+        let (rollout, committed) = self
+            .app
+            .fleet()
+            .abort_rollout(route, "aborted through the admin API")
+            .await
+            .map_err(fleet_unavailable)?
+            .ok_or_else(|| {
+                ClientError::NotFound(format!("no rollout is running on route {route}"))
+            })?;
+        Ok(reply(
+            StatusCode::OK,
+            &json!({
+                "rollout": rollout,
+                "revision": committed.revision,
+                "committed_at": committed.committed_at,
+            }),
+        ))
     }
 
     /// The live tasks, from their heartbeats.
