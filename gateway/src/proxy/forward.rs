@@ -26,13 +26,12 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tiergate_config::{HostHeader, UpstreamProtocol};
 use tokio::time::Instant;
 
-use super::body::{AttemptBody, BodySlot, BoxError, UploadState, UpstreamBody};
+use super::body::{AttemptBody, BodySlot, BoxError, Received, UploadState, UpstreamBody};
 use super::group::Group;
 use super::headers::{self, ClientSide};
 use super::pool::{HeadClock, Lease, SendError};
@@ -371,7 +370,7 @@ fn classify(group: &Group, target: &Target, err: &SendError, limit: Timeout) -> 
 /// given back when it ends), or the tunnel of an upgrade it accepted.
 fn answer(
     request: &mut Prepared<'_>,
-    mut rsp: Response<Incoming>,
+    mut rsp: Response<Received>,
     lease: Option<Lease>,
     in_flight: InFlight,
     sent: Instant,
