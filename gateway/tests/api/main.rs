@@ -25,6 +25,7 @@ mod items;
 mod openapi;
 mod proxy;
 mod proxy_hardening;
+mod raw;
 mod replica;
 mod rolling;
 mod shutdown;
