@@ -242,15 +242,24 @@ impl Body for AttemptBody {
     }
 }
 
+/// Where a response body comes from.
+#[derive(Debug)]
+pub(crate) enum Received {
+    /// hyper's client: HTTP/2 groups, and upgrades.
+    Hyper(Incoming),
+    /// The proxy's own HTTP/1.1 codec, through the connection's [`Lease`].
+    Native,
+}
+
 /// An upstream's response body on its way to the client. It counts as a request in
 /// flight to its target until it ends, and ends with an error at the group's request
 /// deadline (the client sees a cut response: its head was already sent).
 ///
-/// An HTTP/1.1 body drives its connection as it is read (see `pool`), and hands the
-/// connection back to the pool once it was read to the end.
+/// An HTTP/1.1 body is read from its connection as it is read (see `pool`), and hands
+/// the connection back to the pool once it was read to the end.
 #[derive(Debug)]
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: Received,
     lease: Option<Lease>,
     deadline: Instant,
     /// Armed the first time the body has to wait: a small answer usually arrives with
@@ -261,7 +270,7 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     pub(crate) fn new(
-        inner: Incoming,
+        inner: Received,
         lease: Option<Lease>,
         deadline: Instant,
         in_flight: InFlight,
@@ -294,6 +303,25 @@ impl UpstreamBody {
         self.lease = None;
         "the response passed the group's request_timeout".into()
     }
+
+    /// The next frame from where the body comes from.
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match (&mut self.inner, &mut self.lease) {
+            (Received::Hyper(body), Some(lease)) => {
+                lease.drive(cx);
+                // The frames come from the connection driven just above, and nothing
+                // else: waiting for them needs no waker of its own (one would only make
+                // the task wake itself for nothing when the connection hands one over).
+                Pin::new(body)
+                    .poll_frame(&mut Context::from_waker(Waker::noop()))
+                    .map_err(Into::into)
+            }
+            (Received::Hyper(body), None) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            (Received::Native, Some(lease)) => lease.poll_frame(cx),
+            // Ended, failed or cut: the error was given already.
+            (Received::Native, None) => Poll::Ready(None),
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -304,24 +332,14 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = match &mut self.lease {
-            Some(lease) => {
-                lease.drive(cx);
-                // The frames come from the connection driven just above, and nothing
-                // else: waiting for them needs no waker of its own (one would only make
-                // the task wake itself for nothing when the connection hands one over).
-                Pin::new(&mut self.inner).poll_frame(&mut Context::from_waker(Waker::noop()))
-            }
-            None => Pin::new(&mut self.inner).poll_frame(cx),
-        };
-        if let Poll::Ready(frame) = polled {
+        if let Poll::Ready(frame) = self.poll_inner(cx) {
             // The server stops polling once `is_end_stream` says so, so the last frame
             // is the moment to give the connection back.
             let ended = match &frame {
                 None => true,
                 // Trailers are the last frame of an HTTP/1.1 body, and the server
                 // polls no further after them.
-                Some(Ok(frame)) => frame.is_trailers() || self.inner.is_end_stream(),
+                Some(Ok(frame)) => frame.is_trailers() || self.is_end_stream(),
                 Some(Err(_)) => {
                     self.lease = None;
                     false
@@ -329,7 +347,7 @@ impl Body for UpstreamBody {
             };
             if ended {
                 if let Some(lease) = self.lease.take() {
-                    lease.release(cx);
+                    lease.release();
                 }
             } else if frame.as_ref().is_some_and(Result::is_ok) && Instant::now() >= self.deadline {
                 // The upstream had more ready: it is the client that read too slowly to
@@ -337,7 +355,7 @@ impl Body for UpstreamBody {
                 // reads it.)
                 return Poll::Ready(Some(Err(self.cut(Side::Client))));
             }
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            return Poll::Ready(frame);
         }
         let deadline = self.deadline;
         let timer = self
@@ -350,11 +368,21 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Received::Hyper(body) => body.is_end_stream(),
+            Received::Native => self.lease.as_ref().is_none_or(Lease::body_done),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Received::Hyper(body) => body.size_hint(),
+            Received::Native => self
+                .lease
+                .as_ref()
+                .and_then(Lease::body_left)
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
+        }
     }
 }
 
@@ -364,11 +392,9 @@ impl Drop for UpstreamBody {
     /// its end closes the connection: what is left of it would come before the next
     /// response.
     fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            if self.inner.is_end_stream() {
-                // Nothing waits to be woken: the next request polls the connection
-                // again with its own waker.
-                lease.release(&mut Context::from_waker(Waker::noop()));
+        if self.is_end_stream() {
+            if let Some(lease) = self.lease.take() {
+                lease.release();
             }
         }
     }

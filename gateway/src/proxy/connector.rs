@@ -98,6 +98,14 @@ pub(crate) struct CountedConnection {
     open: Option<Gauge>,
 }
 
+impl CountedConnection {
+    /// The socket, for the proxy's own HTTP/1.1 codec (`h1`), which reads and writes it
+    /// directly rather than through hyper's I/O traits.
+    pub(crate) fn stream(&mut self) -> &mut TcpStream {
+        self.io.inner_mut()
+    }
+}
+
 impl Drop for CountedConnection {
     fn drop(&mut self) {
         if let Some(open) = &self.open {

@@ -1,20 +1,20 @@
 //! A group's pool of keep-alive connections to its targets.
 //!
-//! HTTP/1.1 groups use a pool of their own over `hyper::client::conn::http1`. A
-//! connection is a pair: the `SendRequest` that hands it a request, and the connection
-//! future that does the reading and writing. No task of its own drives that future: the
-//! request using the connection polls it, next to the response future while it waits for
-//! the head ([`Pool::send`]) and inside [`UpstreamBody`]'s `poll_frame` while the body
-//! streams. A request so costs no hop to another task and no wake-up of one; hyper-util's
-//! pooled client spent most of its time per request there (checkout future, a task per
-//! connection woken through a channel per request, a spawned idle return per request).
+//! HTTP/1.1 groups use a pool of their own, over the proxy's own codec ([`h1`]): a
+//! connection is its socket, the buffers it writes requests from and reads responses
+//! into, and no task of its own drives it: the request using the connection writes and
+//! reads it, while it waits for the head ([`Pool::send`]) and inside [`UpstreamBody`]'s
+//! `poll_frame` while the body streams. A request so costs no hop to another task and
+//! no wake-up of one. A request asking for an upgrade goes through hyper's
+//! `client::conn::http1` instead, on a connection of its own, which hyper hands over to
+//! the tunnel after a `101`.
 //!
 //! What it takes:
 //! - a connection makes progress only while its request is polled: while the client
 //!   reads slowly, the upstream waits too (the backpressure a proxy wants anyway);
 //! - it goes back to the pool only when its response body was read to the end and it
 //!   is ready for the next request; otherwise it is closed (an upgrade is never back);
-//! - an idle connection is not watched: the pool polls it once when it is taken (a
+//! - an idle connection is not watched: the pool looks at it once when it is taken (a
 //!   target that closed it is seen then) and [`Pool::reap`] closes the expired and the
 //!   closed ones from time to time. A request a reused connection did not send (the
 //!   target closed it in the meantime) goes out again on another one.
@@ -38,9 +38,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
+use http::{Request, Response, Uri, header};
+use http_body::Frame;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -49,8 +50,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::body::{AttemptBody, BoxError, Upload, UploadState};
+use super::body::{AttemptBody, BoxError, Received, Upload, UploadState};
 use super::connector::CountingConnector;
+use super::h1;
 use crate::error::Timeout;
 
 /// A group's connections to its targets, by target index (the group's order).
@@ -250,7 +252,7 @@ impl Pool {
         index: usize,
         mut req: Request<AttemptBody>,
         clock: &mut HeadClock<'_>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+    ) -> Result<(Response<Received>, Option<Lease>), SendError> {
         let pool = match &self.kind {
             Kind::Http1(pool) => pool,
             Kind::H2 {
@@ -279,39 +281,42 @@ impl Pool {
                 })
                 .await;
                 return match answered {
-                    Some(Ok(rsp)) => Ok((rsp, None)),
+                    Some(Ok(rsp)) => Ok((rsp.map(Received::Hyper), None)),
                     Some(Err(err)) if err.is_connect() => Err(SendError::Connect(err.into())),
                     Some(Err(err)) => Err(SendError::Exchange(err.into())),
                     None => Err(SendError::TimedOut),
                 };
             }
         };
+        if req.headers().contains_key(header::UPGRADE) {
+            return self.send_upgrade(pool, index, req, clock).await;
+        }
+        let (parts, body) = req.into_parts();
+        let mut body = Some(body);
         loop {
             // Taking an idle connection is done at the first poll, before this timer is
             // ever registered; only a connect or a wait for room arms it.
-            let (mut conn, reused) = tokio::time::timeout_at(clock.due, pool.take(index))
+            let (mut conn, reused) = tokio::time::timeout_at(clock.due, pool.take(index, false))
                 .await
                 .map_err(|_| SendError::TimedOut)??;
             conn.arm(clock.due);
-            let mut response = pin!(conn.sender.try_send_request(req));
+            let Conn {
+                link, head_clock, ..
+            } = &mut conn;
+            let (Link::Native(link), Some(attempt)) = (link, body.take()) else {
+                return Err(SendError::Exchange("no HTTP/1.1 connection".into()));
+            };
+            link.start(&parts, attempt);
             let answered = poll_fn(|cx| {
-                conn.drive(cx);
-                // Only the connection, driven just above, completes the response
-                // future (or drops it, ending the connection), so that future never has
-                // to wake this task: a real waker would only make the task wake itself
-                // and run once more for nothing.
-                if let Poll::Ready(answered) = response
-                    .as_mut()
-                    .poll(&mut Context::from_waker(Waker::noop()))
-                {
+                if let Poll::Ready(answered) = link.poll_head(cx) {
                     return Poll::Ready(Some(answered));
                 }
-                // The connection polls the body as it drives, in this task: the end of
+                // The connection polls the body as it writes, in this task: the end of
                 // the upload is seen right here, with no waker of its own.
                 if let Some(due) = clock.update(None) {
-                    conn.arm(due);
+                    arm(head_clock, due);
                 }
-                conn.head_clock.as_mut().poll(cx).map(|()| None)
+                head_clock.as_mut().poll(cx).map(|()| None)
             })
             .await;
             // Dropping the connection closes it: what it would still bring is late.
@@ -319,28 +324,79 @@ impl Pool {
                 return Err(SendError::TimedOut);
             };
             match answered {
-                Ok(rsp) => {
+                Ok(head) => {
                     let lease = Lease {
                         conn,
                         pool: self.clone(),
                         index,
                     };
-                    return Ok((rsp, Some(lease)));
+                    return Ok((
+                        Response::from_parts(head.parts, Received::Native),
+                        Some(lease),
+                    ));
                 }
-                Err(mut err) => {
-                    // The target closed a reused connection just as it was taken; hyper
-                    // gives back a request it did not start to write, and that one goes
-                    // out again (a new connection gets no second chance: the failure is
-                    // the target's).
+                Err(err) => {
+                    // The target closed a reused connection just as it was taken: a
+                    // request not one byte of which was written goes out again (a new
+                    // connection gets no second chance: the failure is the target's).
                     if reused {
-                        if let Some(unsent) = err.take_message() {
-                            req = unsent;
+                        if let Some(unsent) = link.take_unsent() {
+                            body = Some(unsent);
                             continue;
                         }
                     }
-                    return Err(SendError::Exchange(err.into_error().into()));
+                    return Err(SendError::Exchange(err.into()));
                 }
             }
+        }
+    }
+
+    /// Sends a request asking for an upgrade through hyper, on a connection of its own
+    /// (an upgraded connection never comes back; one that was not upgraded is closed).
+    async fn send_upgrade(
+        self: &Arc<Self>,
+        pool: &Http1Pool,
+        index: usize,
+        req: Request<AttemptBody>,
+        clock: &mut HeadClock<'_>,
+    ) -> Result<(Response<Received>, Option<Lease>), SendError> {
+        let (mut conn, _) = tokio::time::timeout_at(clock.due, pool.take(index, true))
+            .await
+            .map_err(|_| SendError::TimedOut)??;
+        conn.arm(clock.due);
+        let Conn {
+            link, head_clock, ..
+        } = &mut conn;
+        let Link::Hyper { sender, driver } = link else {
+            return Err(SendError::Exchange("no connection for the upgrade".into()));
+        };
+        let mut response = pin!(sender.try_send_request(req));
+        let answered = poll_fn(|cx| {
+            drive(driver, cx);
+            // Only the connection, driven just above, completes the response future.
+            if let Poll::Ready(answered) = response
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+            {
+                return Poll::Ready(Some(answered));
+            }
+            if let Some(due) = clock.update(None) {
+                arm(head_clock, due);
+            }
+            head_clock.as_mut().poll(cx).map(|()| None)
+        })
+        .await;
+        match answered {
+            None => Err(SendError::TimedOut),
+            Some(Ok(rsp)) => {
+                let lease = Lease {
+                    conn,
+                    pool: self.clone(),
+                    index,
+                };
+                Ok((rsp.map(Received::Hyper), Some(lease)))
+            }
+            Some(Err(err)) => Err(SendError::Exchange(err.into_error().into())),
         }
     }
 
@@ -359,7 +415,7 @@ impl Pool {
                     {
                         closing.extend(idle.pop_front());
                     }
-                    idle.retain_mut(|i| i.conn.drive(&mut Context::from_waker(Waker::noop())));
+                    idle.retain_mut(|i| i.conn.alive(&mut Context::from_waker(Waker::noop())));
                 }
                 // Closing happens outside the lock: a close is a system call.
                 drop(closing);
@@ -416,24 +472,29 @@ impl Pool {
 impl Http1Pool {
     /// An idle connection to target `index` (`true`: reused) or a new one; under
     /// `max_connections_per_target`, waits up to `connect_timeout` for one of the two.
-    async fn take(&self, index: usize) -> Result<(Conn, bool), SendError> {
+    /// `upgrade`: a new connection through hyper, for a request asking for an upgrade.
+    async fn take(&self, index: usize, upgrade: bool) -> Result<(Conn, bool), SendError> {
         let slot = self
             .targets
             .get(index)
             .ok_or_else(|| SendError::Connect("no such target".into()))?;
         let Some(limit) = &slot.limit else {
-            if let Some(conn) = poll_fn(|cx| Poll::Ready(self.checkout(slot, cx))).await {
-                return Ok((conn, true));
+            if !upgrade {
+                if let Some(conn) = poll_fn(|cx| Poll::Ready(self.checkout(slot, cx))).await {
+                    return Ok((conn, true));
+                }
             }
-            return Ok((self.connect(slot, None).await?, false));
+            return Ok((self.connect(slot, None, upgrade).await?, false));
         };
         let give_up = Instant::now() + self.connect_timeout;
         loop {
             // Listen before looking: a connection checked in between is not missed.
             let mut returned = pin!(slot.returned.notified());
             returned.as_mut().enable();
-            if let Some(conn) = poll_fn(|cx| Poll::Ready(self.checkout(slot, cx))).await {
-                return Ok((conn, true));
+            if !upgrade {
+                if let Some(conn) = poll_fn(|cx| Poll::Ready(self.checkout(slot, cx))).await {
+                    return Ok((conn, true));
+                }
             }
             let room = tokio::select! {
                 room = limit.clone().acquire_owned() => room,
@@ -442,12 +503,12 @@ impl Http1Pool {
             };
             // The semaphore is never closed.
             let room = room.map_err(|_| SendError::Saturated)?;
-            return Ok((self.connect(slot, Some(room)).await?, false));
+            return Ok((self.connect(slot, Some(room), upgrade).await?, false));
         }
     }
 
-    /// The most recently used idle connection of `slot` that is still open and ready;
-    /// the closed ones met on the way are dropped.
+    /// The most recently used idle connection of `slot` that is still open; the closed
+    /// ones met on the way are dropped.
     fn checkout(&self, slot: &Slot, cx: &mut Context<'_>) -> Option<Conn> {
         loop {
             let entry = {
@@ -463,9 +524,9 @@ impl Http1Pool {
                 entry
             };
             let mut conn = entry.conn;
-            // One poll reads what the target sent while the connection sat idle: an
-            // end of stream (it closed) ends the connection here, not the request.
-            if conn.ready(cx) {
+            // One look at what the target sent while the connection sat idle: an end
+            // of stream (it closed) ends the connection here, not the request.
+            if conn.alive(cx) {
                 return Some(conn);
             }
         }
@@ -475,6 +536,7 @@ impl Http1Pool {
         &self,
         slot: &Slot,
         room: Option<OwnedSemaphorePermit>,
+        upgrade: bool,
     ) -> Result<Conn, SendError> {
         let io = self
             .connector
@@ -482,13 +544,20 @@ impl Http1Pool {
             .call(slot.uri.clone())
             .await
             .map_err(|err| SendError::Connect(err.into()))?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|err| SendError::Connect(err.into()))?;
+        let link = if upgrade {
+            let (sender, connection) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|err| SendError::Connect(err.into()))?;
+            Link::Hyper {
+                sender,
+                driver: Some(Box::pin(connection.with_upgrades())),
+            }
+        } else {
+            Link::Native(h1::Connection::new(io))
+        };
         Ok(Conn {
-            sender,
-            driver: Some(Box::pin(connection.with_upgrades())),
+            link,
             room,
             head_clock: Box::pin(tokio::time::sleep_until(Instant::now())),
         })
@@ -498,11 +567,9 @@ impl Http1Pool {
 /// The connection future; hyper does not name the type with upgrades.
 type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
 
-/// One HTTP/1.1 connection: the sender and the future that drives it.
+/// One HTTP/1.1 connection.
 struct Conn {
-    sender: SendRequest<AttemptBody>,
-    /// `None` once the connection ended (closed, failed or upgraded).
-    driver: Option<Driver>,
+    link: Link,
     /// Its place under `max_connections_per_target`, given back when it is dropped (or,
     /// after an upgrade, when the tunnel that took it over ends).
     room: Option<OwnedSemaphorePermit>,
@@ -513,38 +580,62 @@ struct Conn {
     head_clock: Pin<Box<Sleep>>,
 }
 
+/// What speaks HTTP/1.1 on a connection.
+enum Link {
+    /// The proxy's own codec (`h1`), for every request but upgrades.
+    Native(h1::Connection),
+    /// hyper's client connection, for a request asking for an upgrade: hyper hands the
+    /// connection over to the tunnel after the `101`.
+    Hyper {
+        sender: SendRequest<AttemptBody>,
+        /// `None` once the connection ended (closed, failed or upgraded).
+        driver: Option<Driver>,
+    },
+}
+
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.link {
+            Link::Native(_) => "native",
+            Link::Hyper { .. } => "hyper",
+        };
         f.debug_struct("Conn")
-            .field("open", &self.driver.is_some())
+            .field("link", &kind)
             .finish_non_exhaustive()
     }
 }
 
-impl Conn {
-    /// Lets the connection read and write what it can; `false` once it has ended.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(driver) = &mut self.driver {
-            if let Poll::Ready(ended) = driver.as_mut().poll(cx) {
-                if let Err(error) = ended {
-                    tracing::debug!(%error, "Upstream connection failed.");
-                }
-                self.driver = None;
+/// Lets a hyper connection read and write what it can; `false` once it has ended.
+fn drive(driver: &mut Option<Driver>, cx: &mut Context<'_>) -> bool {
+    if let Some(running) = driver {
+        if let Poll::Ready(ended) = running.as_mut().poll(cx) {
+            if let Err(error) = ended {
+                tracing::debug!(%error, "Upstream connection failed.");
             }
+            *driver = None;
         }
-        self.driver.is_some()
+    }
+    driver.is_some()
+}
+
+/// Sets the response head's deadline for the request about to go out.
+fn arm(head_clock: &mut Pin<Box<Sleep>>, head_by: Instant) {
+    if head_clock.deadline() != head_by {
+        head_clock.as_mut().reset(head_by);
+    }
+}
+
+impl Conn {
+    /// Whether an idle connection is still open.
+    fn alive(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.link {
+            Link::Native(link) => link.alive(cx),
+            Link::Hyper { .. } => false,
+        }
     }
 
-    /// Whether it can take the next request now.
-    fn ready(&mut self, cx: &mut Context<'_>) -> bool {
-        self.drive(cx) && self.sender.is_ready()
-    }
-
-    /// Sets the response head's deadline for the request about to go out.
     fn arm(&mut self, head_by: Instant) {
-        if self.head_clock.deadline() != head_by {
-            self.head_clock.as_mut().reset(head_by);
-        }
+        arm(&mut self.head_clock, head_by);
     }
 }
 
@@ -557,17 +648,49 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// Drives the connection: the body comes only as far as the connection reads it.
+    /// Drives a hyper connection: its body comes only as far as the connection reads it.
     pub(crate) fn drive(&mut self, cx: &mut Context<'_>) {
-        self.conn.drive(cx);
+        if let Link::Hyper { driver, .. } = &mut self.conn.link {
+            drive(driver, cx);
+        }
+    }
+
+    /// The next frame of a body read by the proxy's own codec.
+    pub(crate) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.conn.link {
+            Link::Native(link) => link.poll_frame(cx).map_err(Into::into),
+            Link::Hyper { .. } => Poll::Ready(None),
+        }
+    }
+
+    /// Whether the codec's body is complete.
+    pub(crate) fn body_done(&self) -> bool {
+        match &self.conn.link {
+            Link::Native(link) => link.body_done(),
+            Link::Hyper { .. } => true,
+        }
+    }
+
+    /// The exact length of what is left of the codec's body, when known.
+    pub(crate) fn body_left(&self) -> Option<u64> {
+        match &self.conn.link {
+            Link::Native(link) => link.body_left(),
+            Link::Hyper { .. } => None,
+        }
     }
 
     /// The response body was read to the end: the connection goes back to its pool if
-    /// it is ready for the next request (it is not when the target asked to close, or
-    /// the request body is still being sent), else it is closed.
-    pub(crate) fn release(mut self, cx: &mut Context<'_>) {
-        if self.conn.ready(cx) {
-            self.pool.checkin(self.index, self.conn);
+    /// it can carry the next request (not when the target asked to close, the request
+    /// body is still being sent, or anything came after the response), else it is
+    /// closed. A hyper connection (an upgrade that was refused) is closed.
+    pub(crate) fn release(self) {
+        if let Link::Native(link) = &self.conn.link {
+            if link.reusable() {
+                self.pool.checkin(self.index, self.conn);
+            }
         }
     }
 
@@ -575,14 +698,16 @@ impl Lease {
     /// Returns the connection's place under `max_connections_per_target`, which the
     /// upgraded connection still takes up: the caller holds it while the tunnel runs.
     pub(crate) async fn run_out(mut self) -> Option<OwnedSemaphorePermit> {
-        poll_fn(|cx| {
-            if self.conn.drive(cx) {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
+        if let Link::Hyper { driver, .. } = &mut self.conn.link {
+            poll_fn(|cx| {
+                if drive(driver, cx) {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+        }
         self.conn.room.take()
     }
 }
@@ -851,5 +976,121 @@ mod tests {
         pool.reap();
         assert_eq!(pool.idle(0), 0, "expired");
         assert!(reaches(&up.closed_by_proxy, 1).await, "and closed");
+    }
+
+    /// Sends a `GET /` and returns the attempt's result (the body's lease kept).
+    async fn attempt(pool: &Arc<Pool>) -> Result<(Response<Received>, Option<Lease>), SendError> {
+        let mut req = Request::new(AttemptBody::empty());
+        *req.uri_mut() = Uri::from_static("/");
+        pool.send(0, req, &mut by(Instant::now() + Duration::from_secs(5)))
+            .await
+    }
+
+    #[tokio::test]
+    async fn an_ambiguously_framed_response_breaks_the_exchange_and_closes_the_connection() {
+        // What a smuggler sends: one framing says the body is empty, the other that a
+        // second response follows on the connection.
+        let smuggling =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let up = upstream(smuggling, Then::KeepOpen).await;
+        let (pool, _) = pool(&up.addr, 8);
+        let refused = attempt(&pool).await;
+        assert!(
+            matches!(refused, Err(SendError::Exchange(_))),
+            "{refused:?}"
+        );
+        assert_eq!(pool.idle(0), 0, "never kept");
+        assert!(reaches(&up.closed_by_proxy, 1).await, "closed");
+    }
+
+    #[tokio::test]
+    async fn a_response_followed_by_bytes_nobody_asked_for_is_not_kept() {
+        let extra = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n";
+        let up = upstream(extra, Then::KeepOpen).await;
+        let (pool, target) = pool(&up.addr, 8);
+        assert_eq!(get(&pool, &target).await, "ok");
+        assert_eq!(
+            pool.idle(0),
+            0,
+            "what followed would be read as the next response"
+        );
+    }
+
+    #[tokio::test]
+    async fn chunked_responses_stream_with_their_trailers_and_the_connection_is_kept() {
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-sum: 7\r\n\r\n";
+        let up = upstream(chunked, Then::KeepOpen).await;
+        let (pool, target) = pool(&up.addr, 8);
+        for _ in 0..2 {
+            let collected = send(&pool, &target).await.collect().await.unwrap();
+            assert_eq!(
+                collected.trailers().map(|t| &t["x-sum"]),
+                Some(&http::HeaderValue::from_static("7"))
+            );
+            assert_eq!(collected.to_bytes(), "ok");
+        }
+        assert_eq!(
+            up.accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for both"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_of_unknown_length_goes_up_chunked() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let received = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.ends_with(b"0\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed early: {got:?}");
+                got.extend_from_slice(&buf[..n]);
+            }
+            stream.write_all(OK).await.unwrap();
+            String::from_utf8(got).unwrap()
+        });
+        let (pool, target) = pool(&addr, 8);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, BoxError>>(2);
+        let stream = http_body_util::StreamBody::new(tokio_stream_from(rx));
+        let slot = super::super::body::BodySlot::new(stream);
+        let mut req = Request::new(slot.attempt());
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = Uri::from_static("/up");
+        let sending = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let (rsp, lease) = pool.send(0, req, &mut by(deadline)).await.unwrap();
+                UpstreamBody::new(rsp.into_body(), lease, deadline, target.start_request())
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+            }
+        });
+        for part in ["hello", " world"] {
+            tx.send(Ok(http_body::Frame::data(Bytes::from(part))))
+                .await
+                .unwrap();
+        }
+        drop(tx);
+        assert_eq!(sending.await.unwrap(), "ok");
+        let got = received.await.unwrap();
+        assert!(got.starts_with("POST /up HTTP/1.1\r\n"), "{got}");
+        assert!(got.contains("\r\ntransfer-encoding: chunked\r\n"), "{got}");
+        assert!(
+            got.ends_with("\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "{got}"
+        );
+    }
+
+    /// The frames sent on `rx`, as a stream.
+    fn tokio_stream_from<T>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 }

@@ -10,8 +10,8 @@
 //!   what one attempt did), no ejection; the client reads the answer, then asks for the
 //!   probe on the same connection when the connection is still usable (else on a new
 //!   one);
-//! - directly with `hyper::client::conn::http1`, built as the proxy's pool builds it, its
-//!   connection polled by the request as the pool polls it; the probe goes on the same
+//! - directly with `hyper::client::conn::http1`, built as the proxy's pool built it before
+//!   its own codec, its connection polled by the request as that pool polled it; the probe goes on the same
 //!   connection when it is ready for another request (else, or when that send fails, on
 //!   a new one, as the pool resends a request a stale connection did not take).
 //!

@@ -558,3 +558,58 @@ async fn a_thousand_broken_uploads_leave_every_target_in_rotation() {
     assert!(available);
     app.stop().await;
 }
+
+/// Mutation: let `Transfer-Encoding` win over `Content-Length` in the codec's framing
+/// (`proxy/h1/head.rs`), as hyper's client does, and the client gets the 200 head (then
+/// a cut body); let `Content-Length` win, and the connection is kept and a later request
+/// shares it.
+#[tokio::test]
+async fn an_ambiguously_framed_upstream_response_is_a_502_and_its_connection_is_closed() {
+    let smuggler = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = smuggler.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let (accepted, requests) = (accepted.clone(), requests.clone());
+        async move {
+            while let Ok((mut stream, _)) = smuggler.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\
+                            Transfer-Encoding: chunked\r\n\r\n\
+                            HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let backends = Backends::new().await;
+    let mut settings = backends.settings();
+    settings.routes = vec![RouteSettings::upstream("site", "/", "smuggler")];
+    settings.upstreams = vec![UpstreamSettings::new("smuggler", &[target.as_str()])];
+    let app = TestApp::start(settings).await;
+    for _ in 0..2 {
+        let answer = exchange(
+            &app,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status_of(&answer), 502, "{answer}");
+        assert!(answer.contains("bad_gateway"), "{answer}");
+        assert!(!answer.contains("smuggled"), "{answer}");
+    }
+    // Retries included, each request came on a connection of its own.
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        requests.load(Ordering::SeqCst),
+        "a refused connection is never reused"
+    );
+    app.stop().await;
+}

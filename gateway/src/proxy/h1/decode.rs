@@ -58,6 +58,8 @@ pub(crate) enum Decoded {
 #[derive(Debug)]
 pub(crate) struct Decoder {
     state: State,
+    /// The body ends with the connection.
+    close_delimited: bool,
     /// Chunk-extension bytes seen so far.
     extensions: usize,
     /// Bytes at the buffer's start already searched for the end of the line or trailer
@@ -93,14 +95,29 @@ impl Decoder {
         };
         Self {
             state,
+            close_delimited: state == State::Close,
             extensions: 0,
             scanned: 0,
         }
     }
 
+    /// Whether the body is complete.
+    pub(crate) fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
     /// Whether the body's end is known from its framing, not from the connection's.
     pub(crate) fn delimited(&self) -> bool {
-        self.state != State::Close
+        !self.close_delimited
+    }
+
+    /// The exact number of body bytes left, when the framing says.
+    pub(crate) fn left(&self) -> Option<u64> {
+        match self.state {
+            State::Done => Some(0),
+            State::Length(left) => Some(left),
+            _ => None,
+        }
     }
 
     /// Decodes what `buf` holds next, taking it out of `buf`.
@@ -336,7 +353,9 @@ mod tests {
             decode(Framing::Close, b"all of it", 4).unwrap().0,
             b"all of it"
         );
-        assert!(!Decoder::new(Framing::Close).delimited());
+        let mut decoder = Decoder::new(Framing::Close);
+        let _ = decoder.decode_eof(&mut BytesMut::new());
+        assert!(!decoder.delimited(), "not even once ended");
     }
 
     #[test]

@@ -11,12 +11,14 @@
 //! when it needs more. [`decode_response`] runs both over a whole response at once, for
 //! the fuzz targets and the differential test.
 
+mod conn;
 mod decode;
 mod head;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 
+pub(crate) use conn::Connection;
 pub use decode::BodyError;
 use decode::{Decoded, Decoder};
 pub use head::HeadError;
