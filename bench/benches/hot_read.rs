@@ -106,7 +106,7 @@ fn hot_read(c: &mut Criterion) {
     let Ok(router) = Router::new(&settings, None) else {
         panic!("the default route table");
     };
-    let gateway = Gateway::new(router, app.clone(), &settings.http, None);
+    let gateway = Gateway::new(router, app.clone(), &settings.http, None, None);
     let id = runtime.block_on(async {
         app.start();
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -192,15 +192,15 @@ impl Shared {
 /// their bytes with the request's.
 #[derive(Debug)]
 pub(crate) struct RequestPart {
-    method: Method,
-    uri: Uri,
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
     version: Version,
     host: Option<HeaderValue>,
-    user_agent: Option<HeaderValue>,
+    pub(crate) user_agent: Option<HeaderValue>,
     amzn_trace_id: Option<HeaderValue>,
-    client: IpAddr,
+    pub(crate) client: IpAddr,
     body_size: Option<u64>,
-    trace: Option<TraceContext>,
+    pub(crate) trace: Option<TraceContext>,
 }
 
 impl RequestPart {
@@ -223,6 +223,22 @@ impl RequestPart {
             client: client_address(headers, peer.ip(), trusted_hops),
             body_size: req.body().size_hint().exact(),
             trace,
+        }
+    }
+
+    /// The host the request names, without its port.
+    pub(crate) fn server_address(&self) -> Option<&[u8]> {
+        server_address(&self.uri, self.host.as_ref())
+    }
+
+    /// The HTTP version, as `network.protocol.version` writes it.
+    pub(crate) fn protocol_version(&self) -> &'static str {
+        match self.version {
+            Version::HTTP_09 => "0.9",
+            Version::HTTP_10 => "1.0",
+            Version::HTTP_2 => "2",
+            Version::HTTP_3 => "3",
+            _ => "1.1",
         }
     }
 }
@@ -315,15 +331,12 @@ fn render(buf: &mut Vec<u8>, req: &RequestPart, rsp: &ResponsePart<'_>) {
     field_str(buf, "http.request.method", req.method.as_str().as_bytes());
     field_str(buf, "url.path", req.uri.path().as_bytes());
     field_bool(buf, "url.query_present", req.uri.query().is_some());
-    let version: &[u8] = match req.version {
-        Version::HTTP_09 => b"0.9",
-        Version::HTTP_10 => b"1.0",
-        Version::HTTP_2 => b"2",
-        Version::HTTP_3 => b"3",
-        _ => b"1.1",
-    };
-    field_str(buf, "network.protocol.version", version);
-    if let Some(host) = server_address(&req.uri, req.host.as_ref()) {
+    field_str(
+        buf,
+        "network.protocol.version",
+        req.protocol_version().as_bytes(),
+    );
+    if let Some(host) = req.server_address() {
         field_str(buf, "server.address", host);
     }
     field_str(buf, "route", rsp.route.as_bytes());

@@ -19,8 +19,10 @@ use std::time::Duration;
 
 use app_core::App;
 use app_core::api::X_CACHE;
+use app_core::spans::Recorder;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
+use futures_util::future;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -30,6 +32,7 @@ use tiergate_config::HttpSettings;
 use crate::access_log::{AccessLog, RequestPart, ResponsePart};
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
+use crate::otlp::SpanExport;
 use crate::path::{self, UnsafePath};
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
@@ -71,16 +74,20 @@ struct Inner {
     tunnels: proxy::Tunnels,
     /// Where each request's line goes; `None` when access lines are off.
     access_log: Option<AccessLog>,
+    /// Where sampled requests' spans go; `None` when span export is off.
+    spans: Option<SpanExport>,
 }
 
 impl Gateway {
     /// A gateway over `router` that hosts `app`, with the limits in `http`, writing an
-    /// access line per request to `access_log` when there is one.
+    /// access line per request to `access_log` when there is one, and exporting sampled
+    /// requests' spans to `spans` when there is one.
     pub fn new(
         router: Router,
         app: App,
         http: &HttpSettings,
         access_log: Option<AccessLog>,
+        spans: Option<SpanExport>,
     ) -> Self {
         let gateway = Self {
             inner: Arc::new(Inner {
@@ -95,6 +102,7 @@ impl Gateway {
                 body_read_timeout: http.body_read_timeout,
                 tunnels: proxy::Tunnels::default(),
                 access_log,
+                spans,
             }),
         };
         gateway.follow_fleet();
@@ -201,7 +209,7 @@ impl Gateway {
         // after this (it holds the route, which is all the app path keeps).
         let router = self.inner.router.load();
         let (route, refused) = route(&router, &mut req);
-        let (trace, logged) = self.inner.observe(&req, peer, &route, &router);
+        let (trace, logged, recorder) = self.inner.observe(&req, peer, &route, &router);
         let answer = match (refused, &route.handler) {
             (Some(why), _) => Answer::Refused(why),
             // Nearly every read: no body to wait for.
@@ -213,7 +221,7 @@ impl Gateway {
             (None, _) => Answer::Here(Box::new(req), arc_swap::Guard::into_inner(router)),
         };
         let gateway = self.clone();
-        async move {
+        let answered = async move {
             let inner = &gateway.inner;
             let mut upstream: Option<Upstream> = None;
             // Each arm ends in a response; an error becomes one through
@@ -289,6 +297,12 @@ impl Gateway {
             );
             rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             rsp
+        };
+        // A sampled request runs where the spans below its own are recorded; the others
+        // are left as they are (boxed: the hot path's future keeps its size).
+        match recorder {
+            None => future::Either::Left(answered),
+            Some(recorder) => future::Either::Right(Box::pin(recorder.scope(answered))),
         }
     }
 }
@@ -333,25 +347,37 @@ fn route<B>(router: &Router, req: &mut Request<B>) -> (Arc<Route>, Option<Unsafe
 type Upstream = (Arc<proxy::Group>, Option<usize>);
 
 impl Inner {
-    /// The request's trace (for the access line and the upstreams: none when neither
-    /// is there), and what its access line needs after the request is gone (nothing
-    /// when access lines are off; boxed, or it would double the future's size).
+    /// The request's trace (for the access line, the spans and the upstreams: none when
+    /// none of them is there), what its access line and span need after the request is
+    /// gone (nothing when both are off; boxed, or it would double the future's size), and
+    /// where the spans below its own are recorded, when it is sampled for export.
     fn observe<B: Body>(
         &self,
         req: &Request<B>,
         peer: Peer,
         route: &Route,
         router: &Router,
-    ) -> (Option<TraceContext>, Option<Box<RequestPart>>) {
-        let logging = self.access_log.is_some();
-        let trace = (logging || !matches!(route.handler, Handler::App))
+    ) -> (
+        Option<TraceContext>,
+        Option<Box<RequestPart>>,
+        Option<Recorder>,
+    ) {
+        let logging = self.access_log.is_some() || self.spans.is_some();
+        let mut trace = (logging || !matches!(route.handler, Handler::App))
             .then(|| TraceContext::of(req.headers(), router.proxy.start_traces))
             .flatten();
+        let recorder = match (&self.spans, &mut trace) {
+            (Some(spans), Some(trace)) if spans.samples(trace) => {
+                trace.mark_sampled();
+                Some(Recorder::default())
+            }
+            _ => None,
+        };
         let logged = logging.then(|| {
             let hops = router.proxy.trusted_hops;
             Box::new(RequestPart::of(req, peer.addr, hops, trace))
         });
-        (trace, logged)
+        (trace, logged, recorder)
     }
 
     /// Step 4: the request's metrics, and its access line when access lines are on.
@@ -365,7 +391,7 @@ impl Inner {
         elapsed: Duration,
     ) {
         route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
-        let (Some(log), Some(logged)) = (&self.access_log, logged) else {
+        let Some(logged) = logged else {
             return;
         };
         let upstream = upstream.map(|(group, target)| {
@@ -381,7 +407,14 @@ impl Inner {
             upstream,
             duration: elapsed,
         };
-        log.log(&logged, &answered);
+        if let Some(log) = &self.access_log {
+            log.log(&logged, &answered);
+        }
+        if let (Some(spans), Some(trace), Some(recorder)) =
+            (&self.spans, &logged.trace, Recorder::current())
+        {
+            spans.request_done(trace, &logged, &answered, &recorder);
+        }
     }
 
     /// The app's answer under the app's budget (`http.max_in_flight`, on the routes that
