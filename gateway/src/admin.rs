@@ -418,13 +418,14 @@ impl Admin {
         &self,
         ask: &RolloutAsk,
     ) -> Result<Response<ResponseBody>, GatewayError> {
+        // Malformed is 400 whatever the route, so the contract's rules are checked first.
+        let shape = ask.shape().map_err(ClientError::BadRequest)?;
         let plan = {
             let router = self.gateway.router();
             let split = split_named(&router, &ask.route)?;
-            crate::control::plan(ask, split, &split.weights()).map_err(|e| match e {
+            crate::control::plan(ask, shape, split, &split.weights()).map_err(|e| match e {
                 PlanError::NoSuchGroup { .. } => ClientError::NotFound(e.to_string()),
                 PlanError::NothingToMove { .. } => ClientError::Conflict(e.to_string()),
-                PlanError::Invalid(why) => ClientError::BadRequest(why),
             })?
         };
         let fleet = self.app.fleet();

@@ -147,6 +147,7 @@ impl Commands {
     /// Bad arguments, a rollout already running on the route, PostgreSQL unreachable,
     /// or a rollout that rolled back (its reason).
     pub async fn rollout(&self, ask: &RolloutAsk) -> Result<Value, ControlError> {
+        let shape = ask.shape().map_err(ControlError::Invalid)?;
         let snapshot = self.control.snapshot().await.map_err(database)?;
         let split = self.split(&ask.route)?;
         let in_force = snapshot
@@ -154,7 +155,8 @@ impl Commands {
             .iter()
             .find(|o| o.route == ask.route)
             .map_or_else(|| split.file_weights(), |o| o.weights.clone());
-        let plan = plan(ask, split, &in_force).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let plan =
+            plan(ask, shape, split, &in_force).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let holder = format!("cli-{}-{:08x}", std::process::id(), fastrand::u32(..));
         let Some(started) = self
             .control
@@ -294,7 +296,31 @@ fn whole_numbers<'de, D: serde::Deserializer<'de>>(from: D) -> Result<Vec<i32>, 
         .collect()
 }
 
-/// Why a rollout as asked cannot start.
+/// What a rollout asks for, each part well formed; the route is not looked at yet.
+#[derive(Debug)]
+pub struct Shape {
+    steps: Vec<i32>,
+    interval: std::time::Duration,
+    max_error_rate: f64,
+    max_p99: std::time::Duration,
+}
+
+impl RolloutAsk {
+    /// The ask's own rules (the API contract's): steps, durations and percentage.
+    ///
+    /// # Errors
+    /// The first part that is not well formed, for the operator.
+    pub fn shape(&self) -> Result<Shape, String> {
+        Ok(Shape {
+            steps: rising_steps(&self.steps)?,
+            interval: parse_duration("interval", &self.interval)?,
+            max_error_rate: parse_percent(&self.max_error_rate)?,
+            max_p99: parse_duration("max_p99", &self.max_p99)?,
+        })
+    }
+}
+
+/// Why a well-formed rollout cannot start on the route.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     /// `to` is not one of the route's groups.
@@ -307,25 +333,19 @@ pub enum PlanError {
     /// Everything already goes to `to`: there is nothing to move.
     #[error("route {route} already sends everything to {to}")]
     NothingToMove { route: String, to: String },
-    /// A step, duration or percentage that is not well formed.
-    #[error("{0}")]
-    Invalid(String),
 }
 
-/// Checks `ask` against the route's split; the previous group is the one with the most
+/// The plan for `ask` on the route's split; the previous group is the one with the most
 /// weight `in_force` other than the target.
 ///
 /// # Errors
-/// Why the rollout cannot be done, for the operator.
+/// Why the rollout cannot be done on this route, for the operator.
 pub fn plan(
     ask: &RolloutAsk,
+    shape: Shape,
     split: &crate::proxy::Split,
     in_force: &Weights,
 ) -> Result<Plan, PlanError> {
-    let steps = rising_steps(&ask.steps).map_err(PlanError::Invalid)?;
-    let interval = parse_duration("interval", &ask.interval).map_err(PlanError::Invalid)?;
-    let max_error_rate = parse_percent(&ask.max_error_rate).map_err(PlanError::Invalid)?;
-    let max_p99 = parse_duration("max_p99", &ask.max_p99).map_err(PlanError::Invalid)?;
     let file = split.file_weights();
     if !file.contains_key(&ask.to) {
         let groups: Vec<&str> = file.keys().map(String::as_str).collect();
@@ -348,10 +368,10 @@ pub fn plan(
         route: ask.route.clone(),
         from,
         to: ask.to.clone(),
-        steps,
-        interval,
-        max_error_rate,
-        max_p99,
+        steps: shape.steps,
+        interval: shape.interval,
+        max_error_rate: shape.max_error_rate,
+        max_p99: shape.max_p99,
     })
 }
 

@@ -622,6 +622,62 @@ async fn the_admin_api_resets_waits_and_lists_the_fleet() {
     );
 }
 
+/// A rollout plan gets the answer for what is wrong with it: a malformed plan 400 even on
+/// a route that does not exist (the contract's rules come first), then 404 for a route or
+/// group that does not exist, 409 when everything already goes to the target; and steps
+/// given in any order run rising.
+#[tokio::test]
+async fn a_rollout_plan_is_refused_by_what_is_wrong_with_it() {
+    let fleet = Fleet::new().await;
+    let task = fleet.task("1s").await;
+    let plan = |route: &str, to: &str, steps: Value, interval: &str, rate: &str| {
+        json!({
+            "route": route, "to": to, "steps": steps,
+            "interval": interval, "max_error_rate": rate, "max_p99": "500ms",
+        })
+    };
+    let cases = [
+        (plan("nowhere", "green", json!([5, 25]), "30s", "1%"), 400),
+        (plan("nowhere", "green", json!([100]), "1m30s", "1%"), 400),
+        (plan("nowhere", "green", json!([100]), "30s", "100.5%"), 400),
+        (
+            plan("nowhere", "green", json!([50, 50, 100]), "30s", "1%"),
+            400,
+        ),
+        (plan("nowhere", "green", json!([100]), "30s", "1%"), 404),
+        (plan("web", "purple", json!([100]), "30s", "1%"), 404),
+        (plan("web", "blue", json!([100]), "30s", "1%"), 409),
+    ];
+    for (ask, expected) in cases {
+        let rsp = fleet
+            .client
+            .post(format!("http://{}/admin/rollouts", task.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&ask)
+            .send()
+            .await
+            .unwrap();
+        let status = rsp.status().as_u16();
+        let body: Value = rsp.json().await.unwrap();
+        assert_eq!(status, expected, "{ask} → {body}");
+    }
+
+    let rsp = fleet
+        .client
+        .post(format!("http://{}/admin/rollouts", task.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&plan("web", "green", json!([100, 5, 50]), "1h", "0.5%"))
+        .send()
+        .await
+        .unwrap();
+    let started: Value = rsp.json().await.unwrap();
+    assert_eq!(started["steps"], json!([5, 50, 100]), "{started}");
+    let first_step = json!({"blue": 95, "green": 5});
+    fleet
+        .until_split(&task, "web", &first_step, Duration::from_secs(5))
+        .await;
+}
+
 /// Closed-loop GETs of `path` through `front` until stopped: (answers by group, failed
 /// requests with their reason), the answers in order per worker.
 struct FrontLoad {
