@@ -258,7 +258,16 @@ async fn a_collector_gets_the_request_span_with_the_access_lines_ids_and_its_chi
     );
     let request = find(&proxied_trace, &proxied_span);
     assert!(request.parent_span_id.is_empty(), "a trace started here");
-    assert!(metric(&task, "tiergate_trace_spans_exported_total").await >= 4.0);
+    // Counted once the collector's answer is back, which may be after the test saw the
+    // spans: polled until then.
+    let counted = async {
+        while metric(&task, "tiergate_trace_spans_exported_total").await < 4.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), counted)
+        .await
+        .expect("the exported spans counted");
 }
 
 /// Mutation checked: with `SpanExport::queue` sending with `send().await` in a blocking
