@@ -44,45 +44,17 @@ rows=${ROWS:-l1-hit,l1-hit-logged,proxy-1k}
 want() { [[ ,$rows, == *,$1,* ]]; }
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-log() { printf '[callgrind] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-have() { command -v "$1" >/dev/null 2>&1 || [[ -x /usr/sbin/$1 ]]; }
-missing=()
-have valgrind || missing+=(valgrind)
-have jq || missing+=(jq)
-have curl || missing+=(curl)
-have psql || missing+=(postgresql-client)
-have taskset || missing+=(util-linux)
-have ss || missing+=(iproute2)
-have redis-cli || missing+=(redis-tools)
-if ((${#missing[@]})); then
-  log "installing with apt-get: ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
-    { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; } ||
-    die "apt-get install ${missing[*]} failed"
-fi
-PATH=$PATH:/usr/sbin
-if (($(nproc) >= 2)); then server_cpu=0 client_cpu=1; else server_cpu=0 client_cpu=0; log "one core: server and loadgen share it"; fi
-
-if [[ -n ${BIN_DIR:-} ]]; then
-  bin=$(cd "$BIN_DIR" && pwd)
-else
-  log "building release binaries (tiergate, loadgen, limit-server)"
-  cargo build --release -q -p gateway -p bench --bins
-  bin=${CARGO_TARGET_DIR:-$root/target}/release
-fi
-for b in tiergate loadgen limit-server; do [[ -x $bin/$b ]] || die "no $b in $bin"; done
+# shellcheck source=bench/lib.sh
+. bench/lib.sh callgrind
+install_missing valgrind:valgrind jq:jq curl:curl psql:postgresql-client taskset:util-linux ss:iproute2 redis-cli:redis-tools
+pick_cores
+release_binaries
 
 tmp=$(mktemp -d)
 prefix=callgrind-$$
-pids=()
 created_db=
-pg() { PGPASSWORD=postgres psql -X -q -h 127.0.0.1 -U postgres -d postgres "$@"; }
 cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  stop_started
   rm -rf "$tmp"
   if [[ -n ${REDIS_URL:-} ]]; then
     redis-cli -u "$REDIS_URL" --scan --pattern "$prefix*" 2>/dev/null |
@@ -93,32 +65,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Ports nothing listens on, below Linux's ephemeral range (others run servers here too).
-taken=" " port=
-free_port() {
-  local i
-  for ((i = 0; i < 200; i++)); do
-    port=$((20000 + RANDOM % 12000))
-    [[ $taken == *" $port "* ]] && continue
-    if [[ -z $(ss -Htan "( sport = :$port )" 2>/dev/null) ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      taken+="$port "
-      return 0
-    fi
-  done
-  die "found no free port"
-}
-
-# Waits until $2 answers 200 while process $1 lives (at most 120 s: valgrind starts slowly).
-up() {
-  local pid=$1 url=$2 i
-  for ((i = 0; i < 1200; i++)); do
-    if curl -fsS -o /dev/null "$url" 2>/dev/null; then kill -0 "$pid" 2>/dev/null && return 0; fi
-    kill -0 "$pid" 2>/dev/null || { log "process $pid exited before $url answered"; return 1; }
-    sleep 0.1
-  done
-  log "$url did not answer within 120 s"
-  return 1
-}
 why() { head -c 300 "$1" 2>/dev/null | tr '\n|' '  '; }
 
 # Starts Tiergate under callgrind with the environment and arguments given; sets $server.
@@ -171,7 +117,7 @@ l1_row() {
   log "$row: starting Tiergate under callgrind"
   start_tiergate "$tmp/$row.log" TIERGATE_LISTEN__HTTP=127.0.0.1:$http_port \
     TIERGATE_LISTEN__ADMIN=127.0.0.1:$admin_port TIERGATE_REDIS__KEY_PREFIX=$prefix
-  up "$server" "http://127.0.0.1:$admin_port/readyz" || die "Tiergate did not start: $(why "$tmp/$row.log")"
+  up "$server" "http://127.0.0.1:$admin_port/readyz" 120 || die "Tiergate did not start: $(why "$tmp/$row.log")"
   id=$(curl -fsS -H 'content-type: application/json' -d '{"name":"callgrind"}' \
     "http://127.0.0.1:$http_port/items" | jq -r .item.id) || die "could not create an item"
   curl -fsS -o /dev/null "http://127.0.0.1:$http_port/items/$id"
@@ -202,7 +148,7 @@ if want proxy-1k; then
   taskset -c "$client_cpu" "$bin/limit-server" "127.0.0.1:$upstream_port" --threads 1 --body-bytes 1024 \
     >"$tmp/upstream.log" 2>&1 &
   pids+=($!)
-  up $! "http://127.0.0.1:$upstream_port/" || die "limit-server did not start: $(why "$tmp/upstream.log")"
+  up $! "http://127.0.0.1:$upstream_port/" 120 || die "limit-server did not start: $(why "$tmp/upstream.log")"
   cat >"$tmp/proxy.toml" <<CONF
 [listen]
 http = "127.0.0.1:$proxy_port"
@@ -219,7 +165,7 @@ CONF
   TIERGATE_ARGS=(--config "$tmp/proxy.toml")
   log "proxy-1k: starting Tiergate under callgrind"
   start_tiergate "$tmp/proxy.log" TIERGATE_REDIS__KEY_PREFIX=$prefix
-  up "$server" "http://127.0.0.1:$proxy_port/" || die "Tiergate did not start: $(why "$tmp/proxy.log")"
+  up "$server" "http://127.0.0.1:$proxy_port/" 120 || die "Tiergate did not start: $(why "$tmp/proxy.log")"
   log "proxy-1k: $warmup requests, then $requests counted"
   table+=("| proxy-1k: 1 KiB GET through one upstream group | $(count proxy-1k "$server" "http://127.0.0.1:$proxy_port/") |")
 fi

@@ -77,38 +77,12 @@ tables=${TABLES:-app,proxy,tls}
 want() { [[ ,$tables, == *,$1,* ]]; }
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-log() { printf '[compare] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-have() { command -v "$1" >/dev/null 2>&1 || [[ -x /usr/sbin/$1 ]]; }
-missing=()
-have nginx || missing+=(nginx)
-have haproxy || missing+=(haproxy)
-have jq || missing+=(jq)
-have openssl || missing+=(openssl)
-have curl || missing+=(curl)
-have psql || missing+=(postgresql-client)
-have taskset || missing+=(util-linux)
-have ss || missing+=(iproute2)
-have redis-cli || missing+=(redis-tools)
-if ((${#missing[@]})); then
-  log "installing with apt-get: ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
-    { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; } ||
-    die "apt-get install ${missing[*]} failed"
-fi
-PATH=$PATH:/usr/sbin
-cores=$(nproc)
-if ((cores >= 2)); then server_cpu=0 client_cpu=1; else server_cpu=0 client_cpu=0; log "one core: server and loadgen share it"; fi
-
-if [[ -n ${BIN_DIR:-} ]]; then
-  bin=$(cd "$BIN_DIR" && pwd) || die "BIN_DIR $BIN_DIR is not a directory"
-  for b in tiergate loadgen limit-server; do [[ -x $bin/$b ]] || die "no $b in $bin"; done
-else
-  log "building release binaries (tiergate, loadgen, limit-server)"
-  cargo build --release -q -p gateway -p bench --bins
-  bin=$root/target/release
-fi
+# shellcheck source=bench/lib.sh
+. bench/lib.sh compare
+install_missing nginx:nginx haproxy:haproxy jq:jq openssl:openssl curl:curl psql:postgresql-client \
+  taskset:util-linux ss:iproute2 redis-cli:redis-tools
+pick_cores
+release_binaries
 
 scripts/services >&2 || die "PostgreSQL and Redis are not up and scripts/services could not start them"
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/tiergate_bench}
@@ -117,7 +91,6 @@ db=${DATABASE_URL##*/}
 db=${db%%\?*}
 # A database this run creates is dropped at exit; one that was there is left alone.
 created_db=
-pg() { PGPASSWORD=postgres psql -X -q -h 127.0.0.1 -U postgres -d postgres "$@"; }
 if [[ $db =~ ^[a-z_][a-z0-9_]*$ ]]; then
   if ! pg -tc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
     if pg -c "CREATE DATABASE $db" >/dev/null; then
@@ -129,11 +102,8 @@ if [[ $db =~ ^[a-z_][a-z0-9_]*$ ]]; then
 fi
 
 tmp=$(mktemp -d)
-pids=()
 cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  stop_started
   rm -rf "$tmp"
   # Tiergate's cache keys of this run (both instances' prefixes), and its database.
   redis-cli -u "$REDIS_URL" --scan --pattern 'bench-compare*' 2>/dev/null |
@@ -143,37 +113,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Waits until $2 answers 200 while process $1 lives (at most 30 s); says why not.
-up() {
-  local pid=$1 url=$2 i
-  for ((i = 0; i < 300; i++)); do
-    # Alive too: a port taken by someone else's server must not pass for ours.
-    if curl -kfsS -o /dev/null "$url" 2>/dev/null; then kill -0 "$pid" 2>/dev/null && return 0; fi
-    kill -0 "$pid" 2>/dev/null || { log "process $pid exited before $url answered"; return 1; }
-    sleep 0.1
-  done
-  log "$url did not answer within 30 s"
-  return 1
-}
 # The first lines of a log, on one line, for a table cell.
 why() { head -c 200 "$1" 2>/dev/null | tr '\n|' '  '; }
 
-# Ports nothing listens on (others may run servers on this box: never assume a fixed
-# one). free_port sets $port; not called in $(...), so `taken` grows in this shell.
-taken=" " port=
-free_port() {
-  local i
-  for ((i = 0; i < 200; i++)); do
-    # Below Linux's ephemeral range (32768 and up), where clients' own ports live.
-    port=$((20000 + RANDOM % 12000))
-    [[ $taken == *" $port "* ]] && continue
-    if [[ -z $(ss -Htan "( sport = :$port )" 2>/dev/null) ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      taken+="$port "
-      return 0
-    fi
-  done
-  die "found no free port"
-}
 free_port && limit_port=$port
 free_port && upstream_port=$port
 free_port && tiergate_port=$port

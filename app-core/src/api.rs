@@ -43,69 +43,67 @@ enum ApiRoute {
 }
 
 /// What a method on an endpoint leads to, given the path's `{…}` segment (empty when the
-/// path has none).
-type ToRoute = fn(&str) -> Result<ApiRoute, ApiError>;
-
-/// A path of the items API and what each method on it does.
+/// path has none). Opaque outside the crate: others read only the table's paths and methods.
 #[derive(Debug)]
-pub struct Endpoint {
+pub struct ToRoute(fn(&str) -> Result<ApiRoute, ApiError>);
+
+/// A path of an endpoint table and what each method on it leads to: the items API's
+/// routes here, the admin listener's operations in the gateway.
+#[derive(Debug)]
+pub struct Endpoint<T: 'static> {
     /// The path as `docs/openapi.yaml` writes it; `{…}` stands for one path segment.
     pub path: &'static str,
     /// The `Allow` header of a 405: the methods of `routes`, in order (a test checks).
-    allow: &'static str,
-    routes: &'static [(Method, ToRoute)],
+    pub allow: &'static str,
+    /// Each method the path answers and what it leads to.
+    pub routes: &'static [(Method, T)],
 }
 
-impl Endpoint {
+impl<T> Endpoint<T> {
     /// The methods this path answers.
     pub fn methods(&self) -> impl Iterator<Item = &Method> {
         self.routes.iter().map(|(method, _)| method)
     }
 }
 
-/// The items API: the one table its router reads, and the one the contract
-/// test compares with `docs/openapi.yaml`. The hot path, one item, comes first. HEAD is
-/// a GET whose body the listener drops (RFC 9110 §9.3.2).
-pub static ENDPOINTS: [Endpoint; 3] = [
-    Endpoint {
-        path: "/items/{id}",
-        allow: "GET, HEAD, PUT, DELETE",
-        routes: &[
-            (Method::GET, |id| item(id, ApiRoute::Get)),
-            (Method::HEAD, |id| item(id, ApiRoute::Get)),
-            (Method::PUT, |id| item(id, ApiRoute::Update)),
-            (Method::DELETE, |id| item(id, ApiRoute::Delete)),
-        ],
+/// Why an endpoint table has no route for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unrouted {
+    /// No endpoint has this path: a 404.
+    NoPath,
+    /// The path's endpoint does not answer this method: a 405 with this `Allow`.
+    Method {
+        /// The endpoint's `Allow` header.
+        allow: &'static str,
     },
-    Endpoint {
-        path: "/items",
-        allow: "GET, HEAD, POST",
-        routes: &[
-            (Method::GET, |_| Ok(ApiRoute::List)),
-            (Method::HEAD, |_| Ok(ApiRoute::List)),
-            (Method::POST, |_| Ok(ApiRoute::Create)),
-        ],
-    },
-    Endpoint {
-        path: "/health",
-        allow: "GET, HEAD",
-        routes: &[
-            (Method::GET, |_| Ok(ApiRoute::Health)),
-            (Method::HEAD, |_| Ok(ApiRoute::Health)),
-        ],
-    },
-];
+}
 
-/// The route to item `id`, or a 400 naming what is wrong with it.
-fn item(id: &str, route: fn(ItemId) -> ApiRoute) -> Result<ApiRoute, ApiError> {
-    ItemId::parse(id).map(route).map_err(ApiError::bad_request)
+/// What `method` on `path` leads to in `table`, with the path's `{…}` segment (empty when
+/// the endpoint's path has none). The first endpoint whose path matches decides.
+///
+/// # Errors
+/// No endpoint has this path, or it does not answer this method.
+pub fn route<'t, 'p, T>(
+    table: &'t [Endpoint<T>],
+    method: &Method,
+    path: &'p str,
+) -> Result<(&'t T, &'p str), Unrouted> {
+    let (endpoint, parameter) = table
+        .iter()
+        .find_map(|endpoint| Some((endpoint, match_path(endpoint.path, path)?)))
+        .ok_or(Unrouted::NoPath)?;
+    match endpoint.routes.iter().find(|(m, _)| m == method) {
+        Some((_, to)) => Ok((to, parameter)),
+        None => Err(Unrouted::Method {
+            allow: endpoint.allow,
+        }),
+    }
 }
 
 /// Whether `path` matches `template`, segment by segment, where a `{…}` segment of the
 /// template matches any non-empty one: `Some` of that segment (empty when the template
-/// has none), else `None`. The routers of the items API and the admin listener both read
-/// their tables with it.
-pub fn match_path<'p>(template: &str, path: &'p str) -> Option<&'p str> {
+/// has none), else `None`.
+fn match_path<'p>(template: &str, path: &'p str) -> Option<&'p str> {
     let mut parameter = "";
     let mut templates = template.split('/');
     let mut segments = path.split('/');
@@ -124,17 +122,50 @@ pub fn match_path<'p>(template: &str, path: &'p str) -> Option<&'p str> {
     }
 }
 
+/// The items API: the one table its router reads, and the one the contract
+/// test compares with `docs/openapi.yaml`. The hot path, one item, comes first. HEAD is
+/// a GET whose body the listener drops (RFC 9110 §9.3.2).
+pub static ENDPOINTS: [Endpoint<ToRoute>; 3] = [
+    Endpoint {
+        path: "/items/{id}",
+        allow: "GET, HEAD, PUT, DELETE",
+        routes: &[
+            (Method::GET, ToRoute(|id| item(id, ApiRoute::Get))),
+            (Method::HEAD, ToRoute(|id| item(id, ApiRoute::Get))),
+            (Method::PUT, ToRoute(|id| item(id, ApiRoute::Update))),
+            (Method::DELETE, ToRoute(|id| item(id, ApiRoute::Delete))),
+        ],
+    },
+    Endpoint {
+        path: "/items",
+        allow: "GET, HEAD, POST",
+        routes: &[
+            (Method::GET, ToRoute(|_| Ok(ApiRoute::List))),
+            (Method::HEAD, ToRoute(|_| Ok(ApiRoute::List))),
+            (Method::POST, ToRoute(|_| Ok(ApiRoute::Create))),
+        ],
+    },
+    Endpoint {
+        path: "/health",
+        allow: "GET, HEAD",
+        routes: &[
+            (Method::GET, ToRoute(|_| Ok(ApiRoute::Health))),
+            (Method::HEAD, ToRoute(|_| Ok(ApiRoute::Health))),
+        ],
+    },
+];
+
+/// The route to item `id`, or a 400 naming what is wrong with it.
+fn item(id: &str, route: fn(ItemId) -> ApiRoute) -> Result<ApiRoute, ApiError> {
+    ItemId::parse(id).map(route).map_err(ApiError::bad_request)
+}
+
 impl ApiRoute {
     fn parse(method: &Method, path: &str) -> Result<Self, ApiError> {
-        let Some((endpoint, parameter)) = ENDPOINTS
-            .iter()
-            .find_map(|endpoint| Some((endpoint, match_path(endpoint.path, path)?)))
-        else {
-            return Err(ApiError::not_found("no such route"));
-        };
-        match endpoint.routes.iter().find(|(m, _)| m == method) {
-            Some((_, route)) => route(parameter),
-            None => Err(ApiError::method_not_allowed(endpoint.allow)),
+        match route(&ENDPOINTS, method, path) {
+            Ok((ToRoute(to_route), parameter)) => to_route(parameter),
+            Err(Unrouted::NoPath) => Err(ApiError::not_found("no such route")),
+            Err(Unrouted::Method { allow }) => Err(ApiError::method_not_allowed(allow)),
         }
     }
 }

@@ -21,8 +21,8 @@ use tokio::sync::Notify;
 use crate::cache::l2::{L2, unix_micros};
 use crate::health::BuildInfo;
 use crate::rollout::{LEASE, since};
-use crate::store::fleet::{Committed, Heartbeat, Snapshot, TaskRow, Weights};
-use crate::store::rollout::Window;
+use crate::store::fleet::{Changer, Committed, Heartbeat, Snapshot, TaskRow, Weights};
+use crate::store::rollout::{RolloutRow, Window};
 use crate::store::{Database, StoreError};
 
 /// The routes with a runtime split at one revision. A route not here serves its file
@@ -103,7 +103,8 @@ impl Control {
 
     /// Sets (or with `None` resets) route `route`'s split fleet-wide, then publishes the
     /// change. A failed publish is only logged: every task's poll finds the change
-    /// within `fleet.poll_interval`.
+    /// within `fleet.poll_interval`. `None` when `by` may not change it now (an operator
+    /// while a rollout runs on the route, a driver that lost its rollout).
     ///
     /// # Errors
     /// The database is unreachable: nothing changed.
@@ -111,8 +112,44 @@ impl Control {
         &self,
         route: &str,
         weights: Option<&Weights>,
-    ) -> Result<(Committed, Change), StoreError> {
-        let committed = self.db.fleet_set_split(route, weights).await?;
+        by: Changer<'_>,
+    ) -> Result<Option<(Committed, Change)>, StoreError> {
+        let Some(committed) = self.db.fleet_set_split(route, weights, by).await? else {
+            return Ok(None);
+        };
+        Ok(Some((
+            committed,
+            self.announce(committed, route, weights).await,
+        )))
+    }
+
+    /// Aborts the rollout running on `route`, returning the route to 100 % of its
+    /// previous group, and publishes that change; `None` when none runs.
+    ///
+    /// # Errors
+    /// The database is unreachable: nothing changed.
+    pub async fn abort_rollout(
+        &self,
+        route: &str,
+        reason: &str,
+    ) -> Result<Option<(RolloutRow, Committed, Change)>, StoreError> {
+        let Some((rollout, committed)) = self.db.rollout_abort(route, reason).await? else {
+            return Ok(None);
+        };
+        let back = crate::rollout::step_weights(&rollout, 0);
+        let change = self.announce(committed, route, Some(&back)).await;
+        metrics::counter!("tiergate_fleet_rollouts_total", "outcome" => "aborted").increment(1);
+        tracing::warn!(rollout = rollout.id, route, reason, "Rollout aborted.");
+        Ok(Some((rollout, committed, change)))
+    }
+
+    /// Publishes a committed change to every task.
+    async fn announce(
+        &self,
+        committed: Committed,
+        route: &str,
+        weights: Option<&Weights>,
+    ) -> Change {
         let change = Change {
             revision: committed.revision,
             route: route.to_owned(),
@@ -120,7 +157,7 @@ impl Control {
             sent_at_micros: unix_micros(),
         };
         self.publish(&change).await;
-        Ok((committed, change))
+        change
     }
 
     async fn publish(&self, change: &Change) {
@@ -418,7 +455,8 @@ impl Fleet {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Changes route `route`'s split fleet-wide and applies it here before returning.
+    /// Changes route `route`'s split fleet-wide, as an operator, and applies it here
+    /// before returning; `None` while a rollout runs on the route.
     ///
     /// # Errors
     /// The database is unreachable: nothing changed anywhere.
@@ -426,10 +464,33 @@ impl Fleet {
         &self,
         route: &str,
         weights: Option<&Weights>,
-    ) -> Result<Committed, StoreError> {
-        let (committed, change) = self.inner.control.set_split(route, weights).await?;
-        self.apply_change(&change, Source::Local);
-        Ok(committed)
+    ) -> Result<Option<Committed>, StoreError> {
+        let changed = self
+            .inner
+            .control
+            .set_split(route, weights, Changer::Operator)
+            .await?;
+        Ok(changed.map(|(committed, change)| {
+            self.apply_change(&change, Source::Local);
+            committed
+        }))
+    }
+
+    /// Aborts the rollout running on `route` (see [`Control::abort_rollout`]) and applies
+    /// the route's return here before returning; `None` when none runs.
+    ///
+    /// # Errors
+    /// The database is unreachable: nothing changed anywhere.
+    pub async fn abort_rollout(
+        &self,
+        route: &str,
+        reason: &str,
+    ) -> Result<Option<(RolloutRow, Committed)>, StoreError> {
+        let aborted = self.inner.control.abort_rollout(route, reason).await?;
+        Ok(aborted.map(|(rollout, committed, change)| {
+            self.apply_change(&change, Source::Local);
+            (rollout, committed)
+        }))
     }
 
     /// A message from the fleet channel.

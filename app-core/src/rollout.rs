@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::fleet::Control;
 use crate::store::StoreError;
-use crate::store::fleet::Weights;
+use crate::store::fleet::{Changer, Weights};
 use crate::store::rollout::{NewRollout, RolloutRow, Window};
 
 /// Upper bounds of the latency buckets, in milliseconds; one more bucket counts the rest.
@@ -297,9 +297,20 @@ impl Control {
     ) -> Result<Option<RolloutRow>, StoreError> {
         let index = usize::try_from(rollout.step_index).unwrap_or(0);
         let percent = rollout.steps.get(index).copied().unwrap_or(100);
+        let by = Changer::Rollout {
+            id: rollout.id,
+            holder,
+        };
         if rollout.step_started_at.is_none() {
-            self.set_split(&rollout.route, Some(&step_weights(rollout, percent)))
-                .await?;
+            let weights = step_weights(rollout, percent);
+            if self
+                .set_split(&rollout.route, Some(&weights), by)
+                .await?
+                .is_none()
+            {
+                // Aborted, or another driver has it: the next claim tells.
+                return Ok(None);
+            }
             self.db().rollout_step(rollout.id, holder, None).await?;
             record_step();
             tracing::info!(
@@ -317,8 +328,14 @@ impl Control {
             .rollout_window(rollout.id, rollout.step_index)
             .await?;
         if let Some(reason) = breach(rollout, &window) {
-            self.set_split(&rollout.route, Some(&step_weights(rollout, 0)))
-                .await?;
+            let back = step_weights(rollout, 0);
+            if self
+                .set_split(&rollout.route, Some(&back), by)
+                .await?
+                .is_none()
+            {
+                return Ok(None);
+            }
             tracing::warn!(
                 rollout = rollout.id,
                 route = rollout.route,
@@ -380,10 +397,10 @@ pub(crate) fn describe_metrics() {
     );
     metrics::describe_counter!(
         "tiergate_fleet_rollouts_total",
-        "Rollouts driven here that ended, by outcome (succeeded, rolled_back)."
+        "Rollouts that ended here, by outcome (succeeded, rolled_back by its driver; aborted by the task or CLI that aborted it)."
     );
     metrics::counter!("tiergate_fleet_rollout_steps_total").increment(0);
-    for outcome in ["succeeded", "rolled_back"] {
+    for outcome in ["succeeded", "rolled_back", "aborted"] {
         metrics::counter!("tiergate_fleet_rollouts_total", "outcome" => outcome).increment(0);
     }
 }

@@ -167,24 +167,34 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop cannot await: use a runtime of its own on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let client = connect(&admin_database_url()).await;
-                let _ = client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            });
-        })
-        .join();
+        clean_up_on_admin_database(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
     }
+}
+
+/// Runs `statement` on the admin database from a `Drop`, which cannot await (its error is
+/// ignored: a cleanup that fails leaves a name no other test uses).
+pub fn clean_up_on_admin_database(statement: String) {
+    block_on_own_thread(async move {
+        let client = connect(&admin_database_url()).await;
+        let _ = client.batch_execute(&statement).await;
+    });
+}
+
+/// Runs `cleanup` to its end on a runtime of its own, on a thread of its own: the
+/// dropping thread may be inside a runtime already. Without a runtime it is skipped.
+fn block_on_own_thread(cleanup: impl Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(cleanup);
+        }
+    })
+    .join();
 }
 
 /// A Redis key prefix of its own; its keys are deleted when the value is dropped.
@@ -211,26 +221,26 @@ impl Default for TestRedis {
 impl Drop for TestRedis {
     fn drop(&mut self) {
         let pattern = format!("{}:*", self.prefix);
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            rt.block_on(async {
-                let Ok(config) = Config::from_url(&redis_url()) else { return };
-                let Ok(client) = Builder::from_config(config).build() else { return };
-                if client.init().await.is_err() {
-                    return;
-                }
-                // Test prefixes hold a handful of keys: KEYS is fine here, never in the app.
-                let _: Result<i64, _> = client
-                    .eval(
-                        "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0",
-                        Vec::<String>::new(),
-                        vec![pattern],
-                    )
-                    .await;
-                let _ = client.quit().await;
-            });
-        })
-        .join();
+        block_on_own_thread(async move {
+            let Ok(config) = Config::from_url(&redis_url()) else {
+                return;
+            };
+            let Ok(client) = Builder::from_config(config).build() else {
+                return;
+            };
+            if client.init().await.is_err() {
+                return;
+            }
+            // Test prefixes hold a handful of keys: KEYS is fine here, never in the app.
+            let _: Result<i64, _> = client
+                .eval(
+                    "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0",
+                    Vec::<String>::new(),
+                    vec![pattern],
+                )
+                .await;
+            let _ = client.quit().await;
+        });
     }
 }
 
@@ -242,6 +252,33 @@ pub fn settings(db: &TestDb, redis: &TestRedis) -> Settings {
     settings.redis.url = Secret::new(redis_url());
     settings.redis.key_prefix = redis.prefix.clone();
     settings
+}
+
+/// An L1 policy: entries live `ttl`, degraded or not; a stale one serves `max_stale` longer
+/// while the backends fail; no background refresh.
+pub fn policy(ttl: Duration, max_stale: Duration) -> Policy {
+    Policy {
+        ttl,
+        degraded_ttl: ttl,
+        max_stale,
+        refresh_after: Duration::ZERO,
+    }
+}
+
+/// Starts `app`'s background work and waits until it is ready.
+///
+/// # Panics
+/// When it is not ready within 30 s.
+pub async fn start_ready(app: &crate::App) {
+    app.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !app.is_ready() {
+        assert!(
+            Instant::now() < deadline,
+            "the app was not ready within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// One "task" of the items service over `settings`: an L1 of its own with `policy`

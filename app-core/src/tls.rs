@@ -98,11 +98,14 @@ pub fn client_config(ca_file: Option<&Path>, verify: Verify) -> Result<ClientCon
         (_, None) => return Err("a CA file is needed to verify the server".to_owned()),
         (verify, Some(path)) => {
             let roots = Arc::new(roots(path)?);
-            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                 .build()
                 .map_err(|e| e.to_string())?;
             if verify == Verify::Chain {
-                Arc::new(AnyName(webpki))
+                Arc::new(AnyCertificate {
+                    provider,
+                    chain: Some(webpki),
+                })
             } else {
                 webpki
             }
@@ -132,71 +135,31 @@ pub fn roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(store)
 }
 
-/// Accepts any server certificate but still checks the handshake's signatures with it:
-/// the connection is encrypted, to a server that holds the key of the certificate it
-/// showed, whoever that is. This is libpq's `sslmode=require` without a root file; the
-/// tests and loadgen's `--insecure` use it for self-signed certificates (the server
-/// still pays for a real handshake).
+/// Accepts a server certificate whatever it is for, but still checks the handshake's
+/// signatures with it: the connection is encrypted, to a server that holds the key of the
+/// certificate it showed.
+///
+/// Made with [`AnyCertificate::new`] it checks nothing more, whoever that server is: libpq's
+/// `sslmode=require` without a root file; the tests and loadgen's `--insecure` use it for
+/// self-signed certificates (the server still pays for a real handshake). For `verify-ca`
+/// it also runs webpki's full check of the chain, with only the name mismatch forgiven.
 #[derive(Debug)]
-pub struct AnyCertificate(Arc<CryptoProvider>);
+pub struct AnyCertificate {
+    provider: Arc<CryptoProvider>,
+    chain: Option<Arc<WebPkiServerVerifier>>,
+}
 
 impl AnyCertificate {
     /// A verifier checking signatures with `provider`'s algorithms.
     pub fn new(provider: Arc<CryptoProvider>) -> Self {
-        Self(provider)
+        Self {
+            provider,
+            chain: None,
+        }
     }
 }
 
 impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: webpki's full check, with only the name mismatch forgiven.
-#[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for AnyName {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -205,10 +168,10 @@ impl ServerCertVerifier for AnyName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -216,13 +179,15 @@ impl ServerCertVerifier for AnyName {
         }
     }
 
+    // webpki's verifier checks signatures the same way, with the same provider's algorithms.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -231,11 +196,14 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

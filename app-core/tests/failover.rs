@@ -12,29 +12,20 @@
 
 use std::time::{Duration, Instant};
 
-use app_core::cache::l1::Policy;
 use app_core::hooks::Hooks;
 use app_core::model::ItemId;
 use app_core::service::{Items, ServiceError};
 use app_core::store::StoreError;
-use app_core::testing::{self, TestDb, TestRedis, settings};
+use app_core::testing::{self, TestDb, TestRedis, policy, settings};
 
-fn policy() -> Policy {
-    let ttl = Duration::from_secs(60);
-    Policy {
-        ttl,
-        degraded_ttl: ttl,
-        max_stale: Duration::ZERO,
-        refresh_after: Duration::ZERO,
-    }
-}
+const LONG: Duration = Duration::from_secs(60);
 
 /// One instance with a pool of one connection: a broken connection handed out again
 /// would be the one the next request gets.
 async fn instance(db: &TestDb, redis: &TestRedis) -> Items {
     let mut settings = settings(db, redis);
     settings.database.pool_max_size = 1;
-    let items = testing::items(&settings, policy(), Hooks::default());
+    let items = testing::items(&settings, policy(LONG, Duration::ZERO), Hooks::default());
     items.db().migrate().await.unwrap();
     items
 }

@@ -10,7 +10,6 @@
 use std::time::{Duration, Instant};
 
 use app_core::cache::bus::Bus;
-use app_core::cache::l1::Policy;
 use app_core::cache::l2::{Filler, Stored};
 use app_core::cache::{Kind, Tier};
 use app_core::fleet::{Control, Fleet};
@@ -18,21 +17,12 @@ use app_core::health::BuildInfo;
 use app_core::hooks::{Hooks, Point};
 use app_core::model::ItemId;
 use app_core::service::Items;
-use app_core::testing::{self, Pauses, RedisServer, Replica, TestDb, TestRedis, settings};
+use app_core::testing::{self, Pauses, RedisServer, Replica, TestDb, TestRedis, policy, settings};
 use fred::prelude::*;
 use tiergate_config::{FleetSettings, Secret};
 
 /// Long lifetimes: a stale entry these tests catch must not hide by expiring.
 const LONG: Duration = Duration::from_secs(60);
-
-fn policy() -> Policy {
-    Policy {
-        ttl: LONG,
-        degraded_ttl: LONG,
-        max_stale: LONG,
-        refresh_after: Duration::ZERO,
-    }
-}
 
 struct Backends {
     db: TestDb,
@@ -61,7 +51,7 @@ impl Backends {
             settings.redis.url = Secret::new(url.clone());
         }
         settings.cache.l2_ttl = LONG;
-        let items = testing::items(&settings, policy(), hooks);
+        let items = testing::items(&settings, policy(LONG, LONG), hooks);
         items.db().migrate().await.unwrap();
         assert!(
             items.l2().wait_connected(Duration::from_secs(5)).await,
@@ -317,7 +307,7 @@ async fn reading_through(b: &Backends, replica: &Replica, hooks: Hooks) -> Items
     settings.cache.l2_ttl = LONG;
     settings.database.reader_url = Some(Secret::new(replica.url(&b.db)));
     settings.database.reader_max_lag = REPLICA_MAX_LAG;
-    let items = testing::items(&settings, policy(), hooks);
+    let items = testing::items(&settings, policy(LONG, LONG), hooks);
     assert!(items.l2().wait_connected(Duration::from_secs(5)).await);
     items
 }
@@ -344,7 +334,7 @@ async fn r8_a_lagging_replica_does_not_bring_back_an_old_version() {
     settings.cache.l2_ttl = LONG;
     settings.database.reader_url = Some(Secret::new(replica.url(&b.db)));
     settings.database.reader_max_lag = REPLICA_MAX_LAG;
-    let peer = testing::items(&settings, policy(), Hooks::default());
+    let peer = testing::items(&settings, policy(LONG, LONG), Hooks::default());
     assert!(peer.l2().wait_connected(Duration::from_secs(5)).await);
     assert_eq!(version(&peer, id).await, 1, "the peer caches v1");
 
@@ -543,7 +533,7 @@ async fn r14_a_write_whose_fence_failed_is_fenced_before_redis_is_trusted_again(
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     cut_off.redis.url = Secret::new(format!("redis://{}", closed.local_addr().unwrap()));
     drop(closed);
-    let writer = testing::items(&cut_off, policy(), Hooks::default());
+    let writer = testing::items(&cut_off, policy(LONG, LONG), Hooks::default());
     writer.update(id, "v2", None).await.unwrap();
     assert_eq!(
         reader.l2().get(id.get()).await.unwrap().unwrap().0,

@@ -8,23 +8,14 @@
 use std::time::{Duration, Instant};
 
 use app_core::cache::Tier;
-use app_core::cache::l1::Policy;
 use app_core::cache::l2::Stored;
 use app_core::hooks::Hooks;
 use app_core::model::ItemId;
 use app_core::service::Items;
-use app_core::testing::{self, RedisServer, TestDb, TestRedis, settings};
+use app_core::testing::{self, RedisServer, TestDb, TestRedis, policy, settings};
 use tiergate_config::Secret;
 
-fn policy() -> Policy {
-    let ttl = Duration::from_secs(60);
-    Policy {
-        ttl,
-        degraded_ttl: ttl,
-        max_stale: Duration::ZERO,
-        refresh_after: Duration::ZERO,
-    }
-}
+const LONG: Duration = Duration::from_secs(60);
 
 /// One instance on the private Redis `url`; its breaker never opens, so only the relay
 /// decides when Redis is used again.
@@ -36,7 +27,7 @@ async fn instance(db: &TestDb, redis: &TestRedis, url: &str) -> Items {
     // outlast the default 250 ms, which ends the pass early. These tests are about what
     // one pass repairs, not about the timeout.
     settings.redis.command_timeout = Duration::from_secs(5);
-    let items = testing::items(&settings, policy(), Hooks::default());
+    let items = testing::items(&settings, policy(LONG, Duration::ZERO), Hooks::default());
     items.db().migrate().await.unwrap();
     assert!(items.l2().wait_connected(Duration::from_secs(5)).await);
     items

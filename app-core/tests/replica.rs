@@ -8,21 +8,12 @@
 use std::time::Duration;
 
 use app_core::cache::Tier;
-use app_core::cache::l1::Policy;
 use app_core::hooks::Hooks;
 use app_core::store::Moved;
-use app_core::testing::{self, Replica, TestDb, TestRedis, settings};
-use tiergate_config::Secret;
+use app_core::testing::{self, Replica, TestDb, TestRedis, policy, settings};
 
-fn policy() -> Policy {
-    let long = Duration::from_secs(60);
-    Policy {
-        ttl: long,
-        degraded_ttl: long,
-        max_stale: long,
-        refresh_after: Duration::ZERO,
-    }
-}
+const LONG: Duration = Duration::from_secs(60);
+use tiergate_config::Secret;
 
 /// A replica that has replayed the write answers the miss, proven current, and its
 /// answer fills Redis for every other task. Checked: with the proof never satisfied
@@ -33,7 +24,7 @@ async fn a_replica_that_caught_up_answers_misses_and_fills_redis() {
     let replica = Replica::shared();
     let (db, redis) = (TestDb::create().await, TestRedis::new());
     let mut settings = settings(&db, &redis);
-    let writer = testing::items(&settings, policy(), Hooks::default());
+    let writer = testing::items(&settings, policy(LONG, LONG), Hooks::default());
     writer.db().migrate().await.unwrap();
     let (id, _) = writer.create("on the replica").await.unwrap();
     // Redis loses it, so the next task must read PostgreSQL.
@@ -47,7 +38,7 @@ async fn a_replica_that_caught_up_answers_misses_and_fills_redis() {
     settings.database.reader_url = Some(Secret::new(replica.url(&db)));
     // Other tests write all the time, and a shared replica follows them: give it room.
     settings.database.reader_max_lag = Duration::from_secs(10);
-    let reader = testing::items(&settings, policy(), Hooks::default());
+    let reader = testing::items(&settings, policy(LONG, LONG), Hooks::default());
     assert!(reader.l2().wait_connected(Duration::from_secs(5)).await);
     let lookup = reader.get(id).await.unwrap();
     assert_eq!((lookup.entry.version, lookup.tier), (1, Tier::Database));
@@ -55,7 +46,7 @@ async fn a_replica_that_caught_up_answers_misses_and_fills_redis() {
     assert_eq!(stats.answered, 1, "the replica answered: {stats:?}");
     assert_eq!(stats.moved(Moved::Behind) + stats.moved(Moved::Down), 0);
 
-    let other = testing::items(&settings, policy(), Hooks::default());
+    let other = testing::items(&settings, policy(LONG, LONG), Hooks::default());
     assert!(other.l2().wait_connected(Duration::from_secs(5)).await);
     let lookup = other.get(id).await.unwrap();
     assert_eq!(

@@ -17,11 +17,10 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use app_core::cache::l1::Policy;
 use app_core::hooks::Hooks;
 use app_core::model::ItemId;
 use app_core::service::Items;
-use app_core::testing::{self, TestDb, TestRedis, redis_url, settings};
+use app_core::testing::{self, TestDb, TestRedis, policy, redis_url, settings};
 use criterion::{Criterion, criterion_group, criterion_main};
 use fred::prelude::*;
 
@@ -38,13 +37,7 @@ async fn chain() -> Chain {
     let prefix = TestRedis::new();
     let settings = settings(&db, &prefix);
     let ttl = Duration::from_secs(600);
-    let policy = Policy {
-        ttl,
-        degraded_ttl: ttl,
-        max_stale: ttl,
-        refresh_after: Duration::ZERO,
-    };
-    let items = testing::items(&settings, policy, Hooks::default());
+    let items = testing::items(&settings, policy(ttl, ttl), Hooks::default());
     items.db().migrate().await.expect("migrate");
     assert!(
         items.l2().wait_connected(Duration::from_secs(5)).await,

@@ -12,8 +12,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use app_core::cache::l1::{L1, Policy};
+use app_core::cache::l1::L1;
 use app_core::cache::{Entry, Kind, Tier};
+use app_core::testing::policy;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 const ITEM_JSON: &[u8] = br#"{"id":42,"name":"Blue hat","created_at":"2026-11-22T02:20:03.992190Z","updated_at":"2026-11-22T02:20:03.992190Z","version":3}"#;
@@ -23,13 +24,7 @@ fn l1_hit(c: &mut Criterion) {
         panic!("a tokio runtime for the bench");
     };
     let ttl = Duration::from_secs(600);
-    let policy = Policy {
-        ttl,
-        degraded_ttl: ttl,
-        max_stale: ttl,
-        refresh_after: Duration::ZERO,
-    };
-    let l1 = L1::new(64 << 20, policy);
+    let l1 = L1::new(64 << 20, policy(ttl, ttl));
     let stamp = || l1.stamp(Tier::Database, Instant::now(), Kind::Value);
     runtime.block_on(async {
         for id in 0..10_000 {

@@ -49,11 +49,10 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
 
 use app_core::App;
 use app_core::health::BuildInfo;
-use app_core::testing::{TestDb, TestRedis, settings};
+use app_core::testing::{TestDb, TestRedis, settings, start_ready};
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use gateway::listener::Peer;
@@ -108,15 +107,7 @@ fn hot_read(c: &mut Criterion) {
     };
     let gateway = Gateway::new(router, app.clone(), &settings.http, None, None);
     let id = runtime.block_on(async {
-        app.start();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !app.is_ready() {
-            assert!(
-                Instant::now() < deadline,
-                "the app was not ready within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        start_ready(&app).await;
         let mut create = Request::new(Full::new(Bytes::from_static(br#"{"name":"Blue hat"}"#)));
         *create.method_mut() = Method::POST;
         *create.uri_mut() = http::Uri::from_static("/items");

@@ -11,6 +11,7 @@
 //! | `GET /admin/fleet` | the live tasks and the revision each has applied |
 //! | `POST /admin/rollouts` | start a rollout, driven by this task (docs/fleet.md) |
 //! | `GET /admin/rollouts` | the rollouts, newest first |
+//! | `POST /admin/rollouts/{route}/abort` | end the route's rollout, back to the previous group |
 //! | `POST /admin/reload` | reload the configuration (as SIGHUP), or say why not |
 //!
 //! Every path and method is a row of [`ENDPOINTS`]. The mutating endpoints need
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use app_core::App;
-use app_core::api::match_path;
+use app_core::api::{Endpoint, Unrouted, route};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -48,7 +49,7 @@ const OPENAPI_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/openapi.json"
 
 /// What an admin request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Operation {
+pub enum Operation {
     Index,
     Metrics,
     Livez,
@@ -61,34 +62,18 @@ enum Operation {
     ResetSplit,
     Rollouts,
     StartRollout,
+    AbortRollout,
     Reload,
-}
-
-/// A path of the admin listener and what each method on it does.
-#[derive(Debug)]
-pub struct Endpoint {
-    /// The path as `docs/openapi.yaml` writes it; `{…}` stands for one path segment.
-    pub path: &'static str,
-    /// The `Allow` header of a 405: the methods of `operations`, in order (a test checks).
-    allow: &'static str,
-    operations: &'static [(Method, Operation)],
-}
-
-impl Endpoint {
-    /// The methods this path answers.
-    pub fn methods(&self) -> impl Iterator<Item = &Method> {
-        self.operations.iter().map(|(method, _)| method)
-    }
 }
 
 /// The admin listener's endpoints: the one table its router reads, `/` lists, and the
 /// contract test compares with `docs/openapi.yaml`. HEAD is a GET whose body the
 /// listener drops.
-pub static ENDPOINTS: [Endpoint; 11] = [
+pub static ENDPOINTS: [Endpoint<Operation>; 12] = [
     Endpoint {
         path: "/",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Index),
             (Method::HEAD, Operation::Index),
         ],
@@ -96,7 +81,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/metrics",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Metrics),
             (Method::HEAD, Operation::Metrics),
         ],
@@ -104,7 +89,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/livez",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Livez),
             (Method::HEAD, Operation::Livez),
         ],
@@ -112,7 +97,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/readyz",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Readyz),
             (Method::HEAD, Operation::Readyz),
         ],
@@ -120,7 +105,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/openapi.json",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::OpenApiJson),
             (Method::HEAD, Operation::OpenApiJson),
         ],
@@ -128,7 +113,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/openapi.yaml",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::OpenApiYaml),
             (Method::HEAD, Operation::OpenApiYaml),
         ],
@@ -136,7 +121,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/admin/routes",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Routes),
             (Method::HEAD, Operation::Routes),
         ],
@@ -144,7 +129,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/admin/routes/{name}/split",
         allow: "PUT, DELETE",
-        operations: &[
+        routes: &[
             (Method::PUT, Operation::SetSplit),
             (Method::DELETE, Operation::ResetSplit),
         ],
@@ -152,7 +137,7 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/admin/fleet",
         allow: "GET, HEAD",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Fleet),
             (Method::HEAD, Operation::Fleet),
         ],
@@ -160,16 +145,21 @@ pub static ENDPOINTS: [Endpoint; 11] = [
     Endpoint {
         path: "/admin/rollouts",
         allow: "GET, HEAD, POST",
-        operations: &[
+        routes: &[
             (Method::GET, Operation::Rollouts),
             (Method::HEAD, Operation::Rollouts),
             (Method::POST, Operation::StartRollout),
         ],
     },
     Endpoint {
+        path: "/admin/rollouts/{route}/abort",
+        allow: "POST",
+        routes: &[(Method::POST, Operation::AbortRollout)],
+    },
+    Endpoint {
         path: "/admin/reload",
         allow: "POST",
-        operations: &[(Method::POST, Operation::Reload)],
+        routes: &[(Method::POST, Operation::Reload)],
     },
 ];
 
@@ -178,17 +168,10 @@ pub static ENDPOINTS: [Endpoint; 11] = [
 /// # Errors
 /// No endpoint has this path (404), or it does not answer this method (405 with `Allow`).
 fn operation<'p>(method: &Method, path: &'p str) -> Result<(Operation, &'p str), ClientError> {
-    let Some((endpoint, parameter)) = ENDPOINTS
-        .iter()
-        .find_map(|endpoint| Some((endpoint, match_path(endpoint.path, path)?)))
-    else {
-        return Err(ClientError::NoRoute);
-    };
-    match endpoint.operations.iter().find(|(m, _)| m == method) {
-        Some((_, operation)) => Ok((*operation, parameter)),
-        None => Err(ClientError::MethodNotAllowed {
-            allow: endpoint.allow,
-        }),
+    match route(&ENDPOINTS, method, path) {
+        Ok((operation, parameter)) => Ok((*operation, parameter)),
+        Err(Unrouted::NoPath) => Err(ClientError::NoRoute),
+        Err(Unrouted::Method { allow }) => Err(ClientError::MethodNotAllowed { allow }),
     }
 }
 
@@ -299,6 +282,10 @@ impl Admin {
                 let ask = rollout_ask(&body).map_err(ClientError::BadRequest)?;
                 self.start_rollout(&ask).await?
             }
+            Operation::AbortRollout => {
+                self.authorize(&req)?;
+                self.abort_rollout(parameter).await?
+            }
             Operation::Reload => {
                 self.authorize(&req)?;
                 let reloaded =
@@ -380,7 +367,13 @@ impl Admin {
         let committed = fleet
             .change(name, weights.as_ref())
             .await
-            .map_err(fleet_unavailable)?;
+            .map_err(fleet_unavailable)?
+            .ok_or_else(|| {
+                ClientError::Conflict(format!(
+                    "a rollout is running on route {name} and would overwrite the change: \
+                     POST /admin/rollouts/{name}/abort first, or wait for it to end"
+                ))
+            })?;
         tracing::info!(route = name, weights = ?weights, revision = committed.revision, "Split changed fleet-wide through the admin API.");
         let waited = match wait {
             Some(limit) => Some(
@@ -448,6 +441,31 @@ impl Admin {
             "Rollout started through the admin API."
         );
         Ok(reply(StatusCode::CREATED, &json!(started)))
+    }
+
+    /// Aborts the rollout running on `route`, the route back to 100 % of its previous
+    /// group fleet-wide: 200 with the rollout and the change's revision.
+    ///
+    /// # Errors
+    /// No rollout running on the route, or PostgreSQL unreachable.
+    async fn abort_rollout(&self, route: &str) -> Result<Response<ResponseBody>, GatewayError> {
+        let (rollout, committed) = self
+            .app
+            .fleet()
+            .abort_rollout(route, "aborted through the admin API")
+            .await
+            .map_err(fleet_unavailable)?
+            .ok_or_else(|| {
+                ClientError::NotFound(format!("no rollout is running on route {route}"))
+            })?;
+        Ok(reply(
+            StatusCode::OK,
+            &json!({
+                "rollout": rollout,
+                "revision": committed.revision,
+                "committed_at": committed.committed_at,
+            }),
+        ))
     }
 
     /// The live tasks, from their heartbeats.

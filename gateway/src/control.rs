@@ -13,7 +13,7 @@ use app_core::cache::l2::L2;
 use app_core::fleet::{Control, Waited};
 use app_core::rollout::{Plan, parse_duration, parse_percent, rising_steps};
 use app_core::store::Database;
-use app_core::store::fleet::{Committed, Weights};
+use app_core::store::fleet::{Changer, Committed, Weights};
 use serde_json::{Value, json};
 use tiergate_config::Settings;
 
@@ -28,9 +28,14 @@ pub enum ControlError {
     /// PostgreSQL cannot be reached or refused.
     #[error("the fleet state in PostgreSQL cannot be reached (database.url): {0}")]
     Database(String),
-    /// The rollout rolled back: why, and the rollout as it ended.
-    #[error("the rollout rolled back: {0}")]
-    RolledBack(String, Value),
+    /// The rollout ended without success (`rolled_back` on a breach, or `aborted`): why,
+    /// and the rollout as it ended.
+    #[error("the rollout ended {state}: {reason}")]
+    Ended {
+        state: String,
+        reason: String,
+        rollout: Value,
+    },
     /// The change committed, but not every live task applied it within the wait.
     #[error("revision {revision} is committed, but these tasks had not applied it: {lagging:?}")]
     NotApplied {
@@ -116,9 +121,10 @@ impl Commands {
             .map_err(|e| ControlError::Invalid(format!("route {route}: {e}")))?;
         let (committed, _) = self
             .control
-            .set_split(route, Some(&complete))
+            .set_split(route, Some(&complete), Changer::Operator)
             .await
-            .map_err(database)?;
+            .map_err(database)?
+            .ok_or_else(|| rollout_running(route))?;
         self.report(route, Some(&complete), committed, wait).await
     }
 
@@ -134,9 +140,10 @@ impl Commands {
         self.split(route)?;
         let (committed, _) = self
             .control
-            .set_split(route, None)
+            .set_split(route, None, Changer::Operator)
             .await
-            .map_err(database)?;
+            .map_err(database)?
+            .ok_or_else(|| rollout_running(route))?;
         self.report(route, None, committed, wait).await
     }
 
@@ -176,11 +183,36 @@ impl Commands {
             .map_err(database)?;
         let answer = json!(ended);
         match ended {
-            Some(r) if r.state == "rolled_back" => Err(ControlError::RolledBack(
-                r.reason.unwrap_or_default(),
-                answer,
-            )),
+            Some(r) if r.state != "succeeded" => Err(ControlError::Ended {
+                state: r.state,
+                reason: r.reason.unwrap_or_default(),
+                rollout: answer,
+            }),
             _ => Ok(answer),
+        }
+    }
+
+    /// `rollout abort ROUTE`: ends the rollout running on the route and sends the route
+    /// back to 100 % of its previous group, fleet-wide; the answer is the aborted rollout.
+    ///
+    /// # Errors
+    /// No rollout running on the route, or PostgreSQL unreachable.
+    pub async fn rollout_abort(&self, route: &str) -> Result<Value, ControlError> {
+        let reason = "aborted from the command line";
+        match self
+            .control
+            .abort_rollout(route, reason)
+            .await
+            .map_err(database)?
+        {
+            Some((rollout, committed, _)) => Ok(json!({
+                "rollout": rollout,
+                "revision": committed.revision,
+                "committed_at": committed.committed_at,
+            })),
+            None => Err(ControlError::Invalid(format!(
+                "no rollout is running on route {route}: see `tiergate rollout status {route}`"
+            ))),
         }
     }
 
@@ -373,6 +405,13 @@ pub fn plan(
         max_error_rate: shape.max_error_rate,
         max_p99: shape.max_p99,
     })
+}
+
+fn rollout_running(route: &str) -> ControlError {
+    ControlError::Invalid(format!(
+        "a rollout is running on route {route} and would overwrite the change: \
+         `tiergate rollout abort {route}` first, or wait for it to end"
+    ))
 }
 
 fn database(error: app_core::store::StoreError) -> ControlError {

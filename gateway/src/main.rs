@@ -82,7 +82,7 @@ enum Command {
     /// List the live tasks: id, version, colour, applied revision, uptime, in flight.
     Fleet,
     /// Move ROUTE to a group step by step, rolling back on a breach; or `rollout status
-    /// ROUTE`.
+    /// ROUTE`, `rollout abort ROUTE`.
     #[command(args_conflicts_with_subcommands = true)]
     Rollout {
         #[command(subcommand)]
@@ -111,6 +111,8 @@ enum Command {
 enum RolloutAction {
     /// The route's latest rollouts, newest first.
     Status { route: String },
+    /// Stop the rollout running on ROUTE and send it all back to the previous group.
+    Abort { route: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,6 +196,10 @@ fn main() -> ExitCode {
             action: Some(RolloutAction::Status { route }),
             ..
         } => with_settings(config, |s| control(s, Fleetwide::RolloutStatus(route))),
+        Command::Rollout {
+            action: Some(RolloutAction::Abort { route }),
+            ..
+        } => with_settings(config, |s| control(s, Fleetwide::RolloutAbort(route))),
         Command::Rollout {
             action: None,
             route,
@@ -332,6 +338,7 @@ enum Fleetwide {
     Tasks,
     Rollout(gateway::control::RolloutAsk),
     RolloutStatus(String),
+    RolloutAbort(String),
 }
 
 /// Runs a fleet command: its JSON on stdout and exit 0, or why not on stderr and exit 1
@@ -370,6 +377,7 @@ fn control(settings: &Settings, command: Fleetwide) -> ExitCode {
             }
             Fleetwide::Rollout(ask) => commands.rollout(&ask).await,
             Fleetwide::RolloutStatus(route) => commands.rollout_status(&route).await,
+            Fleetwide::RolloutAbort(route) => commands.rollout_abort(&route).await,
         }
     });
     match result {
@@ -377,12 +385,10 @@ fn control(settings: &Settings, command: Fleetwide) -> ExitCode {
             println!("{answer:#}");
             ExitCode::SUCCESS
         }
-        Err(gateway::control::ControlError::RolledBack(reason, rollout)) => {
-            println!("{rollout:#}");
-            eprintln!("tiergate: the rollout rolled back: {reason}");
-            ExitCode::FAILURE
-        }
         Err(error) => {
+            if let gateway::control::ControlError::Ended { rollout, .. } = &error {
+                println!("{rollout:#}");
+            }
             eprintln!("tiergate: {error}");
             ExitCode::FAILURE
         }

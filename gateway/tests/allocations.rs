@@ -12,11 +12,10 @@
 
 use std::alloc::System;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
 
 use app_core::App;
 use app_core::health::BuildInfo;
-use app_core::testing::{TestDb, TestRedis, settings};
+use app_core::testing::{TestDb, TestRedis, settings, start_ready};
 use bytes::Bytes;
 use gateway::access_log::AccessLog;
 use gateway::listener::Peer;
@@ -134,15 +133,7 @@ fn the_access_line_costs_its_request_one_allocation_at_most() {
         None,
     );
     let (without, with) = runtime.block_on(async {
-        app.start();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !app.is_ready() {
-            assert!(
-                Instant::now() < deadline,
-                "the app was not ready within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        start_ready(&app).await;
         let mut create = Request::new(Full::new(Bytes::from_static(br#"{"name":"hat"}"#)));
         *create.method_mut() = Method::POST;
         *create.uri_mut() = http::Uri::from_static("/items");

@@ -72,9 +72,34 @@ pub struct TaskRow {
     pub in_flight: i64,
 }
 
+/// Who changes a split, which decides whether the change may land.
+#[derive(Debug, Clone, Copy)]
+pub enum Changer<'a> {
+    /// An operator (the admin API, the CLI): only while no rollout runs on the route,
+    /// whose next step would silently overwrite the change.
+    Operator,
+    /// The driver of rollout `id`: only while the rollout runs and `holder` holds its
+    /// lease. The statement locks the rollout's row, so an abort that commits first
+    /// turns the change into nothing, and one that comes later waits for it.
+    Rollout { id: i64, holder: &'a str },
+}
+
+/// Bumps the revision and writes route `$1`'s row (`$2`, NULL to reset) when the CTE
+/// `allowed` that precedes it has a row.
+const WRITE_SPLIT: &str = "bumped AS (
+         UPDATE fleet_revision SET revision = revision + 1
+         WHERE EXISTS (SELECT 1 FROM allowed) RETURNING revision
+     )
+     INSERT INTO fleet_splits (route, weights, revision, changed_at)
+     SELECT $1, $2::jsonb, revision, clock_timestamp() FROM bumped
+     ON CONFLICT (route) DO UPDATE SET weights = excluded.weights,
+         revision = excluded.revision, changed_at = excluded.changed_at
+     RETURNING revision, changed_at";
+
 impl Database {
     /// Sets route `route`'s runtime split to `weights`, or with `None` resets it to the
-    /// file's weights: one statement that bumps the fleet revision.
+    /// file's weights: one statement that bumps the fleet revision. `None` when `by` may
+    /// not change it now (see [`Changer`]).
     ///
     /// # Errors
     /// The database is unreachable, or the schema lacks the fleet tables.
@@ -82,7 +107,8 @@ impl Database {
         &self,
         route: &str,
         weights: Option<&Weights>,
-    ) -> Result<Committed, StoreError> {
+        by: Changer<'_>,
+    ) -> Result<Option<Committed>, StoreError> {
         let weights = weights.map(|w| {
             let map = w
                 .iter()
@@ -91,23 +117,45 @@ impl Database {
             serde_json::Value::Object(map).to_string()
         });
         let conn = self.writer.get().await?;
-        let row = conn
-            .query_typed_one(
-                "WITH bumped AS (
-                     UPDATE fleet_revision SET revision = revision + 1 RETURNING revision
-                 )
-                 INSERT INTO fleet_splits (route, weights, revision, changed_at)
-                 SELECT $1, $2::jsonb, revision, clock_timestamp() FROM bumped
-                 ON CONFLICT (route) DO UPDATE SET weights = excluded.weights,
-                     revision = excluded.revision, changed_at = excluded.changed_at
-                 RETURNING revision, changed_at",
-                &[(&route, Type::TEXT), (&weights, Type::TEXT)],
-            )
-            .await?;
-        Ok(Committed {
-            revision: row.try_get(0)?,
-            committed_at: row.try_get(1)?,
-        })
+        let row = match by {
+            Changer::Operator => {
+                let sql = format!(
+                    "WITH allowed AS (
+                         SELECT WHERE NOT EXISTS (
+                             SELECT 1 FROM fleet_rollouts WHERE route = $1 AND state = 'running'
+                         )
+                     ), {WRITE_SPLIT}"
+                );
+                conn.query_typed_opt(&sql, &[(&route, Type::TEXT), (&weights, Type::TEXT)])
+                    .await?
+            }
+            Changer::Rollout { id, holder } => {
+                let sql = format!(
+                    "WITH allowed AS (
+                         SELECT 1 FROM fleet_rollouts
+                         WHERE id = $3 AND state = 'running' AND lease_holder = $4
+                         FOR UPDATE
+                     ), {WRITE_SPLIT}"
+                );
+                conn.query_typed_opt(
+                    &sql,
+                    &[
+                        (&route, Type::TEXT),
+                        (&weights, Type::TEXT),
+                        (&id, Type::INT8),
+                        (&holder, Type::TEXT),
+                    ],
+                )
+                .await?
+            }
+        };
+        let committed = row.map(|row| {
+            Ok::<_, tokio_postgres::Error>(Committed {
+                revision: row.try_get(0)?,
+                committed_at: row.try_get(1)?,
+            })
+        });
+        Ok(committed.transpose()?)
     }
 
     /// The runtime state, read in one snapshot.

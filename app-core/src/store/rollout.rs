@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 
+use super::fleet::Committed;
 use super::{Database, StoreError};
 
 /// A rollout as stored.
@@ -21,7 +22,7 @@ pub struct RolloutRow {
     pub interval_ms: i64,
     pub max_error_rate: f64,
     pub max_p99_ms: f64,
-    /// `running`, `succeeded` or `rolled_back`.
+    /// `running`, `succeeded`, `rolled_back` or `aborted`.
     pub state: String,
     pub step_index: i32,
     /// When the step's weights were put in force; `None` until they are.
@@ -98,7 +99,6 @@ impl Database {
         &self,
         new: &NewRollout<'_>,
     ) -> Result<Option<RolloutRow>, StoreError> {
-        let conn = self.writer.get().await?;
         let sql = format!(
             "INSERT INTO fleet_rollouts (route, from_group, to_group, steps, interval_ms,
                  max_error_rate, max_p99_ms, lease_holder, lease_expires_at)
@@ -107,23 +107,21 @@ impl Database {
              RETURNING {COLUMNS}"
         );
         let max_p99_ms = new.max_p99.as_secs_f64() * 1000.0;
-        let row = conn
-            .query_typed_opt(
-                &sql,
-                &[
-                    (&new.route, Type::TEXT),
-                    (&new.from_group, Type::TEXT),
-                    (&new.to_group, Type::TEXT),
-                    (&new.steps, Type::INT4_ARRAY),
-                    (&ms(new.interval), Type::INT8),
-                    (&new.max_error_rate, Type::FLOAT8),
-                    (&max_p99_ms, Type::FLOAT8),
-                    (&new.holder, Type::TEXT),
-                    (&ms(new.lease), Type::INT8),
-                ],
-            )
-            .await?;
-        Ok(row.as_ref().map(row_to_rollout).transpose()?)
+        self.rollout_returned(
+            &sql,
+            &[
+                (&new.route, Type::TEXT),
+                (&new.from_group, Type::TEXT),
+                (&new.to_group, Type::TEXT),
+                (&new.steps, Type::INT4_ARRAY),
+                (&ms(new.interval), Type::INT8),
+                (&new.max_error_rate, Type::FLOAT8),
+                (&max_p99_ms, Type::FLOAT8),
+                (&new.holder, Type::TEXT),
+                (&ms(new.lease), Type::INT8),
+            ],
+        )
+        .await
     }
 
     /// Takes or renews the lease of running rollout `id` for `holder`: `None` when another
@@ -137,7 +135,6 @@ impl Database {
         holder: &str,
         lease: Duration,
     ) -> Result<Option<RolloutRow>, StoreError> {
-        let conn = self.writer.get().await?;
         let sql = format!(
             "UPDATE fleet_rollouts SET lease_holder = $2,
                  lease_expires_at = now() + $3 * interval '1 millisecond'
@@ -145,17 +142,15 @@ impl Database {
                  AND (lease_holder = $2 OR lease_expires_at IS NULL OR lease_expires_at < now())
              RETURNING {COLUMNS}"
         );
-        let row = conn
-            .query_typed_opt(
-                &sql,
-                &[
-                    (&id, Type::INT8),
-                    (&holder, Type::TEXT),
-                    (&ms(lease), Type::INT8),
-                ],
-            )
-            .await?;
-        Ok(row.as_ref().map(row_to_rollout).transpose()?)
+        self.rollout_returned(
+            &sql,
+            &[
+                (&id, Type::INT8),
+                (&holder, Type::TEXT),
+                (&ms(lease), Type::INT8),
+            ],
+        )
+        .await
     }
 
     /// Moves running rollout `id` on, if `holder` holds its lease: `Some(step)` starts
@@ -199,24 +194,32 @@ impl Database {
         state: &str,
         reason: &str,
     ) -> Result<Option<RolloutRow>, StoreError> {
-        let conn = self.writer.get().await?;
         let sql = format!(
             "UPDATE fleet_rollouts SET state = $3, reason = $4, finished_at = now(),
                  lease_holder = NULL, lease_expires_at = NULL
              WHERE id = $1 AND state = 'running' AND lease_holder = $2
              RETURNING {COLUMNS}"
         );
-        let row = conn
-            .query_typed_opt(
-                &sql,
-                &[
-                    (&id, Type::INT8),
-                    (&holder, Type::TEXT),
-                    (&state, Type::TEXT),
-                    (&reason, Type::TEXT),
-                ],
-            )
-            .await?;
+        self.rollout_returned(
+            &sql,
+            &[
+                (&id, Type::INT8),
+                (&holder, Type::TEXT),
+                (&state, Type::TEXT),
+                (&reason, Type::TEXT),
+            ],
+        )
+        .await
+    }
+
+    /// Runs `sql`, a statement `RETURNING {COLUMNS}` of at most one row, on the writer.
+    async fn rollout_returned(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Option<RolloutRow>, StoreError> {
+        let conn = self.writer.get().await?;
+        let row = conn.query_typed_opt(sql, params).await?;
         Ok(row.as_ref().map(row_to_rollout).transpose()?)
     }
 
@@ -308,5 +311,51 @@ impl Database {
             }
         }
         Ok(window)
+    }
+
+    /// Ends the rollout running on `route` as `aborted` with `reason` and, in the same
+    /// statement, returns the route to 100 % of its previous group: `None` when none runs.
+    /// Whoever drove it finds it over at its next look; a step it was putting in force
+    /// at that moment either lands first (and is undone here) or not at all (see
+    /// [`Changer::Rollout`](super::fleet::Changer::Rollout)).
+    ///
+    /// # Errors
+    /// The database is unreachable.
+    pub async fn rollout_abort(
+        &self,
+        route: &str,
+        reason: &str,
+    ) -> Result<Option<(RolloutRow, Committed)>, StoreError> {
+        let conn = self.writer.get().await?;
+        let sql = format!(
+            "WITH aborted AS (
+                 UPDATE fleet_rollouts SET state = 'aborted', reason = $2, finished_at = now(),
+                     lease_holder = NULL, lease_expires_at = NULL
+                 WHERE route = $1 AND state = 'running'
+                 RETURNING {COLUMNS}
+             ), bumped AS (
+                 UPDATE fleet_revision SET revision = revision + 1
+                 WHERE EXISTS (SELECT 1 FROM aborted) RETURNING revision
+             ), split AS (
+                 INSERT INTO fleet_splits (route, weights, revision, changed_at)
+                 SELECT a.route, jsonb_build_object(a.from_group, 100, a.to_group, 0),
+                     b.revision, clock_timestamp()
+                 FROM aborted a, bumped b
+                 ON CONFLICT (route) DO UPDATE SET weights = excluded.weights,
+                     revision = excluded.revision, changed_at = excluded.changed_at
+                 RETURNING revision, changed_at
+             )
+             SELECT a.*, s.revision, s.changed_at FROM aborted a, split s"
+        );
+        let row = conn
+            .query_typed_opt(&sql, &[(&route, Type::TEXT), (&reason, Type::TEXT)])
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let rollout = row_to_rollout(&row)?;
+        let committed = Committed {
+            revision: row.try_get(16)?,
+            committed_at: row.try_get(17)?,
+        };
+        Ok(Some((rollout, committed)))
     }
 }

@@ -23,7 +23,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use app_core::testing::{RedisServer, TestDb, TestRedis, admin_database_url, connect, unique};
+use app_core::testing::{
+    RedisServer, TestDb, TestRedis, admin_database_url, clean_up_on_admin_database, connect, unique,
+};
 use tokio::process::Child;
 use tokio::sync::{Mutex, mpsc};
 
@@ -92,22 +94,7 @@ impl AppDatabase {
 impl Drop for AppDatabase {
     fn drop(&mut self) {
         drop(self.db.take()); // the database first: the role owns it
-        let role = self.role.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let admin = connect(&admin_database_url()).await;
-                let _ = admin
-                    .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
-                    .await;
-            });
-        })
-        .join();
+        clean_up_on_admin_database(format!("DROP ROLE IF EXISTS {}", self.role));
     }
 }
 

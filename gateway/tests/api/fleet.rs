@@ -678,6 +678,95 @@ async fn a_rollout_plan_is_refused_by_what_is_wrong_with_it() {
         .await;
 }
 
+/// While a rollout runs its route is the rollout's: an operator's change through the
+/// admin API gets 409 and through the CLI exit 1, both saying how to abort it; an abort,
+/// through either, ends it `aborted` with the route back on blue, and a second abort
+/// finds nothing to abort.
+#[tokio::test]
+async fn a_running_rollout_owns_its_route_until_it_is_aborted() {
+    let fleet = Fleet::new().await;
+    let task = fleet.task("1s").await;
+    let redis = redis_url();
+    let start = || async {
+        let rsp = fleet
+            .client
+            .post(format!("http://{}/admin/rollouts", task.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({
+                "route": "web", "to": "green", "steps": [5, 100],
+                "interval": "1h", "max_error_rate": "1%", "max_p99": "500ms",
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 201);
+        fleet
+            .until_split(
+                &task,
+                "web",
+                &json!({"blue": 95, "green": 5}),
+                Duration::from_secs(5),
+            )
+            .await;
+    };
+    let abort = || async {
+        let rsp = fleet
+            .client
+            .post(format!("http://{}/admin/rollouts/web/abort", task.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        (rsp.status().as_u16(), rsp.json::<Value>().await.unwrap())
+    };
+
+    start().await;
+    let (status, body) = fleet.put(&task, "web", &green(), None).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (409, &json!("conflict")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("/abort"),
+        "{body}"
+    );
+    let (code, _, stderr) = fleet.cli(&redis, &["split", "set", "web", "green=1"]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("tiergate rollout abort web"), "{stderr}");
+    let (status, body) = abort().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rollout"]["state"], "aborted", "{body}");
+    assert_eq!(
+        fleet.split_on(&task, "web").await,
+        json!({"blue": 100, "green": 0})
+    );
+    let (status, body) = abort().await;
+    assert_eq!(
+        (status, &body["error"]),
+        (404, &json!("not_found")),
+        "{body}"
+    );
+
+    start().await;
+    let (code, stdout, stderr) = fleet.cli(&redis, &["rollout", "abort", "web"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let answer: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["rollout"]["state"], "aborted", "{answer}");
+    fleet
+        .until_split(
+            &task,
+            "web",
+            &json!({"blue": 100, "green": 0}),
+            Duration::from_secs(5),
+        )
+        .await;
+    let (code, _, stderr) = fleet.cli(&redis, &["rollout", "abort", "web"]).await;
+    assert_eq!(code, 1, "{stderr}");
+    let (status, body) = fleet.put(&task, "web", &green(), None).await;
+    assert_eq!(status, 200, "the route is the operator's again: {body}");
+}
+
 /// Closed-loop GETs of `path` through `front` until stopped: (answers by group, failed
 /// requests with their reason), the answers in order per worker.
 struct FrontLoad {

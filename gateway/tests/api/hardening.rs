@@ -9,38 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::helpers::TestApp;
+use crate::raw::{exchange, read_raw};
 
 const GET: &[u8] = b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\n";
-
-/// Reads one response head and its `content-length` body; panics past 5 s.
-async fn read_response(stream: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if buf.len() >= end + 4 + len {
-                return String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned();
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        let left = deadline.saturating_duration_since(Instant::now());
-        let n = tokio::time::timeout(left, stream.read(&mut chunk))
-            .await
-            .expect("a response within 5 s")
-            .expect("read");
-        assert!(
-            n > 0,
-            "closed before a whole response: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
 
 /// Waits for the server to close: EOF or a reset, within `within`. Returns when.
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> Instant {
@@ -54,27 +25,6 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> Instant {
             Err(_) => panic!("still open after {within:?}"),
         }
     }
-}
-
-/// Sends `request` on a new connection; returns the response and whether the server then
-/// closed the connection (within 3 s).
-async fn exchange(addr: SocketAddr, request: &[u8]) -> (String, bool) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let rsp = read_response(&mut stream).await;
-    let mut chunk = [0u8; 1024];
-    let closed = matches!(
-        tokio::time::timeout(Duration::from_secs(3), stream.read(&mut chunk)).await,
-        Ok(Ok(0) | Err(_))
-    );
-    (rsp, closed)
-}
-
-fn status(rsp: &str) -> u16 {
-    rsp.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 fn settings() -> Settings {
@@ -91,7 +41,7 @@ async fn slowloris_is_cut_at_the_header_timeout_while_an_idle_keep_alive_survive
     // An idle keep-alive connection outlives several header timeouts…
     let mut idle = TcpStream::connect(app.addr).await.unwrap();
     idle.write_all(GET).await.unwrap();
-    assert_eq!(status(&read_response(&mut idle).await), 200);
+    assert_eq!(read_raw(&mut idle, false).await.status, 200);
 
     // …while a client trickling a head is cut at the header timeout.
     let mut slow = TcpStream::connect(app.addr).await.unwrap();
@@ -120,7 +70,7 @@ async fn slowloris_is_cut_at_the_header_timeout_while_an_idle_keep_alive_survive
     // The idle connection has now been idle for well over the header timeout.
     assert!(Instant::now() > started + Duration::from_millis(300));
     idle.write_all(GET).await.unwrap();
-    assert_eq!(status(&read_response(&mut idle).await), 200);
+    assert_eq!(read_raw(&mut idle, false).await.status, 200);
 
     // And it is closed once idle for `idle_timeout` (2 s), not before.
     let last = Instant::now();
@@ -153,13 +103,13 @@ async fn oversized_heads_and_too_many_headers_get_431() {
         "a".repeat(20_000)
     );
     let (rsp, closed) = exchange(app.addr, big.as_bytes()).await;
-    assert_eq!(status(&rsp), 431, "{rsp}");
+    assert_eq!(rsp.status, 431, "{rsp:?}");
     assert!(closed);
 
     let many: String = (0..150).map(|i| format!("x-{i}: y\r\n")).collect();
     let many = format!("GET /livez HTTP/1.1\r\nHost: t\r\n{many}\r\n");
     let (rsp, closed) = exchange(app.addr, many.as_bytes()).await;
-    assert_eq!(status(&rsp), 431, "{rsp}");
+    assert_eq!(rsp.status, 431, "{rsp:?}");
     assert!(closed);
 
     // Just under both limits is fine.
@@ -168,7 +118,7 @@ async fn oversized_heads_and_too_many_headers_get_431() {
         "a".repeat(8_000)
     );
     let (rsp, _) = exchange(app.addr, ok.as_bytes()).await;
-    assert_eq!(status(&rsp), 200, "{rsp}");
+    assert_eq!(rsp.status, 200, "{rsp:?}");
     app.stop().await;
 }
 
@@ -212,8 +162,8 @@ async fn ambiguous_framing_is_refused_and_the_connection_closed() {
     let mut wrong = Vec::new();
     for (name, request) in cases {
         let (rsp, closed) = exchange(app.addr, request.as_bytes()).await;
-        if status(&rsp) != 400 || !closed {
-            wrong.push(format!("{name}: {} closed={closed}", status(&rsp)));
+        if rsp.status != 400 || !closed {
+            wrong.push(format!("{name}: {} closed={closed}", rsp.status));
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
@@ -230,7 +180,7 @@ async fn beyond_the_connection_cap_new_connections_wait_until_one_closes() {
     for _ in 0..2 {
         let mut stream = TcpStream::connect(app.addr).await.unwrap();
         stream.write_all(GET).await.unwrap();
-        assert_eq!(status(&read_response(&mut stream).await), 200);
+        assert_eq!(read_raw(&mut stream, false).await.status, 200);
         held.push(stream);
     }
     // The third connects (the kernel's backlog) but is not served…
@@ -241,7 +191,7 @@ async fn beyond_the_connection_cap_new_connections_wait_until_one_closes() {
     assert!(waited.is_err(), "served beyond the cap");
     // …until one of the two closes.
     drop(held.pop());
-    assert_eq!(status(&read_response(&mut third).await), 200);
+    assert_eq!(read_raw(&mut third, false).await.status, 200);
     // The server is fine throughout.
     let rsp = app.metrics().await;
     assert!(
@@ -469,6 +419,6 @@ async fn an_http2_rapid_reset_flood_gets_goaway_enhance_your_calm() {
     closed_within(&mut tcp, Duration::from_secs(5)).await;
     // The listener still serves everyone else.
     let (rsp, _) = exchange(app.addr, GET).await;
-    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    assert_eq!(rsp.status, 200, "{rsp:?}");
     app.stop().await;
 }

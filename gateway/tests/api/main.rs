@@ -26,6 +26,7 @@ mod openapi;
 mod otlp;
 mod proxy;
 mod proxy_hardening;
+mod raw;
 mod replica;
 mod rolling;
 mod shutdown;

@@ -59,6 +59,16 @@ async fn all_targets_available(app: &TestApp) -> bool {
         .all(|t| t["available"] == true)
 }
 
+/// After a client's failure: the next request is served and no target was ejected.
+async fn assert_target_not_blamed(app: &TestApp) {
+    assert_eq!(
+        app.get("/after").await.status(),
+        200,
+        "the target is not blamed"
+    );
+    assert!(all_targets_available(app).await);
+}
+
 /// The status line's code of a raw HTTP/1.1 response, 0 when none came.
 fn status_of(response: &str) -> u16 {
     response
@@ -99,12 +109,7 @@ async fn a_malformed_chunk_is_the_clients_400_and_ejects_no_target() {
         answer.to_ascii_lowercase().contains("connection: close"),
         "{answer}"
     );
-    assert_eq!(
-        app.get("/after").await.status(),
-        200,
-        "the target is not blamed"
-    );
-    assert!(all_targets_available(&app).await);
+    assert_target_not_blamed(&app).await;
     app.stop().await;
 }
 
@@ -137,12 +142,7 @@ async fn a_client_that_closes_mid_upload_ejects_no_target() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        app.get("/after").await.status(),
-        200,
-        "the target is not blamed"
-    );
-    assert!(all_targets_available(&app).await);
+    assert_target_not_blamed(&app).await;
     app.stop().await;
 }
 
@@ -186,12 +186,7 @@ async fn a_stalled_upload_is_the_clients_408_at_the_request_timeout() {
         (Duration::from_millis(600)..Duration::from_secs(3)).contains(&took),
         "408 after {took:?}"
     );
-    assert_eq!(
-        app.get("/after").await.status(),
-        200,
-        "the target is not blamed"
-    );
-    assert!(all_targets_available(&app).await);
+    assert_target_not_blamed(&app).await;
     app.stop().await;
 }
 

@@ -113,6 +113,15 @@ impl Task {
     }
 }
 
+/// Starts the binary with this drain delay and shutdown timeout (not waiting for ready).
+async fn start_with_shutdown(backends: &Backends, drain_delay: &str, timeout: &str) -> Task {
+    let vars = [
+        ("TIERGATE_SHUTDOWN__DRAIN_DELAY", drain_delay),
+        ("TIERGATE_SHUTDOWN__TIMEOUT", timeout),
+    ];
+    Task::start(backends, &vars).await
+}
+
 /// Sends the head and the first `sent` bytes of a `POST /items` whose body is `body`,
 /// leaving the rest for later: a request that stays in flight as long as the test likes.
 async fn start_slow_post(addr: SocketAddr, body: &str, sent: usize) -> TcpStream {
@@ -276,14 +285,7 @@ async fn sigterm_under_keep_alive_load(worker_threads: Option<&str>) -> Task {
 #[tokio::test]
 async fn a_request_longer_than_the_drain_delay_gets_its_answer_and_new_connections_are_refused() {
     let backends = Backends::new().await;
-    let mut task = Task::start(
-        &backends,
-        &[
-            ("TIERGATE_SHUTDOWN__DRAIN_DELAY", "300ms"),
-            ("TIERGATE_SHUTDOWN__TIMEOUT", "15s"),
-        ],
-    )
-    .await;
+    let mut task = start_with_shutdown(&backends, "300ms", "15s").await;
     task.wait_ready().await;
     let body = r#"{"name":"slow but sure"}"#;
     let stream = start_slow_post(task.http, body, 5).await;
@@ -316,14 +318,7 @@ async fn a_request_longer_than_the_drain_delay_gets_its_answer_and_new_connectio
 #[tokio::test]
 async fn a_request_stuck_past_the_timeout_is_dropped_and_the_process_exits_on_time() {
     let backends = Backends::new().await;
-    let mut task = Task::start(
-        &backends,
-        &[
-            ("TIERGATE_SHUTDOWN__DRAIN_DELAY", "200ms"),
-            ("TIERGATE_SHUTDOWN__TIMEOUT", "1500ms"),
-        ],
-    )
-    .await;
+    let mut task = start_with_shutdown(&backends, "200ms", "1500ms").await;
     task.wait_ready().await;
     // A body that never completes: only the deadline ends this request.
     let _stuck = start_slow_post(task.http, r#"{"name":"never"}"#, 3).await;
@@ -347,14 +342,7 @@ async fn a_request_stuck_past_the_timeout_is_dropped_and_the_process_exits_on_ti
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
     let backends = Backends::new().await;
-    let mut task = Task::start(
-        &backends,
-        &[
-            ("TIERGATE_SHUTDOWN__DRAIN_DELAY", "20s"),
-            ("TIERGATE_SHUTDOWN__TIMEOUT", "25s"),
-        ],
-    )
-    .await;
+    let mut task = start_with_shutdown(&backends, "20s", "25s").await;
     task.signal("TERM");
     wait_for_log(
         &mut task.log,
@@ -569,14 +557,7 @@ impl RawH2 {
 #[tokio::test]
 async fn http2_connections_get_goaway_while_draining() {
     let backends = Backends::new().await;
-    let mut task = Task::start(
-        &backends,
-        &[
-            ("TIERGATE_SHUTDOWN__DRAIN_DELAY", "20s"),
-            ("TIERGATE_SHUTDOWN__TIMEOUT", "25s"),
-        ],
-    )
-    .await;
+    let mut task = start_with_shutdown(&backends, "20s", "25s").await;
     let authority = task.http.to_string();
     let mut h2 = RawH2::connect(task.http).await;
     h2.get(1, &authority, "/livez").await;
