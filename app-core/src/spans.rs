@@ -59,11 +59,6 @@ impl Recorder {
     pub fn take(&self) -> Vec<ChildSpan> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
-
-    /// The recorder of the traced request this task runs, if it is one.
-    pub fn current() -> Option<Self> {
-        CURRENT.try_with(Self::clone).ok()
-    }
 }
 
 /// Turns span timing on for this process (the exporter calls it once it exists).

@@ -20,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use app_core::spans::Recorder;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 use http_body::Body;
@@ -210,16 +211,19 @@ pub(crate) struct RequestPart {
     pub(crate) client: IpAddr,
     body_size: Option<u64>,
     pub(crate) trace: Option<TraceContext>,
+    /// Where the spans below the request's are recorded, when it is sampled for export.
+    pub(crate) recorder: Option<Recorder>,
 }
 
 impl RequestPart {
     /// The part of `req`, from `peer`, behind `trusted_hops` proxies that append to
-    /// `X-Forwarded-For`.
+    /// `X-Forwarded-For`; `recorder` when the request is sampled for span export.
     pub(crate) fn of<B: Body>(
         req: &Request<B>,
         peer: SocketAddr,
         trusted_hops: u32,
         trace: Option<TraceContext>,
+        recorder: Option<Recorder>,
     ) -> Self {
         let headers = req.headers();
         Self {
@@ -232,6 +236,7 @@ impl RequestPart {
             client: client_address(headers, peer.ip(), trusted_hops),
             body_size: req.body().size_hint().exact(),
             trace,
+            recorder,
         }
     }
 

@@ -22,7 +22,6 @@ use app_core::api::X_CACHE;
 use app_core::spans::Recorder;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use futures_util::future;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -209,19 +208,19 @@ impl Gateway {
         // after this (it holds the route, which is all the app path keeps).
         let router = self.inner.router.load();
         let (route, refused) = route(&router, &mut req);
-        let (trace, logged, recorder) = self.inner.observe(&req, peer, &route, &router);
+        let (trace, logged) = self.inner.observe(&req, peer, &route, &router);
         let answer = match (refused, &route.handler) {
             (Some(why), _) => Answer::Refused(why),
             // Nearly every read: no body to wait for.
             (None, Handler::App) if req.body().is_end_stream() => {
-                Answer::App(self.inner.app.handle(req))
+                Answer::App(traced(logged.as_deref(), self.inner.app.handle(req)))
             }
             (None, Handler::App) => Answer::AppAfterBody(Box::new(req)),
             // Boxed: a request is most of what the future would hold.
             (None, _) => Answer::Here(Box::new(req), arc_swap::Guard::into_inner(router)),
         };
         let gateway = self.clone();
-        let answered = async move {
+        async move {
             let inner = &gateway.inner;
             let mut upstream: Option<Upstream> = None;
             // Each arm ends in a response; an error becomes one through
@@ -234,7 +233,7 @@ impl Gateway {
                 Answer::AppAfterBody(req) => {
                     match receive_body(*req, inner.max_body_bytes, inner.body_read_timeout).await {
                         Ok(req) => {
-                            let app = inner.app.handle(req);
+                            let app = traced(logged.as_deref(), inner.app.handle(req));
                             Box::pin(inner.app_answer(&route, app, started)).await
                         }
                         Err(refused) => GatewayError::from(refused).into_response(),
@@ -262,14 +261,15 @@ impl Gateway {
                             GatewayError::from(ClientError::TraceRefused).into_response()
                         }
                         Handler::Upstream(group) => {
-                            let (rsp, target) = Box::pin(proxied(to(group, *req), None)).await;
+                            let answer = proxied(to(group, *req), None);
+                            let (rsp, target) = Box::pin(in_scope(logged.as_deref(), answer)).await;
                             upstream = Some((group.clone(), target));
                             rsp
                         }
                         Handler::Split(split) => {
                             let (group, set_cookie) = split.pick(req.headers());
-                            let answer = proxied(to(group, *req), set_cookie);
-                            let (rsp, target) = Box::pin(tallied(group, answer)).await;
+                            let answer = tallied(group, proxied(to(group, *req), set_cookie));
+                            let (rsp, target) = Box::pin(in_scope(logged.as_deref(), answer)).await;
                             upstream = Some((group.clone(), target));
                             rsp
                         }
@@ -297,13 +297,25 @@ impl Gateway {
             );
             rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             rsp
-        };
-        // A sampled request runs where the spans below its own are recorded; the others
-        // are left as they are (boxed: the hot path's future keeps its size).
-        match recorder {
-            None => future::Either::Left(answered),
-            Some(recorder) => future::Either::Right(Box::pin(recorder.scope(answered))),
         }
+    }
+}
+
+/// The app's `answer`, run where the spans below the request's are recorded when the
+/// request is sampled for export (boxed again; the others are left as they are).
+fn traced(logged: Option<&RequestPart>, answer: app_core::api::Answer) -> app_core::api::Answer {
+    match logged.and_then(|part| part.recorder.as_ref()) {
+        Some(recorder) => Box::pin(recorder.scope(answer)),
+        None => answer,
+    }
+}
+
+/// `answer` (a proxied one), run where its attempts' spans are recorded when the
+/// request is sampled for export.
+async fn in_scope<F: Future>(logged: Option<&RequestPart>, answer: F) -> F::Output {
+    match logged.and_then(|part| part.recorder.as_ref()) {
+        Some(recorder) => recorder.scope(answer).await,
+        None => answer.await,
     }
 }
 
@@ -349,19 +361,15 @@ type Upstream = (Arc<proxy::Group>, Option<usize>);
 impl Inner {
     /// The request's trace (for the access line, the spans and the upstreams: none when
     /// none of them is there), what its access line and span need after the request is
-    /// gone (nothing when both are off; boxed, or it would double the future's size), and
-    /// where the spans below its own are recorded, when it is sampled for export.
+    /// gone (nothing when both are off; boxed, or it would double the future's size),
+    /// with where the spans below its own are recorded when it is sampled for export.
     fn observe<B: Body>(
         &self,
         req: &Request<B>,
         peer: Peer,
         route: &Route,
         router: &Router,
-    ) -> (
-        Option<TraceContext>,
-        Option<Box<RequestPart>>,
-        Option<Recorder>,
-    ) {
+    ) -> (Option<TraceContext>, Option<Box<RequestPart>>) {
         let logging = self.access_log.is_some() || self.spans.is_some();
         let mut trace = (logging || !matches!(route.handler, Handler::App))
             .then(|| TraceContext::of(req.headers(), router.proxy.start_traces))
@@ -375,9 +383,9 @@ impl Inner {
         };
         let logged = logging.then(|| {
             let hops = router.proxy.trusted_hops;
-            Box::new(RequestPart::of(req, peer.addr, hops, trace))
+            Box::new(RequestPart::of(req, peer.addr, hops, trace, recorder))
         });
-        (trace, logged, recorder)
+        (trace, logged)
     }
 
     /// Step 4: the request's metrics, and its access line when access lines are on.
@@ -411,9 +419,9 @@ impl Inner {
             log.log(&logged, &answered);
         }
         if let (Some(spans), Some(trace), Some(recorder)) =
-            (&self.spans, &logged.trace, Recorder::current())
+            (&self.spans, &logged.trace, &logged.recorder)
         {
-            spans.request_done(trace, &logged, &answered, &recorder);
+            spans.request_done(trace, &logged, &answered, recorder);
         }
     }
 
