@@ -134,8 +134,8 @@ async fn metric(task: &Task, name: &str) -> f64 {
 
 /// Mutation checked: with `Prepared::attempt` ignoring the attempt's span id (the
 /// request span as the upstream's parent, as before), the upstream's parent is no
-/// exported span and the test fails; with `Recorder::scope` left out of
-/// `Gateway::handle`, the L1 lookup span never arrives.
+/// exported span and the test fails; with `traced` (service.rs) returning the app's
+/// answer unscoped, the L1 lookup span never arrives.
 #[tokio::test]
 async fn a_collector_gets_the_request_span_with_the_access_lines_ids_and_its_children() {
     const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
