@@ -4,7 +4,10 @@
 # A count of instructions does not care what else the box is doing, so two builds can be
 # compared on a shared machine where wall-clock figures wander by 20 %. Two rows:
 #
-#   l1-hit     `GET /items/{id}` answered from L1 (one item, read once before the run);
+#   l1-hit     `GET /items/{id}` answered from L1 (one item, read once before the run),
+#              access lines off (`RUST_LOG=warn`);
+#   l1-hit-logged  the same with the default logging (`RUST_LOG=info`: an access line
+#              per request, stdout to a file), for the access line's cost;
 #   proxy-1k   a 1 KiB GET proxied to limit-server (`--body-bytes 1024`) through one
 #              route and one upstream group with one target.
 #
@@ -21,7 +24,7 @@
 # Environment: BIN_DIR=DIR measures the `tiergate`, `loadgen` and `limit-server` in DIR
 #              instead of building them (to compare two builds: copy one build's
 #              binaries aside, build the other);
-#              ROWS=l1-hit,proxy-1k (default both);
+#              ROWS=l1-hit,l1-hit-logged,proxy-1k (default all three);
 #              CALLGRIND_OUT=DIR keeps each row's dump there (DIR/ROW.callgrind) for
 #              `callgrind_annotate`, to see which functions the instructions went to;
 #              DATABASE_URL (default: a database of its own on 127.0.0.1:5432, created
@@ -36,8 +39,8 @@ warmup=${1:-5000}
 requests=${2:-30000}
 [[ $warmup =~ ^[0-9]+$ ]] || { echo "callgrind: WARMUP must be a whole number, got '$warmup'" >&2; exit 2; }
 [[ $requests =~ ^[1-9][0-9]*$ ]] || { echo "callgrind: REQUESTS must be a positive whole number, got '$requests'" >&2; exit 2; }
-rows=${ROWS:-l1-hit,proxy-1k}
-[[ $rows =~ ^(l1-hit|proxy-1k)(,(l1-hit|proxy-1k))*$ ]] || { echo "callgrind: ROWS must list l1-hit and/or proxy-1k separated by commas, got '$rows'" >&2; exit 2; }
+rows=${ROWS:-l1-hit,l1-hit-logged,proxy-1k}
+[[ $rows =~ ^(l1-hit|l1-hit-logged|proxy-1k)(,(l1-hit|l1-hit-logged|proxy-1k))*$ ]] || { echo "callgrind: ROWS must list l1-hit, l1-hit-logged and/or proxy-1k separated by commas, got '$rows'" >&2; exit 2; }
 want() { [[ ,$rows, == *,$1,* ]]; }
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -65,10 +68,12 @@ trap cleanup EXIT
 why() { head -c 300 "$1" 2>/dev/null | tr '\n|' '  '; }
 
 # Starts Tiergate under callgrind with the environment and arguments given; sets $server.
+# Logs at $rust_log (warn: no access lines); stdout, with the access lines, to $1.
+rust_log=warn
 start_tiergate() {
   local log_file=$1
   shift
-  env "$@" RUST_LOG=warn taskset -c "$server_cpu" valgrind --tool=callgrind \
+  env "$@" RUST_LOG=$rust_log taskset -c "$server_cpu" valgrind --tool=callgrind \
     --callgrind-out-file="$tmp/callgrind.out.%p" "$bin/tiergate" "${TIERGATE_ARGS[@]}" serve \
     >"$log_file" 2>&1 &
   server=$!
@@ -102,7 +107,25 @@ count() {
 }
 
 table=()
-if want l1-hit; then
+# The L1-hit row $1 (access lines as $2 says), labelled $3.
+l1_row() {
+  local row=$1 label=$3 id
+  rust_log=$2
+  free_port && http_port=$port
+  free_port && admin_port=$port
+  TIERGATE_ARGS=()
+  log "$row: starting Tiergate under callgrind"
+  start_tiergate "$tmp/$row.log" TIERGATE_LISTEN__HTTP=127.0.0.1:$http_port \
+    TIERGATE_LISTEN__ADMIN=127.0.0.1:$admin_port TIERGATE_REDIS__KEY_PREFIX=$prefix
+  up "$server" "http://127.0.0.1:$admin_port/readyz" 120 || die "Tiergate did not start: $(why "$tmp/$row.log")"
+  id=$(curl -fsS -H 'content-type: application/json' -d '{"name":"callgrind"}' \
+    "http://127.0.0.1:$http_port/items" | jq -r .item.id) || die "could not create an item"
+  curl -fsS -o /dev/null "http://127.0.0.1:$http_port/items/$id"
+  log "$row: $warmup requests, then $requests counted"
+  table+=("| $row: $label | $(count "$row" "$server" "http://127.0.0.1:$http_port/" --scenario hot --id "$id") |")
+  rust_log=warn
+}
+if want l1-hit || want l1-hit-logged; then
   scripts/services >&2 || die "PostgreSQL and Redis are not up and scripts/services could not start them"
   if [[ -z ${DATABASE_URL:-} ]]; then
     created_db=tiergate_callgrind_$$
@@ -110,18 +133,12 @@ if want l1-hit; then
     export DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/$created_db
   fi
   export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
-  free_port && http_port=$port
-  free_port && admin_port=$port
-  TIERGATE_ARGS=()
-  log "l1-hit: starting Tiergate under callgrind"
-  start_tiergate "$tmp/l1.log" TIERGATE_LISTEN__HTTP=127.0.0.1:$http_port \
-    TIERGATE_LISTEN__ADMIN=127.0.0.1:$admin_port TIERGATE_REDIS__KEY_PREFIX=$prefix
-  up "$server" "http://127.0.0.1:$admin_port/readyz" 120 || die "Tiergate did not start: $(why "$tmp/l1.log")"
-  id=$(curl -fsS -H 'content-type: application/json' -d '{"name":"callgrind"}' \
-    "http://127.0.0.1:$http_port/items" | jq -r .item.id) || die "could not create an item"
-  curl -fsS -o /dev/null "http://127.0.0.1:$http_port/items/$id"
-  log "l1-hit: $warmup requests, then $requests counted"
-  table+=("| l1-hit: \`GET /items/{id}\`, L1 hit | $(count l1-hit "$server" "http://127.0.0.1:$http_port/" --scenario hot --id "$id") |")
+fi
+if want l1-hit; then
+  l1_row l1-hit warn "\`GET /items/{id}\`, L1 hit"
+fi
+if want l1-hit-logged; then
+  l1_row l1-hit-logged info "the same, an access line per request (to a file)"
 fi
 
 if want proxy-1k; then

@@ -11,6 +11,7 @@
 //! - [`hooks`]: pause points that make cache races reproducible in tests.
 //! - [`rollout`]: progressive rollouts of a split, judged and rolled back fleet-wide.
 //! - [`service`]: the use cases over store and cache (read-through, write-then-fence).
+//! - [`spans`]: the spans a traced request records below its own, for OTLP export.
 //! - [`api`]: HTTP handlers and JSON errors.
 //! - [`health`]: the `/health` report.
 //! - `testing` (feature `testing`): test support shared by the crates' integration tests.
@@ -24,6 +25,7 @@ pub mod hooks;
 pub mod model;
 pub mod rollout;
 pub mod service;
+pub mod spans;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -30,6 +30,7 @@ use crate::cache::pages::Page;
 use crate::cache::{Entry, Kind, Tier};
 use crate::hooks::{Hooks, Point};
 use crate::model::{Item, ItemId};
+use crate::spans::{self, ChildSpan};
 use crate::store::{Database, ItemRead, OutboxId, StoreError, UpdateOutcome};
 
 /// Why a use case failed.
@@ -144,7 +145,12 @@ impl Items {
     pub async fn get(&self, id: ItemId) -> Result<Lookup, Arc<ServiceError>> {
         let key = id.get();
         let mut stale = None;
-        if let Some(entry) = self.l1.get(key).await {
+        let looked = spans::start();
+        let found = self.l1.get(key).await;
+        spans::record(looked, |at| {
+            ChildSpan::internal("tiergate.cache.l1", at).with("tiergate.cache.hit", found.is_some())
+        });
+        if let Some(entry) = found {
             let age = entry.age(Instant::now());
             if age < entry.stamp.fresh_for {
                 self.metrics.l1_hit.increment(1);
@@ -245,7 +251,15 @@ impl Items {
         // the writer's fence, came in between.
         let mut lease = None;
         if self.l2.is_trusted() {
-            match self.l2.get(key).await {
+            let looked = spans::start();
+            let found = self.l2.get(key).await;
+            spans::record(looked, |at| {
+                ChildSpan::client("tiergate.cache.l2", at)
+                    .with("db.system.name", "redis")
+                    .with("tiergate.cache.hit", matches!(found, Ok(Some(_))))
+                    .failed(found.is_err())
+            });
+            match found {
                 Ok(Some((version, Stored::Value(json)))) => {
                     self.metrics.l2_hit.increment(1);
                     let stamp = self.l1.stamp(Tier::L2, started, Kind::Value);
@@ -277,7 +291,16 @@ impl Items {
             self.metrics.l2_skipped.increment(1);
         }
 
-        let read = match self.read_database(id).await {
+        let queried = spans::start();
+        let read = self.read_database(id).await;
+        spans::record(queried, |at| {
+            ChildSpan::client("SELECT items", at)
+                .with("db.system.name", "postgresql")
+                .with("db.operation.name", "SELECT")
+                .with("db.collection.name", "items")
+                .failed(read.is_err())
+        });
+        let read = match read {
             Ok(read) => read,
             Err(StoreError::Unavailable(cause)) => {
                 if let Some(stale) = stale {

@@ -105,7 +105,7 @@ fn hot_read(c: &mut Criterion) {
     let Ok(router) = Router::new(&settings, None) else {
         panic!("the default route table");
     };
-    let gateway = Gateway::new(router, app.clone(), &settings.http, None);
+    let gateway = Gateway::new(router, app.clone(), &settings.http, None, None);
     let id = runtime.block_on(async {
         start_ready(&app).await;
         let mut create = Request::new(Full::new(Bytes::from_static(br#"{"name":"Blue hat"}"#)));

@@ -54,7 +54,7 @@ pub use secret::Secret;
 pub use settings::{
     CacheSettings, CertificateSettings, DatabaseSettings, DeploymentSettings, FleetSettings,
     HealthSettings, HttpSettings, ListenSettings, LogFormat, LogSettings, RedisSettings,
-    RuntimeSettings, Settings, ShutdownSettings, TlsSettings, TlsVersion,
+    RuntimeSettings, Settings, ShutdownSettings, TlsSettings, TlsVersion, TraceSettings,
 };
 pub use source::{ProcessEnv, Source};
 

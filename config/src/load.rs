@@ -480,6 +480,7 @@ impl Loader {
             health: self.section(&mut tree, "health", &mut failed),
             deployment: self.section(&mut tree, "deployment", &mut failed),
             log: self.section(&mut tree, "log", &mut failed),
+            trace: self.section(&mut tree, "trace", &mut failed),
             shutdown: self.section(&mut tree, "shutdown", &mut failed),
             admin: self.section(&mut tree, "admin", &mut failed),
             proxy: self.section(&mut tree, "proxy", &mut failed),

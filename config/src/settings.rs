@@ -37,6 +37,8 @@ pub struct Settings {
     pub deployment: DeploymentSettings,
     /// Log output.
     pub log: LogSettings,
+    /// Export of spans over OTLP.
+    pub trace: TraceSettings,
     /// What happens between SIGTERM and exit.
     pub shutdown: ShutdownSettings,
     /// Access to the admin API.
@@ -66,6 +68,7 @@ impl Default for Settings {
             health: HealthSettings::default(),
             deployment: DeploymentSettings::default(),
             log: LogSettings::default(),
+            trace: TraceSettings::default(),
             shutdown: ShutdownSettings::default(),
             admin: AdminSettings::default(),
             proxy: ProxySettings::default(),
@@ -495,6 +498,41 @@ impl Default for LogSettings {
     }
 }
 
+/// Export of spans over OTLP/HTTP (protobuf): each sampled request's span, with its
+/// cache lookups, PostgreSQL query and upstream attempts below it. Off by default.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceSettings {
+    /// Where spans are sent: the collector's whole traces URL, `http://` (plain HTTP:
+    /// a collector beside the task), e.g. `http://127.0.0.1:4318/v1/traces`. Default
+    /// unset: no span is made or exported.
+    pub otlp_endpoint: Option<String>,
+    /// Share of the traces started here that are exported, 0 to 1, decided by trace id;
+    /// a continued trace follows its caller's sampled flag. Default 1.
+    pub sample_ratio: f64,
+    /// The `service.name` of the exported spans. Default `tiergate`.
+    pub service_name: String,
+    /// Spans waiting for export at most; more are dropped and counted. 1 to 1,000,000.
+    /// Default 4096.
+    pub queue_spans: usize,
+    /// Longest wait for the collector to take one batch; a batch it did not take in time
+    /// is dropped and counted. 100ms to 1m. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TraceSettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            service_name: "tiergate".to_owned(),
+            queue_spans: 4096,
+            export_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Log line format, written in lowercase (`"json"`, `"text"`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -555,6 +593,7 @@ impl Settings {
         settings.tls.cert = Some(PathBuf::new());
         settings.tls.key = Some(PathBuf::new());
         settings.deployment.color = Some(String::new());
+        settings.trace.otlp_endpoint = Some(String::new());
         settings.admin.token = Some(Secret::new(""));
         settings
     }

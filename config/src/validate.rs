@@ -34,6 +34,7 @@ pub(crate) fn check(s: &Settings) -> Vec<Invalid> {
     http(s, &mut out);
     health(s, &mut out);
     log(s, &mut out);
+    trace(s, &mut out);
     deployment(s, &mut out);
     shutdown(s, &mut out);
     runtime(s, &mut out);
@@ -360,6 +361,73 @@ fn log(s: &Settings, out: &mut Problems) {
             format!("must be 0 to 1 (a share of the requests), got {sample}"),
         );
     }
+}
+
+/// Span export: a plain-HTTP URL without credentials (they would be printed), a share,
+/// a name, a bounded queue.
+fn trace(s: &Settings, out: &mut Problems) {
+    let trace = &s.trace;
+    if let Some(endpoint) = &trace.otlp_endpoint
+        && let Err(why) = otlp_endpoint(endpoint)
+    {
+        out.fail(&["trace.otlp_endpoint"], why);
+    }
+    let ratio = trace.sample_ratio;
+    if !(0.0..=1.0).contains(&ratio) {
+        out.fail(
+            &["trace.sample_ratio"],
+            format!("must be 0 to 1 (a share of the traces), got {ratio}"),
+        );
+    }
+    let name = &trace.service_name;
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        out.fail(
+            &["trace.service_name"],
+            format!("must be 1 to 128 characters, none a control character, got {name:?}"),
+        );
+    }
+    if !(1..=1_000_000).contains(&trace.queue_spans) {
+        out.fail(
+            &["trace.queue_spans"],
+            format!("must be 1 to 1000000, got {}", trace.queue_spans),
+        );
+    }
+    let timeout = trace.export_timeout;
+    if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&timeout) {
+        out.fail(
+            &["trace.export_timeout"],
+            format!("must be 100ms to 1m, got {}", human(timeout)),
+        );
+    }
+}
+
+/// Why `endpoint` cannot be the collector's URL, if it cannot.
+fn otlp_endpoint(endpoint: &str) -> Result<(), String> {
+    let Some(rest) = endpoint.strip_prefix("http://") else {
+        return Err(if endpoint.starts_with("https://") {
+            format!(
+                "must be a plain http:// URL (a collector beside the task); https is not supported, got {endpoint:?}"
+            )
+        } else {
+            format!(
+                "must be an http:// URL such as http://127.0.0.1:4318/v1/traces, got {endpoint:?}"
+            )
+        });
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err("must not hold credentials (user:password@): they would be printed".to_owned());
+    }
+    if authority.is_empty()
+        || endpoint
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "must name a host and hold no spaces, got {endpoint:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// The public HTTP limits: body, head and header sizes, timeouts, requests in flight.

@@ -909,3 +909,78 @@ fn the_access_sample_is_a_share() {
         );
     }
 }
+
+#[test]
+fn span_export_is_off_by_default_and_its_settings_are_checked() {
+    let s = load_env(&[]).unwrap();
+    assert_eq!(s.trace.otlp_endpoint, None);
+    let s = load_file(
+        "[trace]\notlp_endpoint = \"http://collector:4318/v1/traces\"\nsample_ratio = 0.5\n",
+        &[("TIERGATE_TRACE__SERVICE_NAME", "items-eu")],
+    )
+    .unwrap();
+    assert_eq!(
+        s.trace.otlp_endpoint.as_deref(),
+        Some("http://collector:4318/v1/traces")
+    );
+    assert_eq!(s.trace.sample_ratio, 0.5);
+    assert_eq!(s.trace.service_name, "items-eu");
+    // The environment unsets what a file set.
+    let off = load_file(
+        "[trace]\notlp_endpoint = \"http://collector:4318/v1/traces\"\n",
+        &[("TIERGATE_TRACE__OTLP_ENDPOINT", "")],
+    )
+    .unwrap();
+    assert_eq!(off.trace.otlp_endpoint, None);
+    let bad = [
+        (
+            "TIERGATE_TRACE__OTLP_ENDPOINT",
+            "https://c:4318/v1/traces",
+            "trace.otlp_endpoint: must be a plain http:// URL",
+        ),
+        (
+            "TIERGATE_TRACE__OTLP_ENDPOINT",
+            "collector:4318",
+            "trace.otlp_endpoint: must be an http:// URL",
+        ),
+        (
+            "TIERGATE_TRACE__OTLP_ENDPOINT",
+            "http:///v1/traces",
+            "trace.otlp_endpoint: must name a host",
+        ),
+        (
+            "TIERGATE_TRACE__SAMPLE_RATIO",
+            "1.5",
+            "trace.sample_ratio: must be 0 to 1",
+        ),
+        (
+            "TIERGATE_TRACE__SERVICE_NAME",
+            "",
+            "trace.service_name: must be 1 to 128 characters",
+        ),
+        (
+            "TIERGATE_TRACE__QUEUE_SPANS",
+            "0",
+            "trace.queue_spans: must be 1 to 1000000",
+        ),
+        (
+            "TIERGATE_TRACE__EXPORT_TIMEOUT",
+            "10ms",
+            "trace.export_timeout: must be 100ms to 1m",
+        ),
+    ];
+    for (var, value, message) in bad {
+        assert_one_problem_containing(load_env(&[(var, value)]), message);
+    }
+    // Credentials in the URL are refused without being repeated.
+    let problems = problems(load_env(&[(
+        "TIERGATE_TRACE__OTLP_ENDPOINT",
+        "http://user:hunter2@c:4318/v1/traces",
+    )]));
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("must not hold credentials"),
+        "{problems:?}"
+    );
+    assert!(!problems[0].contains("hunter2"), "{problems:?}");
+}

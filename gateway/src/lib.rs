@@ -24,6 +24,7 @@
 //! - [`metrics`]: the Prometheus recorder and per-route handles.
 //! - [`access_log`]: the access lines, rendered on the request path and written by a
 //!   thread of their own.
+//! - [`otlp`]: the optional export of spans to an OpenTelemetry collector.
 //! - [`shutdown`]: signal handling.
 //! - [`healthcheck`]: the `tiergate healthcheck` probe client.
 //! - `trace`: W3C trace context, continued or started, passed upstream.
@@ -35,6 +36,7 @@ pub mod error;
 pub mod healthcheck;
 pub mod listener;
 pub mod metrics;
+pub mod otlp;
 pub mod path;
 pub mod proxy;
 pub mod reload;
@@ -66,6 +68,7 @@ use crate::access_log::AccessLog;
 use crate::admin::Admin;
 use crate::error::GatewayError;
 use crate::listener::{Drain, DrainControl, Limits, Peer, Phase, Transport};
+use crate::otlp::SpanExport;
 use crate::reload::{ConfigSource, Reloader};
 use crate::response::ResponseBody;
 use crate::router::Router;
@@ -97,6 +100,8 @@ pub struct Server {
     metrics: PrometheusHandle,
     /// Written until every connection is done, then closed.
     access_log: Option<AccessLog>,
+    /// Spans exported until every connection is done, then flushed.
+    spans: Option<SpanExport>,
     /// As started: the shutdown budget, the admin token, and what a reload compares
     /// against.
     settings: Settings,
@@ -160,7 +165,14 @@ impl Server {
             .then(|| AccessLog::stdout(settings.log.access_sample))
             .transpose()
             .context("cannot start the access log's writer")?;
-        let gateway = Gateway::new(router, app.clone(), &settings.http, access_log.clone());
+        let spans = SpanExport::start(&settings.trace).context("trace.otlp_endpoint")?;
+        let gateway = Gateway::new(
+            router,
+            app.clone(),
+            &settings.http,
+            access_log.clone(),
+            spans.clone(),
+        );
         let fixed = settings.clone();
         Ok(Self {
             http,
@@ -172,6 +184,7 @@ impl Server {
             app,
             metrics,
             access_log,
+            spans,
             settings: settings.clone(),
             config_source: ConfigSource::new(move || Ok(fixed.clone())),
         })
@@ -240,6 +253,7 @@ impl Server {
             app,
             metrics,
             access_log,
+            spans,
             settings,
             config_source,
         } = self;
@@ -333,6 +347,10 @@ impl Server {
         // Every request has its answer: its line is in a shard, or dropped and counted.
         if let Some(log) = access_log {
             let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        }
+        // The last spans, if the collector takes them soon: exit is not held up for it.
+        if let Some(spans) = spans {
+            let _ = tokio::time::timeout(CLOSE_LIMIT, spans.close()).await;
         }
         if tokio::time::timeout(CLOSE_LIMIT, app.close())
             .await

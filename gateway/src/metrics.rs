@@ -46,6 +46,8 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         // Registered now, so that it reads 0 rather than missing while nothing is dropped
         // (or access lines are off).
         let _ = metrics::counter!("tiergate_access_log_dropped_total");
+        let _ = metrics::counter!("tiergate_trace_spans_exported_total");
+        let _ = metrics::counter!("tiergate_trace_spans_dropped_total");
         spawn_upkeep(handle.clone())?;
     }
     Ok(HANDLE.get().cloned().unwrap_or(handle))
@@ -95,6 +97,14 @@ fn describe() {
     metrics::describe_counter!(
         "tiergate_access_log_dropped_total",
         "Access lines refused because the writer fell behind (stdout slow or stalled)."
+    );
+    metrics::describe_counter!(
+        "tiergate_trace_spans_exported_total",
+        "Spans the OTLP collector took (trace.otlp_endpoint)."
+    );
+    metrics::describe_counter!(
+        "tiergate_trace_spans_dropped_total",
+        "Spans dropped: the export queue was full, or the collector did not take their batch."
     );
     metrics::describe_histogram!(
         "tiergate_http_request_duration_seconds",

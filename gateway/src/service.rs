@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use app_core::App;
 use app_core::api::X_CACHE;
+use app_core::spans::Recorder;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -30,6 +31,7 @@ use tiergate_config::HttpSettings;
 use crate::access_log::{AccessLog, RequestPart, ResponsePart};
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
+use crate::otlp::SpanExport;
 use crate::path::{self, UnsafePath};
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
@@ -71,16 +73,20 @@ struct Inner {
     tunnels: proxy::Tunnels,
     /// Where each request's line goes; `None` when access lines are off.
     access_log: Option<AccessLog>,
+    /// Where sampled requests' spans go; `None` when span export is off.
+    spans: Option<SpanExport>,
 }
 
 impl Gateway {
     /// A gateway over `router` that hosts `app`, with the limits in `http`, writing an
-    /// access line per request to `access_log` when there is one.
+    /// access line per request to `access_log` when there is one, and exporting sampled
+    /// requests' spans to `spans` when there is one.
     pub fn new(
         router: Router,
         app: App,
         http: &HttpSettings,
         access_log: Option<AccessLog>,
+        spans: Option<SpanExport>,
     ) -> Self {
         let gateway = Self {
             inner: Arc::new(Inner {
@@ -95,6 +101,7 @@ impl Gateway {
                 body_read_timeout: http.body_read_timeout,
                 tunnels: proxy::Tunnels::default(),
                 access_log,
+                spans,
             }),
         };
         gateway.follow_fleet();
@@ -206,7 +213,7 @@ impl Gateway {
             (Some(why), _) => Answer::Refused(why),
             // Nearly every read: no body to wait for.
             (None, Handler::App) if req.body().is_end_stream() => {
-                Answer::App(self.inner.app.handle(req))
+                Answer::App(traced(logged.as_deref(), self.inner.app.handle(req)))
             }
             (None, Handler::App) => Answer::AppAfterBody(Box::new(req)),
             // Boxed: a request is most of what the future would hold.
@@ -226,7 +233,7 @@ impl Gateway {
                 Answer::AppAfterBody(req) => {
                     match receive_body(*req, inner.max_body_bytes, inner.body_read_timeout).await {
                         Ok(req) => {
-                            let app = inner.app.handle(req);
+                            let app = traced(logged.as_deref(), inner.app.handle(req));
                             Box::pin(inner.app_answer(&route, app, started)).await
                         }
                         Err(refused) => GatewayError::from(refused).into_response(),
@@ -254,14 +261,15 @@ impl Gateway {
                             GatewayError::from(ClientError::TraceRefused).into_response()
                         }
                         Handler::Upstream(group) => {
-                            let (rsp, target) = Box::pin(proxied(to(group, *req), None)).await;
+                            let answer = proxied(to(group, *req), None);
+                            let (rsp, target) = Box::pin(in_scope(logged.as_deref(), answer)).await;
                             upstream = Some((group.clone(), target));
                             rsp
                         }
                         Handler::Split(split) => {
                             let (group, set_cookie) = split.pick(req.headers());
-                            let answer = proxied(to(group, *req), set_cookie);
-                            let (rsp, target) = Box::pin(tallied(group, answer)).await;
+                            let answer = tallied(group, proxied(to(group, *req), set_cookie));
+                            let (rsp, target) = Box::pin(in_scope(logged.as_deref(), answer)).await;
                             upstream = Some((group.clone(), target));
                             rsp
                         }
@@ -290,6 +298,24 @@ impl Gateway {
             rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             rsp
         }
+    }
+}
+
+/// The app's `answer`, run where the spans below the request's are recorded when the
+/// request is sampled for export (boxed again; the others are left as they are).
+fn traced(logged: Option<&RequestPart>, answer: app_core::api::Answer) -> app_core::api::Answer {
+    match logged.and_then(|part| part.recorder.as_ref()) {
+        Some(recorder) => Box::pin(recorder.scope(answer)),
+        None => answer,
+    }
+}
+
+/// `answer` (a proxied one), run where its attempts' spans are recorded when the
+/// request is sampled for export.
+async fn in_scope<F: Future>(logged: Option<&RequestPart>, answer: F) -> F::Output {
+    match logged.and_then(|part| part.recorder.as_ref()) {
+        Some(recorder) => recorder.scope(answer).await,
+        None => answer.await,
     }
 }
 
@@ -333,9 +359,10 @@ fn route<B>(router: &Router, req: &mut Request<B>) -> (Arc<Route>, Option<Unsafe
 type Upstream = (Arc<proxy::Group>, Option<usize>);
 
 impl Inner {
-    /// The request's trace (for the access line and the upstreams: none when neither
-    /// is there), and what its access line needs after the request is gone (nothing
-    /// when access lines are off; boxed, or it would double the future's size).
+    /// The request's trace (for the access line, the spans and the upstreams: none when
+    /// none of them is there), what its access line and span need after the request is
+    /// gone (nothing when both are off; boxed, or it would double the future's size),
+    /// with where the spans below its own are recorded when it is sampled for export.
     fn observe<B: Body>(
         &self,
         req: &Request<B>,
@@ -343,13 +370,20 @@ impl Inner {
         route: &Route,
         router: &Router,
     ) -> (Option<TraceContext>, Option<Box<RequestPart>>) {
-        let logging = self.access_log.is_some();
-        let trace = (logging || !matches!(route.handler, Handler::App))
+        let logging = self.access_log.is_some() || self.spans.is_some();
+        let mut trace = (logging || !matches!(route.handler, Handler::App))
             .then(|| TraceContext::of(req.headers(), router.proxy.start_traces))
             .flatten();
+        let recorder = match (&self.spans, &mut trace) {
+            (Some(spans), Some(trace)) if spans.samples(trace) => {
+                trace.mark_sampled();
+                Some(Recorder::default())
+            }
+            _ => None,
+        };
         let logged = logging.then(|| {
             let hops = router.proxy.trusted_hops;
-            Box::new(RequestPart::of(req, peer.addr, hops, trace))
+            Box::new(RequestPart::of(req, peer.addr, hops, trace, recorder))
         });
         (trace, logged)
     }
@@ -365,7 +399,7 @@ impl Inner {
         elapsed: Duration,
     ) {
         route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
-        let (Some(log), Some(logged)) = (&self.access_log, logged) else {
+        let Some(logged) = logged else {
             return;
         };
         let upstream = upstream.map(|(group, target)| {
@@ -381,7 +415,14 @@ impl Inner {
             upstream,
             duration: elapsed,
         };
-        log.log(&logged, &answered);
+        if let Some(log) = &self.access_log {
+            log.log(&logged, &answered);
+        }
+        if let (Some(spans), Some(trace), Some(recorder)) =
+            (&self.spans, &logged.trace, &logged.recorder)
+        {
+            spans.request_done(trace, &logged, &answered, recorder);
+        }
     }
 
     /// The app's answer under the app's budget (`http.max_in_flight`, on the routes that

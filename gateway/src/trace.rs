@@ -14,6 +14,8 @@ pub(crate) static TRACESTATE: HeaderName = HeaderName::from_static("tracestate")
 pub(crate) struct TraceContext {
     pub(crate) trace_id: u128,
     pub(crate) span_id: u64,
+    /// The caller's span (0 for a trace started here).
+    pub(crate) parent_id: u64,
     /// The trace flags (bit 0: sampled), as the caller sent them; 0 for a trace started
     /// here (nothing records it).
     flags: u8,
@@ -27,20 +29,38 @@ impl TraceContext {
     pub(crate) fn of(headers: &HeaderMap, start: bool) -> Option<Self> {
         let span_id = fastrand::u64(1..);
         match headers.get(&TRACEPARENT).and_then(parse) {
-            Some((trace_id, flags)) => Some(Self {
+            Some((trace_id, parent_id, flags)) => Some(Self {
                 trace_id,
                 span_id,
+                parent_id,
                 flags,
                 continued: true,
             }),
             None if start => Some(Self {
                 trace_id: fastrand::u128(1..),
                 span_id,
+                parent_id: 0,
                 flags: 0,
                 continued: false,
             }),
             None => None,
         }
+    }
+
+    /// Whether the trace is sampled (flag bit 0): its spans are exported.
+    pub(crate) fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// Marks a trace started here sampled, for the upstreams: their spans belong in it.
+    pub(crate) fn mark_sampled(&mut self) {
+        self.flags |= 1;
+    }
+
+    /// The same trace with `span_id` as the span upstreams see as their parent (an
+    /// upstream attempt's).
+    pub(crate) fn with_span(self, span_id: u64) -> Self {
+        Self { span_id, ..self }
     }
 
     /// The `traceparent` for an upstream: this trace, this gateway's span as the parent.
@@ -65,11 +85,11 @@ pub(crate) fn hex(out: &mut [u8], bytes: &[u8]) {
     }
 }
 
-/// The trace id and flags of a valid `traceparent`: `00-` 32 hex digits `-` 16 hex
+/// The trace id, parent id and flags of a valid `traceparent`: `00-` 32 hex digits `-` 16 hex
 /// digits `-` 2 hex digits, lower case, neither id all zeros. A later version is read
 /// as version 00 is (its first 55 characters; more only after a `-`), as the
 /// specification asks; version `ff` is invalid.
-fn parse(value: &HeaderValue) -> Option<(u128, u8)> {
+fn parse(value: &HeaderValue) -> Option<(u128, u64, u8)> {
     let text = value.as_bytes();
     if text.len() < 55 || (text.len() > 55 && (text.starts_with(b"00") || text[55] != b'-')) {
         return None;
@@ -81,7 +101,8 @@ fn parse(value: &HeaderValue) -> Option<(u128, u8)> {
     let trace_id = field(&text[3..35])?;
     let parent_id = field(&text[36..52])?;
     let flags = u8::try_from(field(&text[53..55])?).ok()?;
-    (trace_id != 0 && parent_id != 0).then_some((trace_id, flags))
+    let parent_id = u64::try_from(parent_id).ok()?;
+    (trace_id != 0 && parent_id != 0).then_some((trace_id, parent_id, flags))
 }
 
 /// A run of lower-case hex digits as a number.
@@ -114,6 +135,7 @@ mod tests {
         assert_eq!(trace.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
         assert!(trace.continued);
         assert_ne!(trace.span_id, 0x00f0_67aa_0ba9_02b7);
+        assert_eq!(trace.parent_id, 0x00f0_67aa_0ba9_02b7);
         let sent = trace.traceparent();
         let sent = sent.to_str().unwrap();
         assert!(
@@ -123,7 +145,7 @@ mod tests {
         assert!(sent.ends_with("-01"), "{sent}");
         assert_eq!(
             parse(&HeaderValue::from_str(sent).unwrap()),
-            Some((trace.trace_id, 1))
+            Some((trace.trace_id, trace.span_id, 1))
         );
         // A later version with more fields is read as far as version 00 goes.
         let later = format!("cc{}-what-comes-next", &VALID[2..]);

@@ -122,6 +122,7 @@ fn the_access_line_costs_its_request_one_allocation_at_most() {
         app.clone(),
         &settings.http,
         None,
+        None,
     );
     let log = AccessLog::to(1.0, std::io::sink).unwrap();
     let logged = Gateway::new(
@@ -129,6 +130,7 @@ fn the_access_line_costs_its_request_one_allocation_at_most() {
         app.clone(),
         &settings.http,
         Some(log.clone()),
+        None,
     );
     let (without, with) = runtime.block_on(async {
         start_ready(&app).await;

@@ -19,7 +19,9 @@
 //!    as the [`GatewayError`] naming the side that failed and the limit that was hit.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use app_core::spans::{self, ChildSpan};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
@@ -106,13 +108,20 @@ where
         let target = &group.targets[index];
         let in_flight = target.start_request();
         let sent = Instant::now();
-        let attempt = request.attempt(target);
+        // A traced request's attempt is a span of its own, the upstream's parent.
+        let span_started = spans::start();
+        let span_id = span_started.map(|_| spans::new_span_id());
+        let attempt = request.attempt(target, span_id);
         let mut clock = HeadClock::new(
             deadline,
             group.settings.response_timeout,
             request.body.upload(),
         );
         let result = group.pool().send(index, attempt, &mut clock).await;
+        spans::record(span_started, |at| {
+            let status = result.as_ref().ok().map(|(rsp, _)| rsp.status());
+            attempt_span(at, span_id, &request.method, target, tried.len(), status)
+        });
         let failure = match result {
             Ok((rsp, lease)) => {
                 let rsp = answer(&mut request, rsp, lease, in_flight, sent, deadline)?;
@@ -138,6 +147,36 @@ where
             group.metrics.retries_refused.increment(1);
         }
         return Err(failure.into());
+    }
+}
+
+/// The span of one attempt on `target`, after OpenTelemetry's HTTP client conventions;
+/// `status` is the answer's, none when the attempt got none.
+fn attempt_span(
+    at: SystemTime,
+    span_id: Option<u64>,
+    method: &Method,
+    target: &Target,
+    resends: usize,
+    status: Option<StatusCode>,
+) -> ChildSpan {
+    let mut span = ChildSpan::client(method.as_str().to_owned(), at)
+        .with("http.request.method", method.as_str().to_owned())
+        .with("server.address", target.address.clone());
+    if let Some(id) = span_id {
+        span.span_id = id;
+    }
+    if resends > 0 {
+        span = span.with(
+            "http.request.resend_count",
+            i64::try_from(resends).unwrap_or(i64::MAX),
+        );
+    }
+    match status {
+        Some(status) => span
+            .with("http.response.status_code", i64::from(status.as_u16()))
+            .failed(status.is_server_error()),
+        None => span.with("error.type", "_OTHER").failed(true),
     }
 }
 
@@ -239,8 +278,9 @@ where
 }
 
 impl Prepared<'_> {
-    /// Step 2: the copy of the request sent to `target`, with what this proxy adds.
-    fn attempt(&mut self, target: &Target) -> Request<AttemptBody> {
+    /// Step 2: the copy of the request sent to `target`, with what this proxy adds; the
+    /// upstream's parent span is `span_id` when the attempt has a span of its own.
+    fn attempt(&mut self, target: &Target, span_id: Option<u64>) -> Request<AttemptBody> {
         let mut attempt = Request::new(self.body.attempt());
         *attempt.method_mut() = self.method.clone();
         *attempt.uri_mut() = Uri::from(self.path.clone());
@@ -262,8 +302,9 @@ impl Prepared<'_> {
         );
         headers::append_via(headers, self.client_version);
         headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
-        if let Some(trace) = &self.trace {
-            headers.insert(TRACEPARENT.clone(), trace.traceparent());
+        if let Some(trace) = self.trace {
+            let parent = span_id.map_or(trace, |id| trace.with_span(id));
+            headers.insert(TRACEPARENT.clone(), parent.traceparent());
             // A trace started here has no state of the client's to go with it.
             if !trace.continued {
                 headers.remove(&TRACESTATE);

@@ -16,7 +16,7 @@ use crate::upstream::Upstream;
 
 /// A settings file with the app's routes, `/web` to an upstream group `web` at
 /// `target`, and `/gone` to a group whose only target refuses connections.
-fn routes_file(target: &str) -> tempfile::NamedTempFile {
+pub fn routes_file(target: &str) -> tempfile::NamedTempFile {
     let file = tempfile::NamedTempFile::new().unwrap();
     let toml = format!(
         "[[routes]]\nname = \"items\"\npath = \"/items\"\napp = true\n\n\
@@ -32,7 +32,7 @@ fn routes_file(target: &str) -> tempfile::NamedTempFile {
 
 /// The access lines in `log` for the request ids in `ids`, by id; waits at most 10 s
 /// for all of them.
-async fn access_lines(
+pub async fn access_lines(
     log: &mut mpsc::UnboundedReceiver<String>,
     ids: &[&str],
 ) -> HashMap<String, Value> {

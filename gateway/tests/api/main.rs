@@ -24,6 +24,7 @@ mod health;
 mod helpers;
 mod items;
 mod openapi;
+mod otlp;
 mod proxy;
 mod proxy_hardening;
 mod raw;
