@@ -86,6 +86,35 @@ enum State {
 }
 
 impl Decoder {
+    /// Decodes the whole body from `buf` and then `pieces`, the connection's reads, whose
+    /// end is the end of the connection: the body and its trailers, if any. What follows
+    /// the body stays in `buf` and `pieces`.
+    pub(crate) fn read_to_end<'a>(
+        &mut self,
+        buf: &mut BytesMut,
+        pieces: &mut impl Iterator<Item = &'a [u8]>,
+    ) -> Result<(BytesMut, Option<HeaderMap>), BodyError> {
+        let mut body = BytesMut::new();
+        let mut trailers = None;
+        let mut eof = false;
+        loop {
+            let decoded = if eof {
+                self.decode_eof(buf)?
+            } else {
+                self.decode(buf)?
+            };
+            match decoded {
+                Decoded::Data(data) => body.extend_from_slice(&data),
+                Decoded::Trailers(fields) => trailers = Some(fields),
+                Decoded::End => return Ok((body, trailers)),
+                Decoded::NeedMore => match pieces.next() {
+                    Some(piece) => buf.extend_from_slice(piece),
+                    None => eof = true,
+                },
+            }
+        }
+    }
+
     pub(crate) fn new(framing: Framing) -> Self {
         let state = match framing {
             Framing::Empty | Framing::Length(0) => State::Done,
@@ -296,28 +325,9 @@ mod tests {
         raw: &[u8],
         step: usize,
     ) -> Result<(Vec<u8>, Option<HeaderMap>), BodyError> {
-        let mut decoder = Decoder::new(framing);
-        let mut pieces = raw.chunks(step);
-        let mut buf = BytesMut::new();
-        let mut body = Vec::new();
-        let mut trailers = None;
-        let mut eof = false;
-        loop {
-            let decoded = if eof {
-                decoder.decode_eof(&mut buf)?
-            } else {
-                decoder.decode(&mut buf)?
-            };
-            match decoded {
-                Decoded::Data(data) => body.extend_from_slice(&data),
-                Decoded::Trailers(fields) => trailers = Some(fields),
-                Decoded::End => return Ok((body, trailers)),
-                Decoded::NeedMore => match pieces.next() {
-                    Some(piece) => buf.extend_from_slice(piece),
-                    None => eof = true,
-                },
-            }
-        }
+        let (body, trailers) =
+            Decoder::new(framing).read_to_end(&mut BytesMut::new(), &mut raw.chunks(step))?;
+        Ok((body.to_vec(), trailers))
     }
 
     fn chunked(raw: &str) -> Result<Vec<u8>, BodyError> {

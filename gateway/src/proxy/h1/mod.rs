@@ -20,7 +20,7 @@ use http::HeaderMap;
 
 pub(crate) use conn::Connection;
 pub use decode::BodyError;
-use decode::{Decoded, Decoder};
+use decode::Decoder;
 pub use head::HeadError;
 use head::parse_head;
 
@@ -90,25 +90,7 @@ pub fn decode_response(
         }
     };
     let mut decoder = Decoder::new(head.framing);
-    let mut body = BytesMut::new();
-    let mut trailers = None;
-    let mut eof = false;
-    loop {
-        let decoded = if eof {
-            decoder.decode_eof(&mut buf)?
-        } else {
-            decoder.decode(&mut buf)?
-        };
-        match decoded {
-            Decoded::Data(data) => body.extend_from_slice(&data),
-            Decoded::Trailers(fields) => trailers = Some(fields),
-            Decoded::End => break,
-            Decoded::NeedMore => match pieces.next() {
-                Some(piece) => buf.extend_from_slice(piece),
-                None => eof = true,
-            },
-        }
-    }
+    let (body, trailers) = decoder.read_to_end(&mut buf, &mut pieces)?;
     let rest_empty = buf.is_empty() && pieces.all(<[u8]>::is_empty);
     Ok(DecodedResponse {
         reusable: head.keep_alive && decoder.delimited() && rest_empty,
