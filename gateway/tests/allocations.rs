@@ -104,10 +104,11 @@ async fn allocations_per_request(gateway: &Gateway, path: &str, n: u64) -> f64 {
     per_request
 }
 
-/// Mutation checked: with the request's path copied into a `String` for its line (as
-/// the access line did before), it costs 2.00 allocations per request and fails.
+/// The line's buffer is reused from the request before on the thread. Mutation
+/// checked: with `RequestFields` allocating its buffer each time (as it did before), it
+/// costs 1.00 allocation per request and fails.
 #[test]
-fn the_access_line_costs_its_request_one_allocation_at_most() {
+fn the_access_line_costs_its_request_no_allocation() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -151,7 +152,7 @@ fn the_access_line_costs_its_request_one_allocation_at_most() {
     runtime.block_on(app.close());
     eprintln!("allocations per L1-hit request: {without:.2} without access lines, {with:.2} with");
     assert!(
-        with - without < 1.5,
+        with - without < 0.5,
         "the access line costs {:.2} allocations per request",
         with - without
     );
