@@ -106,10 +106,7 @@ cleanup() {
   stop_started
   rm -rf "$tmp"
   # Tiergate's cache keys of this run (both instances' prefixes), and its database.
-  redis-cli -u "$REDIS_URL" --scan --pattern 'bench-compare*' 2>/dev/null |
-    xargs -r redis-cli -u "$REDIS_URL" DEL >/dev/null 2>&1 || true
-  [[ -n $created_db ]] && { pg -c "DROP DATABASE IF EXISTS $created_db WITH (FORCE)" >/dev/null 2>&1 || true; }
-  return 0
+  drop_run_data 'bench-compare*'
 }
 trap cleanup EXIT
 
