@@ -682,14 +682,38 @@ fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
             && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     };
-    if let Some(id) = incoming.filter(safe) {
-        return id.clone();
-    }
-    let id = trace::hex_u128(fastrand::u128(..));
     // Owned by a shared buffer from the start: the proxy sends a clone upstream, and a
     // clone of a plain copy would allocate again to share it.
-    HeaderValue::from_maybe_shared(Bytes::from_owner(id))
-        .unwrap_or(HeaderValue::from_static("unknown"))
+    let owned = match incoming.filter(safe) {
+        // A copy, not a clone: a clone shares the connection's read buffer until the
+        // answer is written, and hyper, reading ahead meanwhile, would replace that
+        // buffer (see `access_log::RequestFields`).
+        Some(id) => Bytes::from_owner(RequestId::copy(id.as_bytes())),
+        None => Bytes::from_owner(trace::hex_u128(fastrand::u128(..))),
+    };
+    HeaderValue::from_maybe_shared(owned).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// A request id a client sent, copied out of its request.
+struct RequestId {
+    bytes: [u8; MAX_REQUEST_ID_LEN],
+    len: usize,
+}
+
+impl RequestId {
+    /// `id`, which `request_id` has checked is no longer than `MAX_REQUEST_ID_LEN`.
+    fn copy(id: &[u8]) -> Self {
+        let len = id.len().min(MAX_REQUEST_ID_LEN);
+        let mut bytes = [0; MAX_REQUEST_ID_LEN];
+        bytes[..len].copy_from_slice(&id[..len]);
+        Self { bytes, len }
+    }
+}
+
+impl AsRef<[u8]> for RequestId {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 #[cfg(test)]
