@@ -19,7 +19,9 @@
 #    (PROXY_RATE, default 5000 req/s, latency from the intended send time): at
 #    saturation p99 is mostly queueing, here it is the proxy's own. Last, Tiergate and
 #    nginx closed loop with their default access logs, each to a file (Tiergate's JSON
-#    line, RUST_LOG=info; nginx's `combined` format, unbuffered as it ships).
+#    line, RUST_LOG=info; nginx's `combined` format, unbuffered as it ships), and the
+#    three proxies closed loop once more with TLS on the client's side (keep-alive
+#    HTTP/1.1, the certificate of table 3; HAProxy reads it as one PEM with its key).
 # 3. TLS termination with one ECDSA P-256 certificate (openssl, made per run): Tiergate
 #    and nginx on a fixed small body (/livez): keep-alive HTTP/1.1; h2 by ALPN (4
 #    connections x 8 streams); and HTTP/1.1 with a new connection and a full handshake
@@ -31,8 +33,9 @@
 #    limit-server's req/s and <= 1.2x its CPU per request; with access lines on, the L1
 #    hit at >= 0.9x its req/s with them off and <= 1.1x its CPU per request; the proxy at
 #    >= 1.0x nginx's req/s at <= 1.0x its CPU per request and no worse p99 (issue 20), and
-#    at >= 1.2x with less CPU (issue 5, the stretch); each TLS row at >= 1.2x nginx's
-#    req/s with no worse p99.
+#    at >= 1.2x with less CPU (issue 5, the stretch); the TLS proxy row at >= 1.0x the
+#    better of nginx and HAProxy (issue 20); each TLS row at >= 1.2x nginx's req/s with no
+#    worse p99.
 #
 # Server CPU per request is utime + stime of the server's processes (from /proc, before
 # and after the row) over the requests answered; for the proxies it leaves out the
@@ -131,6 +134,9 @@ free_port && logged_admin_port=$port
 free_port && proxy_logged_port=$port
 free_port && proxy_logged_admin_port=$port
 free_port && nginx_logged_port=$port
+free_port && proxy_tls_port=$port
+free_port && nginx_proxy_tls_port=$port
+free_port && haproxy_tls_port=$port
 
 # A self-signed leaf (not a CA: rustls refuses a CA certificate as a server's own).
 cat >"$tmp/cert.cnf" <<CONF
@@ -169,11 +175,15 @@ pids+=($!) && logged_pid=$!
 
 # Tiergate as a reverse proxy only: every path to the upstream group. Twice: without
 # access lines, and with them (the default logging) to a file.
-proxy_config() { # http-port admin-port
+proxy_config() { # http-port admin-port https-port
   cat <<CONF
 [listen]
 http = "127.0.0.1:$1"
 admin = "127.0.0.1:$2"
+https = "127.0.0.1:$3"
+[tls]
+cert = "$tmp/cert.pem"
+key = "$tmp/key.pem"
 [log]
 format = "json"
 [[routes]]
@@ -186,11 +196,12 @@ targets = ["127.0.0.1:$upstream_port"]
 balance = "round_robin"
 CONF
 }
-proxy_config "$proxy_port" "$proxy_admin_port" >"$tmp/tiergate-proxy.toml"
+proxy_config "$proxy_port" "$proxy_admin_port" "$proxy_tls_port" >"$tmp/tiergate-proxy.toml"
 TIERGATE_REDIS__KEY_PREFIX=bench-compare-proxy RUST_LOG=warn \
   taskset -c "$server_cpu" "$bin/tiergate" --config "$tmp/tiergate-proxy.toml" serve >"$tmp/tiergate-proxy.log" 2>&1 &
 pids+=($!) && proxy_pid=$!
-proxy_config "$proxy_logged_port" "$proxy_logged_admin_port" >"$tmp/tiergate-proxy-logged.toml"
+free_port && proxy_logged_tls_port=$port
+proxy_config "$proxy_logged_port" "$proxy_logged_admin_port" "$proxy_logged_tls_port" >"$tmp/tiergate-proxy-logged.toml"
 TIERGATE_REDIS__KEY_PREFIX=bench-compare-proxy-logged RUST_LOG=info \
   taskset -c "$server_cpu" "$bin/tiergate" --config "$tmp/tiergate-proxy-logged.toml" serve >"$tmp/tiergate-proxy-logged.log" 2>&1 &
 pids+=($!) && proxy_logged_pid=$!
@@ -210,6 +221,13 @@ http {
   server {
     listen 127.0.0.1:$nginx_port;
     location = /static { default_type application/json; return 200 '{"source":"cache"}'; }
+    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+  server {
+    listen 127.0.0.1:$nginx_proxy_tls_port ssl;
+    ssl_certificate $tmp/cert.pem;
+    ssl_certificate_key $tmp/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
     location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
   server {
@@ -241,9 +259,13 @@ defaults
 frontend fe
   bind 127.0.0.1:$haproxy_port
   default_backend origin
+frontend fe_tls
+  bind 127.0.0.1:$haproxy_tls_port ssl crt $tmp/cert-and-key.pem
+  default_backend origin
 backend origin
   server s1 127.0.0.1:$upstream_port
 CONF
+cat "$tmp/cert.pem" "$tmp/key.pem" >"$tmp/cert-and-key.pem"
 taskset -c "$server_cpu" haproxy -db -f "$tmp/haproxy.cfg" >"$tmp/haproxy.log" 2>&1 &
 pids+=($!) && haproxy_pid=$!
 
@@ -396,6 +418,15 @@ for ((round = 1; round <= rounds; round++)); do
   if ((nginx_ok)); then
     proxy_rows+=("$(UPSTREAM=1 measure nginx-proxy-logged "$nginx_pid" "http://127.0.0.1:$nginx_logged_port/")")
   fi
+  if ((proxy_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure tiergate-proxy-tls "$proxy_pid" "https://127.0.0.1:$proxy_tls_port/" "${tls[@]}")")
+  fi
+  if ((nginx_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure nginx-proxy-tls "$nginx_pid" "https://127.0.0.1:$nginx_proxy_tls_port/" "${tls[@]}")")
+  fi
+  if ((haproxy_ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure haproxy-proxy-tls "$haproxy_pid" "https://127.0.0.1:$haproxy_tls_port/" "${tls[@]}")")
+  fi
   fi
 
   want tls || continue
@@ -498,6 +529,12 @@ goal("proxy"; "proxy vs nginx: ≥ 1.0× req/s, ≤ 1.0× CPU per request, p99 n
 goal("proxy"; "the same, both with their default access logs (to a file)";
   "tiergate-proxy-logged"; "nginx-proxy-logged";
   "\(.rps | r2)× req/s, \(.cpu | r2)× CPU, p99 \(.p99) vs \(.peer_p99) ms"; .rps >= 1 and .cpu <= 1 and .p99 <= .peer_p99),
+(if ($measured | index("proxy")) == null then empty
+  else [against("tiergate-proxy-tls"; "nginx-proxy-tls"), against("tiergate-proxy-tls"; "haproxy-proxy-tls")] | map(select(.)) as $peers
+  | if ($peers | length) == 2 then ($peers | min_by(.rps)) as $a
+      | "| TLS keep-alive proxy vs the better of nginx and HAProxy: ≥ 1.0× req/s (issue 20) | \($a.rps | r2)× req/s, \($a.cpu | r2)× CPU, p99 \($a.p99) vs \($a.peer_p99) ms | \(if $a.rps >= 1 then "yes" else "**no**" end) |"
+    else "| TLS keep-alive proxy vs the better of nginx and HAProxy: ≥ 1.0× req/s (issue 20) | not measured (a row failed) | n/a |" end
+  end),
 goal("proxy"; "proxy vs nginx: ≥ 1.2× req/s, less CPU per request, p99 no worse (stretch)";
   "tiergate-proxy"; "nginx-proxy";
   "\(.rps | r2)× req/s, \(.cpu | r2)× CPU, p99 \(.p99) vs \(.peer_p99) ms"; .rps >= 1.2 and .cpu < 1 and .p99 <= .peer_p99),
