@@ -18,6 +18,7 @@
 //!    allows; a `101` nobody asked for is the target's failure); a failure is returned
 //!    as the [`GatewayError`] naming the side that failed and the limit that was hit.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -77,23 +78,40 @@ pub(crate) struct ProxyRequest<'a, B> {
 /// Forwards a request to its group and answers with what the group said, and the index
 /// of the target that said it.
 ///
+/// The request is prepared before the future is made, which so holds the prepared
+/// request and not the client's as well (the future is boxed: each of its bytes is
+/// copied once per request).
+///
 /// # Errors
 /// The request cannot be sent as the route says ([`ClientError`]), or no target gave an
 /// answer ([`UpstreamError`]).
-pub(crate) async fn forward<B>(
-    to: ProxyRequest<'_, B>,
-) -> Result<(Response<ResponseBody>, usize), GatewayError>
+pub(crate) fn forward<'a, B>(
+    to: ProxyRequest<'a, B>,
+) -> impl Future<Output = Result<(Response<ResponseBody>, usize), GatewayError>> + use<'a, B>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let group = to.group;
     let deadline = Instant::now() + group.settings.request_timeout;
-    // Checked before anything is prepared: the prepared request is large, and a
-    // `Result` around it would cost every request a copy.
-    let path =
-        upstream_path(to.req.uri(), to.rewrite).map_err(|()| ClientError::UnrewritablePath)?;
-    let mut request = prepare(to, path);
+    let mut prepared = upstream_path(to.req.uri(), to.rewrite).map(|path| prepare(to, path));
+    async move {
+        // Borrowed where it is: moved out of the `Result`, it would be held twice.
+        let request = match &mut prepared {
+            Ok(request) => request,
+            Err(()) => return Err(ClientError::UnrewritablePath.into()),
+        };
+        attempts(group, request, deadline).await
+    }
+}
+
+/// Steps 2 to 4: attempts on the group's targets until one answers, a failure may not
+/// be retried, or the attempts or the retry budget run out.
+async fn attempts(
+    group: &Group,
+    request: &mut Prepared<'_>,
+    deadline: Instant,
+) -> Result<(Response<ResponseBody>, usize), GatewayError> {
     group.metrics.requests.increment(1);
     group.budget.deposit();
     let mut tried: Vec<usize> = Vec::new();
@@ -124,7 +142,7 @@ where
         });
         let failure = match result {
             Ok((rsp, lease)) => {
-                let rsp = answer(&mut request, rsp, lease, in_flight, sent, deadline)?;
+                let rsp = answer(request, rsp, lease, in_flight, sent, deadline)?;
                 return Ok((rsp, index));
             }
             Err(err) => {

@@ -289,7 +289,8 @@ impl Pool {
             }
         };
         if req.headers().contains_key(header::UPGRADE) {
-            return self.send_upgrade(pool, index, req, clock).await;
+            // Boxed: inline, the rare upgrade's future would make every request's bigger.
+            return Box::pin(self.send_upgrade(pool, index, req, clock)).await;
         }
         let (parts, body) = req.into_parts();
         let mut body = Some(body);
