@@ -39,8 +39,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, header};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri, Version, header};
 use http_body::Frame;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::Client;
@@ -53,6 +53,7 @@ use tower_service::Service;
 use super::body::{AttemptBody, BoxError, Received, Upload, UploadState};
 use super::connector::CountingConnector;
 use super::h1;
+use super::headers::RequestHead;
 use crate::error::Timeout;
 
 /// A group's connections to its targets, by target index (the group's order).
@@ -243,14 +244,15 @@ impl Pool {
         Ok(Self { kind })
     }
 
-    /// Sends `req` (its URI in origin form, `/path?query`) to target `index` on an idle
-    /// connection, or a new one, and waits for the response head until `clock` runs
-    /// out. With the response comes the lease on its HTTP/1.1 connection, to be driven
-    /// while the body is read (see the module docs).
+    /// Sends a request (`head`, with `body`) to target `index` on an idle connection, or
+    /// a new one, and waits for the response head until `clock` runs out. With the
+    /// response comes the lease on its HTTP/1.1 connection, to be driven while the body
+    /// is read (see the module docs).
     pub(crate) async fn send(
         self: &Arc<Self>,
         index: usize,
-        mut req: Request<AttemptBody>,
+        head: &RequestHead<'_>,
+        body: AttemptBody,
         clock: &mut HeadClock<'_>,
     ) -> Result<(Response<Received>, Option<Lease>), SendError> {
         let pool = match &self.kind {
@@ -260,14 +262,12 @@ impl Pool {
                 authorities,
             } => {
                 // hyper-util's client wants the absolute form: its pool is keyed by it.
-                let path = req.uri().path_and_query().cloned();
                 let mut parts = http::uri::Parts::default();
                 parts.scheme = Some(Scheme::HTTP);
                 parts.authority = authorities.get(index).cloned();
-                parts.path_and_query = path.or(Some(PathAndQuery::from_static("/")));
-                if let Ok(uri) = Uri::from_parts(parts) {
-                    *req.uri_mut() = uri;
-                }
+                parts.path_and_query = Some(head.path.clone());
+                let uri = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from(head.path.clone()));
+                let req = head.to_request(body, uri, Version::HTTP_2);
                 let mut response = pin!(client.request(req));
                 let mut timer = pin!(tokio::time::sleep_until(clock.due));
                 let answered = poll_fn(|cx| {
@@ -288,11 +288,11 @@ impl Pool {
                 };
             }
         };
-        if req.headers().contains_key(header::UPGRADE) {
+        if head.client.contains_key(header::UPGRADE) {
+            let req = head.to_request(body, Uri::from(head.path.clone()), Version::HTTP_11);
             // Boxed: inline, the rare upgrade's future would make every request's bigger.
             return Box::pin(self.send_upgrade(pool, index, req, clock)).await;
         }
-        let (parts, body) = req.into_parts();
         let mut body = Some(body);
         loop {
             // Taking an idle connection is done at the first poll, before this timer is
@@ -307,7 +307,7 @@ impl Pool {
             let (Link::Native(link), Some(attempt)) = (link, body.take()) else {
                 return Err(SendError::Exchange("no HTTP/1.1 connection".into()));
             };
-            link.start(&parts, attempt);
+            link.start(head, attempt);
             let answered = poll_fn(|cx| {
                 if let Poll::Ready(answered) = link.poll_head(cx) {
                     return Poll::Ready(Some(answered));
@@ -721,6 +721,9 @@ mod tests {
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    use http::Method;
+    use http::uri::PathAndQuery;
+
     use super::*;
     use crate::proxy::{Target, UpstreamBody};
 
@@ -795,10 +798,17 @@ mod tests {
 
     /// Sends a `GET /` and returns the response with its body as the proxy streams it.
     async fn send(pool: &Arc<Pool>, target: &Arc<Target>) -> UpstreamBody {
-        let mut req = Request::new(AttemptBody::empty());
-        *req.uri_mut() = Uri::from_static("/");
+        let root = PathAndQuery::from_static("/");
         let deadline = Instant::now() + Duration::from_secs(5);
-        let (rsp, lease) = pool.send(0, req, &mut by(deadline)).await.unwrap();
+        let (rsp, lease) = pool
+            .send(
+                0,
+                &RequestHead::bare(&Method::GET, &root),
+                AttemptBody::empty(),
+                &mut by(deadline),
+            )
+            .await
+            .unwrap();
         assert_eq!(rsp.status(), 200);
         UpstreamBody::new(rsp.into_body(), lease, deadline, target.start_request())
     }
@@ -885,11 +895,15 @@ mod tests {
     }
 
     async fn try_get(pool: &Arc<Pool>) -> Result<(), SendError> {
-        let mut req = Request::new(AttemptBody::empty());
-        *req.uri_mut() = Uri::from_static("/");
-        pool.send(0, req, &mut by(Instant::now() + Duration::from_secs(5)))
-            .await
-            .map(drop)
+        let root = PathAndQuery::from_static("/");
+        pool.send(
+            0,
+            &RequestHead::bare(&Method::GET, &root),
+            AttemptBody::empty(),
+            &mut by(Instant::now() + Duration::from_secs(5)),
+        )
+        .await
+        .map(drop)
     }
 
     #[tokio::test]
@@ -917,11 +931,17 @@ mod tests {
             "the connection is back for the second request"
         );
 
-        let mut req = Request::new(AttemptBody::empty());
-        *req.uri_mut() = Uri::from_static("/");
+        let root = PathAndQuery::from_static("/");
         let started = Instant::now();
         let head_by = started + Duration::from_millis(200);
-        let second = pool.send(0, req, &mut by(head_by)).await;
+        let second = pool
+            .send(
+                0,
+                &RequestHead::bare(&Method::GET, &root),
+                AttemptBody::empty(),
+                &mut by(head_by),
+            )
+            .await;
         assert!(matches!(second, Err(SendError::TimedOut)), "{second:?}");
         assert!(Instant::now() >= head_by, "not before its deadline");
         assert_eq!(pool.idle(0), 0, "the late connection is closed, not kept");
@@ -981,10 +1001,14 @@ mod tests {
 
     /// Sends a `GET /` and returns the attempt's result (the body's lease kept).
     async fn attempt(pool: &Arc<Pool>) -> Result<(Response<Received>, Option<Lease>), SendError> {
-        let mut req = Request::new(AttemptBody::empty());
-        *req.uri_mut() = Uri::from_static("/");
-        pool.send(0, req, &mut by(Instant::now() + Duration::from_secs(5)))
-            .await
+        let root = PathAndQuery::from_static("/");
+        pool.send(
+            0,
+            &RequestHead::bare(&Method::GET, &root),
+            AttemptBody::empty(),
+            &mut by(Instant::now() + Duration::from_secs(5)),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -1057,14 +1081,14 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, BoxError>>(2);
         let stream = http_body_util::StreamBody::new(tokio_stream_from(rx));
         let slot = super::super::body::BodySlot::new(stream);
-        let mut req = Request::new(slot.attempt());
-        *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = Uri::from_static("/up");
+        let body = slot.attempt();
         let sending = tokio::spawn({
             let pool = pool.clone();
             async move {
                 let deadline = Instant::now() + Duration::from_secs(5);
-                let (rsp, lease) = pool.send(0, req, &mut by(deadline)).await.unwrap();
+                let path = PathAndQuery::from_static("/up");
+                let head = RequestHead::bare(&Method::POST, &path);
+                let (rsp, lease) = pool.send(0, &head, body, &mut by(deadline)).await.unwrap();
                 UpstreamBody::new(rsp.into_body(), lease, deadline, target.start_request())
                     .collect()
                     .await

@@ -9,8 +9,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
+use http::Method;
 use http::header;
-use http::{Method, request};
 use http_body::{Body, Frame};
 use tokio::net::TcpStream;
 
@@ -19,6 +19,7 @@ use super::head::{self, ResponseHead};
 use super::{HeadError, ResponseError};
 use crate::proxy::body::{AttemptBody, BoxError};
 use crate::proxy::connector::CountedConnection;
+use crate::proxy::headers::RequestHead;
 
 /// How much the read buffer grows by when it is full.
 const READ_CHUNK: usize = 8 * 1024;
@@ -79,13 +80,13 @@ impl Connection {
 
     /// Starts a request: its head (from the client's parsed head, what the proxy set
     /// on it included) goes into the write buffer, the body follows as it comes.
-    pub(crate) fn start(&mut self, parts: &request::Parts, body: AttemptBody) {
+    pub(crate) fn start(&mut self, head: &RequestHead<'_>, body: AttemptBody) {
         self.out.clear();
         self.written = 0;
         self.started = false;
         self.decoder = None;
-        self.head_request = parts.method == Method::HEAD;
-        let chunked = encode_head(&mut self.out, parts, &body);
+        self.head_request = *head.method == Method::HEAD;
+        let chunked = encode_head(&mut self.out, head, &body);
         self.upload = (!body.is_end_stream()).then_some((body, chunked));
     }
 
@@ -307,13 +308,12 @@ fn poll_write(
 /// Writes the request head into `out`; `true`: the body goes chunked. The body is
 /// framed as hyper's client frames it: by the request's own `Content-Length` if it has
 /// one, else by the body's exact size when known, else chunked.
-fn encode_head(out: &mut Vec<u8>, parts: &request::Parts, body: &AttemptBody) -> bool {
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, body: &AttemptBody) -> bool {
+    out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(head.path.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    for (name, value) in head.fields() {
         if name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -323,7 +323,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &request::Parts, body: &AttemptBody) ->
         out.extend_from_slice(b"\r\n");
     }
     let mut chunked = false;
-    if !body.is_end_stream() && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+    if !body.is_end_stream() && !head.client.contains_key(header::CONTENT_LENGTH) {
         match body.size_hint().exact() {
             Some(len) => {
                 out.extend_from_slice(b"content-length: ");
