@@ -96,7 +96,7 @@ struct Slot {
 
 #[derive(Debug)]
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -303,7 +303,7 @@ impl Pool {
             conn.arm(clock.due);
             let Conn {
                 link, head_clock, ..
-            } = &mut conn;
+            } = &mut *conn;
             let (Link::Native(link), Some(attempt)) = (link, body.take()) else {
                 return Err(SendError::Exchange("no HTTP/1.1 connection".into()));
             };
@@ -367,7 +367,7 @@ impl Pool {
         conn.arm(clock.due);
         let Conn {
             link, head_clock, ..
-        } = &mut conn;
+        } = &mut *conn;
         let Link::Hyper { sender, driver } = link else {
             return Err(SendError::Exchange("no connection for the upgrade".into()));
         };
@@ -447,7 +447,7 @@ impl Pool {
         }
     }
 
-    fn checkin(&self, index: usize, conn: Conn) {
+    fn checkin(&self, index: usize, conn: Box<Conn>) {
         let Kind::Http1(pool) = &self.kind else {
             return;
         };
@@ -474,7 +474,7 @@ impl Http1Pool {
     /// An idle connection to target `index` (`true`: reused) or a new one; under
     /// `max_connections_per_target`, waits up to `connect_timeout` for one of the two.
     /// `upgrade`: a new connection through hyper, for a request asking for an upgrade.
-    async fn take(&self, index: usize, upgrade: bool) -> Result<(Conn, bool), SendError> {
+    async fn take(&self, index: usize, upgrade: bool) -> Result<(Box<Conn>, bool), SendError> {
         let slot = self
             .targets
             .get(index)
@@ -510,7 +510,7 @@ impl Http1Pool {
 
     /// The most recently used idle connection of `slot` that is still open; the closed
     /// ones met on the way are dropped.
-    fn checkout(&self, slot: &Slot, cx: &mut Context<'_>) -> Option<Conn> {
+    fn checkout(&self, slot: &Slot, cx: &mut Context<'_>) -> Option<Box<Conn>> {
         loop {
             let entry = {
                 let mut idle = slot.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -538,7 +538,7 @@ impl Http1Pool {
         slot: &Slot,
         room: Option<OwnedSemaphorePermit>,
         upgrade: bool,
-    ) -> Result<Conn, SendError> {
+    ) -> Result<Box<Conn>, SendError> {
         let io = self
             .connector
             .clone()
@@ -557,11 +557,11 @@ impl Http1Pool {
         } else {
             Link::Native(h1::Connection::new(io))
         };
-        Ok(Conn {
+        Ok(Box::new(Conn {
             link,
             room,
             head_clock: Box::pin(tokio::time::sleep_until(Instant::now())),
-        })
+        }))
     }
 }
 
@@ -643,7 +643,10 @@ impl Conn {
 /// The HTTP/1.1 connection a response came on, for as long as its body is read.
 #[derive(Debug)]
 pub(crate) struct Lease {
-    conn: Conn,
+    /// Boxed once, when it connects: the lease moves with every response, and a
+    /// response carrying the connection itself was copied many times over its way
+    /// down; the box goes from request to request through the idle list.
+    conn: Box<Conn>,
     pool: Arc<Pool>,
     index: usize,
 }
