@@ -280,14 +280,11 @@ impl Connection {
             // Reclaims the buffer's memory when the body bytes split off it were sent.
             input.reserve(READ_CHUNK);
         }
-        let stream = io.stream();
-        loop {
-            ready!(stream.poll_read_ready(cx))?;
-            match stream.try_read_buf(input) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                read => return Poll::Ready(read),
-            }
-        }
+        // Through `AsyncRead`, not `try_read_buf`: a read that leaves room in the buffer
+        // has drained the socket, and tokio then marks it not readable. Otherwise it
+        // stays readable, and the look at the idle connection when it is next taken
+        // (`alive`) cost a read that found nothing, a system call per request.
+        tokio_util::io::poll_read_buf(Pin::new(io.stream()), cx, input)
     }
 }
 
