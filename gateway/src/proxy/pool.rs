@@ -257,36 +257,13 @@ impl Pool {
     ) -> Result<(Response<Received>, Option<Lease>), SendError> {
         let pool = match &self.kind {
             Kind::Http1(pool) => pool,
+            // Boxed, as the upgrade below: HTTP/1.1 requests, the most, do not carry the
+            // HTTP/2 path's state in their futures (the proxied future is boxed whole,
+            // and past 1 KiB the allocator takes its slow path).
             Kind::H2 {
                 client,
                 authorities,
-            } => {
-                // hyper-util's client wants the absolute form: its pool is keyed by it.
-                let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(Scheme::HTTP);
-                parts.authority = authorities.get(index).cloned();
-                parts.path_and_query = Some(head.path.clone());
-                let uri = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from(head.path.clone()));
-                let req = head.to_request(body, uri, Version::HTTP_2);
-                let mut response = pin!(client.request(req));
-                let mut timer = pin!(tokio::time::sleep_until(clock.due));
-                let answered = poll_fn(|cx| {
-                    if let Poll::Ready(answered) = response.as_mut().poll(cx) {
-                        return Poll::Ready(Some(answered));
-                    }
-                    if let Some(due) = clock.update(Some(cx.waker())) {
-                        timer.as_mut().reset(due);
-                    }
-                    timer.as_mut().poll(cx).map(|()| None)
-                })
-                .await;
-                return match answered {
-                    Some(Ok(rsp)) => Ok((rsp.map(Received::Hyper), None)),
-                    Some(Err(err)) if err.is_connect() => Err(SendError::Connect(err.into())),
-                    Some(Err(err)) => Err(SendError::Exchange(err.into())),
-                    None => Err(SendError::TimedOut),
-                };
-            }
+            } => return Box::pin(send_h2(client, authorities, index, head, body, clock)).await,
         };
         if head.client.contains_key(header::UPGRADE) {
             let req = head.to_request(body, Uri::from(head.path.clone()), Version::HTTP_11);
@@ -295,11 +272,16 @@ impl Pool {
         }
         let mut body = Some(body);
         loop {
-            // Taking an idle connection is done at the first poll, before this timer is
-            // ever registered; only a connect or a wait for room arms it.
-            let (mut conn, reused) = tokio::time::timeout_at(clock.due, pool.take(index, false))
-                .await
-                .map_err(|_| SendError::TimedOut)??;
+            // An idle connection is taken at once, with no timer. Only a connect or a wait
+            // for room arms one, in a box: inline, its state would make every request's
+            // future bigger.
+            let idle = poll_fn(|cx| Poll::Ready(pool.checkout_at(index, cx))).await;
+            let (mut conn, reused) = match idle {
+                Some(conn) => (conn, true),
+                None => Box::pin(tokio::time::timeout_at(clock.due, pool.take(index, false)))
+                    .await
+                    .map_err(|_| SendError::TimedOut)??,
+            };
             conn.arm(clock.due);
             let Conn {
                 link, head_clock, ..
@@ -508,6 +490,11 @@ impl Http1Pool {
         }
     }
 
+    /// The most recently used idle connection to target `index` that is still open.
+    fn checkout_at(&self, index: usize, cx: &mut Context<'_>) -> Option<Box<Conn>> {
+        self.checkout(self.targets.get(index)?, cx)
+    }
+
     /// The most recently used idle connection of `slot` that is still open; the closed
     /// ones met on the way are dropped.
     fn checkout(&self, slot: &Slot, cx: &mut Context<'_>) -> Option<Box<Conn>> {
@@ -562,6 +549,43 @@ impl Http1Pool {
             room,
             head_clock: Box::pin(tokio::time::sleep_until(Instant::now())),
         }))
+    }
+}
+
+/// Sends a request to target `index` of an HTTP/2 group through hyper-util's client, and
+/// waits for the response head until `clock` runs out.
+async fn send_h2(
+    client: &Client<CountingConnector, AttemptBody>,
+    authorities: &[Authority],
+    index: usize,
+    head: &RequestHead<'_>,
+    body: AttemptBody,
+    clock: &mut HeadClock<'_>,
+) -> Result<(Response<Received>, Option<Lease>), SendError> {
+    // hyper-util's client wants the absolute form: its pool is keyed by it.
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = authorities.get(index).cloned();
+    parts.path_and_query = Some(head.path.clone());
+    let uri = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from(head.path.clone()));
+    let req = head.to_request(body, uri, Version::HTTP_2);
+    let mut response = pin!(client.request(req));
+    let mut timer = pin!(tokio::time::sleep_until(clock.due));
+    let answered = poll_fn(|cx| {
+        if let Poll::Ready(answered) = response.as_mut().poll(cx) {
+            return Poll::Ready(Some(answered));
+        }
+        if let Some(due) = clock.update(Some(cx.waker())) {
+            timer.as_mut().reset(due);
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await;
+    match answered {
+        Some(Ok(rsp)) => Ok((rsp.map(Received::Hyper), None)),
+        Some(Err(err)) if err.is_connect() => Err(SendError::Connect(err.into())),
+        Some(Err(err)) => Err(SendError::Exchange(err.into())),
+        None => Err(SendError::TimedOut),
     }
 }
 
