@@ -25,7 +25,7 @@ use tiergate_config::TraceSettings;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::access_log::{RequestPart, ResponsePart};
+use crate::access_log::{ResponsePart, protocol_version, server_address};
 use crate::trace::TraceContext;
 
 /// Most spans in one export request.
@@ -108,30 +108,25 @@ impl SpanExport {
         low < self.shared.ratio
     }
 
-    /// Queues the request's span, from the access line's parts, and those `recorder`
-    /// holds below it.
-    pub(crate) fn request_done(
-        &self,
-        trace: &TraceContext,
-        req: &RequestPart,
-        rsp: &ResponsePart<'_>,
-        recorder: &Recorder,
-    ) {
+    /// Queues the span of `req`, answered as `rsp` says, and those recorded below it.
+    pub(crate) fn request_done(&self, req: SampledRequest, rsp: &ResponsePart<'_>) {
+        let SampledRequest {
+            trace,
+            recorder,
+            name,
+            mut attributes,
+        } = req;
         let end = SystemTime::now();
         let start = end.checked_sub(rsp.duration).unwrap_or(end);
         let context = span_context(trace.trace_id, trace.span_id);
         let children = recorder.take();
-        let mut attributes = request_attributes(req, rsp);
-        attributes.push(KeyValue::new(
-            "tiergate.request_id",
-            String::from_utf8_lossy(rsp.request_id.as_bytes()).into_owned(),
-        ));
+        response_attributes(&mut attributes, rsp);
         let span = SpanData {
             span_context: context,
             parent_span_id: SpanId::from(trace.parent_id),
             parent_span_is_remote: trace.parent_id != 0,
             span_kind: SpanKind::Server,
-            name: Cow::Owned(req.method.as_str().to_owned()),
+            name: Cow::Owned(name),
             start_time: start,
             end_time: end,
             attributes,
@@ -147,7 +142,7 @@ impl SpanExport {
         };
         self.queue(span);
         for child in children {
-            self.queue(self.child(trace, child));
+            self.queue(self.child(&trace, child));
         }
     }
 
@@ -203,28 +198,65 @@ impl SpanExport {
     }
 }
 
-/// The request span's attributes, after OpenTelemetry's HTTP server conventions.
-fn request_attributes(req: &RequestPart, rsp: &ResponsePart<'_>) -> Vec<KeyValue> {
-    let mut attributes = vec![
-        KeyValue::new("http.request.method", req.method.as_str().to_owned()),
-        KeyValue::new("url.path", req.uri.path().to_owned()),
-        KeyValue::new("http.response.status_code", i64::from(rsp.status)),
-        KeyValue::new("client.address", req.client.to_string()),
-        KeyValue::new("network.protocol.version", req.protocol_version()),
-        KeyValue::new("tiergate.route", rsp.route.to_owned()),
-    ];
-    if let Some(host) = req.server_address() {
-        attributes.push(KeyValue::new(
-            "server.address",
-            String::from_utf8_lossy(host).into_owned(),
-        ));
+/// A request sampled for export: its trace, where the spans below its own are recorded,
+/// and its span's name and attributes, taken as it comes in (copies: see
+/// `access_log::RequestFields`).
+#[derive(Debug)]
+pub(crate) struct SampledRequest {
+    trace: TraceContext,
+    pub(crate) recorder: Recorder,
+    name: String,
+    attributes: Vec<KeyValue>,
+}
+
+impl SampledRequest {
+    /// `req`, from `client`, in `trace`, with its request id; after OpenTelemetry's HTTP
+    /// server conventions.
+    pub(crate) fn of<B>(
+        req: &http::Request<B>,
+        client: std::net::IpAddr,
+        request_id: &http::HeaderValue,
+        trace: TraceContext,
+    ) -> Self {
+        let headers = req.headers();
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", req.method().as_str().to_owned()),
+            KeyValue::new("url.path", req.uri().path().to_owned()),
+            KeyValue::new("client.address", client.to_string()),
+            KeyValue::new("network.protocol.version", protocol_version(req.version())),
+            KeyValue::new(
+                "tiergate.request_id",
+                String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+            ),
+        ];
+        if let Some(host) = server_address(req.uri(), headers.get(http::header::HOST)) {
+            attributes.push(KeyValue::new(
+                "server.address",
+                String::from_utf8_lossy(host).into_owned(),
+            ));
+        }
+        if let Some(agent) = headers.get(http::header::USER_AGENT) {
+            attributes.push(KeyValue::new(
+                "user_agent.original",
+                String::from_utf8_lossy(agent.as_bytes()).into_owned(),
+            ));
+        }
+        Self {
+            trace,
+            recorder: Recorder::default(),
+            name: req.method().as_str().to_owned(),
+            attributes,
+        }
     }
-    if let Some(agent) = &req.user_agent {
-        attributes.push(KeyValue::new(
-            "user_agent.original",
-            String::from_utf8_lossy(agent.as_bytes()).into_owned(),
-        ));
-    }
+}
+
+/// The request span's attributes that come with the answer.
+fn response_attributes(attributes: &mut Vec<KeyValue>, rsp: &ResponsePart<'_>) {
+    attributes.push(KeyValue::new(
+        "http.response.status_code",
+        i64::from(rsp.status),
+    ));
+    attributes.push(KeyValue::new("tiergate.route", rsp.route.to_owned()));
     if let Some(cache) = rsp.cache {
         attributes.push(KeyValue::new(
             "tiergate.cache",
@@ -237,7 +269,6 @@ fn request_attributes(req: &RequestPart, rsp: &ResponsePart<'_>) -> Vec<KeyValue
             attributes.push(KeyValue::new("tiergate.upstream.target", target.to_owned()));
         }
     }
-    attributes
 }
 
 fn span_context(trace_id: u128, span_id: u64) -> SpanContext {

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use app_core::App;
 use app_core::api::X_CACHE;
-use app_core::spans::Recorder;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt as _, future};
@@ -29,10 +28,10 @@ use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use tiergate_config::HttpSettings;
 
-use crate::access_log::{AccessLog, RequestPart, ResponsePart};
+use crate::access_log::{self, AccessLog, RequestFields, ResponsePart};
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
-use crate::otlp::SpanExport;
+use crate::otlp::{SampledRequest, SpanExport};
 use crate::path::{self, UnsafePath};
 use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
@@ -209,12 +208,12 @@ impl Gateway {
         // after this (it holds the route, which is all the app path keeps).
         let router = self.inner.router.load();
         let (route, refused) = route(&router, &mut req);
-        let (trace, logged) = self.inner.observe(&req, peer, &route, &router);
+        let (trace, logged) = self.inner.observe(&req, peer, &request_id, &route, &router);
         let answer = match (refused, &route.handler) {
             (Some(why), _) => Answer::Refused(why),
             // Nearly every read: no body to wait for.
             (None, Handler::App) if req.body().is_end_stream() => {
-                Answer::App(traced(logged.as_deref(), self.inner.app.handle(req)))
+                Answer::App(traced(&logged, self.inner.app.handle(req)))
             }
             (None, Handler::App) => Answer::AppAfterBody(Box::new(req)),
             // Boxed: a request is most of what the future would hold.
@@ -234,7 +233,7 @@ impl Gateway {
                 Answer::AppAfterBody(req) => {
                     match receive_body(*req, inner.max_body_bytes, inner.body_read_timeout).await {
                         Ok(req) => {
-                            let app = traced(logged.as_deref(), inner.app.handle(req));
+                            let app = traced(&logged, inner.app.handle(req));
                             Box::pin(inner.app_answer(&route, app, started)).await
                         }
                         Err(refused) => GatewayError::from(refused).into_response(),
@@ -263,14 +262,14 @@ impl Gateway {
                         }
                         Handler::Upstream(group) => {
                             let answer = proxied(to(group, *req), None);
-                            let (rsp, target) = Box::pin(in_scope(logged.as_deref(), answer)).await;
+                            let (rsp, target) = Box::pin(in_scope(&logged, answer)).await;
                             upstream = Some((group.clone(), target));
                             rsp
                         }
                         Handler::Split(split) => {
                             let (group, set_cookie) = split.pick(req.headers());
                             let answer = tallied(group, proxied(to(group, *req), set_cookie));
-                            let (rsp, target) = Box::pin(in_scope(logged.as_deref(), answer)).await;
+                            let (rsp, target) = Box::pin(in_scope(&logged, answer)).await;
                             upstream = Some((group.clone(), target));
                             rsp
                         }
@@ -288,14 +287,7 @@ impl Gateway {
             };
 
             let elapsed = started.elapsed();
-            inner.record(
-                &route,
-                &rsp,
-                &request_id,
-                logged,
-                upstream.as_ref(),
-                elapsed,
-            );
+            inner.record(&route, &rsp, logged, upstream.as_ref(), elapsed);
             rsp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             rsp
         }
@@ -304,9 +296,9 @@ impl Gateway {
 
 /// The app's `answer`, run where the spans below the request's are recorded when the
 /// request is sampled for export (boxed again; the others are left as they are).
-fn traced(logged: Option<&RequestPart>, answer: app_core::api::Answer) -> app_core::api::Answer {
-    match logged.and_then(|part| part.recorder.as_ref()) {
-        Some(recorder) => Box::pin(recorder.scope(answer)),
+fn traced(logged: &Logged, answer: app_core::api::Answer) -> app_core::api::Answer {
+    match &logged.sampled {
+        Some(sampled) => Box::pin(sampled.recorder.scope(answer)),
         None => answer,
     }
 }
@@ -315,12 +307,9 @@ fn traced(logged: Option<&RequestPart>, answer: app_core::api::Answer) -> app_co
 /// request is sampled for export. Not an `async fn`: one would hold `answer` twice (as
 /// its argument and as what it awaits), and the proxied answer is boxed, so every byte
 /// of it is copied once per request.
-fn in_scope<F: Future>(
-    logged: Option<&RequestPart>,
-    answer: F,
-) -> impl Future<Output = F::Output> + use<F> {
-    match logged.and_then(|part| part.recorder.as_ref()) {
-        Some(recorder) => future::Either::Left(recorder.scope(answer)),
+fn in_scope<F: Future>(logged: &Logged, answer: F) -> impl Future<Output = F::Output> + use<F> {
+    match &logged.sampled {
+        Some(sampled) => future::Either::Left(sampled.recorder.scope(answer)),
         None => future::Either::Right(answer),
     }
 }
@@ -365,56 +354,68 @@ fn route<B>(router: &Router, req: &mut Request<B>) -> (Arc<Route>, Option<Unsafe
 /// did).
 type Upstream = (Arc<proxy::Group>, Option<usize>);
 
+/// What a request's access line and span need after the request has moved on into the
+/// app or the proxy; the span's part boxed (rarely there, and big).
+#[derive(Debug, Default)]
+struct Logged {
+    fields: Option<RequestFields>,
+    sampled: Option<Box<SampledRequest>>,
+}
+
 impl Inner {
     /// The request's trace (for the access line, the spans and the upstreams: none when
-    /// none of them is there), what its access line and span need after the request is
-    /// gone (nothing when both are off; boxed, or it would double the future's size),
-    /// with where the spans below its own are recorded when it is sampled for export.
+    /// none of them is there), and what its access line and span need after the request
+    /// has moved on (nothing when both are off).
     fn observe<B: Body>(
         &self,
         req: &Request<B>,
         peer: Peer,
+        request_id: &HeaderValue,
         route: &Route,
         router: &Router,
-    ) -> (Option<TraceContext>, Option<Box<RequestPart>>) {
+    ) -> (Option<TraceContext>, Logged) {
         let logging = self.access_log.is_some() || self.spans.is_some();
         let mut trace = (logging || !matches!(route.handler, Handler::App))
             .then(|| TraceContext::of(req.headers(), router.proxy.start_traces))
             .flatten();
-        let recorder = match (&self.spans, &mut trace) {
+        if !logging {
+            return (trace, Logged::default());
+        }
+        let hops = router.proxy.trusted_hops;
+        let client = access_log::client_address(req.headers(), peer.addr.ip(), hops);
+        let sampled = match (&self.spans, &mut trace) {
             (Some(spans), Some(trace)) if spans.samples(trace) => {
                 trace.mark_sampled();
-                Some(Recorder::default())
+                let sampled = SampledRequest::of(req, client, request_id, *trace);
+                Some(Box::new(sampled))
             }
             _ => None,
         };
-        let logged = logging.then(|| {
-            let hops = router.proxy.trusted_hops;
-            Box::new(RequestPart::of(req, peer.addr, hops, trace, recorder))
-        });
-        (trace, logged)
+        let fields = self
+            .access_log
+            .is_some()
+            .then(|| RequestFields::of(req, client, request_id, trace.as_ref()));
+        (trace, Logged { fields, sampled })
     }
 
-    /// Step 4: the request's metrics, and its access line when access lines are on.
+    /// Step 4: the request's metrics, and its access line and span when they are on.
     fn record(
         &self,
         route: &Route,
         rsp: &Response<ResponseBody>,
-        request_id: &HeaderValue,
-        logged: Option<Box<RequestPart>>,
+        logged: Logged,
         upstream: Option<&Upstream>,
         elapsed: Duration,
     ) {
         route.metrics.observe(rsp.status(), elapsed.as_secs_f64());
-        let Some(logged) = logged else {
+        if logged.fields.is_none() && logged.sampled.is_none() {
             return;
-        };
+        }
         let upstream = upstream.map(|(group, target)| {
             let target = target.map(|i| group.targets[i].address.as_str());
             (group.name.as_str(), target)
         });
         let answered = ResponsePart {
-            request_id,
             route: &route.name,
             status: rsp.status().as_u16(),
             cache: rsp.headers().get(&X_CACHE),
@@ -422,13 +423,11 @@ impl Inner {
             upstream,
             duration: elapsed,
         };
-        if let Some(log) = &self.access_log {
-            log.log(&logged, &answered);
+        if let (Some(log), Some(fields)) = (&self.access_log, &logged.fields) {
+            log.log(fields, &answered);
         }
-        if let (Some(spans), Some(trace), Some(recorder)) =
-            (&self.spans, &logged.trace, &logged.recorder)
-        {
-            spans.request_done(trace, &logged, &answered, recorder);
+        if let (Some(spans), Some(sampled)) = (&self.spans, logged.sampled) {
+            spans.request_done(*sampled, &answered);
         }
     }
 
