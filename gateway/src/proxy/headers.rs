@@ -171,7 +171,7 @@ impl<'a> RequestHead<'a> {
     }
 
     /// The head as a request for hyper (HTTP/2 groups, upgrades), to `uri`.
-    pub(crate) fn to_request<B>(&self, body: B, uri: Uri, version: Version) -> Request<B> {
+    pub(crate) fn into_request<B>(self, body: B, uri: Uri, version: Version) -> Request<B> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
@@ -364,7 +364,7 @@ mod tests {
             set: &set,
             via: via(Version::HTTP_11),
         };
-        let sent = head.to_request((), Uri::from_static("/"), Version::HTTP_11);
+        let sent = head.into_request((), Uri::from_static("/"), Version::HTTP_11);
         *headers = sent.into_parts().0.headers;
     }
 

@@ -266,7 +266,7 @@ impl Pool {
             } => return Box::pin(send_h2(client, authorities, index, head, body, clock)).await,
         };
         if head.client.contains_key(header::UPGRADE) {
-            let req = head.to_request(body, Uri::from(head.path.clone()), Version::HTTP_11);
+            let req = head.into_request(body, Uri::from(head.path.clone()), Version::HTTP_11);
             // Boxed: inline, the rare upgrade's future would make every request's bigger.
             return Box::pin(self.send_upgrade(pool, index, req, clock)).await;
         }
@@ -568,7 +568,7 @@ async fn send_h2(
     parts.authority = authorities.get(index).cloned();
     parts.path_and_query = Some(head.path.clone());
     let uri = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from(head.path.clone()));
-    let req = head.to_request(body, uri, Version::HTTP_2);
+    let req = head.into_request(body, uri, Version::HTTP_2);
     let mut response = pin!(client.request(req));
     let mut timer = pin!(tokio::time::sleep_until(clock.due));
     let answered = poll_fn(|cx| {
@@ -922,15 +922,7 @@ mod tests {
     }
 
     async fn try_get(pool: &Arc<Pool>) -> Result<(), SendError> {
-        let root = PathAndQuery::from_static("/");
-        pool.send(
-            0,
-            &RequestHead::bare(&Method::GET, &root),
-            AttemptBody::empty(),
-            &mut by(Instant::now() + Duration::from_secs(5)),
-        )
-        .await
-        .map(drop)
+        attempt(pool).await.map(drop)
     }
 
     #[tokio::test]
