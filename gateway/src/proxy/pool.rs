@@ -429,6 +429,23 @@ impl Pool {
         }
     }
 
+    /// Whether an idle connection to target `index` has its socket marked readable,
+    /// which makes the look at it when it is taken cost a read.
+    #[cfg(test)]
+    pub(crate) fn idle_marked_readable(&self, index: usize) -> bool {
+        let Kind::Http1(pool) = &self.kind else {
+            return false;
+        };
+        let mut idle = pool.targets[index]
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        idle.iter_mut().any(|i| match &mut i.conn.link {
+            Link::Native(link) => link.marked_readable(),
+            Link::Hyper { .. } => false,
+        })
+    }
+
     fn checkin(&self, index: usize, conn: Box<Conn>) {
         let Kind::Http1(pool) = &self.kind else {
             return;
@@ -843,6 +860,17 @@ mod tests {
     async fn get(pool: &Arc<Pool>, target: &Arc<Target>) -> Bytes {
         let body = send(pool, target).await;
         body.collect().await.unwrap().to_bytes()
+    }
+
+    /// Mutation: read the response with `try_read_buf` (the socket stays marked
+    /// readable after a read that drained it), and the idle connection is marked.
+    #[tokio::test]
+    async fn a_connection_whose_response_was_read_whole_is_not_left_marked_readable() {
+        let up = upstream(OK, Then::KeepOpen).await;
+        let (pool, target) = pool(&up.addr, 8);
+        assert_eq!(get(&pool, &target).await, "ok");
+        assert_eq!(pool.idle(0), 1);
+        assert!(!pool.idle_marked_readable(0));
     }
 
     /// Waits until `counter` reaches `n`, for at most a second.

@@ -182,6 +182,13 @@ impl Connection {
             && self.input.is_empty()
     }
 
+    /// Whether the socket is marked readable, without reading it.
+    #[cfg(test)]
+    pub(crate) fn marked_readable(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.io.stream().poll_read_ready(&mut cx).is_ready()
+    }
+
     /// Whether an idle connection is still open: one look, without waiting, at what the
     /// target sent while it sat idle (an end of stream: it closed it; anything else is a
     /// response nobody asked for).
