@@ -56,12 +56,7 @@ created_db=
 cleanup() {
   stop_started
   rm -rf "$tmp"
-  if [[ -n ${REDIS_URL:-} ]]; then
-    redis-cli -u "$REDIS_URL" --scan --pattern "$prefix*" 2>/dev/null |
-      xargs -r redis-cli -u "$REDIS_URL" DEL >/dev/null 2>&1 || true
-  fi
-  [[ -n $created_db ]] && { pg -c "DROP DATABASE IF EXISTS $created_db WITH (FORCE)" >/dev/null 2>&1 || true; }
-  return 0
+  drop_run_data "$prefix*"
 }
 trap cleanup EXIT
 

@@ -55,6 +55,17 @@ release_binaries() {
 
 pg() { PGPASSWORD=postgres psql -X -q -h 127.0.0.1 -U postgres -d postgres "$@"; }
 
+# What a run leaves behind, removed at its exit: the Redis keys matching $1 (when
+# REDIS_URL is set) and the database named in created_db (when there is one).
+drop_run_data() {
+  if [[ -n ${REDIS_URL:-} ]]; then
+    redis-cli -u "$REDIS_URL" --scan --pattern "$1" 2>/dev/null |
+      xargs -r redis-cli -u "$REDIS_URL" DEL >/dev/null 2>&1 || true
+  fi
+  [[ -n ${created_db:-} ]] && { pg -c "DROP DATABASE IF EXISTS $created_db WITH (FORCE)" >/dev/null 2>&1 || true; }
+  return 0
+}
+
 # Stops every process in pids and waits for them.
 stop_started() {
   local pid

@@ -210,7 +210,11 @@ where
     let app = app.clone();
     match route {
         ApiRoute::Get(id) => {
-            let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
+            // A copy: a clone would hold the read buffer (see above) until the answer.
+            let if_none_match = req
+                .headers()
+                .get(header::IF_NONE_MATCH)
+                .map(|v| Bytes::copy_from_slice(v.as_bytes()));
             drop(req);
             Box::pin(async move { answer(get(&app, id, if_none_match).await) })
         }
@@ -237,7 +241,7 @@ fn answered(error: ApiError) -> Answer {
 async fn get(
     app: &App,
     id: ItemId,
-    if_none_match: Option<HeaderValue>,
+    if_none_match: Option<Bytes>,
 ) -> Result<Response<ApiBody>, ApiError> {
     let Lookup { entry, tier } = app
         .items()
@@ -251,7 +255,7 @@ async fn get(
         return Ok(rsp);
     }
     let not_modified =
-        if_none_match.is_some_and(|v| self::if_none_match(v.as_bytes(), entry.etag().as_bytes()));
+        if_none_match.is_some_and(|v| self::if_none_match(&v, entry.etag().as_bytes()));
     let (status, body) = if not_modified {
         (StatusCode::NOT_MODIFIED, Bytes::new())
     } else {

@@ -28,7 +28,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use tiergate_config::HttpSettings;
 
-use crate::access_log::{self, AccessLog, RequestFields, ResponsePart};
+use crate::access_log::{self, AccessLog, LoggedHeaders, RequestFields, ResponsePart};
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
 use crate::otlp::{SampledRequest, SpanExport};
@@ -37,7 +37,7 @@ use crate::proxy::{self, ClientSide, ProxyRequest};
 use crate::response::{ResponseBody, json, probe};
 use crate::router::{Handler, Route, Router};
 use crate::shed::InFlight;
-use crate::trace::TraceContext;
+use crate::trace::{self, TraceContext};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -375,12 +375,15 @@ impl Inner {
         router: &Router,
     ) -> (Option<TraceContext>, Logged) {
         let logging = self.access_log.is_some() || self.spans.is_some();
-        let mut trace = (logging || !matches!(route.handler, Handler::App))
-            .then(|| TraceContext::of(req.headers(), router.proxy.start_traces))
-            .flatten();
+        let start = router.proxy.start_traces;
         if !logging {
+            let trace = (!matches!(route.handler, Handler::App))
+                .then(|| TraceContext::of(req.headers(), start))
+                .flatten();
             return (trace, Logged::default());
         }
+        let seen = LoggedHeaders::of(req.headers());
+        let mut trace = TraceContext::from_traceparent(seen.traceparent, start);
         let hops = router.proxy.trusted_hops;
         let client = access_log::client_address(req.headers(), peer.addr.ip(), hops);
         let sampled = match (&self.spans, &mut trace) {
@@ -394,7 +397,7 @@ impl Inner {
         let fields = self
             .access_log
             .is_some()
-            .then(|| RequestFields::of(req, client, request_id, trace.as_ref()));
+            .then(|| RequestFields::of(req, &seen, client, request_id, trace.as_ref()));
         (trace, Logged { fields, sampled })
     }
 
@@ -690,20 +693,38 @@ fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
             && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     };
-    if let Some(id) = incoming.filter(safe) {
-        return id.clone();
-    }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = [0u8; 32];
-    // A byte at a time: a u128 shift per digit showed in the profile.
-    for (digits, byte) in id.chunks_exact_mut(2).zip(fastrand::u128(..).to_be_bytes()) {
-        digits[0] = HEX[usize::from(byte >> 4)];
-        digits[1] = HEX[usize::from(byte & 0xf)];
-    }
     // Owned by a shared buffer from the start: the proxy sends a clone upstream, and a
     // clone of a plain copy would allocate again to share it.
-    HeaderValue::from_maybe_shared(Bytes::from_owner(id))
-        .unwrap_or(HeaderValue::from_static("unknown"))
+    let owned = match incoming.filter(safe) {
+        // A copy, not a clone: a clone shares the connection's read buffer until the
+        // answer is written, and hyper, reading ahead meanwhile, would replace that
+        // buffer (see `access_log::RequestFields`).
+        Some(id) => Bytes::from_owner(RequestId::copy(id.as_bytes())),
+        None => Bytes::from_owner(trace::hex_u128(fastrand::u128(..))),
+    };
+    HeaderValue::from_maybe_shared(owned).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// A request id a client sent, copied out of its request.
+struct RequestId {
+    bytes: [u8; MAX_REQUEST_ID_LEN],
+    len: usize,
+}
+
+impl RequestId {
+    /// `id`, which `request_id` has checked is no longer than `MAX_REQUEST_ID_LEN`.
+    fn copy(id: &[u8]) -> Self {
+        let len = id.len().min(MAX_REQUEST_ID_LEN);
+        let mut bytes = [0; MAX_REQUEST_ID_LEN];
+        bytes[..len].copy_from_slice(&id[..len]);
+        Self { bytes, len }
+    }
+}
+
+impl AsRef<[u8]> for RequestId {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 #[cfg(test)]

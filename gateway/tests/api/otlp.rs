@@ -156,17 +156,7 @@ async fn a_collector_gets_the_request_span_with_the_access_lines_ids_and_its_chi
     .await;
     task.wait_ready().await;
     let client = reqwest::Client::new();
-    let created: Value = client
-        .post(task.url("/items"))
-        .header("content-type", "application/json")
-        .body(r#"{"name":"traced"}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let path = format!("/items/{}", created["item"]["id"]);
+    let path = task.create_item("traced").await;
     // Read once so the traced read below is an L1 hit whatever the write left there.
     let _ = client.get(task.url(&path)).send().await.unwrap();
     let read = client
@@ -297,17 +287,7 @@ async fn a_collector_that_never_answers_costs_spans_never_latency() {
     .await;
     task.wait_ready().await;
     let client = reqwest::Client::new();
-    let created: Value = client
-        .post(task.url("/items"))
-        .header("content-type", "application/json")
-        .body(r#"{"name":"dropped"}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let path = format!("/items/{}", created["item"]["id"]);
+    let path = task.create_item("dropped").await;
     const REQUESTS: u32 = 1000;
     let mut slowest = Duration::ZERO;
     for _ in 0..REQUESTS {

@@ -76,6 +76,20 @@ impl Task {
         format!("http://{}{path}", self.http)
     }
 
+    /// Creates an item named `name` through the API and returns its path.
+    pub async fn create_item(&self, name: &str) -> String {
+        let created = reqwest::Client::new()
+            .post(self.url("/items"))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "name": name }).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        let item: serde_json::Value = created.json().await.unwrap();
+        format!("/items/{}", item["item"]["id"])
+    }
+
     /// Waits until `/readyz` says 200.
     pub async fn wait_ready(&self) {
         let client = reqwest::Client::new();
@@ -194,18 +208,7 @@ async fn sigterm_under_keep_alive_load(worker_threads: Option<&str>) -> Task {
     let mut task = Task::start(&backends, &vars).await;
     task.wait_ready().await;
     let client = reqwest::Client::new();
-    let created = client
-        .post(task.url("/items"))
-        .header("content-type", "application/json")
-        .body(r#"{"name":"steady"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let item = task.url(&format!(
-        "/items/{}",
-        created.json::<serde_json::Value>().await.unwrap()["item"]["id"]
-    ));
+    let item = task.url(&task.create_item("steady").await);
 
     // The load balancer's part: send until the readiness probe fails, as an ALB stops
     // routing to a target whose health check fails.
