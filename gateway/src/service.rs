@@ -21,6 +21,7 @@ use app_core::App;
 use app_core::api::X_CACHE;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt as _, future};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -303,26 +304,29 @@ fn traced(logged: &Logged, answer: app_core::api::Answer) -> app_core::api::Answ
 }
 
 /// `answer` (a proxied one), run where its attempts' spans are recorded when the
-/// request is sampled for export.
-async fn in_scope<F: Future>(logged: &Logged, answer: F) -> F::Output {
+/// request is sampled for export. Not an `async fn`: one would hold `answer` twice (as
+/// its argument and as what it awaits), and the proxied answer is boxed, so every byte
+/// of it is copied once per request.
+fn in_scope<F: Future>(logged: &Logged, answer: F) -> impl Future<Output = F::Output> + use<F> {
     match &logged.sampled {
-        Some(sampled) => sampled.recorder.scope(answer).await,
-        None => answer.await,
+        Some(sampled) => future::Either::Left(sampled.recorder.scope(answer)),
+        None => future::Either::Right(answer),
     }
 }
 
 /// Counts a split's answer against the group that gave it, for a rollout judging the
-/// group (see `app_core::rollout`).
-async fn tallied<T>(
+/// group (see `app_core::rollout`). Not an `async fn`, as [`in_scope`].
+fn tallied<T>(
     group: &proxy::Group,
     answer: impl Future<Output = (Response<ResponseBody>, T)>,
-) -> (Response<ResponseBody>, T) {
+) -> impl Future<Output = (Response<ResponseBody>, T)> {
     let sent = quanta::Instant::now();
-    let (rsp, target) = answer.await;
-    group
-        .tally
-        .observe(rsp.status().is_server_error(), sent.elapsed());
-    (rsp, target)
+    answer.map(move |(rsp, target)| {
+        group
+            .tally
+            .observe(rsp.status().is_server_error(), sent.elapsed());
+        (rsp, target)
+    })
 }
 
 /// Step 2: the request's path normalised (in place), then its route. A path that
@@ -530,10 +534,13 @@ where
 /// answers with what came back, or with the error's response, and says which of the
 /// group's targets answered; a split's sticky cookie (when the client is to be pinned
 /// to the group it went to) goes with every answer, an error's too.
-async fn proxied<B>(
-    to: ProxyRequest<'_, B>,
+///
+/// The permit is taken and the request prepared before the future is made: it then
+/// holds the prepared request only, not the request as well.
+fn proxied<'a, B>(
+    to: ProxyRequest<'a, B>,
     set_cookie: Option<HeaderValue>,
-) -> (Response<ResponseBody>, Option<usize>)
+) -> impl Future<Output = (Response<ResponseBody>, Option<usize>)> + use<'a, B>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -542,23 +549,27 @@ where
     // Held until the response head is ready, as the app's: the group's own budget, so a
     // slow upstream never takes the app's places, nor another group's.
     let permit = group.in_flight.try_acquire();
-    let (mut rsp, target) = match permit {
-        None => (
-            GatewayError::from(LocalError::GroupOverloaded {
-                group: group.name.clone(),
-            })
-            .into_response(),
-            None,
-        ),
-        Some(_permit) => match proxy::forward(to).await {
-            Ok((rsp, target)) => (rsp, Some(target)),
-            Err(error) => (error.into_response(), None),
-        },
-    };
-    if let Some(cookie) = set_cookie {
-        rsp.headers_mut().append(header::SET_COOKIE, cookie);
+    let forwarding = permit.as_ref().map(|_| proxy::forward(to));
+    async move {
+        let (mut rsp, target) = match forwarding {
+            None => (
+                GatewayError::from(LocalError::GroupOverloaded {
+                    group: group.name.clone(),
+                })
+                .into_response(),
+                None,
+            ),
+            Some(forwarding) => match forwarding.await {
+                Ok((rsp, target)) => (rsp, Some(target)),
+                Err(error) => (error.into_response(), None),
+            },
+        };
+        drop(permit);
+        if let Some(cookie) = set_cookie {
+            rsp.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+        (rsp, target)
     }
-    (rsp, target)
 }
 
 /// The client's side of a proxied request: its connection, and the authority it named.

@@ -1,10 +1,12 @@
 //! Forwarding one request to an upstream group, as named steps:
 //!
 //! 1. [`prepare`]: strip hop-by-hop headers, keep or replace `Host`, rewrite the path,
+//!    settle the fields this proxy sets (`X-Forwarded-*`, `Forwarded`, the request id),
 //!    hold the body where a retry can take it back;
-//! 2. [`Prepared::attempt`]: pick a target, build its copy of the request (with
-//!    `X-Forwarded-*`, `Via` and the request id), send it through the group's pool and
-//!    wait for the response head within the group's limits;
+//! 2. [`Prepared::set_per_attempt`]: pick a target, add what its attempt sets (its
+//!    `Host`, the `traceparent`), send the head ([`RequestHead`]: the client's fields
+//!    are never copied, a retry sends them again) through the group's pool and wait for
+//!    the response head within the group's limits;
 //! 3. [`client_failure`]: a failed attempt that is the client's doing (its body broke,
 //!    it went away, or it stopped sending) ends the request as a [`ClientError`],
 //!    counted against no target; else [`classify`]: it becomes an [`UpstreamError`],
@@ -18,6 +20,7 @@
 //!    allows; a `101` nobody asked for is the target's failure); a failure is returned
 //!    as the [`GatewayError`] naming the side that failed and the limit that was hit.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -33,9 +36,9 @@ use hyper_util::rt::TokioIo;
 use tiergate_config::{HostHeader, UpstreamProtocol};
 use tokio::time::Instant;
 
-use super::body::{AttemptBody, BodySlot, BoxError, Received, UploadState, UpstreamBody};
+use super::body::{BodySlot, BoxError, Received, UploadState, UpstreamBody};
 use super::group::Group;
-use super::headers::{self, ClientSide};
+use super::headers::{self, ClientSide, RequestHead, SetField};
 use super::pool::{HeadClock, Lease, SendError};
 use super::target::{InFlight, Target};
 use crate::error::{ClientError, GatewayError, Timeout, UpstreamError};
@@ -44,9 +47,9 @@ use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
-/// The most fields an attempt adds to the client's: `X-Forwarded-For/Proto/Host/Port`,
-/// `Forwarded`, `Via`, `X-Request-Id`, `traceparent`, `Host`.
-const ADDED_FIELDS: usize = 9;
+/// The most fields an attempt sets: `X-Forwarded-For/Proto/Host/Port`, `Forwarded`,
+/// `X-Request-Id`, `tracestate`, `traceparent`, `Host`.
+const SET_FIELDS: usize = 9;
 
 /// One request on its way to an upstream group: the client's request, the group the
 /// route chose, and what the route and the client's connection say about it.
@@ -77,23 +80,40 @@ pub(crate) struct ProxyRequest<'a, B> {
 /// Forwards a request to its group and answers with what the group said, and the index
 /// of the target that said it.
 ///
+/// The request is prepared before the future is made, which so holds the prepared
+/// request and not the client's as well (the future is boxed: each of its bytes is
+/// copied once per request).
+///
 /// # Errors
 /// The request cannot be sent as the route says ([`ClientError`]), or no target gave an
 /// answer ([`UpstreamError`]).
-pub(crate) async fn forward<B>(
-    to: ProxyRequest<'_, B>,
-) -> Result<(Response<ResponseBody>, usize), GatewayError>
+pub(crate) fn forward<'a, B>(
+    to: ProxyRequest<'a, B>,
+) -> impl Future<Output = Result<(Response<ResponseBody>, usize), GatewayError>> + use<'a, B>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let group = to.group;
     let deadline = Instant::now() + group.settings.request_timeout;
-    // Checked before anything is prepared: the prepared request is large, and a
-    // `Result` around it would cost every request a copy.
-    let path =
-        upstream_path(to.req.uri(), to.rewrite).map_err(|()| ClientError::UnrewritablePath)?;
-    let mut request = prepare(to, path);
+    let mut prepared = upstream_path(to.req.uri(), to.rewrite).map(|path| prepare(to, path));
+    async move {
+        // Borrowed where it is: moved out of the `Result`, it would be held twice.
+        let request = match &mut prepared {
+            Ok(request) => request,
+            Err(()) => return Err(ClientError::UnrewritablePath.into()),
+        };
+        attempts(group, request, deadline).await
+    }
+}
+
+/// Steps 2 to 4: attempts on the group's targets until one answers, a failure may not
+/// be retried, or the attempts or the retry budget run out.
+async fn attempts(
+    group: &Group,
+    request: &mut Prepared<'_>,
+    deadline: Instant,
+) -> Result<(Response<ResponseBody>, usize), GatewayError> {
     group.metrics.requests.increment(1);
     group.budget.deposit();
     let mut tried: Vec<usize> = Vec::new();
@@ -111,20 +131,23 @@ where
         // A traced request's attempt is a span of its own, the upstream's parent.
         let span_started = spans::start();
         let span_id = span_started.map(|_| spans::new_span_id());
-        let attempt = request.attempt(target, span_id);
+        request.set_per_attempt(target, span_id);
         let mut clock = HeadClock::new(
             deadline,
             group.settings.response_timeout,
             request.body.upload(),
         );
-        let result = group.pool().send(index, attempt, &mut clock).await;
+        let result = group
+            .pool()
+            .send(index, &request.head(), request.body.attempt(), &mut clock)
+            .await;
         spans::record(span_started, |at| {
             let status = result.as_ref().ok().map(|(rsp, _)| rsp.status());
             attempt_span(at, span_id, &request.method, target, tried.len(), status)
         });
         let failure = match result {
             Ok((rsp, lease)) => {
-                let rsp = answer(&mut request, rsp, lease, in_flight, sent, deadline)?;
+                let rsp = answer(request, rsp, lease, in_flight, sent, deadline)?;
                 return Ok((rsp, index));
             }
             Err(err) => {
@@ -186,15 +209,17 @@ struct Prepared<'a> {
     method: Method,
     /// The path and query sent up (rewritten when the route says so).
     path: PathAndQuery,
-    /// The HTTP version spoken to the group, and the one the client spoke.
+    /// The HTTP version spoken to the group.
     version: Version,
-    client_version: Version,
-    /// The client's headers, hop-by-hop ones stripped: the first attempt takes them, a
-    /// retry a copy made at the start (a clone of what the client sent only shares its
-    /// bytes). What this proxy adds is set on each attempt's own map: a value built once
-    /// would need an allocation to be shared with a copy.
-    first: Option<HeaderMap>,
-    for_retries: Option<HeaderMap>,
+    /// The client's fields, hop-by-hop ones stripped. Every attempt sends them as they
+    /// are, less those in `set` (see [`RequestHead`]): no attempt copies or changes them.
+    client_fields: HeaderMap,
+    /// What this proxy sets: the fields of the request (forwarding, request id) first,
+    /// `per_request` of them, then the current attempt's (the target's `Host`, the
+    /// `traceparent`).
+    set: Vec<SetField>,
+    per_request: usize,
+    via: &'static HeaderValue,
     /// `false` when the client named no usable host: each attempt sends its target's.
     client_host: bool,
     body: BodySlot,
@@ -203,10 +228,6 @@ struct Prepared<'a> {
     /// carry.
     upgrade: Option<OnUpgrade>,
     max_attempts: usize,
-    client: ClientSide,
-    trusted_hops: u32,
-    forwarded_header: bool,
-    request_id: &'a HeaderValue,
     trace: Option<TraceContext>,
     tunnels: &'a super::Tunnels,
 }
@@ -241,9 +262,19 @@ where
         HostHeader::Preserve => preserve_host(&mut parts),
         HostHeader::Target => false,
     };
-    let max_attempts = usize::try_from(group.proxy.max_attempts.max(1)).unwrap_or(1);
-    let first = std::mem::take(&mut parts.headers);
-    let for_retries = (max_attempts > 1).then(|| first.clone());
+    let mut set = Vec::with_capacity(SET_FIELDS);
+    headers::forwarding(
+        &parts.headers,
+        &client,
+        trusted_hops,
+        forwarded_header,
+        &mut set,
+    );
+    set.push((&X_REQUEST_ID, Some(request_id.clone())));
+    // A trace started here has no state of the client's to go with it.
+    if trace.is_some_and(|trace| !trace.continued) {
+        set.push((&TRACESTATE, None));
+    }
     Prepared {
         group,
         idempotent: matches!(
@@ -261,59 +292,43 @@ where
             UpstreamProtocol::Http1 => Version::HTTP_11,
             UpstreamProtocol::H2 => Version::HTTP_2,
         },
-        client_version: parts.version,
-        first: Some(first),
-        for_retries,
+        via: headers::via(parts.version),
+        client_fields: parts.headers,
+        per_request: set.len(),
+        set,
         client_host,
         body: BodySlot::new(body),
         upgrade,
-        max_attempts,
-        client,
-        trusted_hops,
-        forwarded_header,
-        request_id,
+        max_attempts: usize::try_from(group.proxy.max_attempts.max(1)).unwrap_or(1),
         trace,
         tunnels,
     }
 }
 
 impl Prepared<'_> {
-    /// Step 2: the copy of the request sent to `target`, with what this proxy adds; the
-    /// upstream's parent span is `span_id` when the attempt has a span of its own.
-    fn attempt(&mut self, target: &Target, span_id: Option<u64>) -> Request<AttemptBody> {
-        let mut attempt = Request::new(self.body.attempt());
-        *attempt.method_mut() = self.method.clone();
-        *attempt.uri_mut() = Uri::from(self.path.clone());
-        *attempt.version_mut() = self.version;
-        let headers = attempt.headers_mut();
-        *headers = self
-            .first
-            .take()
-            .or_else(|| self.for_retries.clone())
-            .unwrap_or_default();
-        // Room for what is added below in one step: the client's map is sized for its
-        // own fields, and growing it field by field rehashed it twice per request.
-        headers.reserve(ADDED_FIELDS);
-        headers::set_forwarding(
-            headers,
-            &self.client,
-            self.trusted_hops,
-            self.forwarded_header,
-        );
-        headers::append_via(headers, self.client_version);
-        headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+    /// Step 2: what the attempt on `target` sets besides the request's own fields: the
+    /// target's `Host` when the client's is not kept, and the trace with the attempt's
+    /// span (`span_id`, when it has one of its own) as the upstream's parent.
+    fn set_per_attempt(&mut self, target: &Target, span_id: Option<u64>) {
+        self.set.truncate(self.per_request);
+        if !self.client_host {
+            self.set.push((&header::HOST, Some(target.host.clone())));
+        }
         if let Some(trace) = self.trace {
             let parent = span_id.map_or(trace, |id| trace.with_span(id));
-            headers.insert(TRACEPARENT.clone(), parent.traceparent());
-            // A trace started here has no state of the client's to go with it.
-            if !trace.continued {
-                headers.remove(&TRACESTATE);
-            }
+            self.set.push((&TRACEPARENT, Some(parent.traceparent())));
         }
-        if !self.client_host {
-            headers.insert(header::HOST, target.host.clone());
+    }
+
+    /// The head of the current attempt.
+    fn head(&self) -> RequestHead<'_> {
+        RequestHead {
+            method: &self.method,
+            path: &self.path,
+            client: &self.client_fields,
+            set: &self.set,
+            via: self.via,
         }
-        attempt
     }
 
     /// Step 3's second half: whether the failed attempt on target `index` may be

@@ -421,12 +421,16 @@ mod tests {
         });
         let group = group(Balance::RoundRobin, &[(&addr, 1)]);
         let get = || async {
-            let mut req = Request::new(AttemptBody::empty());
-            *req.uri_mut() = Uri::from_static("/");
+            let root = http::uri::PathAndQuery::from_static("/");
+            let head = super::super::headers::RequestHead::bare(&http::Method::GET, &root);
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
             let clock =
                 &mut super::super::pool::HeadClock::new(deadline, std::time::Duration::MAX, None);
-            let (rsp, lease) = group.pool().send(0, req, clock).await.unwrap();
+            let (rsp, lease) = group
+                .pool()
+                .send(0, &head, AttemptBody::empty(), clock)
+                .await
+                .unwrap();
             let body = UpstreamBody::new(
                 rsp.into_body(),
                 lease,

@@ -4,8 +4,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, Request, Uri, Version};
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -123,15 +124,78 @@ pub(crate) struct ClientSide {
     pub(crate) host: Option<HeaderValue>,
 }
 
-/// Sets `X-Forwarded-For/Proto/Host/Port` (and `Forwarded` when asked). Of an incoming
-/// `X-Forwarded-For`, only the `trusted_hops` rightmost entries survive — those the
-/// trusted proxies in front (an ALB: 1) appended; anything left of them is whatever the
-/// client chose to send. The other `X-Forwarded-*` are believed only with a trusted hop.
-pub(crate) fn set_forwarding(
-    headers: &mut HeaderMap,
+/// A field this proxy sets on a request going up, in place of any the client sent under
+/// that name; `None`: the client's is dropped and none is sent.
+pub(crate) type SetField = (&'static HeaderName, Option<HeaderValue>);
+
+/// The head of one attempt as it goes up: the client's method, path and fields (hop-by-hop
+/// ones stripped) less those this proxy sets, then this proxy's, then its `Via` entry.
+/// Kept in parts rather than merged into one map: every attempt sends the same parts
+/// without a copy, and the HTTP/1.1 codec writes them straight into its buffer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestHead<'a> {
+    pub(crate) method: &'a Method,
+    /// The path and query sent up.
+    pub(crate) path: &'a PathAndQuery,
+    pub(crate) client: &'a HeaderMap,
+    pub(crate) set: &'a [SetField],
+    pub(crate) via: &'static HeaderValue,
+}
+
+impl<'a> RequestHead<'a> {
+    /// The fields as they go up, in that order.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> {
+        let set = self.set;
+        let kept = self
+            .client
+            .iter()
+            .filter(move |(name, _)| !set.iter().any(|(replaced, _)| replaced == name));
+        let own = set
+            .iter()
+            .filter_map(|(name, value)| Some((*name, value.as_ref()?)));
+        kept.chain(own)
+            .chain(std::iter::once((&header::VIA, self.via)))
+    }
+
+    /// A head of the client's `method` and `path` alone.
+    #[cfg(test)]
+    pub(crate) fn bare(method: &'a Method, path: &'a PathAndQuery) -> Self {
+        static NO_FIELDS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+        Self {
+            method,
+            path,
+            client: &NO_FIELDS,
+            set: &[],
+            via: via(Version::HTTP_11),
+        }
+    }
+
+    /// The head as a request for hyper (HTTP/2 groups, upgrades), to `uri`.
+    pub(crate) fn into_request<B>(self, body: B, uri: Uri, version: Version) -> Request<B> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        let headers = req.headers_mut();
+        headers.reserve(self.client.len() + self.set.len() + 1);
+        for (name, value) in self.fields() {
+            headers.append(name.clone(), value.clone());
+        }
+        req
+    }
+}
+
+/// Adds to `set` the `X-Forwarded-For/Proto/Host/Port` and `Forwarded` (ours when
+/// asked) to send in place of the client's `headers`. Of an incoming `X-Forwarded-For`,
+/// only the `trusted_hops` rightmost entries survive — those the trusted proxies in front
+/// (an ALB: 1) appended; anything left of them is whatever the client chose to send. The
+/// other `X-Forwarded-*` are believed only with a trusted hop.
+pub(crate) fn forwarding(
+    headers: &HeaderMap,
     client: &ClientSide,
     trusted_hops: u32,
     forwarded: bool,
+    set: &mut Vec<SetField>,
 ) {
     let trusted = usize::try_from(trusted_hops).unwrap_or(usize::MAX);
     let peer_ip = client.peer.ip();
@@ -151,39 +215,20 @@ pub(crate) fn set_forwarding(
         }
     }
     push_ip(&mut xff, peer_ip);
-    set(headers, &X_FORWARDED_FOR, xff);
+    set.push((&X_FORWARDED_FOR, built(xff)));
 
     let proto = if client.tls { "https" } else { "http" };
-    let from_trusted = |headers: &HeaderMap, name: &HeaderName| {
-        (trusted > 0).then(|| headers.get(name).cloned()).flatten()
-    };
-    let proto_value =
-        from_trusted(headers, &X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(proto));
-    headers.insert(X_FORWARDED_PROTO.clone(), proto_value);
-    match (from_trusted(headers, &X_FORWARDED_HOST), &client.host) {
-        (Some(v), _) => {
-            headers.insert(X_FORWARDED_HOST.clone(), v);
-        }
-        (None, Some(host)) => {
-            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        }
-        (None, None) => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
-    }
-    match from_trusted(headers, &X_FORWARDED_PORT) {
-        Some(v) => {
-            headers.insert(X_FORWARDED_PORT.clone(), v);
-        }
-        None => {
-            headers.insert(
-                X_FORWARDED_PORT.clone(),
-                HeaderValue::from(client.local_port),
-            );
-        }
-    }
+    let from_trusted =
+        |name: &HeaderName| (trusted > 0).then(|| headers.get(name).cloned()).flatten();
+    let proto_value = from_trusted(&X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(proto));
+    set.push((&X_FORWARDED_PROTO, Some(proto_value)));
+    let host = from_trusted(&X_FORWARDED_HOST).or_else(|| client.host.clone());
+    set.push((&X_FORWARDED_HOST, host));
+    let port =
+        from_trusted(&X_FORWARDED_PORT).unwrap_or_else(|| HeaderValue::from(client.local_port));
+    set.push((&X_FORWARDED_PORT, Some(port)));
 
-    if forwarded {
+    let value = if forwarded {
         let node = match peer_ip {
             IpAddr::V4(ip) => ip.to_string(),
             IpAddr::V6(ip) => format!("\"[{ip}]\""),
@@ -197,21 +242,16 @@ pub(crate) fn set_forwarding(
         {
             element.push_str(&format!(";host=\"{host}\""));
         }
-        let value = match trusted_forwarded(headers, trusted) {
+        Some(match trusted_forwarded(headers, trusted) {
             Some(before) => format!("{before}, {element}"),
             None => element,
-        };
-        set(headers, &FORWARDED, value);
+        })
     } else {
         // Passed on as the trusted proxies wrote it, without what a client put left of
         // their elements: it could claim any address there.
-        match trusted_forwarded(headers, trusted) {
-            Some(value) => set(headers, &FORWARDED, value),
-            None => {
-                headers.remove(&FORWARDED);
-            }
-        }
-    }
+        trusted_forwarded(headers, trusted)
+    };
+    set.push((&FORWARDED, value.and_then(built)));
 }
 
 /// Appends `ip` as text. IPv4, the common case, goes digit by digit (itoa): `Display`
@@ -274,29 +314,30 @@ fn split_elements(value: &str) -> impl Iterator<Item = &str> {
     cuts.into_iter().map(str::trim).filter(|e| !e.is_empty())
 }
 
-/// Appends this proxy to `Via` (`1.1 tiergate`, or `2 tiergate` for HTTP/2).
-pub(crate) fn append_via(headers: &mut HeaderMap, version: http::Version) {
-    let hop = if version == http::Version::HTTP_2 {
-        HeaderValue::from_static("2 tiergate")
-    } else if version == http::Version::HTTP_10 {
-        HeaderValue::from_static("1.0 tiergate")
+/// This proxy's `Via` entry for a message received in `version` (`1.1 tiergate`, or
+/// `2 tiergate` for HTTP/2).
+pub(crate) fn via(version: Version) -> &'static HeaderValue {
+    static VIA_2: HeaderValue = HeaderValue::from_static("2 tiergate");
+    static VIA_10: HeaderValue = HeaderValue::from_static("1.0 tiergate");
+    static VIA_11: HeaderValue = HeaderValue::from_static("1.1 tiergate");
+    if version == Version::HTTP_2 {
+        &VIA_2
+    } else if version == Version::HTTP_10 {
+        &VIA_10
     } else {
-        HeaderValue::from_static("1.1 tiergate")
-    };
-    headers.append(header::VIA, hop);
+        &VIA_11
+    }
 }
 
-/// Sets a header from a string we built; a value that is not a valid header (it cannot
-/// be, from the parts above) removes it rather than sending something malformed.
-fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
-    match HeaderValue::try_from(value) {
-        Ok(v) => {
-            headers.insert(name.clone(), v);
-        }
-        Err(_) => {
-            headers.remove(name);
-        }
-    }
+/// Appends this proxy to `Via`.
+pub(crate) fn append_via(headers: &mut HeaderMap, version: Version) {
+    headers.append(header::VIA, via(version).clone());
+}
+
+/// A value from a string we built; one that is not a valid header value (it cannot be,
+/// from the parts above) is dropped rather than sent malformed.
+fn built(value: String) -> Option<HeaderValue> {
+    HeaderValue::try_from(value).ok()
 }
 
 #[cfg(test)]
@@ -310,6 +351,21 @@ mod tests {
             local_port: 8443,
             host: host.cloned(),
         }
+    }
+
+    /// The client's `headers` as they go up with the forwarding fields.
+    fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide, trusted_hops: u32, ours: bool) {
+        let mut set = Vec::new();
+        forwarding(headers, client, trusted_hops, ours, &mut set);
+        let head = RequestHead {
+            method: &Method::GET,
+            path: &PathAndQuery::from_static("/"),
+            client: headers,
+            set: &set,
+            via: via(Version::HTTP_11),
+        };
+        let sent = head.into_request((), Uri::from_static("/"), Version::HTTP_11);
+        *headers = sent.into_parts().0.headers;
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

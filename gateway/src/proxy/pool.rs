@@ -39,8 +39,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, header};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri, Version, header};
 use http_body::Frame;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::Client;
@@ -53,6 +53,7 @@ use tower_service::Service;
 use super::body::{AttemptBody, BoxError, Received, Upload, UploadState};
 use super::connector::CountingConnector;
 use super::h1;
+use super::headers::RequestHead;
 use crate::error::Timeout;
 
 /// A group's connections to its targets, by target index (the group's order).
@@ -95,7 +96,7 @@ struct Slot {
 
 #[derive(Debug)]
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -243,70 +244,52 @@ impl Pool {
         Ok(Self { kind })
     }
 
-    /// Sends `req` (its URI in origin form, `/path?query`) to target `index` on an idle
-    /// connection, or a new one, and waits for the response head until `clock` runs
-    /// out. With the response comes the lease on its HTTP/1.1 connection, to be driven
-    /// while the body is read (see the module docs).
+    /// Sends a request (`head`, with `body`) to target `index` on an idle connection, or
+    /// a new one, and waits for the response head until `clock` runs out. With the
+    /// response comes the lease on its HTTP/1.1 connection, to be driven while the body
+    /// is read (see the module docs).
     pub(crate) async fn send(
         self: &Arc<Self>,
         index: usize,
-        mut req: Request<AttemptBody>,
+        head: &RequestHead<'_>,
+        body: AttemptBody,
         clock: &mut HeadClock<'_>,
     ) -> Result<(Response<Received>, Option<Lease>), SendError> {
         let pool = match &self.kind {
             Kind::Http1(pool) => pool,
+            // Boxed, as the upgrade below: HTTP/1.1 requests, the most, do not carry the
+            // HTTP/2 path's state in their futures (the proxied future is boxed whole,
+            // and past 1 KiB the allocator takes its slow path).
             Kind::H2 {
                 client,
                 authorities,
-            } => {
-                // hyper-util's client wants the absolute form: its pool is keyed by it.
-                let path = req.uri().path_and_query().cloned();
-                let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(Scheme::HTTP);
-                parts.authority = authorities.get(index).cloned();
-                parts.path_and_query = path.or(Some(PathAndQuery::from_static("/")));
-                if let Ok(uri) = Uri::from_parts(parts) {
-                    *req.uri_mut() = uri;
-                }
-                let mut response = pin!(client.request(req));
-                let mut timer = pin!(tokio::time::sleep_until(clock.due));
-                let answered = poll_fn(|cx| {
-                    if let Poll::Ready(answered) = response.as_mut().poll(cx) {
-                        return Poll::Ready(Some(answered));
-                    }
-                    if let Some(due) = clock.update(Some(cx.waker())) {
-                        timer.as_mut().reset(due);
-                    }
-                    timer.as_mut().poll(cx).map(|()| None)
-                })
-                .await;
-                return match answered {
-                    Some(Ok(rsp)) => Ok((rsp.map(Received::Hyper), None)),
-                    Some(Err(err)) if err.is_connect() => Err(SendError::Connect(err.into())),
-                    Some(Err(err)) => Err(SendError::Exchange(err.into())),
-                    None => Err(SendError::TimedOut),
-                };
-            }
+            } => return Box::pin(send_h2(client, authorities, index, head, body, clock)).await,
         };
-        if req.headers().contains_key(header::UPGRADE) {
-            return self.send_upgrade(pool, index, req, clock).await;
+        if head.client.contains_key(header::UPGRADE) {
+            let req = head.into_request(body, Uri::from(head.path.clone()), Version::HTTP_11);
+            // Boxed: inline, the rare upgrade's future would make every request's bigger.
+            return Box::pin(self.send_upgrade(pool, index, req, clock)).await;
         }
-        let (parts, body) = req.into_parts();
         let mut body = Some(body);
         loop {
-            // Taking an idle connection is done at the first poll, before this timer is
-            // ever registered; only a connect or a wait for room arms it.
-            let (mut conn, reused) = tokio::time::timeout_at(clock.due, pool.take(index, false))
-                .await
-                .map_err(|_| SendError::TimedOut)??;
+            // An idle connection is taken at once, with no timer. Only a connect or a wait
+            // for room arms one, in a box: inline, its state would make every request's
+            // future bigger.
+            let idle = poll_fn(|cx| Poll::Ready(pool.checkout_at(index, cx))).await;
+            let (mut conn, reused) = match idle {
+                Some(conn) => (conn, true),
+                None => Box::pin(tokio::time::timeout_at(clock.due, pool.take(index, false)))
+                    .await
+                    .map_err(|_| SendError::TimedOut)??,
+            };
             conn.arm(clock.due);
             let Conn {
                 link, head_clock, ..
-            } = &mut conn;
+            } = &mut *conn;
             let (Link::Native(link), Some(attempt)) = (link, body.take()) else {
                 return Err(SendError::Exchange("no HTTP/1.1 connection".into()));
             };
-            link.start(&parts, attempt);
+            link.start(head, attempt);
             let answered = poll_fn(|cx| {
                 if let Poll::Ready(answered) = link.poll_head(cx) {
                     return Poll::Ready(Some(answered));
@@ -366,7 +349,7 @@ impl Pool {
         conn.arm(clock.due);
         let Conn {
             link, head_clock, ..
-        } = &mut conn;
+        } = &mut *conn;
         let Link::Hyper { sender, driver } = link else {
             return Err(SendError::Exchange("no connection for the upgrade".into()));
         };
@@ -446,7 +429,24 @@ impl Pool {
         }
     }
 
-    fn checkin(&self, index: usize, conn: Conn) {
+    /// Whether an idle connection to target `index` has its socket marked readable,
+    /// which makes the look at it when it is taken cost a read.
+    #[cfg(test)]
+    pub(crate) fn idle_marked_readable(&self, index: usize) -> bool {
+        let Kind::Http1(pool) = &self.kind else {
+            return false;
+        };
+        let mut idle = pool.targets[index]
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        idle.iter_mut().any(|i| match &mut i.conn.link {
+            Link::Native(link) => link.marked_readable(),
+            Link::Hyper { .. } => false,
+        })
+    }
+
+    fn checkin(&self, index: usize, conn: Box<Conn>) {
         let Kind::Http1(pool) = &self.kind else {
             return;
         };
@@ -473,7 +473,7 @@ impl Http1Pool {
     /// An idle connection to target `index` (`true`: reused) or a new one; under
     /// `max_connections_per_target`, waits up to `connect_timeout` for one of the two.
     /// `upgrade`: a new connection through hyper, for a request asking for an upgrade.
-    async fn take(&self, index: usize, upgrade: bool) -> Result<(Conn, bool), SendError> {
+    async fn take(&self, index: usize, upgrade: bool) -> Result<(Box<Conn>, bool), SendError> {
         let slot = self
             .targets
             .get(index)
@@ -507,9 +507,14 @@ impl Http1Pool {
         }
     }
 
+    /// The most recently used idle connection to target `index` that is still open.
+    fn checkout_at(&self, index: usize, cx: &mut Context<'_>) -> Option<Box<Conn>> {
+        self.checkout(self.targets.get(index)?, cx)
+    }
+
     /// The most recently used idle connection of `slot` that is still open; the closed
     /// ones met on the way are dropped.
-    fn checkout(&self, slot: &Slot, cx: &mut Context<'_>) -> Option<Conn> {
+    fn checkout(&self, slot: &Slot, cx: &mut Context<'_>) -> Option<Box<Conn>> {
         loop {
             let entry = {
                 let mut idle = slot.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -537,7 +542,7 @@ impl Http1Pool {
         slot: &Slot,
         room: Option<OwnedSemaphorePermit>,
         upgrade: bool,
-    ) -> Result<Conn, SendError> {
+    ) -> Result<Box<Conn>, SendError> {
         let io = self
             .connector
             .clone()
@@ -556,11 +561,48 @@ impl Http1Pool {
         } else {
             Link::Native(h1::Connection::new(io))
         };
-        Ok(Conn {
+        Ok(Box::new(Conn {
             link,
             room,
             head_clock: Box::pin(tokio::time::sleep_until(Instant::now())),
-        })
+        }))
+    }
+}
+
+/// Sends a request to target `index` of an HTTP/2 group through hyper-util's client, and
+/// waits for the response head until `clock` runs out.
+async fn send_h2(
+    client: &Client<CountingConnector, AttemptBody>,
+    authorities: &[Authority],
+    index: usize,
+    head: &RequestHead<'_>,
+    body: AttemptBody,
+    clock: &mut HeadClock<'_>,
+) -> Result<(Response<Received>, Option<Lease>), SendError> {
+    // hyper-util's client wants the absolute form: its pool is keyed by it.
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = authorities.get(index).cloned();
+    parts.path_and_query = Some(head.path.clone());
+    let uri = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from(head.path.clone()));
+    let req = head.into_request(body, uri, Version::HTTP_2);
+    let mut response = pin!(client.request(req));
+    let mut timer = pin!(tokio::time::sleep_until(clock.due));
+    let answered = poll_fn(|cx| {
+        if let Poll::Ready(answered) = response.as_mut().poll(cx) {
+            return Poll::Ready(Some(answered));
+        }
+        if let Some(due) = clock.update(Some(cx.waker())) {
+            timer.as_mut().reset(due);
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await;
+    match answered {
+        Some(Ok(rsp)) => Ok((rsp.map(Received::Hyper), None)),
+        Some(Err(err)) if err.is_connect() => Err(SendError::Connect(err.into())),
+        Some(Err(err)) => Err(SendError::Exchange(err.into())),
+        None => Err(SendError::TimedOut),
     }
 }
 
@@ -642,7 +684,10 @@ impl Conn {
 /// The HTTP/1.1 connection a response came on, for as long as its body is read.
 #[derive(Debug)]
 pub(crate) struct Lease {
-    conn: Conn,
+    /// Boxed once, when it connects: the lease moves with every response, and a
+    /// response carrying the connection itself was copied many times over its way
+    /// down; the box goes from request to request through the idle list.
+    conn: Box<Conn>,
     pool: Arc<Pool>,
     index: usize,
 }
@@ -720,6 +765,9 @@ mod tests {
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    use http::Method;
+    use http::uri::PathAndQuery;
+
     use super::*;
     use crate::proxy::{Target, UpstreamBody};
 
@@ -794,10 +842,17 @@ mod tests {
 
     /// Sends a `GET /` and returns the response with its body as the proxy streams it.
     async fn send(pool: &Arc<Pool>, target: &Arc<Target>) -> UpstreamBody {
-        let mut req = Request::new(AttemptBody::empty());
-        *req.uri_mut() = Uri::from_static("/");
+        let root = PathAndQuery::from_static("/");
         let deadline = Instant::now() + Duration::from_secs(5);
-        let (rsp, lease) = pool.send(0, req, &mut by(deadline)).await.unwrap();
+        let (rsp, lease) = pool
+            .send(
+                0,
+                &RequestHead::bare(&Method::GET, &root),
+                AttemptBody::empty(),
+                &mut by(deadline),
+            )
+            .await
+            .unwrap();
         assert_eq!(rsp.status(), 200);
         UpstreamBody::new(rsp.into_body(), lease, deadline, target.start_request())
     }
@@ -805,6 +860,17 @@ mod tests {
     async fn get(pool: &Arc<Pool>, target: &Arc<Target>) -> Bytes {
         let body = send(pool, target).await;
         body.collect().await.unwrap().to_bytes()
+    }
+
+    /// Mutation: read the response with `try_read_buf` (the socket stays marked
+    /// readable after a read that drained it), and the idle connection is marked.
+    #[tokio::test]
+    async fn a_connection_whose_response_was_read_whole_is_not_left_marked_readable() {
+        let up = upstream(OK, Then::KeepOpen).await;
+        let (pool, target) = pool(&up.addr, 8);
+        assert_eq!(get(&pool, &target).await, "ok");
+        assert_eq!(pool.idle(0), 1);
+        assert!(!pool.idle_marked_readable(0));
     }
 
     /// Waits until `counter` reaches `n`, for at most a second.
@@ -884,11 +950,7 @@ mod tests {
     }
 
     async fn try_get(pool: &Arc<Pool>) -> Result<(), SendError> {
-        let mut req = Request::new(AttemptBody::empty());
-        *req.uri_mut() = Uri::from_static("/");
-        pool.send(0, req, &mut by(Instant::now() + Duration::from_secs(5)))
-            .await
-            .map(drop)
+        attempt(pool).await.map(drop)
     }
 
     #[tokio::test]
@@ -916,11 +978,17 @@ mod tests {
             "the connection is back for the second request"
         );
 
-        let mut req = Request::new(AttemptBody::empty());
-        *req.uri_mut() = Uri::from_static("/");
+        let root = PathAndQuery::from_static("/");
         let started = Instant::now();
         let head_by = started + Duration::from_millis(200);
-        let second = pool.send(0, req, &mut by(head_by)).await;
+        let second = pool
+            .send(
+                0,
+                &RequestHead::bare(&Method::GET, &root),
+                AttemptBody::empty(),
+                &mut by(head_by),
+            )
+            .await;
         assert!(matches!(second, Err(SendError::TimedOut)), "{second:?}");
         assert!(Instant::now() >= head_by, "not before its deadline");
         assert_eq!(pool.idle(0), 0, "the late connection is closed, not kept");
@@ -980,10 +1048,14 @@ mod tests {
 
     /// Sends a `GET /` and returns the attempt's result (the body's lease kept).
     async fn attempt(pool: &Arc<Pool>) -> Result<(Response<Received>, Option<Lease>), SendError> {
-        let mut req = Request::new(AttemptBody::empty());
-        *req.uri_mut() = Uri::from_static("/");
-        pool.send(0, req, &mut by(Instant::now() + Duration::from_secs(5)))
-            .await
+        let root = PathAndQuery::from_static("/");
+        pool.send(
+            0,
+            &RequestHead::bare(&Method::GET, &root),
+            AttemptBody::empty(),
+            &mut by(Instant::now() + Duration::from_secs(5)),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -1056,14 +1128,14 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, BoxError>>(2);
         let stream = http_body_util::StreamBody::new(tokio_stream_from(rx));
         let slot = super::super::body::BodySlot::new(stream);
-        let mut req = Request::new(slot.attempt());
-        *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = Uri::from_static("/up");
+        let body = slot.attempt();
         let sending = tokio::spawn({
             let pool = pool.clone();
             async move {
                 let deadline = Instant::now() + Duration::from_secs(5);
-                let (rsp, lease) = pool.send(0, req, &mut by(deadline)).await.unwrap();
+                let path = PathAndQuery::from_static("/up");
+                let head = RequestHead::bare(&Method::POST, &path);
+                let (rsp, lease) = pool.send(0, &head, body, &mut by(deadline)).await.unwrap();
                 UpstreamBody::new(rsp.into_body(), lease, deadline, target.start_request())
                     .collect()
                     .await

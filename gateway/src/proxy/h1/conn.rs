@@ -9,8 +9,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
+use http::Method;
 use http::header;
-use http::{Method, request};
 use http_body::{Body, Frame};
 use tokio::net::TcpStream;
 
@@ -19,6 +19,7 @@ use super::head::{self, ResponseHead};
 use super::{HeadError, ResponseError};
 use crate::proxy::body::{AttemptBody, BoxError};
 use crate::proxy::connector::CountedConnection;
+use crate::proxy::headers::RequestHead;
 
 /// How much the read buffer grows by when it is full.
 const READ_CHUNK: usize = 8 * 1024;
@@ -79,13 +80,13 @@ impl Connection {
 
     /// Starts a request: its head (from the client's parsed head, what the proxy set
     /// on it included) goes into the write buffer, the body follows as it comes.
-    pub(crate) fn start(&mut self, parts: &request::Parts, body: AttemptBody) {
+    pub(crate) fn start(&mut self, head: &RequestHead<'_>, body: AttemptBody) {
         self.out.clear();
         self.written = 0;
         self.started = false;
         self.decoder = None;
-        self.head_request = parts.method == Method::HEAD;
-        let chunked = encode_head(&mut self.out, parts, &body);
+        self.head_request = *head.method == Method::HEAD;
+        let chunked = encode_head(&mut self.out, head, &body);
         self.upload = (!body.is_end_stream()).then_some((body, chunked));
     }
 
@@ -179,6 +180,13 @@ impl Connection {
                 .as_ref()
                 .is_none_or(|d| d.is_done() && d.delimited())
             && self.input.is_empty()
+    }
+
+    /// Whether the socket is marked readable, without reading it.
+    #[cfg(test)]
+    pub(crate) fn marked_readable(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.io.stream().poll_read_ready(&mut cx).is_ready()
     }
 
     /// Whether an idle connection is still open: one look, without waiting, at what the
@@ -279,14 +287,11 @@ impl Connection {
             // Reclaims the buffer's memory when the body bytes split off it were sent.
             input.reserve(READ_CHUNK);
         }
-        let stream = io.stream();
-        loop {
-            ready!(stream.poll_read_ready(cx))?;
-            match stream.try_read_buf(input) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                read => return Poll::Ready(read),
-            }
-        }
+        // Through `AsyncRead`, not `try_read_buf`: a read that leaves room in the buffer
+        // has drained the socket, and tokio then marks it not readable. Otherwise it
+        // stays readable, and the look at the idle connection when it is next taken
+        // (`alive`) cost a read that found nothing, a system call per request.
+        tokio_util::io::poll_read_buf(Pin::new(io.stream()), cx, input)
     }
 }
 
@@ -307,13 +312,12 @@ fn poll_write(
 /// Writes the request head into `out`; `true`: the body goes chunked. The body is
 /// framed as hyper's client frames it: by the request's own `Content-Length` if it has
 /// one, else by the body's exact size when known, else chunked.
-fn encode_head(out: &mut Vec<u8>, parts: &request::Parts, body: &AttemptBody) -> bool {
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, body: &AttemptBody) -> bool {
+    out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(head.path.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    for (name, value) in head.fields() {
         if name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -323,7 +327,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &request::Parts, body: &AttemptBody) ->
         out.extend_from_slice(b"\r\n");
     }
     let mut chunked = false;
-    if !body.is_end_stream() && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+    if !body.is_end_stream() && !head.client.contains_key(header::CONTENT_LENGTH) {
         match body.size_hint().exact() {
             Some(len) => {
                 out.extend_from_slice(b"content-length: ");

@@ -8,6 +8,9 @@ use http::{Response, StatusCode, Version};
 /// The most header fields a response head may have (hyper's default too).
 const MAX_FIELDS: usize = 100;
 
+/// The fields the proxy adds to a response on its way down.
+const ADDED_ON_THE_WAY_DOWN: usize = 2;
+
 /// The largest response head taken, in bytes: a head still incomplete at this size is
 /// refused rather than buffered without end.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -103,7 +106,9 @@ pub(crate) fn parse_head(
             parts.extensions.insert(reason);
         }
     }
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    // Room for the two fields the proxy adds (`Via`, `X-Request-Id`): a map filled to
+    // its capacity grows, and rehashes, at the first of them.
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + ADDED_ON_THE_WAY_DOWN);
     for field in parsed.headers.iter() {
         let name =
             HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::BadField)?;
