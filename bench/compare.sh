@@ -8,7 +8,8 @@
 #    10 % PUTs; a cold miss storm over ids never read), the L1 hit once more on a second
 #    Tiergate with the default logging (RUST_LOG=info: an access line per request, stdout
 #    to a file) and nginx answering a fixed string. "vs limit" is req/s relative to
-#    limit-server.
+#    limit-server. Zipf, mix and cold run on a third Tiergate, so that the two L1-hit
+#    rows meet instances in the same state.
 # 2. Proxy pass-through of a 1 KiB body served by limit-server (--body-bytes 1024):
 #    the upstream alone, then Tiergate (route → upstream group, round robin), nginx
 #    (upstream block with keepalive, HTTP/1.1, one worker) and HAProxy (one thread,
@@ -130,6 +131,8 @@ free_port && nginx_port=$port
 free_port && nginx_tls_port=$port
 free_port && haproxy_port=$port
 free_port && logged_port=$port
+free_port && store_port=$port
+free_port && store_admin_port=$port
 free_port && logged_admin_port=$port
 free_port && proxy_logged_port=$port
 free_port && proxy_logged_admin_port=$port
@@ -166,6 +169,14 @@ TIERGATE_LISTEN__HTTP=127.0.0.1:$tiergate_port TIERGATE_LISTEN__ADMIN=127.0.0.1:
   TIERGATE_REDIS__KEY_PREFIX=bench-compare RUST_LOG=warn \
   taskset -c "$server_cpu" "$bin/tiergate" serve >"$tmp/tiergate.log" 2>&1 &
 pids+=($!) && tiergate_pid=$!
+
+# The Zipf, mix and cold rows on a Tiergate of their own: the two L1-hit rows then meet
+# instances in the same state (the cold storm leaves the L1 it ran on full and busy
+# evicting, which made the L1 hit without access lines slower than the one with them).
+TIERGATE_LISTEN__HTTP=127.0.0.1:$store_port TIERGATE_LISTEN__ADMIN=127.0.0.1:$store_admin_port \
+  TIERGATE_REDIS__KEY_PREFIX=bench-compare-store RUST_LOG=warn \
+  taskset -c "$server_cpu" "$bin/tiergate" serve >"$tmp/tiergate-store.log" 2>&1 &
+pids+=($!) && store_pid=$!
 
 # The same Tiergate with the default logging: an access line per request, to a file.
 TIERGATE_LISTEN__HTTP=127.0.0.1:$logged_port TIERGATE_LISTEN__ADMIN=127.0.0.1:$logged_admin_port \
@@ -272,6 +283,7 @@ pids+=($!) && haproxy_pid=$!
 up "$limit_pid" "http://127.0.0.1:$limit_port/" || die "limit-server did not start: $(why "$tmp/limit.log")"
 up "$upstream_pid" "http://127.0.0.1:$upstream_port/" || die "limit-server (upstream) did not start: $(why "$tmp/upstream.log")"
 up "$tiergate_pid" "http://127.0.0.1:$admin_port/readyz" || die "Tiergate did not start: $(why "$tmp/tiergate.log")"
+up "$store_pid" "http://127.0.0.1:$store_admin_port/readyz" || die "Tiergate (Zipf, mix, cold) did not start: $(why "$tmp/tiergate-store.log")"
 nginx_ok=1 haproxy_ok=1 proxy_ok=1 logged_ok=1 proxy_logged_ok=1
 up "$logged_pid" "http://127.0.0.1:$logged_admin_port/readyz" || logged_ok=0
 up "$nginx_pid" "http://127.0.0.1:$nginx_port/static" || nginx_ok=0
@@ -356,6 +368,7 @@ measure() {
 }
 
 tg=http://127.0.0.1:$tiergate_port
+store=http://127.0.0.1:$store_port
 tls=(--ca "$tmp/cert.pem")
 handshakes=(--insecure --new-conn)
 tiergate_tls=https://127.0.0.1:$tiergate_tls_port/livez
@@ -371,11 +384,11 @@ for ((round = 1; round <= rounds; round++)); do
     app_rows+=("$(failed tiergate-l1-hit-logged "did not start: $(why "$tmp/tiergate-logged.log")")")
   fi
   # Zipf and mix: one unmeasured second first, so the hot ids are in L1 as in steady state.
-  taskset -c "$client_cpu" "$bin/loadgen" "$tg/" -c "$conns" -t 1 -d 1s -q \
+  taskset -c "$client_cpu" "$bin/loadgen" "$store/" -c "$conns" -t 1 -d 1s -q \
     --scenario zipf --items "$zipf_items" --first-id "$zipf_first" >/dev/null 2>&1 || true
-  app_rows+=("$(measure tiergate-zipf "$tiergate_pid" "$tg/" --scenario zipf --items "$zipf_items" --first-id "$zipf_first")")
-  app_rows+=("$(measure tiergate-mix "$tiergate_pid" "$tg/" --scenario mix --items "$zipf_items" --first-id "$zipf_first" --write-ratio 0.1)")
-  app_rows+=("$(measure tiergate-cold "$tiergate_pid" "$tg/" --scenario cold --first-id "$cold_round")")
+  app_rows+=("$(measure tiergate-zipf "$store_pid" "$store/" --scenario zipf --items "$zipf_items" --first-id "$zipf_first")")
+  app_rows+=("$(measure tiergate-mix "$store_pid" "$store/" --scenario mix --items "$zipf_items" --first-id "$zipf_first" --write-ratio 0.1)")
+  app_rows+=("$(measure tiergate-cold "$store_pid" "$store/" --scenario cold --first-id "$cold_round")")
   if ((nginx_ok)); then
     app_rows+=("$(measure nginx-static "$nginx_pid" "http://127.0.0.1:$nginx_port/static")")
   else
