@@ -367,6 +367,18 @@ measure() {
   echo "$label"
 }
 
+# A proxy row: measured when its server started ($1 is 1), else a failed row with the
+# start of the server's log ($2). The other arguments as `measure` takes them.
+proxy_row() { # ok log label pid url [loadgen arguments]
+  local ok=$1 log=$2
+  shift 2
+  if ((ok)); then
+    proxy_rows+=("$(UPSTREAM=1 measure "$@")")
+  else
+    proxy_rows+=("$(failed "$1" "did not start: $(why "$log")")")
+  fi
+}
+
 tg=http://127.0.0.1:$tiergate_port
 store=http://127.0.0.1:$store_port
 tls=(--ca "$tmp/cert.pem")
@@ -398,48 +410,18 @@ for ((round = 1; round <= rounds; round++)); do
 
   if want proxy; then
   proxy_rows+=("$(UPSTREAM=1 measure upstream-direct "$upstream_pid" "http://127.0.0.1:$upstream_port/")")
-  if ((proxy_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure tiergate-proxy "$proxy_pid" "http://127.0.0.1:$proxy_port/")")
-  else
-    proxy_rows+=("$(failed tiergate-proxy "did not start: $(why "$tmp/tiergate-proxy.log")")")
-  fi
-  if ((nginx_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure nginx-proxy "$nginx_pid" "http://127.0.0.1:$nginx_port/")")
-  else
-    proxy_rows+=("$(failed nginx-proxy "did not start")")
-  fi
-  if ((haproxy_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure haproxy-proxy "$haproxy_pid" "http://127.0.0.1:$haproxy_port/")")
-  else
-    proxy_rows+=("$(failed haproxy-proxy "did not start: $(why "$tmp/haproxy.log")")")
-  fi
   open=(--rate "$proxy_rate")
-  if ((proxy_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure "tiergate-proxy-at-$proxy_rate" "$proxy_pid" "http://127.0.0.1:$proxy_port/" "${open[@]}")")
-  fi
-  if ((nginx_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure "nginx-proxy-at-$proxy_rate" "$nginx_pid" "http://127.0.0.1:$nginx_port/" "${open[@]}")")
-  fi
-  if ((haproxy_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure "haproxy-proxy-at-$proxy_rate" "$haproxy_pid" "http://127.0.0.1:$haproxy_port/" "${open[@]}")")
-  fi
-  if ((proxy_logged_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure tiergate-proxy-logged "$proxy_logged_pid" "http://127.0.0.1:$proxy_logged_port/")")
-  else
-    proxy_rows+=("$(failed tiergate-proxy-logged "did not start: $(why "$tmp/tiergate-proxy-logged.log")")")
-  fi
-  if ((nginx_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure nginx-proxy-logged "$nginx_pid" "http://127.0.0.1:$nginx_logged_port/")")
-  fi
-  if ((proxy_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure tiergate-proxy-tls "$proxy_pid" "https://127.0.0.1:$proxy_tls_port/" "${tls[@]}")")
-  fi
-  if ((nginx_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure nginx-proxy-tls "$nginx_pid" "https://127.0.0.1:$nginx_proxy_tls_port/" "${tls[@]}")")
-  fi
-  if ((haproxy_ok)); then
-    proxy_rows+=("$(UPSTREAM=1 measure haproxy-proxy-tls "$haproxy_pid" "https://127.0.0.1:$haproxy_tls_port/" "${tls[@]}")")
-  fi
+  proxy_row "$proxy_ok" "$tmp/tiergate-proxy.log" tiergate-proxy "$proxy_pid" "http://127.0.0.1:$proxy_port/"
+  proxy_row "$nginx_ok" "$tmp/nginx-error.log" nginx-proxy "$nginx_pid" "http://127.0.0.1:$nginx_port/"
+  proxy_row "$haproxy_ok" "$tmp/haproxy.log" haproxy-proxy "$haproxy_pid" "http://127.0.0.1:$haproxy_port/"
+  proxy_row "$proxy_ok" "$tmp/tiergate-proxy.log" "tiergate-proxy-at-$proxy_rate" "$proxy_pid" "http://127.0.0.1:$proxy_port/" "${open[@]}"
+  proxy_row "$nginx_ok" "$tmp/nginx-error.log" "nginx-proxy-at-$proxy_rate" "$nginx_pid" "http://127.0.0.1:$nginx_port/" "${open[@]}"
+  proxy_row "$haproxy_ok" "$tmp/haproxy.log" "haproxy-proxy-at-$proxy_rate" "$haproxy_pid" "http://127.0.0.1:$haproxy_port/" "${open[@]}"
+  proxy_row "$proxy_logged_ok" "$tmp/tiergate-proxy-logged.log" tiergate-proxy-logged "$proxy_logged_pid" "http://127.0.0.1:$proxy_logged_port/"
+  proxy_row "$nginx_ok" "$tmp/nginx-error.log" nginx-proxy-logged "$nginx_pid" "http://127.0.0.1:$nginx_logged_port/"
+  proxy_row "$proxy_ok" "$tmp/tiergate-proxy.log" tiergate-proxy-tls "$proxy_pid" "https://127.0.0.1:$proxy_tls_port/" "${tls[@]}"
+  proxy_row "$nginx_ok" "$tmp/nginx-error.log" nginx-proxy-tls "$nginx_pid" "https://127.0.0.1:$nginx_proxy_tls_port/" "${tls[@]}"
+  proxy_row "$haproxy_ok" "$tmp/haproxy.log" haproxy-proxy-tls "$haproxy_pid" "https://127.0.0.1:$haproxy_tls_port/" "${tls[@]}"
   fi
 
   want tls || continue
