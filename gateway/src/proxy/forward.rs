@@ -449,15 +449,11 @@ fn answer(
         // The lease is dropped with the response: the connection closes, since where
         // this answer ends on it is anyone's guess.
         target.record_failure(&request.group.settings.outlier);
-        tracing::warn!(
-            group = request.group.name,
-            target = target.address,
-            "Upstream answer with ambiguous framing refused."
-        );
-        return Err(UpstreamError::AmbiguousFraming {
-            group: request.group.name.clone(),
-        }
-        .into());
+        let group = &request.group.name;
+        let refused = UpstreamError::AmbiguousFraming {
+            group: group.clone(),
+        };
+        return Err(warned(refused, group, &target.address));
     }
     let switched = status == StatusCode::SWITCHING_PROTOCOLS;
     // A switch nobody asked for would hand the client a raw connection to the target,
@@ -470,15 +466,11 @@ fn answer(
     }
     if switched {
         let Some(client) = request.upgrade.take() else {
-            tracing::warn!(
-                group = request.group.name,
-                target = target.address,
-                "Upstream switched protocols unasked; no tunnel opened."
-            );
-            return Err(UpstreamError::UnaskedSwitch {
-                group: request.group.name.clone(),
-            }
-            .into());
+            let group = &request.group.name;
+            let refused = UpstreamError::UnaskedSwitch {
+                group: group.clone(),
+            };
+            return Err(warned(refused, group, &target.address));
         };
         let upstream = hyper::upgrade::on(&mut rsp);
         request
@@ -501,6 +493,13 @@ fn answer(
         head,
         Either::Right(UpstreamBody::new(incoming, lease, deadline, in_flight)),
     ))
+}
+
+/// A target's answer refused as `refused` says: logged with the target that gave it
+/// (its failure is counted by the caller), and the error the client gets.
+fn warned(refused: UpstreamError, group: &str, target: &str) -> GatewayError {
+    tracing::warn!(group, target, error = %refused, "Upstream answer refused.");
+    refused.into()
 }
 
 /// Whether an answer's framing is one RFC 9112 (§6.1, §6.3) says to refuse, or one this
