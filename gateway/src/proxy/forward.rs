@@ -123,10 +123,11 @@ async fn attempts(
             group.settings.response_timeout,
             request.body.upload(),
         );
-        let result = group
-            .pool()
-            .send(index, &request.head(), request.body.attempt(), &mut clock)
-            .await;
+        // Boxed on its own: inline, its state made the boxed proxied future pass 1 KiB,
+        // past which the allocator takes its slow path.
+        let head = request.head();
+        let sent_on = group.pool();
+        let result = Box::pin(sent_on.send(index, &head, request.body.attempt(), &mut clock)).await;
         spans::record(span_started, |at| {
             let status = result.as_ref().ok().map(|(rsp, _)| rsp.status());
             attempt_span(at, span_id, &request.method, target, tried.len(), status)
