@@ -324,14 +324,11 @@ fn written_start(
     let replaced = |name: &HeaderName| {
         set.iter().any(|(set, _)| *set == name) || per_attempt.contains(&Some(name))
     };
-    let fields = || {
-        let kept = parts.headers.iter().filter(|(name, _)| !replaced(name));
-        let own = set
-            .iter()
-            .filter_map(|(name, value)| Some((*name, value.as_ref()?)));
-        kept.chain(own)
-    };
-    RequestStart::new(&parts.method, path.as_str(), fields)
+    let kept = parts.headers.iter().filter(|(name, _)| !replaced(name));
+    let own = set
+        .iter()
+        .filter_map(|(name, value)| Some((*name, value.as_ref()?)));
+    RequestStart::new(&parts.method, path.as_str(), kept.chain(own))
 }
 
 impl Prepared {

@@ -183,7 +183,7 @@ impl Outgoing {
     /// A request of `method` to `path` with no fields, for the HTTP/1.1 codec.
     #[cfg(test)]
     pub(crate) fn bare(method: &Method, path: &str) -> Self {
-        Self::Written(RequestStart::new(method, path, std::iter::empty))
+        Self::Written(RequestStart::new(method, path, std::iter::empty()))
     }
 
     /// This request's head with nothing set on it but `Via`.

@@ -7,7 +7,7 @@
 //! - `decode`: the response body by its framing (length, chunked, to the end of the
 //!   connection), cut from the connection's read buffer without a copy.
 //! - `request`: the request head, written once per request for all its attempts
-//!   ([`RequestStart`]), and each attempt's fields after it.
+//!   (`RequestStart`), and each attempt's fields after it.
 //!
 //! The codec does no I/O: it works on the bytes the connection read so far, and says
 //! when it needs more. [`decode_response`] runs both over a whole response at once, for
