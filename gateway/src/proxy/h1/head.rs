@@ -109,14 +109,18 @@ pub(crate) fn parse_head(
     // Room for the two fields the proxy adds (`Via`, `X-Request-Id`): a map filled to
     // its capacity grows, and rehashes, at the first of them.
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + ADDED_ON_THE_WAY_DOWN);
+    // The framing fields are read as the map is built: looking them up in it afterwards
+    // cost more than building it.
+    let mut said = FramingFields::default();
     for field in parsed.headers.iter() {
         let name =
             HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::BadField)?;
         let value = HeaderValue::from_bytes(field.value).map_err(|_| HeadError::BadField)?;
+        said.read(&name, &value);
         headers.append(name, value);
     }
-    let framing = framing(status, version, &headers, head_request)?;
-    let keep_alive = keep_alive(version, &headers) && framing != Framing::Close;
+    let framing = said.framing(status, version, head_request)?;
+    let keep_alive = said.keep_alive(version) && framing != Framing::Close;
     parts.headers = headers;
     Ok(Some(ResponseHead {
         parts,
@@ -126,97 +130,117 @@ pub(crate) fn parse_head(
     }))
 }
 
-/// RFC 9112 §6.3, for a response: how its body is delimited.
-fn framing(
-    status: StatusCode,
-    version: Version,
-    headers: &HeaderMap,
-    head_request: bool,
-) -> Result<Framing, HeadError> {
-    if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Empty);
-    }
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        if has_length {
-            return Err(HeadError::LengthAndEncoding);
-        }
-        if version == Version::HTTP_10 {
-            return Err(HeadError::BadEncoding);
-        }
-        return encoding(headers);
-    }
-    if !has_length {
-        return Ok(Framing::Close);
-    }
-    content_length(headers).map(Framing::Length)
+/// What a head's `Content-Length`, `Transfer-Encoding` and `Connection` fields say,
+/// gathered one field at a time (a standard name compares as an integer).
+#[derive(Debug, Default)]
+struct FramingFields {
+    has_length: bool,
+    /// The one length the `Content-Length` values gave so far.
+    length: Option<u64>,
+    /// A `Content-Length` value that is not a number, or differs from another.
+    bad_length: bool,
+    has_encoding: bool,
+    /// How many `chunked` codings came, and whether the last coding was one.
+    chunked: usize,
+    last_is_chunked: bool,
+    /// A `Transfer-Encoding` value that is not visible ASCII.
+    bad_encoding: bool,
+    /// A `Connection` field listed `close`, or `keep-alive`.
+    close: bool,
+    keep_alive: bool,
 }
 
-/// The framing `Transfer-Encoding` gives: chunked when it is the last coding (once),
-/// else to the end of the connection (RFC 9112 §6.3, rule 4).
-fn encoding(headers: &HeaderMap) -> Result<Framing, HeadError> {
-    let mut chunked = 0;
-    let mut last_is_chunked = false;
-    for value in headers.get_all(header::TRANSFER_ENCODING) {
-        let value = value.to_str().map_err(|_| HeadError::BadEncoding)?;
+impl FramingFields {
+    fn read(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if *name == header::CONTENT_LENGTH {
+            self.has_length = true;
+            self.read_length(value.as_bytes());
+        } else if *name == header::TRANSFER_ENCODING {
+            self.has_encoding = true;
+            self.read_encoding(value);
+        } else if *name == header::CONNECTION {
+            for token in value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+            {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
+
+    /// Identical values repeated, on one line or several, are taken as RFC 9110 §8.6
+    /// allows.
+    fn read_length(&mut self, value: &[u8]) {
+        for item in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = item.iter().try_fold(0u64, |n, &b| {
+                let digit = b.is_ascii_digit().then(|| u64::from(b - b'0'))?;
+                n.checked_mul(10)?.checked_add(digit)
+            });
+            match n {
+                Some(n) if !item.is_empty() && self.length.is_none_or(|seen| seen == n) => {
+                    self.length = Some(n);
+                }
+                _ => self.bad_length = true,
+            }
+        }
+    }
+
+    fn read_encoding(&mut self, value: &HeaderValue) {
+        let Ok(value) = value.to_str() else {
+            self.bad_encoding = true;
+            return;
+        };
         // Empty list elements are ignored (RFC 9110 §5.6.1.2).
         for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-            last_is_chunked = coding.eq_ignore_ascii_case("chunked");
-            chunked += usize::from(last_is_chunked);
+            self.last_is_chunked = coding.eq_ignore_ascii_case("chunked");
+            self.chunked += usize::from(self.last_is_chunked);
         }
     }
-    match (chunked, last_is_chunked) {
-        // §6.1: a sender must not apply chunked twice; which layer ends the body is
-        // where parsers disagree.
-        (2.., _) => Err(HeadError::BadEncoding),
-        (_, true) => Ok(Framing::Chunked),
-        (_, false) => Ok(Framing::Close),
-    }
-}
 
-/// The one length every `Content-Length` value gives (identical values repeated, on
-/// one line or several, are taken as RFC 9110 §8.6 allows).
-fn content_length(headers: &HeaderMap) -> Result<u64, HeadError> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
-                return Err(HeadError::BadLength);
-            }
-            let n = std::str::from_utf8(item)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or(HeadError::BadLength)?;
-            if length.is_some_and(|seen| seen != n) {
-                return Err(HeadError::BadLength);
-            }
-            length = Some(n);
-        }
-    }
-    length.ok_or(HeadError::BadLength)
-}
-
-/// Whether the connection may carry another request after this response.
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let mut keep = version == Version::HTTP_11;
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .map(<[u8]>::trim_ascii)
+    /// RFC 9112 §6.3, for a response: how its body is delimited.
+    fn framing(
+        &self,
+        status: StatusCode,
+        version: Version,
+        head_request: bool,
+    ) -> Result<Framing, HeadError> {
+        if head_request
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
         {
-            if token.eq_ignore_ascii_case(b"close") {
-                return false;
+            return Ok(Framing::Empty);
+        }
+        if self.has_encoding {
+            if self.has_length {
+                return Err(HeadError::LengthAndEncoding);
             }
-            keep |= token.eq_ignore_ascii_case(b"keep-alive");
+            // §6.1: a sender must not apply chunked twice; which layer ends the body is
+            // where parsers disagree.
+            if version == Version::HTTP_10 || self.bad_encoding || self.chunked > 1 {
+                return Err(HeadError::BadEncoding);
+            }
+            // Chunked when it is the last coding, else to the end of the connection
+            // (rule 4).
+            return Ok(if self.last_is_chunked {
+                Framing::Chunked
+            } else {
+                Framing::Close
+            });
+        }
+        match (self.has_length, self.length) {
+            (false, _) => Ok(Framing::Close),
+            (true, Some(length)) if !self.bad_length => Ok(Framing::Length(length)),
+            (true, _) => Err(HeadError::BadLength),
         }
     }
-    keep
+
+    /// Whether the connection may carry another request after this response.
+    fn keep_alive(&self, version: Version) -> bool {
+        !self.close && (version == Version::HTTP_11 || self.keep_alive)
+    }
 }
 
 #[cfg(test)]
@@ -338,6 +362,20 @@ mod tests {
         assert!(!head(old).unwrap().keep_alive);
         let kept = "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
         assert!(head(kept).unwrap().keep_alive);
+    }
+
+    /// Mutation: `close` overwritten (`=`) rather than accumulated (`|=`) per token, as
+    /// the fields are read one at a time now.
+    #[test]
+    fn a_close_in_any_connection_field_ends_the_connection() {
+        for fields in [
+            "Connection: close\r\nConnection: keep-alive",
+            "CONNECTION: keep-alive\r\nconnection: Close",
+            "Connection: close, keep-alive",
+        ] {
+            let raw = format!("HTTP/1.0 200 OK\r\n{fields}\r\nContent-Length: 0\r\n\r\n");
+            assert!(!head(&raw).unwrap().keep_alive, "{fields}");
+        }
     }
 
     #[test]
