@@ -2,6 +2,7 @@
 
 use std::mem::MaybeUninit;
 
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, Version};
 
@@ -64,17 +65,16 @@ pub(crate) struct ResponseHead {
     /// The upstream lets the connection carry another request (HTTP/1.1 without
     /// `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`).
     pub(crate) keep_alive: bool,
-    /// The head's length in bytes, blank line included.
-    pub(crate) len: usize,
 }
 
 /// Parses the response head at the start of `buf`, the response to a `HEAD` request if
-/// `head_request`; `None`: the head is not complete yet (read more).
+/// `head_request`, and splits it off `buf` (its field values are slices of its bytes);
+/// `None`: the head is not complete yet (read more), `buf` is left as it was.
 ///
 /// # Errors
 /// The head is malformed, over [`MAX_HEAD`] bytes, or frames its body ambiguously.
 pub(crate) fn parse_head(
-    buf: &[u8],
+    buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Option<ResponseHead>, HeadError> {
     // Left uninitialised for httparse to fill: writing 100 empty fields first was a
@@ -109,13 +109,37 @@ pub(crate) fn parse_head(
     // Room for the two fields the proxy adds (`Via`, `X-Request-Id`): a map filled to
     // its capacity grows, and rehashes, at the first of them.
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + ADDED_ON_THE_WAY_DOWN);
+    // The values are cut from the head's own bytes, split off the read buffer, rather
+    // than copied one allocation each. httparse's fields borrow the buffer until then,
+    // so where each name and value lies is kept as offsets (under MAX_HEAD: 16 bits).
+    let mut spans = [[0u16; 4]; MAX_FIELDS];
+    let start = buf.as_ptr().addr();
+    let offset = |at: *const u8| {
+        at.addr()
+            .checked_sub(start)
+            .and_then(|at| u16::try_from(at).ok())
+            .ok_or(HeadError::TooLarge)
+    };
+    for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+        let name = field.name.as_bytes().as_ptr_range();
+        let value = field.value.as_ptr_range();
+        *span = [
+            offset(name.start)?,
+            offset(name.end)?,
+            offset(value.start)?,
+            offset(value.end)?,
+        ];
+    }
+    let spans = &spans[..parsed.headers.len()];
+    let head = buf.split_to(len).freeze();
     // The framing fields are read as the map is built: looking them up in it afterwards
     // cost more than building it.
     let mut said = FramingFields::default();
-    for field in parsed.headers.iter() {
-        let name =
-            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::BadField)?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| HeadError::BadField)?;
+    for &[name_start, name_end, value_start, value_end] in spans {
+        let name = &head[usize::from(name_start)..usize::from(name_end)];
+        let name = HeaderName::from_bytes(name).map_err(|_| HeadError::BadField)?;
+        let value = head.slice(usize::from(value_start)..usize::from(value_end));
+        let value = HeaderValue::from_maybe_shared(value).map_err(|_| HeadError::BadField)?;
         said.read(&name, &value);
         headers.append(name, value);
     }
@@ -126,7 +150,6 @@ pub(crate) fn parse_head(
         parts,
         framing,
         keep_alive,
-        len,
     }))
 }
 
@@ -247,8 +270,12 @@ impl FramingFields {
 mod tests {
     use super::*;
 
+    fn parse(raw: &[u8], head_request: bool) -> Result<Option<ResponseHead>, HeadError> {
+        parse_head(&mut BytesMut::from(raw), head_request)
+    }
+
     fn head(raw: &str) -> Result<ResponseHead, HeadError> {
-        parse_head(raw.as_bytes(), false).map(|head| head.expect("complete"))
+        parse(raw.as_bytes(), false).map(|head| head.expect("complete"))
     }
 
     fn framing_of(raw: &str) -> Result<Framing, HeadError> {
@@ -256,27 +283,42 @@ mod tests {
     }
 
     #[test]
-    fn an_incomplete_head_asks_for_more() {
-        assert!(
-            parse_head(b"HTTP/1.1 200 OK\r\ncontent-le", false)
-                .unwrap()
-                .is_none()
-        );
+    fn an_incomplete_head_asks_for_more_and_leaves_the_buffer_alone() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
+        assert!(parse_head(&mut buf, false).unwrap().is_none());
+        assert_eq!(buf, &b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
     }
 
     #[test]
     fn a_head_growing_past_the_limit_is_refused() {
         let mut raw = b"HTTP/1.1 200 OK\r\nx: ".to_vec();
         raw.resize(MAX_HEAD, b'a');
-        assert!(matches!(parse_head(&raw, false), Err(HeadError::TooLarge)));
+        assert!(matches!(parse(&raw, false), Err(HeadError::TooLarge)));
     }
 
     #[test]
     fn content_length_frames_the_body() {
-        let head = head("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nbody").unwrap();
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nbody"[..]);
+        let head = parse_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(head.framing, Framing::Length(12));
         assert!(head.keep_alive);
-        assert_eq!(head.len, 39, "up to the blank line");
+        assert_eq!(buf, &b"body"[..], "the head split off up to the blank line");
+    }
+
+    /// Mutation: a value copied (`HeaderValue::from_bytes`) rather than cut from the
+    /// head's bytes.
+    #[test]
+    fn values_are_slices_of_the_read_buffer_not_copies() {
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nX-A: one\r\nx-b:\r\nX-A:  two \r\n\r\n"[..]);
+        let read = buf.as_ptr_range();
+        let head = parse_head(&mut buf, false).unwrap().unwrap();
+        let values: Vec<_> = head.parts.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["one", "two"]);
+        assert_eq!(head.parts.headers["x-b"], "");
+        for value in values {
+            assert!(read.contains(&value.as_bytes().as_ptr()), "{value:?}");
+        }
     }
 
     #[test]
@@ -350,7 +392,7 @@ mod tests {
             let raw = format!("HTTP/1.1 {status}\r\nContent-Length: 5\r\n\r\n");
             assert_eq!(framing_of(&raw).unwrap(), Framing::Empty, "{status}");
         }
-        let to_head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true);
+        let to_head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true);
         assert_eq!(to_head.unwrap().unwrap().framing, Framing::Empty);
     }
 
