@@ -204,20 +204,42 @@ impl Gateway {
     {
         let started = quanta::Instant::now();
         let request_id = request_id(req.headers().get(&X_REQUEST_ID));
-        // A guard, not a clone of the table's `Arc`: only the proxy needs the table
-        // after this (it holds the route, which is all the app path keeps).
+        // A guard, not a clone of the table's `Arc`: nothing needs the table after this
+        // call (the route, which is all the future keeps, is an `Arc` of its own).
         let router = self.inner.router.load();
         let (route, refused) = route(&router, &mut req);
         let (trace, logged) = self.inner.observe(&req, peer, &request_id, &route, &router);
+        // Only the app answers TRACE (its own 405): nothing is echoed.
+        let traced_here = req.method() == Method::TRACE;
+        let to = |group, req: Request<B>| ProxyRequest {
+            client: client_side(&req, peer),
+            req,
+            group,
+            rewrite: route.rewrite(),
+            upgrades: route.upgrades(),
+            trusted_hops: router.proxy.trusted_hops,
+            forwarded_header: router.proxy.forwarded_header,
+            request_id: &request_id,
+            trace,
+            tunnels: &self.inner.tunnels,
+        };
         let answer = match (refused, &route.handler) {
-            (Some(why), _) => Answer::Refused(why),
+            (Some(why), _) => Answer::Refused(ClientError::UnsafePath(why)),
             // Nearly every read: no body to wait for.
             (None, Handler::App) if req.body().is_end_stream() => {
                 Answer::App(traced(&logged, self.inner.app.handle(req)))
             }
             (None, Handler::App) => Answer::AppAfterBody(Box::new(req)),
+            (None, Handler::Upstream(group)) if !traced_here => {
+                Answer::proxied(group, proxy::prepare(to(group, req)), None)
+            }
+            (None, Handler::Split(split)) if !traced_here => {
+                let (group, set_cookie) = split.pick(req.headers());
+                let picked = Some(set_cookie);
+                Answer::proxied(group, proxy::prepare(to(group, req)), picked)
+            }
             // Boxed: a request is most of what the future would hold.
-            (None, _) => Answer::Here(Box::new(req), arc_swap::Guard::into_inner(router)),
+            (None, _) => Answer::Here(Box::new(req)),
         };
         let gateway = self.clone();
         async move {
@@ -239,47 +261,43 @@ impl Gateway {
                         Err(refused) => GatewayError::from(refused).into_response(),
                     }
                 }
-                Answer::Refused(why) => {
-                    GatewayError::from(ClientError::UnsafePath(why)).into_response()
+                Answer::Refused(error) => GatewayError::from(error).into_response(),
+                Answer::Proxied {
+                    group,
+                    request,
+                    split: None,
+                } => {
+                    let answer = proxied(&group, request, None);
+                    let (rsp, target) = Box::pin(in_scope(&logged, answer)).await;
+                    upstream = Some((group, target));
+                    rsp
                 }
-                Answer::Here(req, router) => {
-                    let to = |group, req: Request<B>| ProxyRequest {
-                        client: client_side(&req, peer),
-                        req,
-                        group,
-                        rewrite: route.rewrite(),
-                        upgrades: route.upgrades(),
-                        trusted_hops: router.proxy.trusted_hops,
-                        forwarded_header: router.proxy.forwarded_header,
-                        request_id: &request_id,
-                        trace,
-                        tunnels: &inner.tunnels,
-                    };
+                Answer::Proxied {
+                    group,
+                    request,
+                    split: Some(set_cookie),
+                } => {
+                    let answer = tallied(&group, proxied(&group, request, set_cookie));
+                    let (rsp, target) = Box::pin(in_scope(&logged, answer)).await;
+                    upstream = Some((group, target));
+                    rsp
+                }
+                Answer::Here(req) => {
                     match &route.handler {
-                        // Only the app answers TRACE (its own 405): nothing is echoed.
-                        _ if req.method() == Method::TRACE => {
+                        _ if traced_here => {
                             GatewayError::from(ClientError::TraceRefused).into_response()
-                        }
-                        Handler::Upstream(group) => {
-                            let answer = proxied(to(group, *req), None);
-                            let (rsp, target) = Box::pin(in_scope(&logged, answer)).await;
-                            upstream = Some((group.clone(), target));
-                            rsp
-                        }
-                        Handler::Split(split) => {
-                            let (group, set_cookie) = split.pick(req.headers());
-                            let answer = tallied(group, proxied(to(group, *req), set_cookie));
-                            let (rsp, target) = Box::pin(in_scope(&logged, answer)).await;
-                            upstream = Some((group.clone(), target));
-                            rsp
                         }
                         Handler::Redirect(base) => {
                             redirect(base, &req).unwrap_or_else(GatewayError::into_response)
                         }
                         Handler::Livez => probe(true),
                         Handler::Readyz => probe(gateway.is_ready()),
-                        // `Answer::App` took the app's requests.
-                        Handler::App | Handler::NotFound => {
+                        // `Answer::App` took the app's requests, `Answer::Proxied` the
+                        // upstreams'.
+                        Handler::App
+                        | Handler::NotFound
+                        | Handler::Upstream(_)
+                        | Handler::Split(_) => {
                             GatewayError::from(ClientError::NoRoute).into_response()
                         }
                     }
@@ -478,10 +496,38 @@ enum Answer<B> {
     App(app_core::api::Answer),
     /// For the app, once its body is in.
     AppAfterBody(Box<Request<B>>),
-    /// Answered inside the future, from the request, by the table it was routed with.
-    Here(Box<Request<B>>, Arc<Router>),
-    /// Refused before routing: its path cannot be normalised safely.
-    Refused(UnsafePath),
+    /// For an upstream group, prepared as it came in (see `proxy::prepare`).
+    Proxied {
+        group: Arc<proxy::Group>,
+        request: Box<proxy::Prepared>,
+        /// `Some` when a split picked the group: its answers count for the split's
+        /// rollout, and the client may be given the split's cookie.
+        split: Option<Option<HeaderValue>>,
+    },
+    /// Answered inside the future, from the request.
+    Here(Box<Request<B>>),
+    /// Refused before it was routed (its path cannot be normalised safely) or forwarded
+    /// (the route cannot rewrite its path).
+    Refused(ClientError),
+}
+
+impl<B> Answer<B> {
+    /// The answer of `group` to a `prepared` request; `split`: as
+    /// [`Answer::Proxied`]'s.
+    fn proxied(
+        group: &Arc<proxy::Group>,
+        prepared: Result<Box<proxy::Prepared>, ClientError>,
+        split: Option<Option<HeaderValue>>,
+    ) -> Self {
+        match prepared {
+            Ok(request) => Self::Proxied {
+                group: group.clone(),
+                request,
+                split,
+            },
+            Err(refused) => Self::Refused(refused),
+        }
+    }
 }
 
 /// Reads the body of a request for the app, whole, before the request takes its place
@@ -537,19 +583,15 @@ where
 ///
 /// The permit is taken and the request prepared before the future is made: it then
 /// holds the prepared request only, not the request as well.
-fn proxied<'a, B>(
-    to: ProxyRequest<'a, B>,
+fn proxied(
+    group: &proxy::Group,
+    request: Box<proxy::Prepared>,
     set_cookie: Option<HeaderValue>,
-) -> impl Future<Output = (Response<ResponseBody>, Option<usize>)> + use<'a, B>
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let group = to.group;
+) -> impl Future<Output = (Response<ResponseBody>, Option<usize>)> + use<'_> {
     // Held until the response head is ready, as the app's: the group's own budget, so a
     // slow upstream never takes the app's places, nor another group's.
     let permit = group.in_flight.try_acquire();
-    let forwarding = permit.as_ref().map(|_| proxy::forward(to));
+    let forwarding = permit.as_ref().map(|_| proxy::forward(group, request));
     async move {
         let (mut rsp, target) = match forwarding {
             None => (

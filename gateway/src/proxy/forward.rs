@@ -1,8 +1,9 @@
 //! Forwarding one request to an upstream group, as named steps:
 //!
-//! 1. [`prepare`]: strip hop-by-hop headers, keep or replace `Host`, rewrite the path,
-//!    settle the fields this proxy sets (`X-Forwarded-*`, `Forwarded`, the request id),
-//!    hold the body where a retry can take it back;
+//! 1. [`prepare`], as the request comes in: strip hop-by-hop headers, keep or replace
+//!    `Host`, rewrite the path, settle the fields this proxy sets (`X-Forwarded-*`,
+//!    `Forwarded`, the request id), write the HTTP/1.1 head's common part, hold the body
+//!    where a retry can take it back;
 //! 2. [`Prepared::set_per_attempt`]: pick a target, add what its attempt sets (its
 //!    `Host`, the `traceparent`), send the head ([`RequestHead`]: the client's fields
 //!    are never copied, a retry sends them again) through the group's pool and wait for
@@ -26,7 +27,7 @@ use std::time::SystemTime;
 
 use app_core::spans::{self, ChildSpan};
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -38,9 +39,11 @@ use tokio::time::Instant;
 
 use super::body::{BodySlot, BoxError, Received, UploadState, UpstreamBody};
 use super::group::Group;
-use super::headers::{self, ClientSide, RequestHead, SetField};
+use super::h1::RequestStart;
+use super::headers::{self, ClientSide, Outgoing, ParsedHead, RequestHead, SetField};
 use super::pool::{HeadClock, Lease, SendError};
 use super::target::{InFlight, Target};
+use super::tunnels::Tunnels;
 use crate::error::{ClientError, GatewayError, Timeout, UpstreamError};
 use crate::response::ResponseBody;
 use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
@@ -74,44 +77,27 @@ pub(crate) struct ProxyRequest<'a, B> {
     /// The trace the request is part of, if any: each attempt carries it.
     pub(crate) trace: Option<TraceContext>,
     /// Where an upgraded connection's tunnel runs.
-    pub(crate) tunnels: &'a super::Tunnels,
+    pub(crate) tunnels: &'a Tunnels,
 }
 
-/// Forwards a request to its group and answers with what the group said, and the index
-/// of the target that said it.
-///
-/// The request is prepared before the future is made, which so holds the prepared
-/// request and not the client's as well (the future is boxed: each of its bytes is
-/// copied once per request).
+/// Forwards a `request` prepared for `group` (by [`prepare`]) and answers with what the
+/// group said, and the index of the target that said it.
 ///
 /// # Errors
-/// The request cannot be sent as the route says ([`ClientError`]), or no target gave an
-/// answer ([`UpstreamError`]).
-pub(crate) fn forward<'a, B>(
-    to: ProxyRequest<'a, B>,
-) -> impl Future<Output = Result<(Response<ResponseBody>, usize), GatewayError>> + use<'a, B>
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let group = to.group;
+/// No target gave an answer ([`UpstreamError`]).
+pub(crate) fn forward(
+    group: &Group,
+    mut request: Box<Prepared>,
+) -> impl Future<Output = Result<(Response<ResponseBody>, usize), GatewayError>> + use<'_> {
     let deadline = Instant::now() + group.settings.request_timeout;
-    let mut prepared = upstream_path(to.req.uri(), to.rewrite).map(|path| prepare(to, path));
-    async move {
-        // Borrowed where it is: moved out of the `Result`, it would be held twice.
-        let request = match &mut prepared {
-            Ok(request) => request,
-            Err(()) => return Err(ClientError::UnrewritablePath.into()),
-        };
-        attempts(group, request, deadline).await
-    }
+    async move { attempts(group, &mut request, deadline).await }
 }
 
 /// Steps 2 to 4: attempts on the group's targets until one answers, a failure may not
 /// be retried, or the attempts or the retry budget run out.
 async fn attempts(
     group: &Group,
-    request: &mut Prepared<'_>,
+    request: &mut Prepared,
     deadline: Instant,
 ) -> Result<(Response<ResponseBody>, usize), GatewayError> {
     group.metrics.requests.increment(1);
@@ -147,7 +133,7 @@ async fn attempts(
         });
         let failure = match result {
             Ok((rsp, lease)) => {
-                let rsp = answer(request, rsp, lease, in_flight, sent, deadline)?;
+                let rsp = answer(group, request, rsp, lease, in_flight, sent, deadline)?;
                 return Ok((rsp, index));
             }
             Err(err) => {
@@ -158,7 +144,7 @@ async fn attempts(
             }
         };
         drop(in_flight);
-        if request.retryable(&failure, index, &tried)
+        if request.retryable(&failure, group, index, &tried)
             && tried.len() + 1 < request.max_attempts
             && Instant::now() < deadline
         {
@@ -204,19 +190,17 @@ fn attempt_span(
 }
 
 /// A request made ready for its group, from which every attempt is built.
-struct Prepared<'a> {
-    group: &'a Group,
+#[derive(Debug)]
+pub(crate) struct Prepared {
     method: Method,
-    /// The path and query sent up (rewritten when the route says so).
-    path: PathAndQuery,
+    /// What every attempt sends before its own fields (see [`RequestHead`]): no attempt
+    /// copies or changes it.
+    outgoing: Outgoing,
     /// The HTTP version spoken to the group.
     version: Version,
-    /// The client's fields, hop-by-hop ones stripped. Every attempt sends them as they
-    /// are, less those in `set` (see [`RequestHead`]): no attempt copies or changes them.
-    client_fields: HeaderMap,
-    /// What this proxy sets: the fields of the request (forwarding, request id) first,
-    /// `per_request` of them, then the current attempt's (the target's `Host`, the
-    /// `traceparent`).
+    /// What this proxy sets that `outgoing` does not carry already: when it is parsed,
+    /// the fields of the request (forwarding, request id), `per_request` of them; then,
+    /// always, the current attempt's (the target's `Host`, the `traceparent`).
     set: Vec<SetField>,
     per_request: usize,
     via: &'static HeaderValue,
@@ -225,16 +209,20 @@ struct Prepared<'a> {
     body: BodySlot,
     idempotent: bool,
     /// The client connection's upgrade, when the request asks for one the group can
-    /// carry.
-    upgrade: Option<OnUpgrade>,
+    /// carry, and where its tunnel will run.
+    upgrade: Option<(OnUpgrade, Tunnels)>,
     max_attempts: usize,
     trace: Option<TraceContext>,
-    tunnels: &'a super::Tunnels,
 }
 
-/// Step 1: the request as every attempt sends it (to `path`, the path and query sent
-/// up), less what each attempt adds.
-fn prepare<'a, B>(to: ProxyRequest<'a, B>, path: PathAndQuery) -> Prepared<'a>
+/// Step 1, when the request comes in: the request as every attempt sends it, less what
+/// each attempt adds. Made at once, before the request waits for anything: nothing of
+/// the client's head is kept (see [`RequestStart`]), so hyper's read buffer is this
+/// connection's alone again before hyper reads ahead on it.
+///
+/// # Errors
+/// The route's rewrite makes an invalid path of the request's.
+pub(crate) fn prepare<B>(to: ProxyRequest<'_, B>) -> Result<Box<Prepared>, ClientError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -243,7 +231,7 @@ where
         mut req,
         group,
         client,
-        rewrite: _,
+        rewrite,
         upgrades,
         trusted_hops,
         forwarded_header,
@@ -251,11 +239,15 @@ where
         trace,
         tunnels,
     } = to;
+    let path = upstream_path(req.uri(), rewrite).map_err(|()| ClientError::UnrewritablePath)?;
     // Only HTTP/1.1 connections to the target can be handed over to a tunnel.
-    let upgrade_to = (group.settings.protocol == UpstreamProtocol::Http1)
+    let http1 = group.settings.protocol == UpstreamProtocol::Http1;
+    let upgrade_to = http1
         .then(|| headers::allowed_upgrade(req.headers(), upgrades))
         .flatten();
-    let upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut req));
+    let upgrade = upgrade_to
+        .is_some()
+        .then(|| (hyper::upgrade::on(&mut req), tunnels.clone()));
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade_to);
     let client_host = match group.settings.host_header {
@@ -275,8 +267,18 @@ where
     if trace.is_some_and(|trace| !trace.continued) {
         set.push((&TRACESTATE, None));
     }
-    Prepared {
-        group,
+    let outgoing = if http1 && upgrade.is_none() {
+        let written = written_start(&parts, &path, &set, client_host, trace.is_some());
+        set.clear();
+        Outgoing::Written(written)
+    } else {
+        Outgoing::Parsed(ParsedHead {
+            method: parts.method.clone(),
+            path,
+            fields: parts.headers,
+        })
+    };
+    Ok(Box::new(Prepared {
         idempotent: matches!(
             parts.method,
             Method::GET
@@ -287,13 +289,13 @@ where
                 | Method::DELETE
         ),
         method: parts.method,
-        path,
-        version: match group.settings.protocol {
-            UpstreamProtocol::Http1 => Version::HTTP_11,
-            UpstreamProtocol::H2 => Version::HTTP_2,
+        outgoing,
+        version: if http1 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_2
         },
         via: headers::via(parts.version),
-        client_fields: parts.headers,
         per_request: set.len(),
         set,
         client_host,
@@ -301,11 +303,37 @@ where
         upgrade,
         max_attempts: usize::try_from(group.proxy.max_attempts.max(1)).unwrap_or(1),
         trace,
-        tunnels,
-    }
+    }))
 }
 
-impl Prepared<'_> {
+/// The HTTP/1.1 start of every attempt: the request line to `path`, the client's fields
+/// less those the proxy sets (in `set`, or on each attempt: see
+/// [`Prepared::set_per_attempt`]), then `set`'s.
+fn written_start(
+    parts: &http::request::Parts,
+    path: &PathAndQuery,
+    set: &[SetField],
+    client_host: bool,
+    traced: bool,
+) -> RequestStart {
+    let per_attempt = [
+        (!client_host).then_some(&header::HOST),
+        traced.then_some(&TRACEPARENT),
+    ];
+    let replaced = |name: &HeaderName| {
+        set.iter().any(|(set, _)| *set == name) || per_attempt.contains(&Some(name))
+    };
+    let fields = || {
+        let kept = parts.headers.iter().filter(|(name, _)| !replaced(name));
+        let own = set
+            .iter()
+            .filter_map(|(name, value)| Some((*name, value.as_ref()?)));
+        kept.chain(own)
+    };
+    RequestStart::new(&parts.method, path.as_str(), fields)
+}
+
+impl Prepared {
     /// Step 2: what the attempt on `target` sets besides the request's own fields: the
     /// target's `Host` when the client's is not kept, and the trace with the attempt's
     /// span (`span_id`, when it has one of its own) as the upstream's parent.
@@ -323,9 +351,7 @@ impl Prepared<'_> {
     /// The head of the current attempt.
     fn head(&self) -> RequestHead<'_> {
         RequestHead {
-            method: &self.method,
-            path: &self.path,
-            client: &self.client_fields,
+            outgoing: &self.outgoing,
             set: &self.set,
             via: self.via,
         }
@@ -333,14 +359,20 @@ impl Prepared<'_> {
 
     /// Step 3's second half: whether the failed attempt on target `index` may be
     /// followed by another (the attempt count and the budget aside).
-    fn retryable(&self, failure: &UpstreamError, index: usize, tried: &[usize]) -> bool {
+    fn retryable(
+        &self,
+        failure: &UpstreamError,
+        group: &Group,
+        index: usize,
+        tried: &[usize],
+    ) -> bool {
         match failure {
             // Nothing reached the target; the body, if any, is still in its slot.
             UpstreamError::Connect { .. } => self.body.replayable(),
             // It waited for the whole connect_timeout already: only another target helps.
             UpstreamError::Saturated { .. } => {
                 self.body.replayable()
-                    && (0..self.group.targets.len()).any(|i| i != index && !tried.contains(&i))
+                    && (0..group.targets.len()).any(|i| i != index && !tried.contains(&i))
             }
             // The target may have acted on it: only a request that is safe to repeat and
             // has no body to lose.
@@ -433,7 +465,8 @@ fn classify(group: &Group, target: &Target, err: &SendError, limit: Timeout) -> 
 /// health and passed down (its body streamed under `deadline`, the connection's `lease`
 /// given back when it ends), or the tunnel of an upgrade it accepted.
 fn answer(
-    request: &mut Prepared<'_>,
+    group: &Group,
+    request: &mut Prepared,
     mut rsp: Response<Received>,
     lease: Option<Lease>,
     in_flight: InFlight,
@@ -448,34 +481,30 @@ fn answer(
     if ambiguous_framing(rsp.headers()) {
         // The lease is dropped with the response: the connection closes, since where
         // this answer ends on it is anyone's guess.
-        target.record_failure(&request.group.settings.outlier);
-        let group = &request.group.name;
+        target.record_failure(&group.settings.outlier);
         let refused = UpstreamError::AmbiguousFraming {
-            group: group.clone(),
+            group: group.name.clone(),
         };
-        return Err(warned(refused, group, &target.address));
+        return Err(warned(refused, &group.name, &target.address));
     }
     let switched = status == StatusCode::SWITCHING_PROTOCOLS;
     // A switch nobody asked for would hand the client a raw connection to the target,
     // past routing and headers (h2c smuggling): the target is broken.
     let unasked = switched && request.upgrade.is_none();
     if status.is_server_error() || unasked {
-        target.record_failure(&request.group.settings.outlier);
+        target.record_failure(&group.settings.outlier);
     } else {
         target.record_success();
     }
     if switched {
-        let Some(client) = request.upgrade.take() else {
-            let group = &request.group.name;
+        let Some((client, tunnels)) = request.upgrade.take() else {
             let refused = UpstreamError::UnaskedSwitch {
-                group: group.clone(),
+                group: group.name.clone(),
             };
-            return Err(warned(refused, group, &target.address));
+            return Err(warned(refused, &group.name, &target.address));
         };
         let upstream = hyper::upgrade::on(&mut rsp);
-        request
-            .tunnels
-            .spawn(tunnel(client, upstream, lease, in_flight));
+        tunnels.spawn(tunnel(client, upstream, lease, in_flight));
         let (mut head, _) = rsp.into_parts();
         headers::append_via(&mut head.headers, Version::HTTP_11);
         return Ok(Response::from_parts(

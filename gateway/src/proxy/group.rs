@@ -421,8 +421,8 @@ mod tests {
         });
         let group = group(Balance::RoundRobin, &[(&addr, 1)]);
         let get = || async {
-            let root = http::uri::PathAndQuery::from_static("/");
-            let head = super::super::headers::RequestHead::bare(&http::Method::GET, &root);
+            let root = super::super::headers::Outgoing::bare(&http::Method::GET, "/");
+            let head = root.head();
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
             let clock =
                 &mut super::super::pool::HeadClock::new(deadline, std::time::Duration::MAX, None);

@@ -8,6 +8,8 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Uri, Version};
 
+use super::h1::RequestStart;
+
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -128,61 +130,92 @@ pub(crate) struct ClientSide {
 /// that name; `None`: the client's is dropped and none is sent.
 pub(crate) type SetField = (&'static HeaderName, Option<HeaderValue>);
 
-/// The head of one attempt as it goes up: the client's method, path and fields (hop-by-hop
-/// ones stripped) less those this proxy sets, then this proxy's, then its `Via` entry.
-/// Kept in parts rather than merged into one map: every attempt sends the same parts
-/// without a copy, and the HTTP/1.1 codec writes them straight into its buffer.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RequestHead<'a> {
-    pub(crate) method: &'a Method,
-    /// The path and query sent up.
-    pub(crate) path: &'a PathAndQuery,
-    pub(crate) client: &'a HeaderMap,
-    pub(crate) set: &'a [SetField],
-    pub(crate) via: &'static HeaderValue,
+/// What every attempt of a request sends before the fields the attempt sets itself.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// For HTTP/1.1 groups but upgrades: the request line and fields, the request's own
+    /// [`SetField`]s included, written once ([`RequestStart`]).
+    Written(RequestStart),
+    /// For HTTP/2 groups and upgrades, which go through hyper's client.
+    Parsed(ParsedHead),
 }
 
-impl<'a> RequestHead<'a> {
-    /// The fields as they go up, in that order.
-    pub(crate) fn fields(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> {
-        let set = self.set;
-        let kept = self
-            .client
-            .iter()
-            .filter(move |(name, _)| !set.iter().any(|(replaced, _)| replaced == name));
-        let own = set
-            .iter()
-            .filter_map(|(name, value)| Some((*name, value.as_ref()?)));
-        kept.chain(own)
-            .chain(std::iter::once((&header::VIA, self.via)))
-    }
+/// The client's request head as hyper parsed it, hop-by-hop fields stripped and the
+/// path rewritten as the route says.
+#[derive(Debug)]
+pub(crate) struct ParsedHead {
+    pub(crate) method: Method,
+    /// The path and query sent up.
+    pub(crate) path: PathAndQuery,
+    pub(crate) fields: HeaderMap,
+}
 
-    /// A head of the client's `method` and `path` alone.
-    #[cfg(test)]
-    pub(crate) fn bare(method: &'a Method, path: &'a PathAndQuery) -> Self {
-        static NO_FIELDS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
-        Self {
-            method,
-            path,
-            client: &NO_FIELDS,
-            set: &[],
-            via: via(Version::HTTP_11),
-        }
-    }
-
-    /// The head as a request for hyper (HTTP/2 groups, upgrades), to `uri`.
-    pub(crate) fn into_request<B>(self, body: B, uri: Uri, version: Version) -> Request<B> {
+impl ParsedHead {
+    /// An attempt's head as a request for hyper, of `version`, to the `uri` made from
+    /// the path sent up: the client's fields less those in `set`, then `set`'s, then
+    /// `via`.
+    pub(crate) fn request<B>(
+        &self,
+        set: &[SetField],
+        via: &'static HeaderValue,
+        body: B,
+        uri: impl FnOnce(&PathAndQuery) -> Uri,
+        version: Version,
+    ) -> Request<B> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
-        *req.uri_mut() = uri;
+        *req.uri_mut() = uri(&self.path);
         *req.version_mut() = version;
         let headers = req.headers_mut();
-        headers.reserve(self.client.len() + self.set.len() + 1);
-        for (name, value) in self.fields() {
+        headers.reserve(self.fields.len() + set.len() + 1);
+        let kept = self
+            .fields
+            .iter()
+            .filter(|(name, _)| !set.iter().any(|(replaced, _)| replaced == name));
+        for (name, value) in kept.chain(own_fields(set, via)) {
             headers.append(name.clone(), value.clone());
         }
         req
     }
+}
+
+impl Outgoing {
+    /// A request of `method` to `path` with no fields, for the HTTP/1.1 codec.
+    #[cfg(test)]
+    pub(crate) fn bare(method: &Method, path: &str) -> Self {
+        Self::Written(RequestStart::new(method, path, std::iter::empty))
+    }
+
+    /// This request's head with nothing set on it but `Via`.
+    #[cfg(test)]
+    pub(crate) fn head(&self) -> RequestHead<'_> {
+        RequestHead {
+            outgoing: self,
+            set: &[],
+            via: via(Version::HTTP_11),
+        }
+    }
+}
+
+/// The head of one attempt as it goes up: the request's [`Outgoing`] part (less, when
+/// parsed, the fields this proxy sets), then this proxy's fields, then its `Via` entry.
+/// Kept in parts rather than merged into one map: every attempt sends the same parts
+/// without a copy, and the HTTP/1.1 codec writes them straight into its buffer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestHead<'a> {
+    pub(crate) outgoing: &'a Outgoing,
+    pub(crate) set: &'a [SetField],
+    pub(crate) via: &'static HeaderValue,
+}
+
+/// The fields this proxy sets, `set`'s then `via`.
+pub(crate) fn own_fields<'a>(
+    set: &'a [SetField],
+    via: &'static HeaderValue,
+) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> {
+    set.iter()
+        .filter_map(|(name, value)| Some((*name, value.as_ref()?)))
+        .chain(std::iter::once((&header::VIA, via)))
 }
 
 /// Adds to `set` the `X-Forwarded-For/Proto/Host/Port` and `Forwarded` (ours when
@@ -357,14 +390,13 @@ mod tests {
     fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide, trusted_hops: u32, ours: bool) {
         let mut set = Vec::new();
         forwarding(headers, client, trusted_hops, ours, &mut set);
-        let head = RequestHead {
-            method: &Method::GET,
-            path: &PathAndQuery::from_static("/"),
-            client: headers,
-            set: &set,
-            via: via(Version::HTTP_11),
+        let parsed = ParsedHead {
+            method: Method::GET,
+            path: PathAndQuery::from_static("/"),
+            fields: std::mem::take(headers),
         };
-        let sent = head.into_request((), Uri::from_static("/"), Version::HTTP_11);
+        let uri = |path: &PathAndQuery| Uri::from(path.clone());
+        let sent = parsed.request(&set, via(Version::HTTP_11), (), uri, Version::HTTP_11);
         *headers = sent.into_parts().0.headers;
     }
 

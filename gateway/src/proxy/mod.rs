@@ -32,7 +32,7 @@ pub mod target;
 pub mod tunnels;
 
 pub use body::UpstreamBody;
-pub(crate) use forward::{ProxyRequest, forward};
+pub(crate) use forward::{Prepared, ProxyRequest, forward, prepare};
 pub use group::Group;
 pub(crate) use headers::ClientSide;
 pub use split::{Split, SplitError};

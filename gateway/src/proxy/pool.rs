@@ -39,8 +39,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri, Version, header};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
 use http_body::Frame;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::Client;
@@ -53,7 +53,7 @@ use tower_service::Service;
 use super::body::{AttemptBody, BoxError, Received, Upload, UploadState};
 use super::connector::CountingConnector;
 use super::h1;
-use super::headers::RequestHead;
+use super::headers::{Outgoing, RequestHead, own_fields};
 use crate::error::Timeout;
 
 /// A group's connections to its targets, by target index (the group's order).
@@ -265,11 +265,17 @@ impl Pool {
                 authorities,
             } => return Box::pin(send_h2(client, authorities, index, head, body, clock)).await,
         };
-        if head.client.contains_key(header::UPGRADE) {
-            let req = head.into_request(body, Uri::from(head.path.clone()), Version::HTTP_11);
-            // Boxed: inline, the rare upgrade's future would make every request's bigger.
-            return Box::pin(self.send_upgrade(pool, index, req, clock)).await;
-        }
+        let start = match head.outgoing {
+            Outgoing::Written(start) => start,
+            // An upgrade: hyper's client hands its connection over to the tunnel.
+            Outgoing::Parsed(parsed) => {
+                let uri = |path: &PathAndQuery| Uri::from(path.clone());
+                let req = parsed.request(head.set, head.via, body, uri, Version::HTTP_11);
+                // Boxed: inline, the rare upgrade's future would make every request's
+                // bigger.
+                return Box::pin(self.send_upgrade(pool, index, req, clock)).await;
+            }
+        };
         let mut body = Some(body);
         loop {
             // An idle connection is taken at once, with no timer. Only a connect or a wait
@@ -289,7 +295,7 @@ impl Pool {
             let (Link::Native(link), Some(attempt)) = (link, body.take()) else {
                 return Err(SendError::Exchange("no HTTP/1.1 connection".into()));
             };
-            link.start(head, attempt);
+            link.start(start, own_fields(head.set, head.via), attempt);
             let answered = poll_fn(|cx| {
                 if let Poll::Ready(answered) = link.poll_head(cx) {
                     return Poll::Ready(Some(answered));
@@ -579,13 +585,20 @@ async fn send_h2(
     body: AttemptBody,
     clock: &mut HeadClock<'_>,
 ) -> Result<(Response<Received>, Option<Lease>), SendError> {
+    let Outgoing::Parsed(parsed) = head.outgoing else {
+        return Err(SendError::Exchange(
+            "a head written for HTTP/1.1 was sent to an HTTP/2 group".into(),
+        ));
+    };
     // hyper-util's client wants the absolute form: its pool is keyed by it.
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = authorities.get(index).cloned();
-    parts.path_and_query = Some(head.path.clone());
-    let uri = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from(head.path.clone()));
-    let req = head.into_request(body, uri, Version::HTTP_2);
+    let uri = |path: &PathAndQuery| {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = authorities.get(index).cloned();
+        parts.path_and_query = Some(path.clone());
+        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from(path.clone()))
+    };
+    let req = parsed.request(head.set, head.via, body, uri, Version::HTTP_2);
     let mut response = pin!(client.request(req));
     let mut timer = pin!(tokio::time::sleep_until(clock.due));
     let answered = poll_fn(|cx| {
@@ -766,7 +779,6 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use http::Method;
-    use http::uri::PathAndQuery;
 
     use super::*;
     use crate::proxy::{Target, UpstreamBody};
@@ -842,15 +854,10 @@ mod tests {
 
     /// Sends a `GET /` and returns the response with its body as the proxy streams it.
     async fn send(pool: &Arc<Pool>, target: &Arc<Target>) -> UpstreamBody {
-        let root = PathAndQuery::from_static("/");
+        let root = Outgoing::bare(&Method::GET, "/");
         let deadline = Instant::now() + Duration::from_secs(5);
         let (rsp, lease) = pool
-            .send(
-                0,
-                &RequestHead::bare(&Method::GET, &root),
-                AttemptBody::empty(),
-                &mut by(deadline),
-            )
+            .send(0, &root.head(), AttemptBody::empty(), &mut by(deadline))
             .await
             .unwrap();
         assert_eq!(rsp.status(), 200);
@@ -978,16 +985,11 @@ mod tests {
             "the connection is back for the second request"
         );
 
-        let root = PathAndQuery::from_static("/");
+        let root = Outgoing::bare(&Method::GET, "/");
         let started = Instant::now();
         let head_by = started + Duration::from_millis(200);
         let second = pool
-            .send(
-                0,
-                &RequestHead::bare(&Method::GET, &root),
-                AttemptBody::empty(),
-                &mut by(head_by),
-            )
+            .send(0, &root.head(), AttemptBody::empty(), &mut by(head_by))
             .await;
         assert!(matches!(second, Err(SendError::TimedOut)), "{second:?}");
         assert!(Instant::now() >= head_by, "not before its deadline");
@@ -1048,10 +1050,10 @@ mod tests {
 
     /// Sends a `GET /` and returns the attempt's result (the body's lease kept).
     async fn attempt(pool: &Arc<Pool>) -> Result<(Response<Received>, Option<Lease>), SendError> {
-        let root = PathAndQuery::from_static("/");
+        let root = Outgoing::bare(&Method::GET, "/");
         pool.send(
             0,
-            &RequestHead::bare(&Method::GET, &root),
+            &root.head(),
             AttemptBody::empty(),
             &mut by(Instant::now() + Duration::from_secs(5)),
         )
@@ -1133,9 +1135,11 @@ mod tests {
             let pool = pool.clone();
             async move {
                 let deadline = Instant::now() + Duration::from_secs(5);
-                let path = PathAndQuery::from_static("/up");
-                let head = RequestHead::bare(&Method::POST, &path);
-                let (rsp, lease) = pool.send(0, &head, body, &mut by(deadline)).await.unwrap();
+                let up = Outgoing::bare(&Method::POST, "/up");
+                let (rsp, lease) = pool
+                    .send(0, &up.head(), body, &mut by(deadline))
+                    .await
+                    .unwrap();
                 UpstreamBody::new(rsp.into_body(), lease, deadline, target.start_request())
                     .collect()
                     .await

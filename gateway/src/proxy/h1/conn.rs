@@ -9,17 +9,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::Method;
-use http::header;
+use http::header::{HeaderName, HeaderValue};
 use http_body::{Body, Frame};
 use tokio::net::TcpStream;
 
 use super::decode::{Decoded, Decoder};
 use super::head::{self, ResponseHead};
+use super::request::{RequestStart, encode_head};
 use super::{HeadError, ResponseError};
 use crate::proxy::body::{AttemptBody, BoxError};
 use crate::proxy::connector::CountedConnection;
-use crate::proxy::headers::RequestHead;
 
 /// How much the read buffer grows by when it is full.
 const READ_CHUNK: usize = 8 * 1024;
@@ -78,15 +77,20 @@ impl Connection {
         }
     }
 
-    /// Starts a request: its head (from the client's parsed head, what the proxy set
-    /// on it included) goes into the write buffer, the body follows as it comes.
-    pub(crate) fn start(&mut self, head: &RequestHead<'_>, body: AttemptBody) {
+    /// Starts a request: its head (the request's `start`, then the attempt's own
+    /// `fields`) goes into the write buffer, the body follows as it comes.
+    pub(crate) fn start<'f>(
+        &mut self,
+        start: &RequestStart,
+        fields: impl Iterator<Item = (&'f HeaderName, &'f HeaderValue)>,
+        body: AttemptBody,
+    ) {
         self.out.clear();
         self.written = 0;
         self.started = false;
         self.decoder = None;
-        self.head_request = *head.method == Method::HEAD;
-        let chunked = encode_head(&mut self.out, head, &body);
+        self.head_request = start.head_request();
+        let chunked = encode_head(&mut self.out, start, fields, &body);
         self.upload = (!body.is_end_stream()).then_some((body, chunked));
     }
 
@@ -306,41 +310,6 @@ fn poll_write(
             written => return Poll::Ready(written),
         }
     }
-}
-
-/// Writes the request head into `out`; `true`: the body goes chunked. The body is
-/// framed as hyper's client frames it: by the request's own `Content-Length` if it has
-/// one, else by the body's exact size when known, else chunked.
-fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, body: &AttemptBody) -> bool {
-    out.extend_from_slice(head.method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(head.path.as_str().as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in head.fields() {
-        if name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    let mut chunked = false;
-    if !body.is_end_stream() && !head.client.contains_key(header::CONTENT_LENGTH) {
-        match body.size_hint().exact() {
-            Some(len) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            None => {
-                chunked = true;
-                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-            }
-        }
-    }
-    out.extend_from_slice(b"\r\n");
-    chunked
 }
 
 /// Appends `len` in hex, a chunk's size line.

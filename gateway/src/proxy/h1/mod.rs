@@ -6,6 +6,8 @@
 //!   connection it came on is closed, never reused.
 //! - `decode`: the response body by its framing (length, chunked, to the end of the
 //!   connection), cut from the connection's read buffer without a copy.
+//! - `request`: the request head, written once per request for all its attempts
+//!   ([`RequestStart`]), and each attempt's fields after it.
 //!
 //! The codec does no I/O: it works on the bytes the connection read so far, and says
 //! when it needs more. [`decode_response`] runs both over a whole response at once, for
@@ -14,6 +16,7 @@
 mod conn;
 mod decode;
 mod head;
+mod request;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -23,6 +26,7 @@ pub use decode::BodyError;
 use decode::Decoder;
 pub use head::HeadError;
 use head::parse_head;
+pub(crate) use request::RequestStart;
 
 /// Why a response from an upstream is refused: its head or its body breaks HTTP/1.1's
 /// framing rules. The connection it came on is closed; the client gets a 502 if the head
