@@ -1,7 +1,7 @@
 //! One HTTP/1.1 connection to a target, driven by the request using it: the request
 //! head is written from the request's parts into a buffer the connection keeps, the
 //! request body streamed after it, and the response read into a buffer the connection
-//! keeps too (the body is split off it without a copy). No task of its own: every
+//! keeps too (head and body are split off it without a copy). No task of its own: every
 //! method is a poll the request's task makes.
 
 use std::io;
@@ -111,8 +111,7 @@ impl Connection {
     ) -> Poll<Result<ResponseHead, ExchangeError>> {
         loop {
             self.poll_upload(cx)?;
-            if let Some(head) = head::parse_head(&self.input, self.head_request)? {
-                let _ = self.input.split_to(head.len);
+            if let Some(head) = head::parse_head(&mut self.input, self.head_request)? {
                 if head.parts.status.is_informational() && head.parts.status != 101 {
                     continue;
                 }

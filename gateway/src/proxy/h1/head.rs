@@ -2,6 +2,7 @@
 
 use std::mem::MaybeUninit;
 
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, Version};
 
@@ -64,17 +65,16 @@ pub(crate) struct ResponseHead {
     /// The upstream lets the connection carry another request (HTTP/1.1 without
     /// `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`).
     pub(crate) keep_alive: bool,
-    /// The head's length in bytes, blank line included.
-    pub(crate) len: usize,
 }
 
 /// Parses the response head at the start of `buf`, the response to a `HEAD` request if
-/// `head_request`; `None`: the head is not complete yet (read more).
+/// `head_request`, and splits it off `buf` (its field values are slices of its bytes);
+/// `None`: the head is not complete yet (read more), `buf` is left as it was.
 ///
 /// # Errors
 /// The head is malformed, over [`MAX_HEAD`] bytes, or frames its body ambiguously.
 pub(crate) fn parse_head(
-    buf: &[u8],
+    buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Option<ResponseHead>, HeadError> {
     // Left uninitialised for httparse to fill: writing 100 empty fields first was a
@@ -109,122 +109,173 @@ pub(crate) fn parse_head(
     // Room for the two fields the proxy adds (`Via`, `X-Request-Id`): a map filled to
     // its capacity grows, and rehashes, at the first of them.
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + ADDED_ON_THE_WAY_DOWN);
-    for field in parsed.headers.iter() {
-        let name =
-            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::BadField)?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| HeadError::BadField)?;
+    // The values are cut from the head's own bytes, split off the read buffer, rather
+    // than copied one allocation each. httparse's fields borrow the buffer until then,
+    // so where each name and value lies is kept as offsets (under MAX_HEAD: 16 bits).
+    let mut spans = [[0u16; 4]; MAX_FIELDS];
+    let start = buf.as_ptr().addr();
+    let offset = |at: *const u8| {
+        at.addr()
+            .checked_sub(start)
+            .and_then(|at| u16::try_from(at).ok())
+            .ok_or(HeadError::TooLarge)
+    };
+    for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+        let name = field.name.as_bytes().as_ptr_range();
+        let value = field.value.as_ptr_range();
+        *span = [
+            offset(name.start)?,
+            offset(name.end)?,
+            offset(value.start)?,
+            offset(value.end)?,
+        ];
+    }
+    let spans = &spans[..parsed.headers.len()];
+    let head = buf.split_to(len).freeze();
+    // The framing fields are read as the map is built: looking them up in it afterwards
+    // cost more than building it.
+    let mut said = FramingFields::default();
+    for &[name_start, name_end, value_start, value_end] in spans {
+        let name = &head[usize::from(name_start)..usize::from(name_end)];
+        let name = HeaderName::from_bytes(name).map_err(|_| HeadError::BadField)?;
+        let value = head.slice(usize::from(value_start)..usize::from(value_end));
+        let value = HeaderValue::from_maybe_shared(value).map_err(|_| HeadError::BadField)?;
+        said.read(&name, &value);
         headers.append(name, value);
     }
-    let framing = framing(status, version, &headers, head_request)?;
-    let keep_alive = keep_alive(version, &headers) && framing != Framing::Close;
+    let framing = said.framing(status, version, head_request)?;
+    let keep_alive = said.keep_alive(version) && framing != Framing::Close;
     parts.headers = headers;
     Ok(Some(ResponseHead {
         parts,
         framing,
         keep_alive,
-        len,
     }))
 }
 
-/// RFC 9112 §6.3, for a response: how its body is delimited.
-fn framing(
-    status: StatusCode,
-    version: Version,
-    headers: &HeaderMap,
-    head_request: bool,
-) -> Result<Framing, HeadError> {
-    if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Empty);
-    }
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        if has_length {
-            return Err(HeadError::LengthAndEncoding);
-        }
-        if version == Version::HTTP_10 {
-            return Err(HeadError::BadEncoding);
-        }
-        return encoding(headers);
-    }
-    if !has_length {
-        return Ok(Framing::Close);
-    }
-    content_length(headers).map(Framing::Length)
+/// What a head's `Content-Length`, `Transfer-Encoding` and `Connection` fields say,
+/// gathered one field at a time (a standard name compares as an integer).
+#[derive(Debug, Default)]
+struct FramingFields {
+    has_length: bool,
+    /// The one length the `Content-Length` values gave so far.
+    length: Option<u64>,
+    /// A `Content-Length` value that is not a number, or differs from another.
+    bad_length: bool,
+    has_encoding: bool,
+    /// How many `chunked` codings came, and whether the last coding was one.
+    chunked: usize,
+    last_is_chunked: bool,
+    /// A `Transfer-Encoding` value that is not visible ASCII.
+    bad_encoding: bool,
+    /// A `Connection` field listed `close`, or `keep-alive`.
+    close: bool,
+    keep_alive: bool,
 }
 
-/// The framing `Transfer-Encoding` gives: chunked when it is the last coding (once),
-/// else to the end of the connection (RFC 9112 §6.3, rule 4).
-fn encoding(headers: &HeaderMap) -> Result<Framing, HeadError> {
-    let mut chunked = 0;
-    let mut last_is_chunked = false;
-    for value in headers.get_all(header::TRANSFER_ENCODING) {
-        let value = value.to_str().map_err(|_| HeadError::BadEncoding)?;
+impl FramingFields {
+    fn read(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if *name == header::CONTENT_LENGTH {
+            self.has_length = true;
+            self.read_length(value.as_bytes());
+        } else if *name == header::TRANSFER_ENCODING {
+            self.has_encoding = true;
+            self.read_encoding(value);
+        } else if *name == header::CONNECTION {
+            for token in value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+            {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
+
+    /// Identical values repeated, on one line or several, are taken as RFC 9110 §8.6
+    /// allows.
+    fn read_length(&mut self, value: &[u8]) {
+        for item in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = item.iter().try_fold(0u64, |n, &b| {
+                let digit = b.is_ascii_digit().then(|| u64::from(b - b'0'))?;
+                n.checked_mul(10)?.checked_add(digit)
+            });
+            match n {
+                Some(n) if !item.is_empty() && self.length.is_none_or(|seen| seen == n) => {
+                    self.length = Some(n);
+                }
+                _ => self.bad_length = true,
+            }
+        }
+    }
+
+    fn read_encoding(&mut self, value: &HeaderValue) {
+        let Ok(value) = value.to_str() else {
+            self.bad_encoding = true;
+            return;
+        };
         // Empty list elements are ignored (RFC 9110 §5.6.1.2).
         for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-            last_is_chunked = coding.eq_ignore_ascii_case("chunked");
-            chunked += usize::from(last_is_chunked);
+            self.last_is_chunked = coding.eq_ignore_ascii_case("chunked");
+            self.chunked += usize::from(self.last_is_chunked);
         }
     }
-    match (chunked, last_is_chunked) {
-        // §6.1: a sender must not apply chunked twice; which layer ends the body is
-        // where parsers disagree.
-        (2.., _) => Err(HeadError::BadEncoding),
-        (_, true) => Ok(Framing::Chunked),
-        (_, false) => Ok(Framing::Close),
-    }
-}
 
-/// The one length every `Content-Length` value gives (identical values repeated, on
-/// one line or several, are taken as RFC 9110 §8.6 allows).
-fn content_length(headers: &HeaderMap) -> Result<u64, HeadError> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
-                return Err(HeadError::BadLength);
-            }
-            let n = std::str::from_utf8(item)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or(HeadError::BadLength)?;
-            if length.is_some_and(|seen| seen != n) {
-                return Err(HeadError::BadLength);
-            }
-            length = Some(n);
-        }
-    }
-    length.ok_or(HeadError::BadLength)
-}
-
-/// Whether the connection may carry another request after this response.
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let mut keep = version == Version::HTTP_11;
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .map(<[u8]>::trim_ascii)
+    /// RFC 9112 §6.3, for a response: how its body is delimited.
+    fn framing(
+        &self,
+        status: StatusCode,
+        version: Version,
+        head_request: bool,
+    ) -> Result<Framing, HeadError> {
+        if head_request
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
         {
-            if token.eq_ignore_ascii_case(b"close") {
-                return false;
+            return Ok(Framing::Empty);
+        }
+        if self.has_encoding {
+            if self.has_length {
+                return Err(HeadError::LengthAndEncoding);
             }
-            keep |= token.eq_ignore_ascii_case(b"keep-alive");
+            // §6.1: a sender must not apply chunked twice; which layer ends the body is
+            // where parsers disagree.
+            if version == Version::HTTP_10 || self.bad_encoding || self.chunked > 1 {
+                return Err(HeadError::BadEncoding);
+            }
+            // Chunked when it is the last coding, else to the end of the connection
+            // (rule 4).
+            return Ok(if self.last_is_chunked {
+                Framing::Chunked
+            } else {
+                Framing::Close
+            });
+        }
+        match (self.has_length, self.length) {
+            (false, _) => Ok(Framing::Close),
+            (true, Some(length)) if !self.bad_length => Ok(Framing::Length(length)),
+            (true, _) => Err(HeadError::BadLength),
         }
     }
-    keep
+
+    /// Whether the connection may carry another request after this response.
+    fn keep_alive(&self, version: Version) -> bool {
+        !self.close && (version == Version::HTTP_11 || self.keep_alive)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(raw: &[u8], head_request: bool) -> Result<Option<ResponseHead>, HeadError> {
+        parse_head(&mut BytesMut::from(raw), head_request)
+    }
+
     fn head(raw: &str) -> Result<ResponseHead, HeadError> {
-        parse_head(raw.as_bytes(), false).map(|head| head.expect("complete"))
+        parse(raw.as_bytes(), false).map(|head| head.expect("complete"))
     }
 
     fn framing_of(raw: &str) -> Result<Framing, HeadError> {
@@ -232,27 +283,42 @@ mod tests {
     }
 
     #[test]
-    fn an_incomplete_head_asks_for_more() {
-        assert!(
-            parse_head(b"HTTP/1.1 200 OK\r\ncontent-le", false)
-                .unwrap()
-                .is_none()
-        );
+    fn an_incomplete_head_asks_for_more_and_leaves_the_buffer_alone() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
+        assert!(parse_head(&mut buf, false).unwrap().is_none());
+        assert_eq!(buf, &b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
     }
 
     #[test]
     fn a_head_growing_past_the_limit_is_refused() {
         let mut raw = b"HTTP/1.1 200 OK\r\nx: ".to_vec();
         raw.resize(MAX_HEAD, b'a');
-        assert!(matches!(parse_head(&raw, false), Err(HeadError::TooLarge)));
+        assert!(matches!(parse(&raw, false), Err(HeadError::TooLarge)));
     }
 
     #[test]
     fn content_length_frames_the_body() {
-        let head = head("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nbody").unwrap();
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nbody"[..]);
+        let head = parse_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(head.framing, Framing::Length(12));
         assert!(head.keep_alive);
-        assert_eq!(head.len, 39, "up to the blank line");
+        assert_eq!(buf, &b"body"[..], "the head split off up to the blank line");
+    }
+
+    /// Mutation: a value copied (`HeaderValue::from_bytes`) rather than cut from the
+    /// head's bytes.
+    #[test]
+    fn values_are_slices_of_the_read_buffer_not_copies() {
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nX-A: one\r\nx-b:\r\nX-A:  two \r\n\r\n"[..]);
+        let read = buf.as_ptr_range();
+        let head = parse_head(&mut buf, false).unwrap().unwrap();
+        let values: Vec<_> = head.parts.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["one", "two"]);
+        assert_eq!(head.parts.headers["x-b"], "");
+        for value in values {
+            assert!(read.contains(&value.as_bytes().as_ptr()), "{value:?}");
+        }
     }
 
     #[test]
@@ -326,7 +392,7 @@ mod tests {
             let raw = format!("HTTP/1.1 {status}\r\nContent-Length: 5\r\n\r\n");
             assert_eq!(framing_of(&raw).unwrap(), Framing::Empty, "{status}");
         }
-        let to_head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true);
+        let to_head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true);
         assert_eq!(to_head.unwrap().unwrap().framing, Framing::Empty);
     }
 
@@ -338,6 +404,20 @@ mod tests {
         assert!(!head(old).unwrap().keep_alive);
         let kept = "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
         assert!(head(kept).unwrap().keep_alive);
+    }
+
+    /// Mutation: `close` overwritten (`=`) rather than accumulated (`|=`) per token, as
+    /// the fields are read one at a time now.
+    #[test]
+    fn a_close_in_any_connection_field_ends_the_connection() {
+        for fields in [
+            "Connection: close\r\nConnection: keep-alive",
+            "CONNECTION: keep-alive\r\nconnection: Close",
+            "Connection: close, keep-alive",
+        ] {
+            let raw = format!("HTTP/1.0 200 OK\r\n{fields}\r\nContent-Length: 0\r\n\r\n");
+            assert!(!head(&raw).unwrap().keep_alive, "{fields}");
+        }
     }
 
     #[test]

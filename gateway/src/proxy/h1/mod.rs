@@ -78,15 +78,11 @@ pub fn decode_response(
     let mut buf = BytesMut::new();
     let mut interim = 0;
     let head = loop {
-        match parse_head(&buf, head_request)? {
+        match parse_head(&mut buf, head_request)? {
             Some(head) if head.parts.status.is_informational() && head.parts.status != 101 => {
-                let _ = buf.split_to(head.len);
                 interim += 1;
             }
-            Some(head) => {
-                let _ = buf.split_to(head.len);
-                break head;
-            }
+            Some(head) => break head,
             None => match pieces.next() {
                 Some(piece) => buf.extend_from_slice(piece),
                 None => return Err(HeadError::Incomplete.into()),
