@@ -231,11 +231,11 @@ impl Gateway {
             }
             (None, Handler::App) => Answer::AppAfterBody(Box::new(req)),
             (None, Handler::Upstream(group)) if !traced_here => {
-                Answer::proxied(group, proxy::prepare(to(group, req)), None)
+                Answer::proxied(group, proxy::prepare(to(group, req)), Picked::ByRoute)
             }
             (None, Handler::Split(split)) if !traced_here => {
                 let (group, set_cookie) = split.pick(req.headers());
-                let picked = Some(set_cookie);
+                let picked = Picked::BySplit { set_cookie };
                 Answer::proxied(group, proxy::prepare(to(group, req)), picked)
             }
             // Boxed: a request is most of what the future would hold.
@@ -265,7 +265,7 @@ impl Gateway {
                 Answer::Proxied {
                     group,
                     request,
-                    split: None,
+                    picked: Picked::ByRoute,
                 } => {
                     let answer = proxied(&group, request, None);
                     let (rsp, target) = Box::pin(in_scope(&logged, answer)).await;
@@ -275,7 +275,7 @@ impl Gateway {
                 Answer::Proxied {
                     group,
                     request,
-                    split: Some(set_cookie),
+                    picked: Picked::BySplit { set_cookie },
                 } => {
                     let answer = tallied(&group, proxied(&group, request, set_cookie));
                     let (rsp, target) = Box::pin(in_scope(&logged, answer)).await;
@@ -500,9 +500,7 @@ enum Answer<B> {
     Proxied {
         group: Arc<proxy::Group>,
         request: Box<proxy::Prepared>,
-        /// `Some` when a split picked the group: its answers count for the split's
-        /// rollout, and the client may be given the split's cookie.
-        split: Option<Option<HeaderValue>>,
+        picked: Picked,
     },
     /// Answered inside the future, from the request.
     Here(Box<Request<B>>),
@@ -511,19 +509,27 @@ enum Answer<B> {
     Refused(ClientError),
 }
 
+/// What chose a proxied request's group.
+enum Picked {
+    /// The route names the group.
+    ByRoute,
+    /// A split picked it: its answers count for the split's rollout, and the client may
+    /// be given the split's cookie.
+    BySplit { set_cookie: Option<HeaderValue> },
+}
+
 impl<B> Answer<B> {
-    /// The answer of `group` to a `prepared` request; `split`: as
-    /// [`Answer::Proxied`]'s.
+    /// The answer of `group`, `picked` so, to a `prepared` request.
     fn proxied(
         group: &Arc<proxy::Group>,
         prepared: Result<Box<proxy::Prepared>, ClientError>,
-        split: Option<Option<HeaderValue>>,
+        picked: Picked,
     ) -> Self {
         match prepared {
             Ok(request) => Self::Proxied {
                 group: group.clone(),
                 request,
-                split,
+                picked,
             },
             Err(refused) => Self::Refused(refused),
         }
