@@ -325,10 +325,7 @@ fn written_start(
         set.iter().any(|(set, _)| *set == name) || per_attempt.contains(&Some(name))
     };
     let kept = parts.headers.iter().filter(|(name, _)| !replaced(name));
-    let own = set
-        .iter()
-        .filter_map(|(name, value)| Some((*name, value.as_ref()?)));
-    RequestStart::new(&parts.method, path.as_str(), kept.chain(own))
+    RequestStart::new(&parts.method, path.as_str(), kept.chain(headers::sent(set)))
 }
 
 impl Prepared {

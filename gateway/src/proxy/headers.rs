@@ -213,9 +213,13 @@ pub(crate) fn own_fields<'a>(
     set: &'a [SetField],
     via: &'static HeaderValue,
 ) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> {
+    sent(set).chain(std::iter::once((&header::VIA, via)))
+}
+
+/// The fields of `set` that are sent: those with a value.
+pub(crate) fn sent(set: &[SetField]) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
     set.iter()
         .filter_map(|(name, value)| Some((*name, value.as_ref()?)))
-        .chain(std::iter::once((&header::VIA, via)))
 }
 
 /// Adds to `set` the `X-Forwarded-For/Proto/Host/Port` and `Forwarded` (ours when
