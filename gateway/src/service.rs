@@ -252,12 +252,18 @@ impl Gateway {
                 Answer::App(app) => inner.app_answer(&route, app, started).await,
                 // The body first, under its own deadline and holding no permit: shedding
                 // counts work, not waiting for a client's bytes.
+                // (Boxed: the read is bigger than all the rest of this future, which
+                // hyper moves per request, and reads never wait for a body.)
                 Answer::AppAfterBody(req) => {
-                    match receive_body(*req, inner.max_body_bytes, inner.body_read_timeout).await {
-                        Ok(req) => {
-                            let app = traced(&logged, inner.app.handle(req));
-                            Box::pin(inner.app_answer(&route, app, started)).await
-                        }
+                    let receiving =
+                        receive_body(*req, inner.max_body_bytes, inner.body_read_timeout);
+                    // The request goes into the app's answer before that is awaited, so
+                    // the future does not keep it across the wait.
+                    let app = Box::pin(receiving)
+                        .await
+                        .map(|req| traced(&logged, inner.app.handle(req)));
+                    match app {
+                        Ok(app) => inner.app_answer(&route, app, started).await,
                         Err(refused) => GatewayError::from(refused).into_response(),
                     }
                 }

@@ -9,6 +9,8 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
+use futures_util::future::{self, Either};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -214,35 +216,43 @@ where
     }
     let (request, fault) = state.request_started();
     let head = req.method() == Method::HEAD;
-    let response = match fault {
+    let checked = match fault {
         Some(fault) => Err(ClientError::from(fault)),
-        None => check_request(&req).map(|()| handler(req, peer)),
+        None => check_request(&req),
     };
-    async move {
-        let mut rsp = match response {
-            Ok(response) => response.await,
-            // The connection closes after it.
-            Err(refused) => GatewayError::from(refused).into_response(),
-        };
-        if head {
-            rsp = without_body(rsp);
-        }
-        // The request's own hold on the state, not a clone per request.
-        let state = &request.0;
-        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // Before hyper writes the `101`, so the tunnel's first bytes find it set.
-            state.upgraded.store(true, Ordering::Release);
-            state.head_started.store(false, Ordering::Release);
-        }
-        if state.draining.load(Ordering::Relaxed) {
-            if version == Version::HTTP_2 {
-                state.goaway.notify_one();
-            } else {
-                // hyper closes the connection after a response that says so.
-                rsp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-        }
-        Ok(rsp)
+    let response = match checked {
+        Ok(()) => Either::Left(handler(req, peer)),
+        // The connection closes after it.
+        Err(refused) => Either::Right(future::ready(GatewayError::from(refused).into_response())),
+    };
+    // A combinator, not an `async` block: one would hold the handler's future twice (as
+    // what it captured and as what it awaits), and hyper moves this future per request.
+    response.map(move |rsp| Ok(finish(rsp, head, version, &request.0)))
+}
+
+/// What every answer gets on its way out, while its request is still in flight.
+fn finish(
+    mut rsp: Response<ResponseBody>,
+    head: bool,
+    version: Version,
+    state: &ConnState,
+) -> Response<ResponseBody> {
+    if head {
+        rsp = without_body(rsp);
     }
+    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // Before hyper writes the `101`, so the tunnel's first bytes find it set.
+        state.upgraded.store(true, Ordering::Release);
+        state.head_started.store(false, Ordering::Release);
+    }
+    if state.draining.load(Ordering::Relaxed) {
+        if version == Version::HTTP_2 {
+            state.goaway.notify_one();
+        } else {
+            // hyper closes the connection after a response that says so.
+            rsp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    rsp
 }
