@@ -35,7 +35,7 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -288,7 +288,6 @@ impl Pool {
                     .await
                     .map_err(|_| SendError::TimedOut)??,
             };
-            conn.arm(clock.due);
             let Conn {
                 link, head_clock, ..
             } = &mut *conn;
@@ -302,10 +301,8 @@ impl Pool {
                 }
                 // The connection polls the body as it writes, in this task: the end of
                 // the upload is seen right here, with no waker of its own.
-                if let Some(due) = clock.update(None) {
-                    arm(head_clock, due);
-                }
-                head_clock.as_mut().poll(cx).map(|()| None)
+                clock.update(None);
+                poll_head_clock(head_clock, clock.due, cx).map(|()| None)
             })
             .await;
             // Dropping the connection closes it: what it would still bring is late.
@@ -352,7 +349,6 @@ impl Pool {
         let (mut conn, _) = tokio::time::timeout_at(clock.due, pool.take(index, true))
             .await
             .map_err(|_| SendError::TimedOut)??;
-        conn.arm(clock.due);
         let Conn {
             link, head_clock, ..
         } = &mut *conn;
@@ -369,10 +365,8 @@ impl Pool {
             {
                 return Poll::Ready(Some(answered));
             }
-            if let Some(due) = clock.update(None) {
-                arm(head_clock, due);
-            }
-            head_clock.as_mut().poll(cx).map(|()| None)
+            clock.update(None);
+            poll_head_clock(head_clock, clock.due, cx).map(|()| None)
         })
         .await;
         match answered {
@@ -628,10 +622,9 @@ struct Conn {
     /// Its place under `max_connections_per_target`, given back when it is dropped (or,
     /// after an upgrade, when the tunnel that took it over ends).
     room: Option<OwnedSemaphorePermit>,
-    /// The clock of the response head, kept with the connection and re-armed for each
-    /// request. A request's deadline is later than the one before it, and tokio moves a
-    /// registered timer later without touching its wheel; a new timer per request took
-    /// the wheel's lock to register and again to deregister it.
+    /// The clock of the response head, kept with the connection (see
+    /// [`poll_head_clock`]): a new timer per request took the wheel's lock to register
+    /// and again to deregister it.
     head_clock: Pin<Box<Sleep>>,
 }
 
@@ -673,9 +666,23 @@ fn drive(driver: &mut Option<Driver>, cx: &mut Context<'_>) -> bool {
     driver.is_some()
 }
 
-/// Sets the response head's deadline for the request about to go out.
-fn arm(head_clock: &mut Pin<Box<Sleep>>, head_by: Instant) {
-    if head_clock.deadline() != head_by {
+/// Polls the connection's timer for a response head due at `head_by`. The timer is
+/// moved earlier at once, but later only when it fires: every request moves the
+/// deadline on, and re-arming the timer for each cost more than waking once per
+/// response timeout to find the deadline has moved.
+fn poll_head_clock(
+    head_clock: &mut Pin<Box<Sleep>>,
+    head_by: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if head_by < head_clock.deadline() {
+        head_clock.as_mut().reset(head_by);
+    }
+    loop {
+        ready!(head_clock.as_mut().poll(cx));
+        if Instant::now() >= head_by {
+            return Poll::Ready(());
+        }
         head_clock.as_mut().reset(head_by);
     }
 }
@@ -687,10 +694,6 @@ impl Conn {
             Link::Native(link) => link.alive(cx),
             Link::Hyper { .. } => false,
         }
-    }
-
-    fn arm(&mut self, head_by: Instant) {
-        arm(&mut self.head_clock, head_by);
     }
 }
 
@@ -994,6 +997,48 @@ mod tests {
         assert!(matches!(second, Err(SendError::TimedOut)), "{second:?}");
         assert!(Instant::now() >= head_by, "not before its deadline");
         assert_eq!(pool.idle(0), 0, "the late connection is closed, not kept");
+    }
+
+    /// Mutation: in `poll_head_clock`, answer `Ready` when the timer fires without
+    /// looking at the deadline, and the second request times out at the first's.
+    #[tokio::test]
+    async fn a_head_clock_left_at_the_last_requests_deadline_does_not_cut_the_next_short() {
+        // The first request leaves the connection's timer at its own deadline, a second
+        // out; the second, due in five, is answered after that second has passed.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let mut answered = 0;
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                if answered > 0 {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                }
+                answered += 1;
+                stream.write_all(OK).await.unwrap();
+            }
+        });
+        let (pool, target) = pool(&addr, 8);
+        let root = Outgoing::bare(&Method::GET, "/");
+        let first_by = Instant::now() + Duration::from_secs(1);
+        let (rsp, lease) = pool
+            .send(0, &root.head(), AttemptBody::empty(), &mut by(first_by))
+            .await
+            .unwrap();
+        let body = UpstreamBody::new(rsp.into_body(), lease, first_by, target.start_request());
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
+        assert_eq!(pool.idle(0), 1, "the second request reuses the connection");
+
+        let second_by = Instant::now() + Duration::from_secs(5);
+        let second = pool
+            .send(0, &root.head(), AttemptBody::empty(), &mut by(second_by))
+            .await;
+        assert!(
+            Instant::now() > first_by,
+            "the first deadline passed meanwhile"
+        );
+        assert!(second.is_ok(), "{:?}", second.err());
     }
 
     #[tokio::test]
