@@ -632,7 +632,7 @@ fn client_side<B>(req: &Request<B>, peer: Peer) -> ClientSide {
         peer: peer.addr,
         tls: peer.tls,
         local_port: peer.local_port,
-        host: authority_value(req),
+        host: proxy::client_authority(req.uri(), req.headers()),
     }
 }
 
@@ -642,19 +642,6 @@ fn request_authority<B>(req: &Request<B>) -> Option<&str> {
     match req.uri().authority() {
         Some(authority) => Some(authority.as_str()),
         None => req.headers().get(header::HOST)?.to_str().ok(),
-    }
-}
-
-/// The authority the request names as a header value: the `Host` header's own (a
-/// clone shares its bytes), or one made from the URI's (HTTP/2, absolute form).
-fn authority_value<B>(req: &Request<B>) -> Option<HeaderValue> {
-    match req.uri().authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => req
-            .headers()
-            .get(header::HOST)
-            .filter(|host| host.to_str().is_ok())
-            .cloned(),
     }
 }
 

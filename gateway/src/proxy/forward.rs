@@ -252,7 +252,7 @@ where
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade_to);
     let client_host = match group.settings.host_header {
-        HostHeader::Preserve => preserve_host(&mut parts),
+        HostHeader::Preserve => preserve_host(&mut parts, client.host.as_ref()),
         HostHeader::Target => false,
     };
     let mut set = Vec::with_capacity(SET_FIELDS);
@@ -545,20 +545,18 @@ fn ambiguous_framing(headers: &HeaderMap) -> bool {
             .eq_ignore_ascii_case(b"chunked")
 }
 
-/// Keeps the client's host for the upstream: the authority its URI names (HTTP/2,
-/// absolute form) replaces its `Host`, else its `Host` stays as it came (no copy per
-/// request). `false` when the client named no usable host: the target's is sent.
-fn preserve_host(parts: &mut http::request::Parts) -> bool {
-    if let Some(authority) = parts.uri.authority() {
-        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-            parts.headers.insert(header::HOST, host);
-            return true;
-        }
+/// Keeps the client's host for the upstream (`host`, found as the request came in: see
+/// [`headers::client_authority`]): the authority its URI names (HTTP/2, absolute form)
+/// replaces its `Host`, else its `Host` stays as it came (no copy per request). `false`
+/// when the client named no usable host: the target's is sent.
+fn preserve_host(parts: &mut http::request::Parts, host: Option<&HeaderValue>) -> bool {
+    let Some(host) = host else {
+        return false;
+    };
+    if parts.uri.authority().is_some() {
+        parts.headers.insert(header::HOST, host.clone());
     }
-    parts
-        .headers
-        .get(header::HOST)
-        .is_some_and(|host| host.to_str().is_ok())
+    true
 }
 
 /// The path and query sent up: the route's prefix replaced when it rewrites, else the
@@ -663,12 +661,21 @@ mod tests {
             }
             req.body(()).unwrap().into_parts().0
         };
+        let preserved = |parts: &mut http::request::Parts| {
+            let host = headers::client_authority(&parts.uri, &parts.headers);
+            preserve_host(parts, host.as_ref())
+        };
         let mut absolute = parts("http://named.example:8080/x", Some("other.example"));
-        assert!(preserve_host(&mut absolute));
+        assert!(preserved(&mut absolute));
         assert_eq!(absolute.headers[header::HOST], "named.example:8080");
         let mut origin = parts("/x", Some("shop.example"));
-        assert!(preserve_host(&mut origin));
+        assert!(preserved(&mut origin));
         assert_eq!(origin.headers[header::HOST], "shop.example");
-        assert!(!preserve_host(&mut parts("/x", None)), "the target's then");
+        assert!(!preserved(&mut parts("/x", None)), "the target's then");
+        let mut unreadable = parts("/x", None);
+        unreadable
+            .headers
+            .insert(header::HOST, HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        assert!(!preserved(&mut unreadable), "not text: the target's then");
     }
 }

@@ -126,6 +126,19 @@ pub(crate) struct ClientSide {
     pub(crate) host: Option<HeaderValue>,
 }
 
+/// The authority the client asked for as a header value ([`ClientSide::host`]): one
+/// made from its URI's (HTTP/2, absolute form), else its `Host` header's own (a clone
+/// shares its bytes).
+pub(crate) fn client_authority(uri: &Uri, fields: &HeaderMap) -> Option<HeaderValue> {
+    match uri.authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => fields
+            .get(header::HOST)
+            .filter(|host| host.to_str().is_ok())
+            .cloned(),
+    }
+}
+
 /// A field this proxy sets on a request going up, in place of any the client sent under
 /// that name; `None`: the client's is dropped and none is sent.
 pub(crate) type SetField = (&'static HeaderName, Option<HeaderValue>);

@@ -34,7 +34,7 @@ pub mod tunnels;
 pub use body::UpstreamBody;
 pub(crate) use forward::{Prepared, ProxyRequest, forward, prepare};
 pub use group::Group;
-pub(crate) use headers::ClientSide;
+pub(crate) use headers::{ClientSide, client_authority};
 pub use split::{Split, SplitError};
 pub use target::Target;
 pub use tunnels::Tunnels;
