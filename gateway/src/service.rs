@@ -22,13 +22,13 @@ use app_core::api::X_CACHE;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt as _, future};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use tiergate_config::HttpSettings;
 
-use crate::access_log::{self, AccessLog, LoggedHeaders, RequestFields, ResponsePart};
+use crate::access_log::{self, AccessLog, RequestFields, ResponsePart, SeenHeaders, X_REQUEST_ID};
 use crate::error::{ClientError, GatewayError, LocalError};
 use crate::listener::Peer;
 use crate::otlp::{SampledRequest, SpanExport};
@@ -38,8 +38,6 @@ use crate::response::{ResponseBody, json, probe};
 use crate::router::{Handler, Route, Router};
 use crate::shed::InFlight;
 use crate::trace::{self, TraceContext};
-
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// An incoming request id longer than this is replaced: it ends up in every log line.
 const MAX_REQUEST_ID_LEN: usize = 64;
@@ -203,12 +201,15 @@ impl Gateway {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let started = quanta::Instant::now();
-        let request_id = request_id(req.headers().get(&X_REQUEST_ID));
         // A guard, not a clone of the table's `Arc`: nothing needs the table after this
         // call (the route, which is all the future keeps, is an `Arc` of its own).
         let router = self.inner.router.load();
         let (route, refused) = route(&router, &mut req);
-        let (trace, logged) = self.inner.observe(&req, peer, &request_id, &route, &router);
+        let seen = SeenHeaders::of(req.headers());
+        let request_id = request_id(seen.request_id);
+        let (trace, logged) = self
+            .inner
+            .observe(&req, &seen, peer, &request_id, &route, &router);
         // Only the app answers TRACE (its own 405): nothing is echoed.
         let traced_here = req.method() == Method::TRACE;
         let to = |group, req: Request<B>| ProxyRequest {
@@ -393,6 +394,7 @@ impl Inner {
     fn observe<B: Body>(
         &self,
         req: &Request<B>,
+        seen: &SeenHeaders<'_>,
         peer: Peer,
         request_id: &HeaderValue,
         route: &Route,
@@ -402,11 +404,10 @@ impl Inner {
         let start = router.proxy.start_traces;
         if !logging {
             let trace = (!matches!(route.handler, Handler::App))
-                .then(|| TraceContext::of(req.headers(), start))
+                .then(|| TraceContext::from_traceparent(seen.traceparent, start))
                 .flatten();
             return (trace, Logged::default());
         }
-        let seen = LoggedHeaders::of(req.headers());
         let mut trace = TraceContext::from_traceparent(seen.traceparent, start);
         let hops = router.proxy.trusted_hops;
         let client = access_log::client_address(req.headers(), peer.addr.ip(), hops);
@@ -421,7 +422,7 @@ impl Inner {
         let fields = self
             .access_log
             .is_some()
-            .then(|| RequestFields::of(req, &seen, client, request_id, trace.as_ref()));
+            .then(|| RequestFields::of(req, seen, client, request_id, trace.as_ref()));
         (trace, Logged { fields, sampled })
     }
 

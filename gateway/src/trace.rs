@@ -3,7 +3,6 @@
 //! (`proxy.start_traces`); upstreams get our span as their parent, and the access line
 //! the trace and span ids. A malformed `traceparent` is ignored, never an error.
 
-use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
 pub(crate) static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -24,13 +23,8 @@ pub(crate) struct TraceContext {
 }
 
 impl TraceContext {
-    /// The request's trace continued with a new span, or a new trace when it has no
-    /// valid `traceparent` and `start` says to start one.
-    pub(crate) fn of(headers: &HeaderMap, start: bool) -> Option<Self> {
-        Self::from_traceparent(headers.get(&TRACEPARENT), start)
-    }
-
-    /// [`TraceContext::of`] a request whose `traceparent` is `traceparent`.
+    /// The trace of a request whose `traceparent` is `traceparent`, continued with a new
+    /// span, or a new trace when it has no valid one and `start` says to start one.
     pub(crate) fn from_traceparent(traceparent: Option<&HeaderValue>, start: bool) -> Option<Self> {
         let span_id = fastrand::u64(1..);
         match traceparent.and_then(parse) {
@@ -146,7 +140,14 @@ fn field(digits: &[u8]) -> Option<u128> {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderMap;
+
     use super::*;
+
+    /// The trace of a request with `headers`, as the gateway finds it.
+    fn of(headers: &HeaderMap, start: bool) -> Option<TraceContext> {
+        TraceContext::from_traceparent(headers.get(&TRACEPARENT), start)
+    }
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -158,7 +159,7 @@ mod tests {
 
     #[test]
     fn a_valid_traceparent_is_continued_with_a_new_span() {
-        let trace = TraceContext::of(&headers(VALID), true).unwrap();
+        let trace = of(&headers(VALID), true).unwrap();
         assert_eq!(trace.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
         assert!(trace.continued);
         assert_ne!(trace.span_id, 0x00f0_67aa_0ba9_02b7);
@@ -176,7 +177,7 @@ mod tests {
         );
         // A later version with more fields is read as far as version 00 goes.
         let later = format!("cc{}-what-comes-next", &VALID[2..]);
-        assert!(TraceContext::of(&headers(&later), false).is_some());
+        assert!(of(&headers(&later), false).is_some());
     }
 
     #[test]
@@ -217,10 +218,10 @@ mod tests {
             "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ];
         for value in malformed {
-            assert_eq!(TraceContext::of(&headers(value), false), None, "{value:?}");
-            let started = TraceContext::of(&headers(value), true).unwrap();
+            assert_eq!(of(&headers(value), false), None, "{value:?}");
+            let started = of(&headers(value), true).unwrap();
             assert!(!started.continued, "{value:?}");
         }
-        assert_eq!(TraceContext::of(&HeaderMap::new(), false), None);
+        assert_eq!(of(&HeaderMap::new(), false), None);
     }
 }

@@ -345,8 +345,8 @@ async fn a_stdout_nobody_reads_drops_lines_and_keeps_requests_fast() {
 /// parent (and the caller's `tracestate`), the access line has the trace id and that
 /// span. A malformed one is ignored: a new trace, no `tracestate` passed on, no error.
 ///
-/// Mutation checked: with `TraceContext::of` always starting a new trace, the upstream
-/// and the access line get another trace id and the test fails.
+/// Mutation checked: with `TraceContext::from_traceparent` always starting a new trace,
+/// the upstream and the access line get another trace id and the test fails.
 #[tokio::test]
 async fn a_traceparent_is_continued_upstream_and_in_the_access_line() {
     const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
