@@ -857,8 +857,12 @@ mod tests {
 
     /// Sends a `GET /` and returns the response with its body as the proxy streams it.
     async fn send(pool: &Arc<Pool>, target: &Arc<Target>) -> UpstreamBody {
+        send_by(pool, target, Instant::now() + Duration::from_secs(5)).await
+    }
+
+    /// [`send`] with its response head due by `deadline`.
+    async fn send_by(pool: &Arc<Pool>, target: &Arc<Target>, deadline: Instant) -> UpstreamBody {
         let root = Outgoing::bare(&Method::GET, "/");
-        let deadline = Instant::now() + Duration::from_secs(5);
         let (rsp, lease) = pool
             .send(0, &root.head(), AttemptBody::empty(), &mut by(deadline))
             .await
@@ -959,6 +963,26 @@ mod tests {
         (pool, Arc::new(Target::new("g", addr, 1).unwrap()))
     }
 
+    /// A raw upstream that takes one connection and answers its `n`th request (from 0)
+    /// with `OK` after `delay(n)`, or never when that is `None`; returns its address.
+    async fn one_connection_upstream(delay: fn(usize) -> Option<Duration>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let mut requests = 0;
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                if let Some(delay) = delay(requests) {
+                    tokio::time::sleep(delay).await;
+                    stream.write_all(OK).await.unwrap();
+                }
+                requests += 1;
+            }
+        });
+        addr
+    }
+
     async fn try_get(pool: &Arc<Pool>) -> Result<(), SendError> {
         attempt(pool).await.map(drop)
     }
@@ -967,19 +991,7 @@ mod tests {
     async fn a_reused_connection_still_times_out_its_response_head() {
         // Answers the first request on a connection and never the second: the head
         // clock kept with the connection, re-armed for the second request, must fire.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 4096];
-            let mut answered = false;
-            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
-                if !answered {
-                    answered = true;
-                    stream.write_all(OK).await.unwrap();
-                }
-            }
-        });
+        let addr = one_connection_upstream(|n| (n == 0).then_some(Duration::ZERO)).await;
         let (pool, target) = pool(&addr, 8);
         assert_eq!(get(&pool, &target).await, "ok");
         assert_eq!(
@@ -1005,35 +1017,17 @@ mod tests {
     async fn a_head_clock_left_at_the_last_requests_deadline_does_not_cut_the_next_short() {
         // The first request leaves the connection's timer at its own deadline, a second
         // out; the second, due in five, is answered after that second has passed.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 4096];
-            let mut answered = 0;
-            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
-                if answered > 0 {
-                    tokio::time::sleep(Duration::from_millis(1500)).await;
-                }
-                answered += 1;
-                stream.write_all(OK).await.unwrap();
-            }
-        });
+        let addr =
+            one_connection_upstream(|n| Some(Duration::from_millis(if n == 0 { 0 } else { 1500 })))
+                .await;
         let (pool, target) = pool(&addr, 8);
-        let root = Outgoing::bare(&Method::GET, "/");
         let first_by = Instant::now() + Duration::from_secs(1);
-        let (rsp, lease) = pool
-            .send(0, &root.head(), AttemptBody::empty(), &mut by(first_by))
-            .await
-            .unwrap();
-        let body = UpstreamBody::new(rsp.into_body(), lease, first_by, target.start_request());
+        let body = send_by(&pool, &target, first_by).await;
         assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
         assert_eq!(pool.idle(0), 1, "the second request reuses the connection");
 
-        let second_by = Instant::now() + Duration::from_secs(5);
-        let second = pool
-            .send(0, &root.head(), AttemptBody::empty(), &mut by(second_by))
-            .await;
+        // Due in five seconds.
+        let second = attempt(&pool).await;
         assert!(
             Instant::now() > first_by,
             "the first deadline passed meanwhile"
