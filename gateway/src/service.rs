@@ -251,22 +251,10 @@ impl Gateway {
             // is never wrapped in a `Result` and copied out of it.
             let mut rsp = match answer {
                 Answer::App(app) => inner.app_answer(&route, app, started).await,
-                // The body first, under its own deadline and holding no permit: shedding
-                // counts work, not waiting for a client's bytes.
-                // (Boxed: the read is bigger than all the rest of this future, which
-                // hyper moves per request, and reads never wait for a body.)
+                // Boxed: the body's read is bigger than all the rest of this future, which
+                // hyper moves per request, and reads never wait for a body.
                 Answer::AppAfterBody(req) => {
-                    let receiving =
-                        receive_body(*req, inner.max_body_bytes, inner.body_read_timeout);
-                    // The request goes into the app's answer before that is awaited, so
-                    // the future does not keep it across the wait.
-                    let app = Box::pin(receiving)
-                        .await
-                        .map(|req| traced(&logged, inner.app.handle(req)));
-                    match app {
-                        Ok(app) => inner.app_answer(&route, app, started).await,
-                        Err(refused) => GatewayError::from(refused).into_response(),
-                    }
+                    Box::pin(inner.app_after_body(&route, &logged, *req, started)).await
                 }
                 Answer::Refused(error) => GatewayError::from(error).into_response(),
                 Answer::Proxied {
@@ -461,6 +449,27 @@ impl Inner {
 
     /// The app's answer under the app's budget (`http.max_in_flight`, on the routes that
     /// count) and `http.request_timeout`.
+    /// The app's answer to a request with a body: the body first, under its own deadline
+    /// and holding no permit (shedding counts work, not waiting for a client's bytes).
+    async fn app_after_body<B>(
+        &self,
+        route: &Route,
+        logged: &Logged,
+        req: Request<B>,
+        started: quanta::Instant,
+    ) -> Response<ResponseBody>
+    where
+        B: Body<Data = Bytes>,
+    {
+        let received = receive_body(req, self.max_body_bytes, self.body_read_timeout).await;
+        // The request goes into the app's answer before that is awaited, so the future
+        // does not keep it across the wait.
+        match received.map(|req| traced(logged, self.app.handle(req))) {
+            Ok(app) => self.app_answer(route, app, started).await,
+            Err(refused) => GatewayError::from(refused).into_response(),
+        }
+    }
+
     async fn app_answer(
         &self,
         route: &Route,
