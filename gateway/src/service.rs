@@ -447,8 +447,6 @@ impl Inner {
         }
     }
 
-    /// The app's answer under the app's budget (`http.max_in_flight`, on the routes that
-    /// count) and `http.request_timeout`.
     /// The app's answer to a request with a body: the body first, under its own deadline
     /// and holding no permit (shedding counts work, not waiting for a client's bytes).
     async fn app_after_body<B>(
@@ -470,6 +468,8 @@ impl Inner {
         }
     }
 
+    /// The app's answer under the app's budget (`http.max_in_flight`, on the routes that
+    /// count) and `http.request_timeout`.
     async fn app_answer(
         &self,
         route: &Route,
