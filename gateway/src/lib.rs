@@ -45,6 +45,7 @@ pub mod router;
 pub mod service;
 mod shed;
 pub mod shutdown;
+mod timer;
 pub mod tls;
 mod trace;
 

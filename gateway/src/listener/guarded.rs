@@ -18,6 +18,7 @@ use super::Limits;
 use super::head_scan::HeadScan;
 use super::state::ConnState;
 use crate::error::{ClientError, GatewayError};
+use crate::timer;
 
 /// The connection's IO with the idle and header-read clocks (see the module docs).
 ///
@@ -183,19 +184,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             return Poll::Pending;
         };
         this.state.unclocked.store(false, Ordering::Relaxed);
-        // The timer is moved earlier at once, but later only when it fires: the idle
-        // deadline moves on with every request, and re-arming a timer per request
-        // costs more than waking once per idle period to find the deadline has moved.
-        if deadline < this.sleep.deadline() {
-            this.sleep.as_mut().reset(deadline);
-        }
-        loop {
-            ready!(this.sleep.as_mut().poll(cx));
-            if Instant::now() >= deadline {
-                break;
-            }
-            this.sleep.as_mut().reset(deadline);
-        }
+        ready!(timer::poll_deadline(&mut this.sleep, deadline, cx));
         if header {
             metrics::counter!("tiergate_connections_rejected_total", "listener" => this.listener, "reason" => "header_timeout").increment(1);
             tracing::debug!(

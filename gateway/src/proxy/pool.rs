@@ -35,7 +35,7 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,6 +55,7 @@ use super::connector::CountingConnector;
 use super::h1;
 use super::headers::{Outgoing, RequestHead, own_fields};
 use crate::error::Timeout;
+use crate::timer;
 
 /// A group's connections to its targets, by target index (the group's order).
 #[derive(Debug)]
@@ -302,7 +303,7 @@ impl Pool {
                 // The connection polls the body as it writes, in this task: the end of
                 // the upload is seen right here, with no waker of its own.
                 clock.update(None);
-                poll_head_clock(head_clock, clock.due, cx).map(|()| None)
+                timer::poll_deadline(head_clock, clock.due, cx).map(|()| None)
             })
             .await;
             // Dropping the connection closes it: what it would still bring is late.
@@ -366,7 +367,7 @@ impl Pool {
                 return Poll::Ready(Some(answered));
             }
             clock.update(None);
-            poll_head_clock(head_clock, clock.due, cx).map(|()| None)
+            timer::poll_deadline(head_clock, clock.due, cx).map(|()| None)
         })
         .await;
         match answered {
@@ -623,7 +624,7 @@ struct Conn {
     /// after an upgrade, when the tunnel that took it over ends).
     room: Option<OwnedSemaphorePermit>,
     /// The clock of the response head, kept with the connection (see
-    /// [`poll_head_clock`]): a new timer per request took the wheel's lock to register
+    /// [`timer::poll_deadline`]): a new timer per request took the wheel's lock to register
     /// and again to deregister it.
     head_clock: Pin<Box<Sleep>>,
 }
@@ -664,27 +665,6 @@ fn drive(driver: &mut Option<Driver>, cx: &mut Context<'_>) -> bool {
         }
     }
     driver.is_some()
-}
-
-/// Polls the connection's timer for a response head due at `head_by`. The timer is
-/// moved earlier at once, but later only when it fires: every request moves the
-/// deadline on, and re-arming the timer for each cost more than waking once per
-/// response timeout to find the deadline has moved.
-fn poll_head_clock(
-    head_clock: &mut Pin<Box<Sleep>>,
-    head_by: Instant,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    if head_by < head_clock.deadline() {
-        head_clock.as_mut().reset(head_by);
-    }
-    loop {
-        ready!(head_clock.as_mut().poll(cx));
-        if Instant::now() >= head_by {
-            return Poll::Ready(());
-        }
-        head_clock.as_mut().reset(head_by);
-    }
 }
 
 impl Conn {
@@ -1011,7 +991,7 @@ mod tests {
         assert_eq!(pool.idle(0), 0, "the late connection is closed, not kept");
     }
 
-    /// Mutation: in `poll_head_clock`, answer `Ready` when the timer fires without
+    /// Mutation: in `timer::poll_deadline`, answer `Ready` when the timer fires without
     /// looking at the deadline, and the second request times out at the first's.
     #[tokio::test]
     async fn a_head_clock_left_at_the_last_requests_deadline_does_not_cut_the_next_short() {
