@@ -28,6 +28,7 @@ use super::state::ConnState;
 use super::{Limits, Peer, Transport};
 use crate::error::{ClientError, GatewayError};
 use crate::response::ResponseBody;
+use crate::timer;
 
 /// When the listener closes, how long a connection that has not sent a request yet gets
 /// to send one (a client that connected just before the close) before it is closed.
@@ -92,6 +93,7 @@ where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let name = self.name;
+        let idle_timeout = self.limits.idle_timeout;
         let state = Arc::new(ConnState {
             draining: self.drain.draining.clone(),
             ..ConnState::default()
@@ -112,6 +114,7 @@ where
         let mut connection = pin!(connection);
         let mut asked = false;
         let mut finish_at: Option<Instant> = None;
+        let mut call_back = Box::pin(tokio::time::sleep_until(Instant::now() + idle_timeout));
         loop {
             let signal = {
                 let grace = async {
@@ -138,6 +141,17 @@ where
                     // always.
                     if let Poll::Ready(result) = connection.as_mut().poll(cx) {
                         return Poll::Ready(Err(result));
+                    }
+                    // An HTTP/1.1 request ended while hyper's read waited without a clock
+                    // (see `ConnState::unclocked`): the task is called back, hyper reads
+                    // again and the clock starts, before the idle timeout could run out.
+                    // The deadline is ahead, so this poll only registers the task.
+                    if state.in_flight.load(Ordering::SeqCst) == 0
+                        && !state.spoke_h2.load(Ordering::Relaxed)
+                        && state.unclocked.swap(false, Ordering::SeqCst)
+                    {
+                        let deadline = Instant::now() + idle_timeout;
+                        let _ = timer::poll_deadline(&mut call_back, deadline, cx);
                     }
                     if asked {
                         return Poll::Pending;

@@ -30,16 +30,13 @@ pub(super) struct Guarded<S> {
     state: Arc<ConnState>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
-    /// When the current head's first byte arrived plus the header timeout; `None` until
-    /// it is stamped.
+    /// When the current head's first byte arrived plus the header timeout; `None` before
+    /// the first head.
     head_deadline: Option<Instant>,
-    /// The last time bytes moved either way.
+    /// The last time bytes moved either way, stamped as they move: the clocks are looked
+    /// at when hyper next waits for bytes, which after an answer may be a while (see
+    /// `ConnState::unclocked`).
     last_activity: Instant,
-    /// Bytes arrived, or went out, since `last_activity` was stamped. Both are stamped
-    /// when hyper next waits for bytes, the only moment the clocks are looked at: a
-    /// request that arrives whole and is answered at once costs one clock read.
-    read_unstamped: bool,
-    wrote_unstamped: bool,
     sleep: Pin<Box<Sleep>>,
     /// Since when writing has made no progress (the client reads nothing: a full socket
     /// buffer), and the clock that ends it after `idle_timeout`.
@@ -87,8 +84,6 @@ impl<S> Guarded<S> {
             idle_timeout: limits.idle_timeout,
             head_deadline: None,
             last_activity: now,
-            read_unstamped: false,
-            wrote_unstamped: false,
             sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
             write_stalled: None,
             write_sleep: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
@@ -103,7 +98,8 @@ impl<S> Guarded<S> {
     }
 
     fn on_read(&mut self, bytes: &[u8]) {
-        self.read_unstamped = true;
+        let now = Instant::now();
+        self.last_activity = now;
         if self.h2.is_none() {
             // Undecided counts as HTTP/1.1, so a head trickled in byte by byte ("P", "O"…)
             // is timed from its first byte.
@@ -125,7 +121,7 @@ impl<S> Guarded<S> {
         if self.state.in_flight.load(Ordering::Acquire) == 0
             && !self.state.head_started.swap(true, Ordering::AcqRel)
         {
-            self.head_deadline = None;
+            self.head_deadline = Some(now + self.header_read_timeout);
             self.scan = HeadScan::default();
         }
         if self.state.head_started.load(Ordering::Acquire) && !self.scan.done {
@@ -136,21 +132,16 @@ impl<S> Guarded<S> {
     }
 
     /// The deadline that applies while hyper waits for bytes, and whether it is the
-    /// header one. Stamps the reads and writes since the last wait: microseconds after
-    /// the bytes moved, and the clocks only ever run from a wait.
-    fn deadline(&mut self) -> Option<(Instant, bool)> {
+    /// header one; none while a request is in flight (its own deadline covers it).
+    /// `requests_ended`: the last wait was during requests that have ended since, and
+    /// nothing has counted their end yet (see `ConnState::unclocked`).
+    fn deadline(&mut self, requests_ended: bool) -> Option<(Instant, bool)> {
         if self.state.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        if self.read_unstamped || self.wrote_unstamped {
-            let now = Instant::now();
-            self.last_activity = now;
-            if self.read_unstamped {
-                self.head_deadline
-                    .get_or_insert(now + self.header_read_timeout);
-            }
-            self.read_unstamped = false;
-            self.wrote_unstamped = false;
+        if requests_ended {
+            // An end is activity: an HTTP/2 connection reads before it writes the answer.
+            self.last_activity = Instant::now();
         }
         match self.head_deadline {
             Some(at)
@@ -177,10 +168,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             }
             return Poll::Ready(result);
         }
-        this.state.reader.register(cx.waker());
+        if this.h2 == Some(true) {
+            this.state.reader.register(cx.waker());
+        }
         // Raised before `deadline` looks at the requests in flight (see `InFlight`).
-        this.state.unclocked.store(true, Ordering::SeqCst);
-        let Some((deadline, header)) = this.deadline() else {
+        let requests_ended = this.state.unclocked.swap(true, Ordering::SeqCst);
+        let Some((deadline, header)) = this.deadline(requests_ended) else {
             return Poll::Pending;
         };
         this.state.unclocked.store(false, Ordering::Relaxed);
@@ -218,7 +211,7 @@ impl<S> Guarded<S> {
                 // Only bytes count as activity: hyper and h2 flush on every poll, and
                 // a flush with nothing to send must not keep an idle connection alive.
                 if progress(&value) {
-                    self.wrote_unstamped = true;
+                    self.last_activity = Instant::now();
                 }
                 Poll::Ready(Ok(value))
             }

@@ -30,13 +30,18 @@ pub(super) struct ConnState {
     /// What is wrong with the framing of the head being read, as a [`HeadFault`]'s
     /// code (0: nothing); see `HeadScan`.
     pub(super) fault: AtomicU8,
-    /// The task waiting in `poll_read`. With hyper's own header timeout off, hyper does
-    /// not read again after answering until the socket wakes it, so the end of the last
-    /// request must wake it to start the idle clock.
+    /// The HTTP/2 connection's task waiting in `poll_read`, for the end of the last
+    /// request to wake it (see `unclocked`).
     pub(super) reader: AtomicWaker,
-    /// `poll_read` went pending without a clock because a request was in flight: only
-    /// then does the end of the last request wake the reader. Waking it always cost
-    /// every request a second poll of the whole connection.
+    /// `poll_read` went pending without a clock because a request was in flight, and
+    /// the end of the requests has not been counted since. With hyper's own header
+    /// timeout off, hyper does not read again after answering until the socket wakes
+    /// it, so the idle clock would not start:
+    /// - HTTP/1.1 answers in the connection's task, which then counts the end and calls
+    ///   the reader back within the idle timeout (see `Connection::serve`). Waking the
+    ///   reader at once cost every request a third poll of the whole connection.
+    /// - An HTTP/2 stream ends in a task of its own: the end of the last one wakes the
+    ///   reader, which counts the end as activity.
     pub(super) unclocked: AtomicBool,
 }
 
@@ -57,9 +62,10 @@ pub(super) struct InFlight(pub(super) Arc<ConnState>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         // SeqCst, paired with `Guarded::poll_read`: either the reader sees no request in
-        // flight and arms its clock, or this sees `unclocked` and wakes it.
+        // flight and arms its clock, or this sees `unclocked` and wakes it (HTTP/2).
         if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.0.unclocked.swap(false, Ordering::SeqCst)
+            && self.0.spoke_h2.load(Ordering::Relaxed)
+            && self.0.unclocked.load(Ordering::SeqCst)
         {
             self.0.reader.wake();
         }

@@ -4,12 +4,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tiergate_config::Settings;
+use tiergate_config::{RouteSettings, Settings, UpstreamSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::helpers::TestApp;
 use crate::raw::{exchange, read_raw};
+use crate::upstream::Upstream;
 
 const GET: &[u8] = b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\n";
 
@@ -79,6 +80,83 @@ async fn slowloris_is_cut_at_the_header_timeout_while_an_idle_keep_alive_survive
     assert!(
         idle_for >= Duration::from_millis(1800),
         "closed after {idle_for:?} idle"
+    );
+    app.stop().await;
+}
+
+/// `settings()` with the route `/` to `upstream`.
+fn proxied_to(upstream: &Upstream) -> Settings {
+    let mut settings = settings();
+    settings.routes = vec![RouteSettings::upstream("up", "/", "up")];
+    settings.upstreams = vec![UpstreamSettings::new("up", &[&upstream.target()])];
+    settings.upstreams[0].response_timeout = Duration::from_secs(10);
+    settings
+}
+
+/// A body that streams for longer than the idle timeout is not idle. Mutation: stamp no
+/// activity when bytes are written (`Guarded::after_write`), and the call back of
+/// `Connection::serve` finds the connection idle since the request and cuts the body.
+#[tokio::test]
+async fn a_body_streaming_for_longer_than_the_idle_timeout_is_not_cut() {
+    let upstream = Upstream::start("drip").await;
+    let app = TestApp::start_unready(proxied_to(&upstream)).await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    // A byte every 100 ms, for longer than this test reads.
+    stream
+        .write_all(b"GET /drip/100 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // 3 s: longer than `idle_timeout` (2 s).
+    let until = started + Duration::from_secs(3);
+    let mut chunk = [0u8; 4096];
+    let mut received = 0;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut chunk)).await {
+            Ok(Ok(0) | Err(_)) => panic!("cut after {:?}", started.elapsed()),
+            Ok(Ok(n)) => received += n,
+            Err(_) => break,
+        }
+    }
+    assert!(received > 20, "{received} bytes in 3 s");
+    // Not left for the drain to wait on.
+    drop(stream);
+    app.stop().await;
+}
+
+/// An answer that takes longer than the idle timeout: the clock runs from when it went
+/// out. Over HTTP/2, whose connection reads on when a stream ends, before it writes the
+/// answer (an HTTP/1.1 connection waits for the call back of `Connection::serve`, which
+/// the slowloris test covers). Mutation: count no activity at the end of the requests
+/// (`requests_ended` in `Guarded::deadline`), and the connection closes before the
+/// answer goes out.
+#[tokio::test]
+async fn the_idle_clock_runs_from_the_answer_not_from_the_request() {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let upstream = Upstream::start("slow").await;
+    let app = TestApp::start_unready(proxied_to(&upstream)).await;
+    let tcp = TcpStream::connect(app.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // 2.5 s: longer than `idle_timeout` (2 s).
+    let slow_get = http::Request::get(format!("http://{}/slow/2500", app.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(send.send_request(slow_get).await.unwrap().status(), 200);
+    let answered = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "still open 5 s after the answer");
+    let idle_for = answered.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(1800),
+        "closed {idle_for:?} after the answer"
     );
     app.stop().await;
 }
