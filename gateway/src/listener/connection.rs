@@ -115,6 +115,7 @@ where
         let mut asked = false;
         let mut finish_at: Option<Instant> = None;
         let mut call_back = Box::pin(tokio::time::sleep_until(Instant::now() + idle_timeout));
+        let mut call_back_set = false;
         loop {
             let signal = {
                 let grace = async {
@@ -145,13 +146,16 @@ where
                     // An HTTP/1.1 request ended while hyper's read waited without a clock
                     // (see `ConnState::unclocked`): the task is called back, hyper reads
                     // again and the clock starts, before the idle timeout could run out.
-                    // The deadline is ahead, so this poll only registers the task.
+                    // A call back set before and not yet come comes sooner still; else
+                    // one is set (the deadline is ahead: the poll only registers it).
                     if state.in_flight.load(Ordering::SeqCst) == 0
                         && !state.spoke_h2.load(Ordering::Relaxed)
                         && state.unclocked.swap(false, Ordering::SeqCst)
+                        && (!call_back_set || call_back.is_elapsed())
                     {
                         let deadline = Instant::now() + idle_timeout;
                         let _ = timer::poll_deadline(&mut call_back, deadline, cx);
+                        call_back_set = true;
                     }
                     if asked {
                         return Poll::Pending;
