@@ -65,12 +65,12 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, UnsafePath> {
     if !path.starts_with('/') {
         return Ok(Cow::Borrowed(path));
     }
-    let decoded = if path.contains('%') {
+    let decoded = if memchr::memchr(b'%', path.as_bytes()).is_some() {
         Cow::Owned(decode_unreserved(path)?)
     } else {
         Cow::Borrowed(path)
     };
-    if !decoded.split('/').any(|s| s == "." || s == "..") {
+    if !has_dot_segment(&decoded) {
         return Ok(if decoded == path {
             Cow::Borrowed(path)
         } else {
@@ -78,6 +78,20 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, UnsafePath> {
         });
     }
     remove_dot_segments(&decoded).map(Cow::Owned)
+}
+
+/// Whether a segment of the absolute `path` is `.` or `..`: a look at each dot, not at
+/// each segment (most paths have no dot at all).
+fn has_dot_segment(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    memchr::memchr_iter(b'.', bytes).any(|at| {
+        at > 0
+            && bytes[at - 1] == b'/'
+            && matches!(
+                &bytes[at + 1..],
+                [] | [b'/', ..] | [b'.'] | [b'.', b'/', ..]
+            )
+    })
 }
 
 /// Decodes the escapes of unreserved characters (ALPHA, DIGIT, `-._~`); refuses an
@@ -154,6 +168,8 @@ mod tests {
             ("/a//../b", "/a/b"),
             ("/a/.b/..c/", "/a/.b/..c/"),
             ("/.well-known/x", "/.well-known/x"),
+            ("/a./b../.../c.d", "/a./b../.../c.d"),
+            ("/a/b/..", "/a/"),
         ] {
             assert_eq!(normal(path).as_deref(), Ok(expected), "{path}");
         }
@@ -198,6 +214,9 @@ mod tests {
     #[test]
     fn a_normal_path_is_borrowed_and_the_query_is_kept_whole() {
         assert!(matches!(normalise("/items/7"), Ok(Cow::Borrowed(_))));
+        // Dots that open no `.` or `..` segment leave it as it is (mutation: a dot
+        // counts without the slash before it, and the path is rebuilt).
+        assert!(matches!(normalise("/a./b../.../c.d"), Ok(Cow::Borrowed(_))));
         assert!(matches!(normalise("*"), Ok(Cow::Borrowed("*"))));
         let uri: Uri = "/a/./b?x=/../y&z=%2f".parse().unwrap();
         let normal = normalise_uri(&uri).unwrap().unwrap();
