@@ -4,9 +4,14 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tiergate_config::{RouteSettings, Settings, UpstreamSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 use crate::helpers::TestApp;
 use crate::raw::{exchange, read_raw};
@@ -84,6 +89,23 @@ async fn slowloris_is_cut_at_the_header_timeout_while_an_idle_keep_alive_survive
     app.stop().await;
 }
 
+/// An HTTP/2 connection to `app` by prior knowledge (h2c), and the task that drives it.
+async fn h2c(app: &TestApp) -> (SendRequest<Empty<Bytes>>, JoinHandle<hyper::Result<()>>) {
+    let tcp = TcpStream::connect(app.addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (send, tokio::spawn(conn))
+}
+
+/// A GET of `path` from `app`, for an HTTP/2 connection.
+fn h2_get(app: &TestApp, path: &str) -> http::Request<Empty<Bytes>> {
+    http::Request::get(format!("http://{}{path}", app.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap()
+}
+
 /// `settings()` with the route `/` to `upstream`.
 fn proxied_to(upstream: &Upstream) -> Settings {
     let mut settings = settings();
@@ -133,22 +155,11 @@ async fn a_body_streaming_for_longer_than_the_idle_timeout_is_not_cut() {
 /// answer goes out.
 #[tokio::test]
 async fn the_idle_clock_runs_from_the_answer_not_from_the_request() {
-    use bytes::Bytes;
-    use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-
     let upstream = Upstream::start("slow").await;
     let app = TestApp::start_unready(proxied_to(&upstream)).await;
-    let tcp = TcpStream::connect(app.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut send, conn) = h2c(&app).await;
     // 2.5 s: longer than `idle_timeout` (2 s).
-    let slow_get = http::Request::get(format!("http://{}/slow/2500", app.addr))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+    let slow_get = h2_get(&app, "/slow/2500");
     assert_eq!(send.send_request(slow_get).await.unwrap().status(), 200);
     let answered = Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
@@ -281,23 +292,10 @@ async fn beyond_the_connection_cap_new_connections_wait_until_one_closes() {
 
 #[tokio::test]
 async fn http2_connections_have_only_the_idle_clock() {
-    use bytes::Bytes;
-    use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-
     // h2c by prior knowledge: the listener tells HTTP/2 from the preface's bytes.
     let app = TestApp::start_unready(settings()).await;
-    let tcp = TcpStream::connect(app.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
-    let get = || {
-        http::Request::get(format!("http://{}/livez", app.addr))
-            .body(Empty::<Bytes>::new())
-            .unwrap()
-    };
+    let (mut send, conn) = h2c(&app).await;
+    let get = || h2_get(&app, "/livez");
     assert_eq!(send.send_request(get()).await.unwrap().status(), 200);
     // Idle for three header timeouts: still open (the header clock is HTTP/1.1's).
     tokio::time::sleep(Duration::from_millis(900)).await;
