@@ -3,10 +3,10 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::checks::{check_request, without_body};
 use super::drain::{Drain, Phase};
@@ -93,7 +93,6 @@ where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let name = self.name;
-        let idle_timeout = self.limits.idle_timeout;
         let state = Arc::new(ConnState {
             draining: self.drain.draining.clone(),
             ..ConnState::default()
@@ -114,8 +113,7 @@ where
         let mut connection = pin!(connection);
         let mut asked = false;
         let mut finish_at: Option<Instant> = None;
-        let mut call_back = Box::pin(tokio::time::sleep_until(Instant::now() + idle_timeout));
-        let mut call_back_set = false;
+        let mut call_back = CallBack::new(self.limits.idle_timeout);
         loop {
             let signal = {
                 let grace = async {
@@ -143,20 +141,7 @@ where
                     if let Poll::Ready(result) = connection.as_mut().poll(cx) {
                         return Poll::Ready(Err(result));
                     }
-                    // An HTTP/1.1 request ended while hyper's read waited without a clock
-                    // (see `ConnState::unclocked`): the task is called back, hyper reads
-                    // again and the clock starts, before the idle timeout could run out.
-                    // A call back set before and not yet come comes sooner still; else
-                    // one is set (the deadline is ahead: the poll only registers it).
-                    if state.in_flight.load(Ordering::SeqCst) == 0
-                        && !state.spoke_h2.load(Ordering::Relaxed)
-                        && state.unclocked.swap(false, Ordering::SeqCst)
-                        && (!call_back_set || call_back.is_elapsed())
-                    {
-                        let deadline = Instant::now() + idle_timeout;
-                        let _ = timer::poll_deadline(&mut call_back, deadline, cx);
-                        call_back_set = true;
-                    }
+                    call_back.after_poll(&state, cx);
                     if asked {
                         return Poll::Pending;
                     }
@@ -208,6 +193,41 @@ where
             // after the response in flight.
             connection.as_mut().graceful_shutdown();
             asked = true;
+        }
+    }
+}
+
+/// The call back of an HTTP/1.1 connection whose request ended while hyper's read waited
+/// without a clock (see `ConnState::unclocked`): the task is called back, hyper reads
+/// again and the clock starts, before the idle timeout could run out.
+struct CallBack {
+    timer: Pin<Box<Sleep>>,
+    /// The timer was polled since it was last reset: it will wake the task.
+    set: bool,
+    idle_timeout: Duration,
+}
+
+impl CallBack {
+    fn new(idle_timeout: Duration) -> Self {
+        Self {
+            timer: Box::pin(tokio::time::sleep_until(Instant::now() + idle_timeout)),
+            set: false,
+            idle_timeout,
+        }
+    }
+
+    /// After hyper's poll of the connection: counts the end of the requests and sets the
+    /// call back. One set before and not yet come comes sooner still; else one is set
+    /// (the deadline is ahead: the poll only registers it).
+    fn after_poll(&mut self, state: &ConnState, cx: &mut Context<'_>) {
+        if state.in_flight.load(Ordering::SeqCst) == 0
+            && !state.spoke_h2.load(Ordering::Relaxed)
+            && state.unclocked.swap(false, Ordering::SeqCst)
+            && (!self.set || self.timer.is_elapsed())
+        {
+            let deadline = Instant::now() + self.idle_timeout;
+            let _ = timer::poll_deadline(&mut self.timer, deadline, cx);
+            self.set = true;
         }
     }
 }
