@@ -1,7 +1,8 @@
 //! A timer for a deadline that moves on with every request.
 //!
 //! Connections keep one timer each for a deadline that each request pushes later (the
-//! listener's idle and header clocks, an upstream connection's response head). Re-arming
+//! listener's idle and header clocks and its call back after an answer, an upstream
+//! connection's response head). Re-arming
 //! a tokio timer per request updates its wheel every time; waking once per period to
 //! find that the deadline has moved costs far less.
 
